@@ -1,0 +1,1 @@
+"""Image sources: the pool that `retrieve` searches, and safe image decoding."""

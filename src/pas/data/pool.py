@@ -1,0 +1,270 @@
+"""The image pool that `retrieve` searches (the paper's LAION-2B + clip-retrieval, here any folder).
+
+`build_pool` turns a folder of images (or existing webdataset shards) into
+  pool-*.tar        webdataset shards of RGB JPEGs (+ json: key, source, path, category)
+  index.parquet     key, shard, path, category, width, height (original), stored_width, stored_height
+  embeddings.npy    CLIP image embeddings, float32, L2-normalised, rows in index order
+  faiss.index       inner-product index over those rows
+  skipped.parquet   path, reason, detail — every file that did not make it in
+  pool.json         the CLIP fingerprint (retrieve refuses a pool made with another CLIP), sizes
+It streams: images are decoded, written and embedded batch by batch, never all held in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from pas.params import ParamsError, check_choice, check_range
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class PoolParams:
+    """params.yaml `pool:` section."""
+
+    source: str = "/usr/share/openclipart/png"  # a folder of images, or a folder / list of .tar shards
+    include: list[str] = field(default_factory=list)  # category prefixes to keep ([] = all)
+    exclude: list[str] = field(default_factory=list)  # category prefixes to drop
+    max_images: int = 0             # 0 = no limit (first N in sorted path order)
+    max_pixels: int = 50_000_000    # header check before decoding: larger files are skipped
+    max_side: int = 512             # stored images are downscaled to this longer side
+    min_side: int = 16              # smaller images are skipped
+    jpeg_quality: int = 95
+    shard_maxcount: int = 10_000
+    batch_size: int = 64            # CLIP batch
+    index: str = "flat"             # faiss index: flat (exact) | ivf | hnsw
+    nlist: int = 1024               # ivf lists (capped at N/39 for small pools)
+    hnsw_m: int = 32
+    device: str = "cpu"
+    workers: int = 0                # decode processes; 0 = all cores (machine setting, output is identical)
+
+    def __post_init__(self):
+        check_choice("index", self.index, ("flat", "ivf", "hnsw"))
+        check_range("max_pixels", self.max_pixels, 1, None, lo_open=False)
+        check_range("max_side", self.max_side, 16, None, lo_open=False)
+        check_range("shard_maxcount", self.shard_maxcount, 1, 10_000, lo_open=False, hi_open=False)
+        check_range("jpeg_quality", self.jpeg_quality, 1, 100, lo_open=False, hi_open=False)
+        check_range("batch_size", self.batch_size, 1, None, lo_open=False)
+        check_range("max_images", self.max_images, 0, None, lo_open=False)
+        if not self.source:
+            raise ParamsError("source: must name a folder of images or webdataset shards")
+
+
+def category_of(rel: Path) -> str:
+    """Folder layout gives the category: `food/fruit/apple.png` → `food/fruit`."""
+    return rel.parent.as_posix() if rel.parent != Path(".") else ""
+
+
+def _keep_category(cat: str, include: list[str], exclude: list[str]) -> bool:
+    def under(prefix: str) -> bool:
+        return cat == prefix or cat.startswith(prefix.rstrip("/") + "/")
+
+    if include and not any(under(p) for p in include):
+        return False
+    return not any(under(p) for p in exclude)
+
+
+def list_image_files(root: Path, p: PoolParams) -> list[Path]:
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    files = [f for f in files if _keep_category(category_of(f.relative_to(root)), p.include, p.exclude)]
+    return files[: p.max_images] if p.max_images else files
+
+
+@dataclass
+class _Item:
+    key: str
+    path: str
+    category: str
+    width: int
+    height: int
+    image: object         # PIL RGB, as stored (decoded from `jpeg`)
+    jpeg: bytes | None = None  # the stored bytes, when already encoded
+
+
+def _load_one(args: tuple[str, str, PoolParams]) -> tuple:
+    """Worker: decode one file safely and re-encode it as the JPEG we store (runs in a process pool)."""
+    from PIL import Image
+
+    from pas.data.images import BadImage, load_rgb
+    from pas.io.shards import encode_image
+
+    path, rel, p = args
+    try:
+        with Image.open(path) as head:
+            w, h = head.size
+    except Exception:  # noqa: BLE001 - load_rgb below reports it with a reason
+        w = h = 0
+    try:
+        img = load_rgb(path, max_pixels=p.max_pixels, max_side=p.max_side, min_side=p.min_side)
+    except BadImage as e:
+        return rel, None, e.reason, e.detail
+    return rel, (w, h, img.width, img.height, encode_image(img, "jpg", p.jpeg_quality)), None, None
+
+
+def _iter_folder(root: Path, p: PoolParams, skipped: list[dict]) -> Iterator[_Item]:
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    from pas.io.shards import decode_image, make_key
+
+    files = list_image_files(root, p)
+    log.info("pool: %d image files under %s", len(files), root)
+    jobs = [(str(f), f.relative_to(root).as_posix(), p) for f in files]
+    workers = p.workers or os.cpu_count() or 1
+    # Decoding big PNGs dominates: spread it over processes; `map` keeps the sorted file order.
+    with ProcessPoolExecutor(workers) if workers > 1 else _Inline() as ex:
+        results = ex.map(_load_one, jobs, chunksize=16) if workers > 1 else map(_load_one, jobs)
+        for rel, ok, reason, detail in tqdm(results, total=len(jobs), desc="pool", unit="img", mininterval=2):
+            if ok is None:
+                skipped.append({"path": rel, "reason": reason, "detail": detail})
+                continue
+            w, h, sw, sh, jpeg = ok
+            yield _Item(make_key("p", rel), rel, category_of(Path(rel)), w, h, decode_image(jpeg), jpeg)
+
+
+class _Inline:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _iter_shards(src: Path, p: PoolParams, skipped: list[dict]) -> Iterator[_Item]:
+    """Re-index existing webdataset shards (e.g. a LAION subset written by img2dataset)."""
+    from tqdm import tqdm
+
+    from pas.data.images import BadImage, to_rgb_on_white
+    from pas.io.shards import KEY_RE, iter_samples, make_key
+
+    n = 0
+    for s in tqdm(iter_samples(src), desc="pool", unit="img", mininterval=2):
+        ref = f"{s.shard}/{s.key}"
+        try:
+            import io
+
+            from PIL import Image
+
+            im = Image.open(io.BytesIO(s.image))
+            w, h = im.size
+            if w * h > p.max_pixels:
+                raise BadImage("too_large", f"{ref}: {w}x{h}")
+            if min(w, h) < p.min_side:
+                raise BadImage("too_small", f"{ref}: {w}x{h}")
+            try:
+                im.load()
+                img = to_rgb_on_white(im)
+            except Exception as e:  # noqa: BLE001
+                raise BadImage("corrupt", f"{ref}: {e}") from None
+        except BadImage as e:
+            skipped.append({"path": ref, "reason": e.reason, "detail": e.detail})
+            continue
+        if max(img.size) > p.max_side:
+            img.thumbnail((p.max_side, p.max_side))
+        cat = str(s.meta.get("category", ""))
+        if not _keep_category(cat, p.include, p.exclude):
+            continue
+        key = s.key if KEY_RE.match(s.key) and s.key.startswith("p") else make_key("p", ref)
+        yield _Item(key, ref, cat, w, h, img)
+        n += 1
+        if p.max_images and n >= p.max_images:
+            return
+
+
+def build_faiss_index(emb: np.ndarray, p: PoolParams):
+    """Inner-product index over L2-normalised rows (cosine). Exact by default."""
+    import faiss
+
+    n, d = emb.shape
+    if p.index == "flat" or n < 10_000:
+        index = faiss.IndexFlatIP(d)
+    elif p.index == "ivf":
+        nlist = max(1, min(p.nlist, n // 39))  # faiss wants ≥ 39 training points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(emb)
+        index.nprobe = min(32, nlist)
+    else:
+        index = faiss.IndexHNSWFlat(d, p.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    if n:
+        index.add(emb)
+    return index
+
+
+def build_pool(p: PoolParams, clip, out_dir: str | Path) -> dict:
+    """Index `p.source` into `out_dir`; returns the stage metrics. `clip` is a `pas.models.clip.Clip`."""
+    import faiss
+
+    from pas.io.manifest import write_parquet
+    from pas.io.shards import ShardWriter, encode_image
+    from pas.models.files import write_json
+
+    t0 = time.time()
+    src = Path(p.source)
+    if not src.exists():
+        raise FileNotFoundError(f"pool.source={p.source!r} does not exist "
+                                "(offline default: `apt-get install openclipart-png`)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    skipped: list[dict] = []
+    shard_input = src.suffix == ".tar" or (src.is_dir() and any(src.glob("*.tar")))
+    items = _iter_shards(src, p, skipped) if shard_input else _iter_folder(src, p, skipped)
+
+    rows, embs, batch = [], [], []
+
+    def flush():
+        if batch:
+            embs.append(clip.encode_images([b.image for b in batch], batch_size=p.batch_size))
+            batch.clear()
+
+    seen: set[str] = set()
+    with ShardWriter(out, prefix="pool", maxcount=p.shard_maxcount) as w:
+        for it in items:
+            if it.key in seen:  # same file twice in shard input
+                skipped.append({"path": it.path, "reason": "duplicate_key", "detail": it.key})
+                continue
+            seen.add(it.key)
+            jpeg = it.jpeg if it.jpeg is not None else encode_image(it.image, "jpg", p.jpeg_quality)
+            shard = w.write(it.key, jpeg,
+                            {"source": "pool", "path": it.path, "category": it.category})
+            rows.append({"key": it.key, "shard": shard, "path": it.path, "category": it.category,
+                         "width": it.width, "height": it.height,
+                         "stored_width": it.image.width, "stored_height": it.image.height})
+            batch.append(it)
+            if len(batch) >= p.batch_size:
+                flush()
+        flush()
+
+    dim = int(embs[0].shape[1]) if embs else clip.encode_texts(["x"]).shape[1]
+    emb = np.concatenate(embs) if embs else np.zeros((0, dim), np.float32)
+    np.save(out / "embeddings.npy", emb.astype(np.float32))
+    faiss.write_index(build_faiss_index(emb, p), str(out / "faiss.index"))
+    # rows are already in shard order == embedding order; keep that order in the index file
+    write_parquet(pd.DataFrame(rows, columns=["key", "shard", "path", "category", "width", "height",
+                                              "stored_width", "stored_height"]),
+                  out / "index.parquet", sort_by=None)
+    write_parquet(pd.DataFrame(skipped, columns=["path", "reason", "detail"]), out / "skipped.parquet",
+                  sort_by="path")
+    write_json(out / "pool.json", {"clip_fingerprint": clip.fingerprint, "n": len(rows), "dim": dim,
+                                   "index": p.index, "source": str(p.source)})
+    secs = time.time() - t0
+    reasons = Counter(s["reason"] for s in skipped)
+    metrics = {"n_files": len(rows) + len(skipped), "n_indexed": len(rows), "n_skipped": len(skipped),
+               **{f"skipped_{r}": n for r, n in sorted(reasons.items())},
+               "n_shards": len({r["shard"] for r in rows}), "dim": dim,
+               "categories": len({r["category"] for r in rows}),
+               "seconds": round(secs, 1), "images_per_second": round(len(rows) / max(secs, 1e-9), 1)}
+    log.info("pool: indexed %d images, skipped %d %s in %.1fs", len(rows), len(skipped), dict(reasons), secs)
+    return metrics

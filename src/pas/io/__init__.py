@@ -1,0 +1,1 @@
+"""Storage formats shared by every stage: webdataset shards, parquet manifests, metrics JSON."""

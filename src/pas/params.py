@@ -1,0 +1,187 @@
+"""Loading and validating `params.yaml`.
+
+Paper hyperparameters are top-level keys (`lambda_1`, `lambda_dup`, ...); everything else lives in
+a section per stage or model family. Each consumer describes what it reads as a frozen dataclass and
+builds it with :func:`build`, which refuses unknown keys and wrong types, naming the key. :func:`load`
+validates the whole file up front, so a typo fails before any stage spends time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A parameter is missing, unknown, of the wrong type or out of range. The message names the key."""
+
+
+def check_range(name: str, value: float, lo: float | None = None, hi: float | None = None,
+                *, lo_open: bool = True, hi_open: bool = True) -> None:
+    """Raise ParamsError unless lo < value < hi (bounds closed where `*_open=False`)."""
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ParamsError(f"{name}={value!r} must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise ParamsError(f"{name}={value!r} must be {'<' if hi_open else '<='} {hi}")
+
+
+def check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise ParamsError(f"{name}={value!r} must be one of {choices}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperParams:
+    """The paper's hyperparameters (top-level keys of params.yaml)."""
+
+    lambda_1: float = 0.01     # λ1: stop sampling L1 when |C_N \ C_{N-1}| < λ1·|C_{N-1}|
+    lambda_2: float = 0.01     # λ2: stop expanding when |B_{i+1} \ B_i| < λ2·|B_i|
+    lambda_dup: float = 0.6    # SSCD cosine above which two images are copies
+    lambda_leak: float = 0.45  # SSCD cosine above which an image leaks an eval test image
+    k_dup: int = 64            # neighbours searched per image for dedup
+    k_leak: int = 32           # test-set neighbours searched per image for leakage
+    k_retrieve: int = 500      # pool images retrieved per concept
+    n_cap: int = 5             # captions written by L4 per concept
+    n_synth: int = 35          # images generated per caption
+    seed: int = 0              # one seed for every random choice of the run
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_1", "lambda_2", "lambda_dup", "lambda_leak"):
+            check_range(name, getattr(self, name), 0.0, 1.0)
+        for name in ("k_dup", "k_leak", "k_retrieve"):
+            check_range(name, getattr(self, name), 1, None, lo_open=False)
+        for name in ("n_cap", "n_synth", "seed"):
+            check_range(name, getattr(self, name), 0, None, lo_open=False)
+
+
+PAPER_KEYS = tuple(f.name for f in dataclasses.fields(PaperParams))
+
+# section name -> "module:Class" of the dataclass that validates it. Imported lazily by `load`,
+# so those modules must not import torch at module level.
+SECTIONS: dict[str, str] = {}
+
+
+def register(section: str, target: str) -> None:
+    SECTIONS[section] = target
+
+
+def _resolve(target: str) -> type:
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:  # YAML writes 1 for 1.0
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            return False
+        return not args or all(_type_ok(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if typing.get_origin(tp) is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def build(cls: type, params: Mapping[str, Any], section: str | None = None):
+    """Build dataclass `cls` from `params[section]`, falling back to top-level keys.
+
+    Fields of `cls` that name paper keys are read from the top level; the rest from the section.
+    Unknown keys in the section and values of the wrong type raise ParamsError naming `section.key`.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    raw = params.get(section, {}) if section else {}
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{section}: must be a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(f"{section}.{unknown[0]}: unknown key (known: {sorted(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        where = f"{section}.{name}" if section and name in raw else name
+        if name in raw:
+            value = raw[name]
+        elif name in params and name in PAPER_KEYS:
+            value = params[name]
+        elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+            continue
+        else:
+            raise ParamsError(f"{where}: missing")
+        if not _type_ok(value, hints[name]):
+            raise ParamsError(f"{where}={value!r}: expected {getattr(hints[name], '__name__', hints[name])}")
+        kwargs[name] = _coerce(value, hints[name])
+    try:
+        return cls(**kwargs)
+    except ParamsError as e:
+        if section and not str(e).startswith(section):
+            raise ParamsError(f"{section}.{e}") from None
+        raise
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping")
+    return data
+
+
+def validate(params: Mapping[str, Any]) -> None:
+    """Check every key of a params mapping; raises ParamsError naming the first bad key."""
+    known = set(PAPER_KEYS) | set(SECTIONS)
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ParamsError(f"{unknown[0]}: unknown top-level key (known: {sorted(known)})")
+    build(PaperParams, params)
+    for section, target in SECTIONS.items():
+        if section in params:
+            build(_resolve(target), params, section)
+
+
+def load(path: str | Path = "params.yaml") -> dict:
+    """Read and validate params.yaml; returns the plain mapping."""
+    params = read_yaml(path)
+    validate(params)
+    return params
+
+
+def paper(params: Mapping[str, Any]) -> PaperParams:
+    return build(PaperParams, params)
+
+
+register("models", "pas.models.specs:ModelsParams")
+register("pool", "pas.data.pool:PoolParams")

@@ -1,0 +1,47 @@
+"""DVC stage `models@<family>`: resolve the family's spec in params.yaml to `models/<family>/`.
+
+Real specs download once (network); tiny specs are built offline from a seed. Either way the
+folder is then loaded by the real loaders (open_clip, TorchScript, diffusers, transformers, timm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from pas.io.manifest import write_metrics
+from pas.models.files import fingerprint_dir
+from pas.models.specs import FAMILIES, ModelsParams, resolve
+from pas.params import build, load
+
+log = logging.getLogger("pas.models")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("family", choices=FAMILIES)
+    ap.add_argument("out", help="output folder, e.g. models/clip")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--metrics", help="metrics JSON (default metrics/models/<family>.json)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "0")
+    p = build(ModelsParams, load(args.params), "models")
+    spec = getattr(p, args.family)
+    t0 = time.time()
+    out = resolve(args.family, spec, args.out)
+    secs = time.time() - t0
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    log.info("models: %s (%s) -> %s, %.1f MB in %.1fs", args.family,
+             spec.get("kind", "named"), out, size / 1e6, secs)
+    # one metrics file per family: the foreach stages run independently
+    write_metrics(args.metrics or f"metrics/models/{args.family}.json", {"family": args.family, "bytes": size, "seconds": round(secs, 1),
+                         "fingerprint": fingerprint_dir(out)[:16]})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny seeded models built once per session, small real clipart samples."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")          # never reach for a hub in tests
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+CLIPART = Path("/usr/share/openclipart/png")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    from pas.models.clip import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("models") / "clip", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_clip_dir):
+    from pas.models.clip import load_clip
+
+    return load_clip(tiny_clip_dir)
+
+
+@pytest.fixture(scope="session")
+def clipart_food() -> list[Path]:
+    """Real PNGs from Debian openclipart-png (installed by .ci/run)."""
+    if not CLIPART.is_dir():
+        pytest.fail("openclipart-png is not installed: apt-get install openclipart-png")
+    files = sorted((CLIPART / "food").rglob("*.png"))
+    assert len(files) > 300
+    return files

@@ -1,0 +1,152 @@
+import io
+import json
+import struct
+import zlib
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pas.data.images import BadImage, load_rgb, to_rgb_on_white
+from pas.data.pool import PoolParams, build_pool, category_of
+from pas.io.shards import iter_samples
+from pas.params import ParamsError
+
+
+def _huge_png_header(path, w, h):
+    """A PNG whose header claims w×h pixels (a decompression bomb) without the pixel data."""
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.fixture()
+def folder(tmp_path, clipart_food):
+    root = tmp_path / "imgs"
+    (root / "fruit").mkdir(parents=True)
+    (root / "misc").mkdir()
+    for i, f in enumerate(clipart_food[:5]):
+        (root / "fruit" / f"real{i}.png").write_bytes(f.read_bytes())
+    # RGBA: transparent red square → must come out on white, not black
+    rgba = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (10, 10, 30, 30))
+    rgba.save(root / "misc" / "rgba.png")
+    # palette with transparency, LA
+    p = Image.new("P", (32, 32), 0)
+    p.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    p.info["transparency"] = 0
+    p.save(root / "misc" / "palette.png", transparency=0)
+    Image.new("LA", (32, 32), (50, 0)).save(root / "misc" / "la.png")
+    # oversized: a real 3000×2000 image (downscaled) and a bomb header (skipped before decoding)
+    Image.new("RGB", (3000, 2000), (0, 0, 255)).save(root / "misc" / "big.png")
+    _huge_png_header(root / "misc" / "bomb.png", 30000, 30000)
+    # truncated PNG and a non-image
+    data = (root / "fruit" / "real0.png").read_bytes()
+    (root / "misc" / "truncated.png").write_bytes(data[: len(data) // 2])
+    (root / "misc" / "notes.jpg").write_bytes(b"not an image at all")
+    Image.new("RGB", (4, 4)).save(root / "misc" / "tiny.png")
+    return root
+
+
+def test_load_rgb_composites_on_white(folder):
+    im = load_rgb(folder / "misc" / "rgba.png")
+    assert im.mode == "RGB"
+    assert im.getpixel((0, 0)) == (255, 255, 255)
+    assert im.getpixel((20, 20)) == (255, 0, 0)
+    assert load_rgb(folder / "misc" / "palette.png").getpixel((0, 0)) == (255, 255, 255)
+    assert load_rgb(folder / "misc" / "la.png").getpixel((0, 0)) == (255, 255, 255)  # alpha 0
+
+
+def test_load_rgb_bad_inputs(folder):
+    with pytest.raises(BadImage) as e:
+        load_rgb(folder / "misc" / "bomb.png", max_pixels=50_000_000)
+    assert e.value.reason == "too_large"
+    for name, reason in [("truncated.png", "corrupt"), ("notes.jpg", "unreadable"), ("tiny.png", "too_small")]:
+        with pytest.raises(BadImage) as e:
+            load_rgb(folder / "misc" / name)
+        assert e.value.reason == reason, name
+    assert max(load_rgb(folder / "misc" / "big.png", max_side=256).size) == 256
+
+
+def test_to_rgb_on_white_keeps_opaque_pixels():
+    im = Image.new("RGB", (3, 3), (10, 20, 30))
+    assert to_rgb_on_white(im).getpixel((1, 1)) == (10, 20, 30)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_build_pool_folder(folder, tmp_path, tiny_clip, workers):
+    p = PoolParams(source=str(folder), max_side=128, shard_maxcount=4, workers=workers)
+    out = tmp_path / f"pool{workers}"
+    m = build_pool(p, tiny_clip, out)
+    assert m["n_files"] == 13 and m["n_indexed"] == 9 and m["n_skipped"] == 4
+    assert (m["skipped_too_large"], m["skipped_corrupt"], m["skipped_unreadable"], m["skipped_too_small"]) \
+        == (1, 1, 1, 1)
+    idx = pd.read_parquet(out / "index.parquet")
+    skipped = pd.read_parquet(out / "skipped.parquet")
+    assert sorted(skipped.reason) == ["corrupt", "too_large", "too_small", "unreadable"]
+    assert set(idx.category) == {"fruit", "misc"}
+    assert idx.key.is_unique and idx.key.str.match(r"^p[0-9a-f]{16}$").all()
+    big = idx[idx.path == "misc/big.png"].iloc[0]
+    assert (big.width, big.height, big.stored_width, big.stored_height) == (3000, 2000, 128, 85)
+    # shards hold ≤ 4 samples, in index order, and agree with the index
+    samples = list(iter_samples(out))
+    assert [s.key for s in samples] == list(idx.key)
+    assert [s.shard for s in samples] == list(idx.shard)
+    assert len(set(idx.shard)) == 3
+    # embeddings: one L2-normalised row per indexed image, equal to embedding the stored bytes
+    emb = np.load(out / "embeddings.npy")
+    assert emb.shape == (9, 128) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(emb[:2], tiny_clip.encode_images([s.pil() for s in samples[:2]]), atol=1e-5)
+    # the faiss index finds each image as its own nearest neighbour
+    index = faiss.read_index(str(out / "faiss.index"))
+    _, nn = index.search(emb, 1)
+    sims = emb @ emb.T
+    np.testing.assert_array_equal(sims[np.arange(9), nn[:, 0]], sims.max(1))
+    meta = json.loads((out / "pool.json").read_text())
+    assert meta["clip_fingerprint"] == tiny_clip.fingerprint and meta["n"] == 9
+
+
+def test_build_pool_is_deterministic_and_worker_independent(folder, tmp_path, tiny_clip):
+    outs = []
+    for w in (1, 2):
+        out = tmp_path / f"p{w}"
+        build_pool(PoolParams(source=str(folder), max_side=96, workers=w), tiny_clip, out)
+        outs.append(out)
+    for name in ("pool-000000.tar", "index.parquet", "embeddings.npy", "skipped.parquet"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def test_pool_include_exclude_and_reindex_shards(folder, tmp_path, tiny_clip):
+    m = build_pool(PoolParams(source=str(folder), include=["fruit"], workers=1), tiny_clip, tmp_path / "a")
+    assert m["n_indexed"] == 5
+    m = build_pool(PoolParams(source=str(folder), exclude=["fruit"], workers=1), tiny_clip, tmp_path / "b")
+    assert m["n_indexed"] == 4
+    # a pool can be built from existing webdataset shards (keys kept)
+    m2 = build_pool(PoolParams(source=str(tmp_path / "a"), workers=1), tiny_clip, tmp_path / "c")
+    assert m2["n_indexed"] == 5
+    a = pd.read_parquet(tmp_path / "a" / "index.parquet")
+    c = pd.read_parquet(tmp_path / "c" / "index.parquet")
+    assert list(a.key) == list(c.key)
+
+
+def test_category_of():
+    from pathlib import Path
+    assert category_of(Path("food/fruit/a.png")) == "food/fruit"
+    assert category_of(Path("a.png")) == ""
+
+
+def test_pool_params_validation():
+    with pytest.raises(ParamsError, match="index"):
+        PoolParams(index="annoy")
+    with pytest.raises(ParamsError, match="shard_maxcount"):
+        PoolParams(shard_maxcount=20_000)
+
+
+def test_missing_source_is_clear(tmp_path, tiny_clip):
+    with pytest.raises(FileNotFoundError, match="pool.source"):
+        build_pool(PoolParams(source=str(tmp_path / "nope")), tiny_clip, tmp_path / "o")
