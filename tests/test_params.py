@@ -78,3 +78,9 @@ def test_bad_yaml_file(tmp_path):
     f.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ParamsError, match="top level must be a mapping"):
         load(f)
+
+
+def test_paper_keys_only_at_top_level():
+    base = load(REPO / "params.yaml")
+    with pytest.raises(ParamsError, match="prune.seed: paper hyperparameters are top-level keys"):
+        validate({**base, "prune": {**base["prune"], "seed": 3}})

@@ -122,6 +122,10 @@ def build(cls: type, params: Mapping[str, Any], section: str | None = None):
         raw = {}
     if not isinstance(raw, Mapping):
         raise ParamsError(f"{section}: must be a mapping, got {type(raw).__name__}")
+    misplaced = sorted(set(raw) & set(PAPER_KEYS))
+    if misplaced:  # one value per paper symbol: a section copy would silently diverge
+        raise ParamsError(f"{section}.{misplaced[0]}: paper hyperparameters are top-level keys; "
+                          f"set `{misplaced[0]}` at the top of params.yaml")
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ParamsError(f"{section}.{unknown[0]}: unknown key (known: {sorted(fields)})")
@@ -185,3 +189,13 @@ def paper(params: Mapping[str, Any]) -> PaperParams:
 
 register("models", "pas.models.specs:ModelsParams")
 register("pool", "pas.data.pool:PoolParams")
+register("ood", "pas.curate.ood:OodParams")
+register("prune", "pas.curate.prune:PruneParams")
+register("pretrain", "pas.train.pretrain:PretrainParams")
+register("eval", "pas.train.evalsets:EvalParams")
+register("domain", "pas.concepts.params:DomainParams")
+register("llm", "pas.llm.base:LLMSection")
+register("concepts", "pas.concepts.params:ConceptsParams")
+register("retrieve", "pas.collect.retrieve:RetrieveParams")
+register("generate", "pas.collect.generate:GenerateParams")
+register("diffusion", "pas.collect.generate:DiffusionParams")

@@ -134,7 +134,6 @@ def load_clip(model_dir: str | Path, device: str = "cpu") -> Clip:
     model_dir = Path(model_dir)
     if not (model_dir / CONFIG).is_file():
         raise FileNotFoundError(f"{model_dir}: not a CLIP model folder (no {CONFIG}); run `dvc repro models`")
-    torch.set_grad_enabled(False)
     name = f"local-dir:{model_dir.resolve()}"
     model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
     model.eval()

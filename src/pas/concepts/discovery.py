@@ -1,0 +1,232 @@
+"""Stage 1 of PaS (§3.1): in-domain LLM-guided concept discovery — generation, expansion, validation.
+
+    Generation:  C_N = ⋃_{n ≤ N} G_{L1}(n_D, d_D; seed_n);  stop when |C_N \\ C_{N-1}| < λ1·|C_{N-1}|;  B_0 = C_N
+    Expansion:   B_{i+1} = B_i ∪ ⋃_{c ∈ B_i} E_{L2}(n_D, d_D, B_i, c)  (L1 conversation as history);
+                 stop when |B_{i+1} \\ B_i| < λ2·|B_i|
+    Validation:  B = {c ∈ ⋃_i B_i : V_{L3}(n_D, d_D, c) = True}  (one fixed seed)
+
+Every |·| counts normalised concepts (:func:`pas.concepts.normalize.normalize_concept`). The stopping
+rules are strict: equality continues. Caps (max samples, max rounds, max concepts) stop a loop early and
+are reported as its stop reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Callable, Sequence
+
+from tqdm import tqdm
+
+from pas.concepts.normalize import normalize_concept
+from pas.concepts.params import ConceptsParams, DomainParams
+from pas.llm.base import ChatBackend, ChatRequest, ChatResult
+from pas.llm.parse import parse_list
+
+log = logging.getLogger(__name__)
+
+
+def load_prompt(name: str) -> str:
+    """A prompt template shipped in `pas/prompts/<name>.txt`."""
+    return resources.files("pas.prompts").joinpath(f"{name}.txt").read_text(encoding="utf-8").strip()
+
+
+def derive_seed(base: int, *parts: object) -> int:
+    """A stable 31-bit seed for (base, parts...): same on every machine and Python run."""
+    h = hashlib.sha256("\x1f".join(map(str, (base, *parts))).encode()).digest()
+    return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
+
+
+def saturated(n_new: int, prev_size: int, lam: float) -> bool:
+    """The paper's stopping rule |X_new \\ X_prev| < λ·|X_prev| (strict: equality does not stop)."""
+    return n_new < lam * prev_size
+
+
+@dataclass
+class Prompts:
+    generate: str
+    expand: str
+
+    @classmethod
+    def default(cls) -> "Prompts":
+        return cls(load_prompt("concepts_generate"), load_prompt("concepts_expand"))
+
+
+@dataclass
+class Discovery:
+    """What generation + expansion found, before validation."""
+
+    bank: dict[str, dict]                  # concept -> {first_iteration, origin, sample}
+    generation_sizes: list[int]            # |C_n| for n = 1..N
+    generation_new: list[int]              # |C_n \ C_{n-1}|
+    expansion_sizes: list[int]             # |B_i| for i = 0..rounds
+    expansion_new: list[int]               # |B_{i+1} \ B_i|
+    generation_drawn: int                  # L1 samples read, usable or not (≥ N)
+    generation_stop: str                   # lambda_1 | max_generation_samples | max_concepts
+    expansion_stop: str                    # lambda_2 | max_expansion_rounds | max_concepts | empty
+    transcripts: list[dict] = field(default_factory=list)
+    answers: Counter = field(default_factory=Counter)  # "<step>_<status>" -> count
+
+    @property
+    def B0_size(self) -> int:
+        return self.expansion_sizes[0] if self.expansion_sizes else 0
+
+
+def _keys(result: ChatResult, step: str, where: str, answers: Counter) -> tuple[list[str], str]:
+    """Normalised concepts of one answer (dups removed, order kept) and its parse status."""
+    if result.error:
+        answers[f"{step}_error"] += 1
+        log.warning("%s: backend error: %s", where, result.error)
+        return [], "error"
+    parsed = parse_list(result.text)
+    answers[f"{step}_{parsed.status}"] += 1
+    if parsed.status != "ok":
+        log.warning("%s: malformed answer (%s): %r", where, parsed.status, result.text[:200])
+    keys = []
+    for item in parsed.items:
+        k = normalize_concept(item)
+        if k is not None and k not in keys:
+            keys.append(k)
+    answers[f"{step}_dropped_lines"] += len(parsed.dropped)
+    return keys, parsed.status
+
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def generate_initial(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, prompts: Prompts,
+                     bank: dict[str, dict], transcripts: list[dict], answers: Counter,
+                     progress: bool = True):
+    """Sample L1 with seeds seed_1, seed_2, ... until saturation; fills `bank` with B_0 = C_N.
+
+    Samples are drawn `generation_batch` at a time for throughput; the rule is checked after each
+    single sample n, and samples drawn beyond the stopping N are logged as unused, not counted.
+    An answer with no parseable list (empty, refusal, prose, backend error) is logged and counted
+    but is not a step n of the rule: it is no evidence of saturation. `max_generation_samples` caps
+    all drawn samples, usable or not.
+    Returns (sizes, new_counts, stop_reason, conversations of the used samples, samples drawn).
+    """
+    prompt = prompts.generate.format(name=domain.name, description=domain.description)
+    messages = (_user(prompt),)
+    sizes, news, conversations = [], [], []
+    stop = None
+    n = 0
+    bar = tqdm(total=p.max_generation_samples, desc="concepts: L1 samples", disable=not progress)
+    while stop is None:
+        todo = range(n + 1, min(n + p.generation_batch, p.max_generation_samples) + 1)
+        reqs = [ChatRequest(messages, seed=derive_seed(p.seed, "generate", k),
+                            max_new_tokens=p.generation_max_new_tokens) for k in todo]
+        results = llm.chat(reqs)
+        for k, req, res in zip(todo, reqs, results):
+            rec = {"step": "generate", "sample": k, "seed": req.seed, "messages": list(req.messages),
+                   "text": res.text, "error": res.error, "used": stop is None, "status": None}
+            transcripts.append(rec)
+            if stop is not None:
+                continue
+            n = k
+            bar.update(1)
+            keys, rec["status"] = _keys(res, "generate", f"L1 sample {k}", answers)
+            if not keys:  # no list in this answer: not a step of C_N (an unusable answer says nothing
+                rec["used"] = False  # about saturation); logged, counted, and the next seed is drawn
+                if k >= p.max_generation_samples:
+                    stop = "max_generation_samples"
+                continue
+            prev = len(bank)
+            new = [c for c in keys if c not in bank]
+            room = p.max_concepts - prev
+            for c in new[:room]:
+                bank[c] = {"first_iteration": 0, "origin": None, "sample": k}
+            sizes.append(len(bank))
+            news.append(len(new[:room]))
+            conversations.append((req.messages, res.text))
+            if len(new) > room:
+                stop = "max_concepts"
+            elif saturated(len(new), prev, p.lambda_1):
+                stop = "lambda_1"
+            elif k >= p.max_generation_samples:
+                stop = "max_generation_samples"
+    bar.close()
+    return sizes, news, stop, conversations, n
+
+
+def history_messages(conversations: Sequence[tuple], limit: int | None) -> list[dict]:
+    """The L1 conversation given to L2 as history: (prompt, answer) turns of the first `limit` samples."""
+    msgs: list[dict] = []
+    for request_msgs, answer in conversations[: len(conversations) if limit is None else limit]:
+        msgs += [dict(m) for m in request_msgs]
+        msgs.append({"role": "assistant", "content": answer})
+    return msgs
+
+
+def expand(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, prompts: Prompts,
+           bank: dict[str, dict], history: list[dict], transcripts: list[dict], answers: Counter,
+           progress: bool = True):
+    """Rounds i = 0, 1, ...: ask L2 for concepts similar to every c in B_i; B_{i+1} = B_i ∪ answers.
+
+    Returns (sizes |B_0|, |B_1|, ..., new counts, stop reason)."""
+    sizes, news = [len(bank)], []
+    asked_before: set[str] = set()
+    for i in range(p.max_expansion_rounds):
+        targets = [c for c in bank if not (p.expand_new_only and c in asked_before)]
+        if not targets:
+            return sizes, news, "empty"
+        asked_before.update(targets)
+        reqs = [ChatRequest(tuple(history) + (_user(prompts.expand.format(
+                    name=domain.name, description=domain.description, concept=c)),),
+                    seed=derive_seed(p.seed, "expand", i, c), max_new_tokens=p.expansion_max_new_tokens)
+                for c in targets]
+        results: list[ChatResult] = []
+        chunk = max(1, getattr(llm.spec, "batch_size", 8)) * 4  # progress granularity only
+        for k in tqdm(range(0, len(reqs), chunk), desc=f"concepts: L2 round {i + 1}", disable=not progress):
+            results += llm.chat(reqs[k:k + chunk])
+        prev = len(bank)
+        added: dict[str, dict] = {}
+        for c, req, res in zip(targets, reqs, results):
+            keys, status = _keys(res, "expand", f"L2 round {i + 1} concept {c!r}", answers)
+            for k in keys:
+                if k not in bank and k not in added:
+                    added[k] = {"first_iteration": i + 1, "origin": c, "sample": None}
+            transcripts.append({"step": "expand", "round": i + 1, "concept": c, "seed": req.seed,
+                                "prompt": req.messages[-1]["content"], "history_turns": len(history),
+                                "text": res.text, "error": res.error, "status": status})
+        room = p.max_concepts - prev
+        for k in list(added)[:room]:
+            bank[k] = added[k]
+        sizes.append(len(bank))
+        news.append(min(len(added), room))
+        if len(added) > room:
+            return sizes, news, "max_concepts"
+        if saturated(len(added), prev, p.lambda_2):
+            return sizes, news, "lambda_2"
+    return sizes, news, "max_expansion_rounds"
+
+
+def discover(l1: ChatBackend, l2: ChatBackend, domain: DomainParams, p: ConceptsParams,
+             prompts: Prompts | None = None, progress: bool = True) -> Discovery:
+    """Generation with L1 then expansion with L2 (history = the L1 conversation)."""
+    prompts = prompts or Prompts.default()
+    bank: dict[str, dict] = {}
+    transcripts: list[dict] = []
+    answers: Counter = Counter()
+    g_sizes, g_new, g_stop, conversations, drawn = generate_initial(l1, domain, p, prompts, bank, transcripts,
+                                                             answers, progress)
+    if g_stop == "max_concepts":
+        e_sizes, e_new, e_stop = [len(bank)], [], "max_concepts"
+    else:
+        history = history_messages(conversations, p.history_samples)
+        e_sizes, e_new, e_stop = expand(l2, domain, p, prompts, bank, history, transcripts, answers, progress)
+    return Discovery(bank, g_sizes, g_new, e_sizes, e_new, drawn, g_stop, e_stop, transcripts, answers)
+
+
+def validate_bank(discovery: Discovery, score: Callable[[list[str]], list[float]], threshold: float
+                  ) -> tuple[list[float], list[bool]]:
+    """V(c) = score(c) ≥ threshold for every concept of ⋃_i B_i (bank order)."""
+    concepts = list(discovery.bank)
+    scores = list(score(concepts)) if concepts else []
+    if len(scores) != len(concepts):
+        raise RuntimeError(f"validator returned {len(scores)} scores for {len(concepts)} concepts")
+    return scores, [s >= threshold for s in scores]

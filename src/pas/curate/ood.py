@@ -1,0 +1,378 @@
+"""CLIP-based OOD assessment (paper §3.3), with CLIPN's yes/no probabilities.
+
+For an image embedding f and a concept set B with "yes" text embeddings g_c and "no" embeddings g_c^no
+(all L2-normalised), with s the CLIP logit scale (100):
+
+    logit_c    = s·cos(f, g_c)          logit_c^no = s·cos(f, g_c^no)
+    p_c        = softmax_c(logit)_c                                   (which concept the image shows)
+    p_c^no     = softmax([logit_c, logit_c^no])[1] = σ(logit_c^no − logit_c)   (CLIPN: "it is not c")
+    OOD_B(I)   = 1 − Σ_{c∈B} (1 − p_c^no)·p_c
+
+The paper scores every image with three metrics: OOD_B(I) over the concept bank, OOD_B'(I) over a
+generalised concept set B', and OOD_B(I') − OOD_B(I), I' = I with its text regions blurred.
+
+`ood_scores` streams over concept chunks with a running log-sum-exp, so 5k concepts × 1M images never
+build the dense 1M×5k matrix: memory is image_chunk × concept_chunk.
+
+"No" embeddings come from CLIPN's no-tower when a checkpoint is given (`pas.models.clipn`; CLIPN feeds
+it the same prompt templates as the yes-tower), else from the plain CLIP text tower with negative
+prompt templates ("a photo of no {}."). Either way a concept's embedding is the prompt ensemble
+Σ_t normalise(enc(template_t(c))) re-normalised, as CLIPN's `merge_yes_no_feature` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from pas.params import ParamsError, check_choice, check_range
+
+MODES = ("clipn", "negative_prompts")
+
+# A small ensemble (CLIPN uses 130 templates; 5k concepts × 130 prompts is costly on CPU — add more here).
+DEFAULT_YES_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a close-up photo of a {}.",
+    "a good photo of the {}.",
+)
+DEFAULT_NO_TEMPLATES = (
+    "a photo of no {}.",
+    "a photo without a {}.",
+    "a close-up photo of no {}.",
+    "a good photo without the {}.",
+)
+
+
+@dataclass(frozen=True)
+class OodParams:
+    """params.yaml section `ood`."""
+
+    generalized_concepts: tuple[str, ...] = ()   # B'; empty = derived from domain.name/description
+    yes_templates: tuple[str, ...] = DEFAULT_YES_TEMPLATES   # each holds one "{}" for the concept
+    no_templates: tuple[str, ...] = DEFAULT_NO_TEMPLATES     # negative prompts (plain-CLIP mode only)
+    blur_kind: str = "gaussian"      # "gaussian" | "fill" (mean colour of the box, as T-MARS)
+    blur_radius: float = 0.0         # Gaussian radius in px; 0 = half of each box's short side
+    det_limit_side_len: int = 320    # text detector input: longer side scaled down to ≤ this
+    det_box_thresh: float = 0.5      # DBNet minimum mean score of a text box
+    det_threads: int = 0             # onnxruntime threads for the detector; 0 = its default
+    batch_size: int = 64             # images per CLIP forward pass
+    concept_chunk: int = 1024        # concepts per score block (memory: image_chunk × concept_chunk)
+    image_chunk: int = 4096          # images per score block
+    clipn_checkpoint: str = ""       # CLIPN checkpoint file; "" = plain CLIP + negative prompts
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("yes_templates", "no_templates"):
+            templates = getattr(self, name)
+            if not templates:
+                raise ParamsError(f"{name}: needs at least one template")
+            for t in templates:
+                if t.count("{}") != 1:
+                    raise ParamsError(f"{name}: template {t!r} must contain exactly one '{{}}'")
+        if any(not c.strip() for c in self.generalized_concepts):
+            raise ParamsError("generalized_concepts: empty concept name")
+        check_choice("blur_kind", self.blur_kind, ("gaussian", "fill"))
+        check_range("blur_radius", self.blur_radius, 0.0, None, lo_open=False)
+        check_range("det_limit_side_len", self.det_limit_side_len, 32, None, lo_open=False)
+        check_range("det_box_thresh", self.det_box_thresh, 0.0, 1.0)
+        check_range("det_threads", self.det_threads, 0, None, lo_open=False)
+        for name in ("batch_size", "concept_chunk", "image_chunk"):
+            check_range(name, getattr(self, name), 1, None, lo_open=False)
+
+    @property
+    def mode(self) -> str:
+        return "clipn" if self.clipn_checkpoint else "negative_prompts"
+
+
+# ---------------------------------------------------------------------------------------------
+# scores on arrays
+
+def _check_unit(name: str, x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array, got shape {x.shape}")
+    return x
+
+
+def ood_scores(f: np.ndarray, g_yes: np.ndarray, g_no: np.ndarray, scale: float = 100.0,
+               concept_chunk: int = 1024, image_chunk: int = 4096) -> np.ndarray:
+    """OOD_B(I) = 1 − Σ_c (1 − p_c^no)·p_c for each row of `f`.
+
+    f: (N, D) image embeddings; g_yes, g_no: (C, D) concept yes/no text embeddings; all L2-normalised.
+    Returns float64 (N,) in [0, 1]. Streams over concepts with a running max m, running
+    S = Σ_c exp(logit_c − m) and A = Σ_c σ(logit_c − logit_c^no)·exp(logit_c − m), so that
+    Σ_c (1 − p_c^no)·p_c = A / S; (1 − p^no_c) = σ(logit_c − logit^no_c).
+    """
+    f, g_yes, g_no = _check_unit("f", f), _check_unit("g_yes", g_yes), _check_unit("g_no", g_no)
+    if g_yes.shape != g_no.shape:
+        raise ValueError(f"yes/no embeddings differ in shape: {g_yes.shape} vs {g_no.shape}")
+    if len(g_yes) == 0:
+        raise ValueError("empty concept set")
+    if f.shape[1] != g_yes.shape[1]:
+        raise ValueError(f"image dim {f.shape[1]} != text dim {g_yes.shape[1]}")
+    out = np.empty(len(f), np.float64)
+    for i0 in range(0, len(f), image_chunk):
+        fi = f[i0:i0 + image_chunk]
+        m = np.full(len(fi), -np.inf)                       # running max of logit over concepts
+        S = np.zeros(len(fi))                               # Σ exp(logit − m)
+        A = np.zeros(len(fi))                               # Σ σ(logit − logit^no)·exp(logit − m)
+        for c0 in range(0, len(g_yes), concept_chunk):
+            ly = scale * (fi @ g_yes[c0:c0 + concept_chunk].T)          # (n, k) logit_c
+            ln = scale * (fi @ g_no[c0:c0 + concept_chunk].T)           # (n, k) logit_c^no
+            m_new = np.maximum(m, ly.max(axis=1).astype(np.float64))
+            rescale = np.exp(m - m_new)                                  # 0 on the first chunk
+            e = np.exp(ly - m_new[:, None].astype(np.float32))         # (n, k) ≤ 1
+            with np.errstate(over="ignore"):                            # exp(+big) = inf → σ = 0
+                yes = 1.0 / (1.0 + np.exp(ln - ly))                     # 1 − p_c^no = σ(logit − logit^no)
+            S = S * rescale + e.sum(axis=1, dtype=np.float64)
+            A = A * rescale + (yes * e).sum(axis=1, dtype=np.float64)
+            m = m_new
+        out[i0:i0 + len(fi)] = 1.0 - A / S
+    return np.clip(out, 0.0, 1.0)
+
+
+def ood_scores_dense(f: np.ndarray, g_yes: np.ndarray, g_no: np.ndarray, scale: float = 100.0) -> np.ndarray:
+    """Reference: the formula written out on the full (N, C) matrices (float64). For tests/small sets."""
+    f, g_yes, g_no = (np.asarray(a, np.float64) for a in (f, g_yes, g_no))
+    ly, ln = scale * f @ g_yes.T, scale * f @ g_no.T
+    p = np.exp(ly - ly.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)                               # p_c
+    p_no = np.exp(ln) / (np.exp(ly) + np.exp(ln))                   # softmax([yes, no])[1]
+    return 1.0 - ((1.0 - p_no) * p).sum(axis=1)
+
+
+def ensemble(per_template: Iterable[np.ndarray]) -> np.ndarray:
+    """Prompt ensemble as CLIPN: Σ_t normalise(e_t) then normalise. Input: iterable of (C, D)."""
+    total = None
+    for e in per_template:
+        e = np.asarray(e, np.float64)
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        total = e if total is None else total + e
+    if total is None:
+        raise ValueError("no templates")
+    return (total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def concept_embeddings(encode: Callable[[list[str]], np.ndarray], concepts: Sequence[str],
+                       templates: Sequence[str]) -> np.ndarray:
+    """(C, D) ensembled text embeddings of `concepts` under `templates` with encoder `encode`."""
+    return ensemble(encode([t.format(c) for c in concepts]) for t in templates)
+
+
+def derive_generalized_concepts(name: str, description: str = "") -> list[str]:
+    """B' from the domain when params give none: the domain name, the description, and the phrases
+    of the description split at commas/semicolons/"and"/"or" (≤ 6 words each), first occurrence kept.
+
+    e.g. ("food", "dishes, drinks and desserts") → ["food", "dishes, drinks and desserts",
+    "dishes", "drinks", "desserts"]. Deterministic; set `ood.generalized_concepts` to override.
+    """
+    description = " ".join((description or "").split()).strip(" .")
+    pieces = [p.strip(" .") for p in re.split(r"\s*(?:[,;/]|\band\b|\bor\b)\s*", description)]
+    candidates = [" ".join(str(name).split()), description] + [p for p in pieces if len(p.split()) <= 6]
+    out: list[str] = []
+    for phrase in candidates:
+        if phrase and phrase.lower() not in {o.lower() for o in out}:
+            out.append(phrase)
+    if not out:
+        raise ParamsError("generalized_concepts: empty, and no domain name to derive B' from")
+    return out
+
+
+def three_scores(f: np.ndarray, f_blur: np.ndarray, has_text: np.ndarray, B: tuple[np.ndarray, np.ndarray],
+                 B_prime: tuple[np.ndarray, np.ndarray], scale: float = 100.0,
+                 concept_chunk: int = 1024, image_chunk: int = 4096) -> dict[str, np.ndarray]:
+    """The paper's three metrics for N images.
+
+    f: (N, D) embeddings of I; f_blur: (has_text.sum(), D) embeddings of I' for the images with text
+    (rows in order); B, B_prime: (yes, no) embedding pairs. Images without text have I' = I, so their
+    delta is exactly 0 and they are not encoded twice.
+    """
+    has_text = np.asarray(has_text, bool)
+    if len(f_blur) != int(has_text.sum()):
+        raise ValueError(f"{len(f_blur)} blurred embeddings for {int(has_text.sum())} images with text")
+    kw = dict(scale=scale, concept_chunk=concept_chunk, image_chunk=image_chunk)
+    ood_b = ood_scores(f, *B, **kw)
+    delta = np.zeros(len(f))
+    if len(f_blur):
+        delta[has_text] = ood_scores(f_blur, *B, **kw) - ood_b[has_text]
+    return {"ood_b": ood_b, "ood_bprime": ood_scores(f, *B_prime, **kw), "ood_blur_delta": delta}
+
+
+# ---------------------------------------------------------------------------------------------
+# images → scores (models loaded by the caller)
+
+@dataclass
+class TextSets:
+    """Yes/no embeddings of the concept bank B and the generalised set B'."""
+
+    B: tuple[np.ndarray, np.ndarray]
+    B_prime: tuple[np.ndarray, np.ndarray]
+    mode: str
+
+
+def build_text_sets(clip: Any, concepts: Sequence[str], generalized: Sequence[str], params: OodParams,
+                    no_encoder: Any | None = None) -> TextSets:
+    """Encode B and B' once. With a CLIPN `no_encoder` the no-tower reads the yes templates (as CLIPN
+    does); without one, the CLIP text tower reads the negative templates."""
+    if not concepts:
+        raise ValueError("empty concept bank: no accepted concepts to score against")
+    yes_enc = lambda t: clip.encode_texts(t, batch_size=256)  # noqa: E731
+    if no_encoder is not None:
+        no_enc, no_templates, mode = (lambda t: no_encoder.encode_texts(t, batch_size=256)), \
+            params.yes_templates, "clipn"
+    else:
+        no_enc, no_templates, mode = yes_enc, params.no_templates, "negative_prompts"
+
+    def pair(cs: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        return (concept_embeddings(yes_enc, cs, params.yes_templates),
+                concept_embeddings(no_enc, cs, no_templates))
+
+    return TextSets(B=pair(concepts), B_prime=pair(generalized), mode=mode)
+
+
+@dataclass
+class Timings:
+    clip_s: float = 0.0        # image encoding (I and I')
+    detect_s: float = 0.0      # text detection
+    blur_s: float = 0.0
+    score_s: float = 0.0
+    n_images: int = 0
+    n_encoded: int = 0         # CLIP forward passes (images + blurred images)
+
+    def add(self, other: "Timings") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+def score_images(images: Sequence, clip: Any, detector: Any, texts: TextSets, params: OodParams,
+                 timings: Timings | None = None) -> dict[str, np.ndarray]:
+    """ood_b, ood_bprime, ood_blur_delta and text_boxes (count) for a batch of PIL images."""
+    from pas.curate.textblur import blur_regions
+
+    t = timings if timings is not None else Timings()
+    t0 = time.perf_counter()
+    boxes = [detector.detect(im) for im in images]
+    t1 = time.perf_counter()
+    has_text = np.array([len(b) > 0 for b in boxes], bool)
+    blurred = [blur_regions(im, b, params.blur_kind, params.blur_radius)
+               for im, b in zip(images, boxes) if len(b)]
+    t2 = time.perf_counter()
+    f = clip.encode_images(list(images), batch_size=params.batch_size)
+    f_blur = clip.encode_images(blurred, batch_size=params.batch_size) if blurred else f[:0]
+    t3 = time.perf_counter()
+    out = three_scores(f, f_blur, has_text, texts.B, texts.B_prime, scale=clip.logit_scale,
+                       concept_chunk=params.concept_chunk, image_chunk=params.image_chunk)
+    t4 = time.perf_counter()
+    out["text_boxes"] = np.array([len(b) for b in boxes], np.int32)
+    t.detect_s += t1 - t0
+    t.blur_s += t2 - t1
+    t.clip_s += t3 - t2
+    t.score_s += t4 - t3
+    t.n_images += len(images)
+    t.n_encoded += len(images) + len(blurred)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# shards → scores, one shard at a time with a resume marker per shard
+
+SCORE_COLUMNS = ("key", "source", "ood_b", "ood_bprime", "ood_blur_delta", "text_boxes")
+
+
+def _sha256_json(obj: Any) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def run_fingerprint(params: OodParams, models: dict[str, str], concepts: Sequence[str],
+                    generalized: Sequence[str]) -> str:
+    """What every shard's scores depend on besides the shard itself: params (device, batch sizes and
+    the checkpoint's path excluded), model fingerprints (CLIP, CLIPN file, detector file), B and B'."""
+    p = dataclasses.asdict(params)
+    for k in ("device", "batch_size", "concept_chunk", "image_chunk", "det_threads", "clipn_checkpoint"):
+        p.pop(k)
+    return _sha256_json({"params": p, "models": models, "B": list(concepts), "B_prime": list(generalized)})
+
+
+def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[list], dict],
+                 parts_dir: str, fingerprint: str, batch_size: int = 64):
+    """Score the kept samples of every shard of `image_dirs`; return the scores DataFrame (sorted by key).
+
+    Each shard's rows go to `parts_dir/<dir>-<shard>.parquet` with a `.json` marker holding a
+    fingerprint of (run fingerprint, shard bytes, kept keys of the shard); a rerun skips shards whose
+    marker matches, so a killed run resumes where it stopped. Stale parts are deleted.
+    `scorer(pils) -> dict of arrays` is `score_images` with its models bound.
+    """
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+    from tqdm import tqdm
+
+    from pas.io.manifest import read_parquet, write_parquet
+    from pas.io.shards import decode_image, iter_samples, list_shards
+    from pas.models.files import sha256_file
+
+    parts = Path(parts_dir)
+    parts.mkdir(parents=True, exist_ok=True)
+    shards = [(Path(d), s) for d in image_dirs for s in list_shards(d)]
+    names = [f"{d.name}-{s.stem}" for d, s in shards]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two image dirs share a name; shard part names collide: {sorted(names)}")
+    indexes = [Path(d) / "index.parquet" for d in image_dirs]
+    if all(ix.is_file() for ix in indexes):          # fail before any scoring, not after hours of it
+        indexed = set().union(*(set(read_parquet(ix)["key"].astype(str)) for ix in indexes))
+        if kept - indexed:
+            raise ValueError(f"{len(kept - indexed)} kept keys of the manifest are in none of "
+                             f"{list(image_dirs)}, e.g. {sorted(kept - indexed)[:3]}")
+    for stale in parts.glob("*"):
+        if stale.stem not in names:
+            stale.unlink()
+    frames, seen, n_resumed = [], set(), 0
+    for (d, shard), name in zip(tqdm(shards, desc="ood shards", unit="shard"), names):
+        part, marker = parts / f"{name}.parquet", parts / f"{name}.json"
+        # keys come from the shard itself, so a marker is valid only for these exact bytes + kept set
+        samples = [s for s in iter_samples(shard) if s.key in kept]
+        fp = _sha256_json({"run": fingerprint, "shard": sha256_file(shard),
+                           "keys": sorted(s.key for s in samples)})
+        if part.is_file() and marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fp:
+            frames.append(read_parquet(part))
+            n_resumed += 1
+        else:
+            rows: dict[str, list] = {c: [] for c in SCORE_COLUMNS}
+            for i in tqdm(range(0, len(samples), batch_size), desc=name, unit="batch", leave=False):
+                batch = samples[i:i + batch_size]
+                pils = []
+                for s in batch:
+                    try:
+                        pils.append(decode_image(s.image))
+                    except Exception as e:  # noqa: BLE001 - report which sample, then stop
+                        raise ValueError(f"{shard}: sample {s.key} does not decode: {e}") from None
+                out = scorer(pils)
+                rows["key"] += [s.key for s in batch]
+                rows["source"] += [str(s.meta.get("source", "")) for s in batch]
+                for c in SCORE_COLUMNS[2:]:
+                    rows[c] += out[c].tolist()
+            df = pd.DataFrame(rows).astype({"ood_b": "float64", "ood_bprime": "float64",
+                                            "ood_blur_delta": "float64", "text_boxes": "int32"})
+            write_parquet(df, part)
+            marker.write_text(json.dumps({"fingerprint": fp, "n": len(df)}) + "\n")
+            frames.append(df)
+        dup = seen.intersection(frames[-1]["key"])
+        if dup:
+            raise ValueError(f"{shard}: key {sorted(dup)[0]} appears in more than one shard")
+        seen.update(frames[-1]["key"])
+    missing = kept - seen
+    if missing:
+        raise ValueError(f"{len(missing)} kept keys of the manifest are in none of {list(image_dirs)}, "
+                         f"e.g. {sorted(missing)[:3]}")
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({c: [] for c in SCORE_COLUMNS})
+    return df.sort_values("key", kind="stable").reset_index(drop=True), n_resumed

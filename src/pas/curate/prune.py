@@ -1,0 +1,381 @@
+"""Pareto-front pruning of the OOD-scored images and export of the final dataset (paper §3.3).
+
+Paper: "an image I is considered less suitable than the image J (and therefore prioritized for
+removal) if it shows higher OOD scores across the metrics"; kneedle on the per-front mean of each
+metric against the cumulative number removed gives three knees and "by selecting the maximum X value
+among the three knees (one per metric), we can estimate the most efficient halt point"; "the Pareto
+optimization process also provides a structured guidance for filtering the dataset down to any
+desired size".
+
+`select` is the pure selection (scores in, front rank + removed flag + summary out); `export_dataset`
+writes the kept images as webdataset shards in key order (the only image bytes written after
+retrieve/generate); `dataset_funnel` assembles the per-stage dataset sizes for metrics/dataset.json.
+Stop modes (`PruneParams.stop`):
+- "knee" (paper): remove whole worst fronts up to the max x of the three kneedle knees
+  (`pas.curate.knee`); no knee on any metric -> nothing removed, reason "no_knee".
+- "target_size": remove whole worst fronts while more than `target_size` images remain, then break
+  the last front deterministically: its images with the highest sum of the three scores go first,
+  ties by key; exactly `target_size` images are kept.
+- "max_fronts": remove the `max_fronts` worst fronts.
+`max_fronts`, when set, also caps the other two modes (reason "max_fronts" when it binds).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pas.params import ParamsError, check_choice, check_range
+
+log = logging.getLogger(__name__)
+
+METRICS = ("ood_b", "ood_bprime", "ood_blur_delta")
+STOPS = ("knee", "target_size", "max_fronts")
+
+
+@dataclass(frozen=True)
+class PruneParams:
+    """params.yaml section `prune`."""
+
+    stop: str = "knee"                  # knee (paper) | target_size | max_fronts
+    target_size: int | None = None      # images kept when stop = target_size
+    max_fronts: int | None = None       # worst fronts removed when stop = max_fronts; a cap otherwise
+    knee_bins: int = 50                 # equal-image-count bins of each peel curve for kneedle; 0 = per front
+    knee_interp: str = "interp1d"       # kneed interp_method: interp1d | polynomial
+    knee_poly_degree: int = 7           # polynomial degree when knee_interp = polynomial
+    knee_sensitivity: float = 1.0       # kneedle's S (higher = more conservative knees)
+    shard_maxcount: int = 10_000        # images per output shard (contract: <= 10k)
+    sort_buffer_mb: int = 1024          # kept image bytes held in RAM before spilling a sorted run
+    sample_fronts: tuple[int, ...] = (1, 10, 100)  # "Pareto n" rows of the sample grid (1 = removed first)
+    sample_per_front: int = 8           # images per row of the sample grid
+    seed: int = 0                       # top-level seed: which images the sample grid shows
+
+    def __post_init__(self) -> None:
+        check_choice("stop", self.stop, STOPS)
+        if self.stop == "target_size" and self.target_size is None:
+            raise ParamsError("target_size: required when stop=target_size")
+        if self.stop == "max_fronts" and self.max_fronts is None:
+            raise ParamsError("max_fronts: required when stop=max_fronts")
+        if self.target_size is not None:
+            check_range("target_size", self.target_size, 0, None, lo_open=False)
+        if self.max_fronts is not None:
+            check_range("max_fronts", self.max_fronts, 0, None, lo_open=False)
+        if self.knee_bins != 0:
+            check_range("knee_bins", self.knee_bins, 3, None, lo_open=False)
+        check_choice("knee_interp", self.knee_interp, ("interp1d", "polynomial"))
+        check_range("knee_poly_degree", self.knee_poly_degree, 1, 20, lo_open=False, hi_open=False)
+        check_range("knee_sensitivity", self.knee_sensitivity, 0.0, None)
+        check_range("shard_maxcount", self.shard_maxcount, 1, 10_000, lo_open=False, hi_open=False)
+        check_range("sort_buffer_mb", self.sort_buffer_mb, 1, None, lo_open=False)
+        for n in self.sample_fronts:
+            check_range("sample_fronts[]", n, 1, None, lo_open=False)
+        check_range("sample_per_front", self.sample_per_front, 0, 64, lo_open=False, hi_open=False)
+
+
+@dataclass
+class PruneResult:
+    table: pd.DataFrame      # input columns + front (0 = removed first) + removed, sorted by key
+    curve: pd.DataFrame      # per front: front, n, removed (cumulative), mean of each metric
+    binned: pd.DataFrame     # the curve kneedle saw: bin, removed, mean of each metric
+    knees: dict              # metric -> pas.curate.knee.Knee (empty unless stop = knee)
+    summary: dict = field(default_factory=dict)
+
+
+def check_scores(df: pd.DataFrame) -> pd.DataFrame:
+    """Validate a scores table and return it sorted by key (clear errors naming keys)."""
+    missing = [c for c in ("key", *METRICS) if c not in df.columns]
+    if missing:
+        raise ValueError(f"scores table lacks column(s) {missing} (has {list(df.columns)})")
+    dup = df["key"][df["key"].duplicated()]
+    if len(dup):
+        raise ValueError(f"scores table has {len(dup)} duplicate key(s), e.g. {dup.iloc[0]!r}")
+    vals = df[list(METRICS)].to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(vals).all(axis=1)
+    if bad.any():
+        keys = df["key"][bad].tolist()
+        raise ValueError(f"{len(keys)} image(s) have NaN/inf OOD scores, e.g. {keys[:3]}")
+    return df.sort_values("key", kind="stable").reset_index(drop=True)
+
+
+def _break_front(table: pd.DataFrame, idx: np.ndarray, k: int) -> np.ndarray:
+    """The `k` images of front rows `idx` removed first: highest score sum, ties by key."""
+    sub = table.iloc[idx]
+    order = np.lexsort((sub["key"].to_numpy(), -sub[list(METRICS)].to_numpy().sum(axis=1)))
+    return idx[order[:k]]
+
+
+def select(scores: pd.DataFrame, p: PruneParams) -> PruneResult:
+    """Rank the images into worst-first fronts and choose which to remove (see module docstring)."""
+    from pas.curate.knee import bin_curve, front_curve, knee_stop
+    from pas.curate.pareto import worst_first_ranks
+
+    table = check_scores(scores)
+    N = len(table)
+    vals = table[list(METRICS)].to_numpy(dtype=np.float64)
+    ranks = worst_first_ranks(vals)
+    n, x, Y = front_curve(ranks, vals)
+    F = len(n)
+    curve = pd.DataFrame({"front": np.arange(F), "n": n, "removed": x,
+                          **{m: Y[:, i] for i, m in enumerate(METRICS)}})
+    xb, Yb = bin_curve(n, x, Y, p.knee_bins) if F else (x, Y)
+    binned = pd.DataFrame({"bin": np.arange(len(xb)), "removed": xb,
+                           **{m: Yb[:, i] for i, m in enumerate(METRICS)}})
+
+    knees: dict = {}
+    fronts, reason = 0, "empty"
+    if N and p.stop == "knee":
+        res = knee_stop(n, x, Y, METRICS, bins=p.knee_bins, S=p.knee_sensitivity,
+                        interp=p.knee_interp, degree=p.knee_poly_degree)
+        knees, fronts, reason = res["knees"], res["fronts"], res["reason"]
+    elif N and p.stop == "max_fronts":
+        fronts, reason = min(p.max_fronts, F), "max_fronts"
+    elif N and p.stop == "target_size":
+        fronts, reason = 0, "already_small"
+        if p.target_size < N:               # fronts < j go whole; front j (first with x_j >= N - T) splits
+            j = int(np.searchsorted(x, N - p.target_size, side="left"))
+            fronts, reason = j, "target_size"
+
+    removed = ranks < fronts
+    partial = None
+    if N and p.stop == "target_size" and p.target_size < N:
+        extra = N - int(removed.sum()) - p.target_size        # still to remove, all from front j
+        if extra == n[fronts]:
+            fronts += 1
+            removed = ranks < fronts
+        elif extra > 0:
+            partial = fronts
+            removed[_break_front(table, np.flatnonzero(ranks == partial), extra)] = True
+    if p.max_fronts is not None and p.stop != "max_fronts" and N:
+        touched = fronts + (partial is not None)
+        if touched > p.max_fronts:
+            removed = ranks < p.max_fronts
+            fronts, partial, reason = p.max_fronts, None, "max_fronts"
+
+    table = table.assign(front=ranks, removed=removed)
+    n_removed = int(removed.sum())
+    summary = {
+        "n_in": N, "n_kept": N - n_removed, "n_removed": n_removed,
+        "fronts": F, "fronts_removed": fronts, "partial_front": partial,
+        "stop": p.stop, "stop_reason": reason, "stop_x": n_removed,
+        "knee_x": {m: k.x for m, k in knees.items() if k.x is not None},
+        "knee_reason": {m: k.reason for m, k in knees.items()},
+        "knee_bins": p.knee_bins, "knee_interp": p.knee_interp,
+    }
+    return PruneResult(table=table, curve=curve, binned=binned, knees=knees, summary=summary)
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+
+def _jsonable(v):
+    if isinstance(v, np.ndarray):
+        return [_jsonable(x) for x in v.tolist()]
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        return v.item()
+    return v
+
+
+def _concepts(meta: dict) -> list[str]:
+    if isinstance(meta.get("concepts"), list):
+        return [str(c) for c in meta["concepts"]]
+    return [str(meta["concept"])] if meta.get("concept") else []
+
+
+@dataclass
+class ExportReport:
+    index: pd.DataFrame                      # one row per kept image, sorted by key
+    sources_in: Counter                      # every sample found in the image dirs, by source
+    sources_scored: Counter                  # scored samples, by source
+    sources_kept: Counter                    # kept samples, by source
+    thumbs: dict                             # key -> image bytes of the requested sample keys
+    n_runs: int
+
+
+def export_dataset(image_dirs: Sequence[str | Path], result_table: pd.DataFrame, out_dir: str | Path,
+                   *, maxcount: int = 10_000, buffer_bytes: int = 1 << 30,
+                   sample_keys: Iterable[str] = (), extra_cols: Sequence[str] = ("text_boxes",),
+                   progress: bool = True) -> ExportReport:
+    """Write the kept images of `result_table` (key, scores, front, removed) to `out_dir` shards.
+
+    Images are streamed once from `image_dirs` (`pas.io.shards.iter_samples`); kept samples are
+    buffered up to `buffer_bytes`, each full buffer spilled as one key-sorted run, and the runs merged
+    by key into `out_dir` (≤ `maxcount` per shard), so memory stays bounded at any dataset size.
+    Each sample's JSON = its original metadata + the three scores (+ `extra_cols`) + `pareto_front`.
+    `out_dir` is replaced only after everything is written. Raises ValueError if a scored key is not
+    in the image dirs or a key appears twice.
+    """
+    from tqdm import tqdm
+
+    from pas.io.shards import ShardWriter, iter_samples
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    lacking = sorted({"key", "front", "removed", *METRICS} - set(result_table.columns))
+    if lacking:
+        raise ValueError(f"result table lacks column(s) {lacking}")
+    cols = [c for c in (*METRICS, *extra_cols) if c in result_table.columns]
+    keys = result_table["key"].tolist()
+    # key -> (scores for the JSON, front, removed); plain dicts: pandas .loc per image is slow at 1M
+    values = zip(*(result_table[c].map(_jsonable) for c in cols))
+    info = {k: (dict(zip(cols, v)), int(f), bool(r)) for k, v, f, r in
+            zip(keys, values, result_table["front"], result_table["removed"])}
+    n_keep = sum(1 for v in info.values() if not v[2])
+    want_thumbs = set(sample_keys)
+    found: set[str] = set()
+    rep = ExportReport(pd.DataFrame(), Counter(), Counter(), Counter(), {}, 0)
+
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        runs: list[Path] = []
+        buf: list = []
+        size = 0
+
+        def spill() -> None:
+            nonlocal buf, size
+            run = work / f"run{len(runs):04d}"
+            with ShardWriter(run, prefix="run", maxcount=1 << 62) as w:
+                for s in sorted(buf, key=lambda s: s.key):
+                    w.write(s.key, s.image, s.meta, ext=s.ext)
+            runs.append(run)
+            buf, size = [], 0
+
+        dirs = [str(d) for d in image_dirs]
+        for s in tqdm(iter_samples(dirs), desc="prune: read images", unit="img", disable=not progress):
+            src = str(s.meta.get("source", "unknown"))
+            rep.sources_in[src] += 1
+            if s.key not in info:
+                continue
+            if s.key in found:
+                raise ValueError(f"image key {s.key!r} appears twice in {dirs} (second in {s.shard})")
+            found.add(s.key)
+            rep.sources_scored[src] += 1
+            if s.key in want_thumbs:
+                rep.thumbs[s.key] = s.image
+            if not info[s.key][2]:
+                buf.append(s)
+                size += len(s.image)
+                if size >= buffer_bytes:
+                    spill()
+        missing = sorted(set(info) - found)
+        if missing:
+            raise ValueError(f"{len(missing)} scored image(s) not found in {dirs}, e.g. {missing[:3]}")
+        if runs and buf:
+            spill()
+        rep.n_runs = len(runs)
+        stream = (heapq.merge(*(iter_samples(r) for r in runs), key=lambda s: s.key) if runs
+                  else iter(sorted(buf, key=lambda s: s.key)))
+
+        stage = work / "out"
+        rows = []
+        with ShardWriter(stage, prefix="shard", maxcount=maxcount) as w:
+            for s in tqdm(stream, desc="prune: write dataset", unit="img", total=n_keep,
+                          disable=not progress):
+                scores, front, _ = info[s.key]
+                shard = w.write(s.key, s.image, {**s.meta, **scores, "pareto_front": front}, ext=s.ext)
+                src = str(s.meta.get("source", "unknown"))
+                rep.sources_kept[src] += 1
+                rows.append({"key": s.key, "shard": shard, "source": src,
+                             "concepts": _concepts(s.meta), "caption": s.meta.get("caption"),
+                             **scores, "front": front})
+        index = pd.DataFrame(rows, columns=["key", "shard", "source", "concepts", "caption", *cols,
+                                            "front"])
+        index["caption"] = index["caption"].astype(object)
+        from pas.io.manifest import write_parquet
+
+        write_parquet(index, stage / "index.parquet")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        stage.rename(out_dir)
+        rep.index = index
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rep
+
+
+# ----------------------------------------------------------------------------------------------
+# sample grid choice and dataset funnel
+
+
+def sample_grid_keys(table: pd.DataFrame, fronts_1based: Sequence[int], per_front: int,
+                     seed: int) -> dict[int, list[str]]:
+    """Keys shown for "Pareto n" (front n - 1), n in `fronts_1based` that exist: a seeded choice."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in fronts_1based:
+        keys = sorted(table.loc[table["front"] == n - 1, "key"])
+        if keys:
+            pick = rng.choice(len(keys), size=min(per_front, len(keys)), replace=False)
+            out[n] = [keys[i] for i in sorted(pick)]
+    return out
+
+
+# keys read from the other stages' metrics files (the lead aligns those stages to them)
+FUNNEL_METRICS = {
+    "retrieve": ("retrieve.json", "n_unique"),
+    "generate": ("generate.json", "n_images"),
+    "dedup": ("dedup.json", "n_out"),
+    "leakage": ("leakage.json", "n_out"),
+}
+
+
+def _read_metrics(metrics_dir: Path | None, name: str) -> dict:
+    if metrics_dir is None:
+        return {}
+    path = Path(metrics_dir) / name
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        log.warning("%s: not valid JSON (%s); funnel entry left out", path, e)
+        return {}
+
+
+def dataset_funnel(metrics_dir: str | Path | None, sources_in: Counter, sources_scored: Counter,
+                   sources_kept: Counter) -> dict:
+    """Dataset size after each stage, real vs synthetic where known (metrics/dataset.json).
+
+    retrieve / generate: real / synthetic images found in the prune stage's image dirs (falling back
+    to metrics/retrieve.json "n_unique" and metrics/generate.json "n_images"); dedup / leakage:
+    metrics/<stage>.json "n_out" (+ "n_out_real", "n_out_synthetic" when present); ood: images
+    scored; prune: images kept. Stages with nothing known are left out.
+    """
+    md = Path(metrics_dir) if metrics_dir is not None else None
+    funnel: dict = {}
+    for stage, src in (("retrieve", "real"), ("generate", "synthetic")):
+        m = _read_metrics(md, FUNNEL_METRICS[stage][0]).get(FUNNEL_METRICS[stage][1])
+        if sources_in.get(src):
+            funnel[stage] = {"n": sources_in[src], src: sources_in[src]}
+            if isinstance(m, (int, float)) and m != sources_in[src]:
+                log.warning("funnel: %s images on disk %d != metrics/%s %s=%s", stage,
+                            sources_in[src], *FUNNEL_METRICS[stage], m)
+        elif isinstance(m, (int, float)):
+            funnel[stage] = {"n": int(m), src: int(m)}
+    for stage in ("dedup", "leakage"):
+        m = _read_metrics(md, FUNNEL_METRICS[stage][0])
+        if isinstance(m.get("n_out"), (int, float)):
+            e = {"n": int(m["n_out"])}
+            for s in ("real", "synthetic"):
+                if isinstance(m.get(f"n_out_{s}"), (int, float)):
+                    e[s] = int(m[f"n_out_{s}"])
+            funnel[stage] = e
+    for stage, c in (("ood", sources_scored), ("prune", sources_kept)):
+        funnel[stage] = {"n": int(sum(c.values())), "real": int(c.get("real", 0)),
+                         "synthetic": int(c.get("synthetic", 0))}
+    kept = funnel["prune"]
+    funnel["final"] = {"n": kept["n"], "real": kept["real"], "synthetic": kept["synthetic"],
+                       "real_fraction": kept["real"] / kept["n"] if kept["n"] else None}
+    return funnel

@@ -1,0 +1,46 @@
+"""Language-model backends behind one interface (for `concepts` L1–L3 and `generate` L4).
+
+How to call it (e.g. for L4 captions)::
+
+    from pas.llm import ChatRequest, make_backend
+    from pas.llm.parse import parse_list
+
+    llm = make_backend(params["llm"]["l4"])          # a spec dict from params.yaml, or an LLMSpec
+    reqs = [ChatRequest(messages=[{"role": "user", "content": prompt}], seed=s, max_new_tokens=96)
+            for prompt, s in zip(prompts, seeds)]
+    results = llm.chat(reqs)                          # list[ChatResult], same order; .text, .error
+    items = parse_list(results[0].text).items         # robust list parsing (numbered, bullets, commas)
+    llm.close()
+
+- spec keys (see :class:`pas.llm.base.LLMSpec`): backend (transformers | vllm | openai), model (a local
+  folder from the `models` stage, or the served name for openai), temperature, top_p, max_new_tokens,
+  repetition_penalty, batch_size, base_url, api_key_env, timeout, retries, device, dtype, ...
+- Each request carries its own seed: same (messages, seed, spec) → same answer (vllm: per-request
+  SamplingParams.seed; transformers: one torch.Generator per row; openai: the `seed` field).
+- `llm.yes_no(requests)` → list[YesNo(p_yes, text, method)]: first-token log-probs where available.
+- A request that fails for good comes back with `error` set and empty text; nothing raises mid-batch.
+- Models load lazily on the first call; torch/vllm are imported only inside the backends.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, LLMSection, LLMSpec, YesNo,
+                          spec_from_dict)
+
+__all__ = ["ChatBackend", "ChatRequest", "ChatResult", "LLMSection", "LLMSpec", "YesNo",
+           "make_backend", "spec_from_dict"]
+
+
+def make_backend(spec: Mapping[str, Any] | LLMSpec, where: str = "llm") -> ChatBackend:
+    """Validate `spec` and return its backend (nothing is loaded until the first call)."""
+    spec = spec_from_dict(spec, where)
+    if spec.backend == "transformers":
+        from pas.llm.transformers_backend import TransformersBackend
+        return TransformersBackend(spec)
+    if spec.backend == "vllm":
+        from pas.llm.vllm_backend import VLLMBackend
+        return VLLMBackend(spec)
+    from pas.llm.openai_backend import OpenAIBackend
+    return OpenAIBackend(spec)

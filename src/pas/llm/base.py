@@ -1,0 +1,210 @@
+"""The LLM interface shared by every stage that talks to a language model (concepts: L1, L2, L3;
+generate: L4). One spec dict per model in params.yaml (`llm.l1` ... `llm.l4`) → :class:`LLMSpec` →
+a backend (`transformers`, `vllm`, `openai`) with two calls:
+
+- ``chat(requests) -> results``: one sampled answer per :class:`ChatRequest`, seeded per request, so an
+  answer depends on its own (messages, seed) and not on what else is in the batch (vllm/openai; the
+  transformers backend samples each row with its own generator, padding aside).
+- ``yes_no(requests) -> verdicts``: P(yes) for a yes/no question, from the log-probabilities of the first
+  answer token where the backend exposes them, from the answer text otherwise.
+
+No heavy imports here: params validation imports this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from pas.params import ParamsError, build, check_choice, check_range
+
+BACKENDS = ("transformers", "vllm", "openai")
+Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+
+
+@dataclass(frozen=True)
+class LLMSpec:
+    """One language model and how to sample it (a `llm.<name>` block of params.yaml)."""
+
+    backend: str = "transformers"     # transformers (CPU) | vllm (GPU, offline batch) | openai (HTTP server)
+    model: str = "models/llm"         # local folder (transformers, vllm) or the served model name (openai)
+    temperature: float = 0.8          # 0 = greedy; small models degenerate greedily (measured), so sample
+    top_p: float = 0.95               # nucleus sampling mass
+    max_new_tokens: int = 256         # default answer length; a request may override it
+    repetition_penalty: float = 1.1   # CTRL-style penalty on already generated/prompt tokens (1 = off)
+    batch_size: int = 8               # requests per forward batch (transformers) / per HTTP wave (openai)
+    base_url: str | None = None       # openai: e.g. http://127.0.0.1:8000/v1
+    api_key_env: str | None = None    # openai: name of the environment variable holding the key
+    timeout: float = 120.0            # openai: seconds per HTTP request
+    retries: int = 3                  # openai: extra attempts after a failed request (5xx, 429, timeout)
+    retry_backoff: float = 1.0        # openai: seconds before the first retry, doubled for each next one
+    device: str = "cpu"               # transformers: torch device
+    cpu_threads: int | None = None    # transformers on CPU: torch threads (None = torch default). On a
+                                      # shared, loaded CPU 1 thread ran SmolLM2 10x faster than 2 (measured)
+    dtype: str = "float32"            # transformers/vllm: float32 | float16 | bfloat16 | auto
+    max_model_len: int | None = None  # vllm: context length cap
+    gpu_memory_utilization: float = 0.9  # vllm
+    tensor_parallel_size: int = 1     # vllm
+
+    def __post_init__(self) -> None:
+        check_choice("backend", self.backend, BACKENDS)
+        if not self.model:
+            raise ParamsError("model: must name a model folder or served model")
+        check_range("temperature", self.temperature, 0.0, None, lo_open=False)
+        check_range("top_p", self.top_p, 0.0, 1.0, hi_open=False)
+        check_range("max_new_tokens", self.max_new_tokens, 1, None, lo_open=False)
+        check_range("repetition_penalty", self.repetition_penalty, 0.0, None)
+        check_range("batch_size", self.batch_size, 1, None, lo_open=False)
+        check_range("timeout", self.timeout, 0.0, None)
+        if self.cpu_threads is not None:
+            check_range("cpu_threads", self.cpu_threads, 1, None, lo_open=False)
+        check_range("retries", self.retries, 0, None, lo_open=False)
+        check_range("retry_backoff", self.retry_backoff, 0.0, None, lo_open=False)
+        check_choice("dtype", self.dtype, ("float32", "float16", "bfloat16", "auto"))
+        check_range("gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, hi_open=False)
+        check_range("tensor_parallel_size", self.tensor_parallel_size, 1, None, lo_open=False)
+        if self.backend == "openai" and not self.base_url:
+            raise ParamsError("base_url: required for backend openai")
+
+
+def spec_from_dict(spec: Mapping[str, Any] | LLMSpec, where: str = "llm") -> LLMSpec:
+    """Validate a spec mapping; errors name `where.key` (e.g. `llm.l1.temperature`)."""
+    if isinstance(spec, LLMSpec):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise ParamsError(f"{where}: must be a mapping, got {type(spec).__name__}")
+    return build(LLMSpec, {where: dict(spec)}, section=where)
+
+
+@dataclass(frozen=True)
+class LLMSection:
+    """The `llm:` section of params.yaml: one spec per role of the paper (L1 generates, L2 expands,
+    L3 validates, L4 writes captions). Roles may point at the same model."""
+
+    l1: dict = field(default_factory=dict)
+    l2: dict = field(default_factory=dict)
+    l3: dict = field(default_factory=dict)
+    l4: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for role in ("l1", "l2", "l3", "l4"):
+            spec_from_dict(getattr(self, role), f"llm.{role}")
+
+    def spec(self, role: str) -> LLMSpec:
+        check_choice("role", role, ("l1", "l2", "l3", "l4"))
+        return spec_from_dict(getattr(self, role), f"llm.{role}")
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One conversation to continue. `seed` fixes the sample; `max_new_tokens` overrides the spec's."""
+
+    messages: tuple[Message, ...]
+    seed: int = 0
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        msgs = tuple(dict(m) for m in self.messages)
+        for m in msgs:
+            if set(m) != {"role", "content"} or m["role"] not in ("system", "user", "assistant"):
+                raise ValueError(f"bad chat message {m!r}: need role in system/user/assistant and content")
+            if not isinstance(m["content"], str):
+                raise ValueError(f"bad chat message content {m['content']!r}: must be a string")
+        if not msgs or msgs[-1]["role"] != "user":
+            raise ValueError("a chat request must end with a user message")
+        object.__setattr__(self, "messages", msgs)
+
+    def to_json(self) -> dict:
+        return {"messages": [dict(m) for m in self.messages], "seed": self.seed,
+                "max_new_tokens": self.max_new_tokens}
+
+
+@dataclass
+class ChatResult:
+    """The answer to one request. `logprobs`: (token, log-prob) per generated token where the backend
+    reports them; `error` is set (and `text` empty) when the backend gave up on this request."""
+
+    text: str
+    logprobs: list[tuple[str, float]] | None = None
+    finish_reason: str | None = None
+    n_tokens: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class YesNo:
+    """A yes/no verdict: P(yes) and how it was obtained ("logprobs" or "text")."""
+
+    p_yes: float
+    text: str
+    method: str
+
+
+YES_WORDS = ("yes", "y", "true", "correct")
+NO_WORDS = ("no", "n", "false", "incorrect")
+
+
+def yes_no_from_text(text: str) -> float:
+    """1.0 if the answer starts with yes, 0.0 with no, 0.5 when it says neither."""
+    m = re.match(r"\W*([A-Za-z]+)", text or "")
+    word = m.group(1).lower() if m else ""
+    if word in YES_WORDS:
+        return 1.0
+    if word in NO_WORDS:
+        return 0.0
+    return 0.5
+
+
+def add_logprob(top: dict[str, float], token: str, logprob: float) -> None:
+    """top[token] += probability of another candidate that reads `token` (log-space sum)."""
+    prev = top.get(token)
+    if prev is None:
+        top[token] = logprob
+    else:
+        hi = max(prev, logprob)
+        top[token] = hi + math.log(math.exp(prev - hi) + math.exp(logprob - hi))
+
+
+def yes_no_from_logprobs(top: Mapping[str, float]) -> float | None:
+    """P(yes) from the first token's top log-probabilities {token: logprob}: the probability mass of
+    tokens that read "yes" vs "no" (any case, leading space/punctuation ignored), renormalised over
+    the two. None when neither appears among the candidates."""
+    p_yes = p_no = 0.0
+    for tok, lp in top.items():
+        word = re.sub(r"[^a-z]", "", tok.lower())
+        if word in ("yes", "y"):
+            p_yes += math.exp(lp)
+        elif word in ("no", "n"):
+            p_no += math.exp(lp)
+    if p_yes + p_no <= 0.0:
+        return None
+    return p_yes / (p_yes + p_no)
+
+
+class ChatBackend(ABC):
+    """A language model behind the two calls every stage uses."""
+
+    def __init__(self, spec: LLMSpec):
+        self.spec = spec
+
+    @abstractmethod
+    def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        """One answer per request, in request order."""
+
+    def yes_no(self, requests: Sequence[ChatRequest]) -> list[YesNo]:
+        """P(yes) per request. Default: read the sampled answer (backends with log-probs override)."""
+        short = [dataclasses.replace(r, max_new_tokens=4) for r in requests]
+        return [YesNo(yes_no_from_text(r.text), r.text, "text") for r in self.chat(short)]
+
+    def close(self) -> None:
+        """Release the model (GPU memory, sessions)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

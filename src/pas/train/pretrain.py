@@ -1,0 +1,315 @@
+"""Self-supervised pretraining of the backbone on the curated dataset (paper §3.4, §4.1, App. D.2).
+
+    for epoch in epochs:                         # an epoch is a pure function of (seed, epoch): see data.py
+        for x0, x1 in loader(seed, epoch):       # two augmented views of a batch, streamed from shards
+            loss = model.training_step(x0, x1)   # MoCo v3 (ViT) or NNCLR (ResNet)
+            step optimiser, per-step LR schedule; log loss/lr (dvclive)
+        checkpoint: model (+ momentum encoder, NN bank), optimiser, scheduler, RNG states, epoch, log history
+
+Resume: DVC deletes a stage's outs before it reruns, so checkpoints live in a scratch folder that is not
+a DVC out at all (`scratch/pretrain/`, git-ignored). Not `persist: true` on an out: an uncached persisted
+out is missing in every fresh clone, which makes `dvc status` call pretrain changed and retrain for nothing.
+A checkpoint is used only when its fingerprint (params + shard names/sizes + init weights) matches the
+run; a killed run then continues after its last finished epoch and ends with the same bytes as an
+uninterrupted one (tested on CPU, with a real SIGKILL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pas.params import ParamsError, check_choice, check_range
+
+log = logging.getLogger(__name__)
+
+CKPT_NAME = "last.pt"
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    """Section `pretrain` of params.yaml (+ top-level `seed`)."""
+
+    method: str = "mocov3"                 # mocov3 (ViTs) | nnclr (ResNets)
+    image_size: int = 32                   # square training resolution (paper: 224); ViTs: = their img_size
+    epochs: int = 5                        # paper: 300 (MoCo v3), 500 (NNCLR)
+    batch_size: int = 64                   # paper: 4096 (MoCo v3), 4096 (NNCLR)
+    lr: float = 1.5e-4                     # base LR, scaled by batch_size/256 (MoCo v3 ViT: 1.5e-4)
+    weight_decay: float = 0.1              # MoCo v3 ViT: 0.1; NNCLR (LARS): 1e-6
+    optimizer: str = "adamw"               # adamw | sgd | lars
+    schedule: str = "cosine"               # cosine | constant (after linear warmup), stepped per batch
+    warmup_epochs: int = 0                 # MoCo v3: 40
+    momentum: float = 0.99                 # MoCo v3 momentum encoder m, cosine-increased to 1
+    temperature: float = 0.2               # τ: 0.2 MoCo v3, 0.1 NNCLR
+    hidden_dim: int = 1024                 # projector hidden width (paper: 4096 MoCo v3, 2048 NNCLR)
+    out_dim: int = 256                     # projection/prediction output width
+    pred_hidden_dim: int = 1024            # predictor hidden width (paper: 4096)
+    memory_bank_size: int = 4096           # NNCLR support set (paper: 98304)
+    freeze_patch_embed: bool = True        # MoCo v3 random patch projection (ViTs)
+    min_scale: float = 0.08                # RandomResizedCrop lower scale bound
+    num_workers: int = 0                   # DataLoader workers (shards are split across them)
+    shuffle_buffer: int = 1000             # webdataset shuffle buffer (samples)
+    device: str = "cpu"                    # cpu | cuda | auto
+    threads: int = 0                       # torch CPU threads (0: torch default); fixes float reduction order
+    seed: int = 0                          # top-level seed
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, ("mocov3", "nnclr"))
+        check_choice("optimizer", self.optimizer, ("adamw", "sgd", "lars"))
+        check_choice("schedule", self.schedule, ("cosine", "constant"))
+        check_choice("device", self.device, ("cpu", "cuda", "auto"))
+        for name in ("image_size", "epochs", "hidden_dim", "out_dim", "pred_hidden_dim", "memory_bank_size",
+                     "shuffle_buffer"):
+            check_range(name, getattr(self, name), 1, None, lo_open=False)
+        check_range("batch_size", self.batch_size, 2, None, lo_open=False)
+        for name in ("warmup_epochs", "num_workers", "weight_decay", "threads"):
+            check_range(name, getattr(self, name), 0, None, lo_open=False)
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ParamsError(f"warmup_epochs={self.warmup_epochs} must be < epochs={self.epochs}")
+        check_range("lr", self.lr, 0.0, None)
+        check_range("momentum", self.momentum, 0.0, 1.0, hi_open=False)
+        check_range("temperature", self.temperature, 0.0, None)
+        check_range("min_scale", self.min_scale, 0.0, 1.0, hi_open=False)
+
+
+def resolve_device(name: str, threads: int = 0) -> str:
+    """The torch device for `name` (cpu | cuda | auto); sets the CPU thread count when threads > 0."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("device='cuda' but no CUDA device is available (use cpu or auto)")
+    return name
+
+
+def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: int, schedule: str) -> float:
+    """Per-step LR multiplier: linear warmup over warmup_epochs, then cosine to 0 (or constant)."""
+    import math
+
+    warm = warmup_epochs * steps_per_epoch
+    total = epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _fingerprint(cfg: PretrainParams, shard_dir: Path, init_dir: Path) -> str:
+    from pas.io.shards import list_shards
+
+    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
+    for p in list_shards(shard_dir):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}".encode())
+    for name in ("config.json", "model.safetensors"):
+        f = init_dir / name
+        if f.is_file():
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)   # a kill mid-write leaves the previous checkpoint intact
+
+
+def _make_optimizer(cfg: PretrainParams, params: list, lr: float):
+    import torch
+
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    from lightly.utils.lars import LARS
+
+    return LARS(params, lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+class _Logger:
+    """dvclive, with the history kept so a resumed run can replay it into a fresh dvclive folder."""
+
+    def __init__(self, live_dir: Path | None, history: list | None = None):
+        self.history: list = list(history or [])
+        self.live = None
+        if live_dir is not None:
+            from dvclive import Live
+
+            self.live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
+            for row in self.history:
+                self._write(*row)
+
+    def _write(self, name: str, step: int, value: float) -> None:
+        self.live.step = step
+        self.live.log_metric(name, value)
+
+    def log(self, name: str, step: int, value: float) -> None:
+        self.history.append((name, int(step), float(value)))
+        if self.live is not None:
+            self._write(name, step, value)
+
+    def close(self, summary: dict) -> None:
+        if self.live is not None:
+            for k, v in summary.items():
+                self.live.summary[k] = v
+            self.live.make_summary()
+            self.live.end()
+
+
+def pretrain(cfg: PretrainParams, shard_dir: str | Path, init_dir: str | Path, out_dir: str | Path,
+             ckpt_dir: str | Path, live_dir: str | Path | None = None, progress: bool = True,
+             stop_after_epoch: int | None = None, on_epoch_end: Callable[[int], None] | None = None) -> dict:
+    """Pretrain `init_dir`'s backbone on `shard_dir`; write `out_dir` (timm folder) and return a summary.
+
+    `stop_after_epoch` ends the run after that many epochs as if it had been killed (for tests): the
+    checkpoint is written, `out_dir` is not. Runs with torch's deterministic algorithms (restored after).
+    """
+    import torch
+
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _pretrain(cfg, Path(shard_dir), Path(init_dir), Path(out_dir), Path(ckpt_dir),
+                         Path(live_dir) if live_dir is not None else None, progress, stop_after_epoch, on_epoch_end)
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def _pretrain(cfg: PretrainParams, shard_dir: Path, init_dir: Path, out_dir: Path, ckpt_dir: Path,
+              live_dir: Path | None, progress: bool, stop_after_epoch: int | None,
+              on_epoch_end: Callable[[int], None] | None) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from pas.models.backbone import create_backbone, is_vit, read_config, save_backbone
+    from pas.train.data import count_samples, epoch_seed, seed_everything, ssl_loader, two_view_transform
+    from pas.train.ssl import build_model
+
+    init_cfg = read_config(init_dir)   # the architecture: models.backbone_init in params.yaml
+    built_for = int(init_cfg["pretrained_cfg"]["input_size"][-1])
+    if is_vit(init_cfg) and built_for != cfg.image_size:
+        raise ParamsError(f"pretrain.image_size={cfg.image_size} but the ViT in {init_dir} was built for "
+                          f"{built_for} px: set models.backbone_init.kwargs.img_size={cfg.image_size}")
+    device = resolve_device(cfg.device, cfg.threads)
+    n_images = count_samples(shard_dir)
+    steps_per_epoch = n_images // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ParamsError(f"pretrain.batch_size={cfg.batch_size} is larger than the dataset "
+                          f"({n_images} images in {shard_dir})")
+    total_steps = cfg.epochs * steps_per_epoch
+
+    seed_everything(cfg.seed)
+    backbone = create_backbone(init_dir)
+    model = build_model(cfg.method, backbone, hidden_dim=cfg.hidden_dim, out_dim=cfg.out_dim,
+                        pred_hidden_dim=cfg.pred_hidden_dim, temperature=cfg.temperature, momentum=cfg.momentum,
+                        memory_bank_size=cfg.memory_bank_size, freeze_patch_embed=cfg.freeze_patch_embed).to(device)
+    lr = cfg.lr * cfg.batch_size / 256
+    optimizer = _make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps_per_epoch, cfg.epochs, cfg.warmup_epochs, cfg.schedule))
+    pcfg = init_cfg["pretrained_cfg"]
+    transform = two_view_transform(cfg.image_size, pcfg["mean"], pcfg["std"], cfg.min_scale)
+
+    fingerprint = _fingerprint(cfg, shard_dir, init_dir)
+    ckpt_path = ckpt_dir / CKPT_NAME
+    start_epoch, history, resumed_from = 0, [], None
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt.get("fingerprint") == fingerprint:
+            model.load_state_dict(ckpt["model"])
+            model.load_extra_state(ckpt["extra"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            _set_rng_state(ckpt["rng"])
+            start_epoch, history, resumed_from = ckpt["epoch"], ckpt["history"], ckpt["epoch"]
+            log.info("pretrain: resuming from %s after epoch %d", ckpt_path, start_epoch)
+        else:
+            log.info("pretrain: %s is from other params/data; starting from scratch", ckpt_path)
+        del ckpt
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    logger = _Logger(live_dir, history)
+
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        seed_everything(epoch_seed(cfg.seed, epoch, 0))   # augmentations of this epoch
+        loader = ssl_loader(shard_dir, transform, cfg.batch_size, cfg.seed, epoch, cfg.shuffle_buffer,
+                            cfg.num_workers)
+        losses = []
+        for i, (x0, x1) in enumerate(tqdm(loader, total=steps_per_epoch, desc=f"pretrain epoch {epoch + 1}",
+                                          disable=not progress, leave=False)):
+            if i >= steps_per_epoch:   # a shard list that grew since counting must not shift the schedule
+                break
+            step = epoch * steps_per_epoch + i
+            x0, x1 = x0.to(device), x1.to(device)
+            loss = model.training_step(x0, x1, step, total_steps)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"pretrain: loss is {loss.item()} at step {step} (lower pretrain.lr?)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            logger.log("train/lr", step, optimizer.param_groups[0]["lr"])
+            scheduler.step()
+            logger.log("train/loss", step, loss.item())
+            losses.append(loss.item())
+        epoch_loss = sum(losses) / max(1, len(losses))
+        logger.log("epoch/loss", epoch + 1, epoch_loss)
+        _save_atomic({"fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
+                      "extra": model.extra_state(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": logger.history,
+                      "params": asdict(cfg)}, ckpt_path)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.epochs:
+            return {"stopped_after_epoch": epoch + 1}
+
+    losses_epoch = [v for n, _, v in logger.history if n == "epoch/loss"]
+    summary = {
+        "method": cfg.method, "backbone": init_cfg["architecture"], "image_size": cfg.image_size,
+        "n_images": n_images, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+        "steps": total_steps, "samples_seen": total_steps * cfg.batch_size,
+        # backbone forward passes of training images (paper Figs 6-7): views through the online encoder
+        "forward_passes": total_steps * cfg.batch_size * model.n_views,
+        "loss_first_epoch": losses_epoch[0] if losses_epoch else None,
+        "loss_last_epoch": losses_epoch[-1] if losses_epoch else None,
+        "resumed_from_epoch": resumed_from,
+    }
+    save_backbone(model.backbone.to("cpu"), out_dir, image_size=cfg.image_size)
+    train_info = {k: v for k, v in summary.items() if k != "resumed_from_epoch"}
+    (out_dir / "pretrain.json").write_text(json.dumps(train_info, indent=2, sort_keys=True) + "\n")
+    logger.close({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
+    summary["seconds"] = round(time.time() - t0, 1)
+    return summary

@@ -1,0 +1,155 @@
+"""`concepts` stage (paper §3.1): domain name + description → concept bank B.
+
+    python stages/concepts.py --params params.yaml --text-embed models/text_embed \
+        --out data/concepts --metrics metrics/concepts.json
+
+The LLMs are the `llm.l1` (generation), `llm.l2` (expansion), `llm.l3` (validation, when
+concepts.validator = llm) specs of params.yaml; their `model` folders come from the `models` stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from pas.concepts.coverage import coverage, histogram, load_reference
+from pas.concepts.discovery import Prompts, discover, load_prompt, validate_bank
+from pas.concepts.params import ConceptsParams, DomainParams
+from pas.io.manifest import write_metrics, write_parquet
+from pas.llm import LLMSection, make_backend
+from pas.params import build, load
+
+log = logging.getLogger("pas.stages.concepts")
+
+
+def _backends(llm: LLMSection, roles):
+    """One backend per distinct spec (L1 = L2 loads the model once)."""
+    made: dict[str, object] = {}
+    out = {}
+    for role in roles:
+        spec = llm.spec(role)
+        key = json.dumps(spec.__dict__, sort_keys=True)
+        if key not in made:
+            made[key] = make_backend(spec, f"llm.{role}")
+        out[role] = made[key]
+    return out, list(made.values())
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--text-embed", default="models/text_embed", help="sentence-transformers folder")
+    ap.add_argument("--out", default="data/concepts")
+    ap.add_argument("--metrics", default="metrics/concepts.json")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    t0 = time.perf_counter()
+    params = load(args.params)
+    p = build(ConceptsParams, params, section="concepts")
+    domain = build(DomainParams, params, section="domain")
+    llm = build(LLMSection, params, section="llm")
+    roles = ["l1", "l2"] + (["l3"] if p.validator == "llm" else [])
+    backends, distinct = _backends(llm, roles)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    found = discover(backends["l1"], backends["l2"], domain, p, Prompts.default(), progress=not args.no_progress)
+    t_discover = time.perf_counter() - t0
+
+    for b in distinct:  # free L1/L2 (e.g. a vLLM engine's GPU memory) before L3 loads
+        if p.validator != "llm" or b is not backends["l3"]:
+            b.close()
+    gc.collect()
+
+    embedder = None
+    if p.validator == "embedding" or p.references:
+        from pas.models.text_embed import embed_texts, load_text_embed
+        embedder = load_text_embed(args.text_embed)
+    if p.validator == "llm":
+        from pas.concepts.validate import LLMValidator
+        validator = LLMValidator(backends["l3"], domain, load_prompt("concepts_validate"), seed=p.seed)
+    else:
+        from pas.concepts.validate import EmbeddingValidator
+        validator = EmbeddingValidator(embedder, domain, load_prompt("concepts_embedding_anchor"))
+    scores, accepted = validate_bank(found, validator, p.validator_threshold)
+    for b in distinct:
+        b.close()
+
+    concepts = list(found.bank)
+    bank = pd.DataFrame({
+        "concept": concepts,
+        "first_iteration": [found.bank[c]["first_iteration"] for c in concepts],
+        "origin": [found.bank[c]["origin"] for c in concepts],
+        "generation_sample": pd.array([found.bank[c]["sample"] for c in concepts], dtype="Int64"),
+        "score": pd.array(scores, dtype="float64"),
+        "accepted": pd.array(accepted, dtype="bool"),
+    })
+    write_parquet(bank, out / "bank.parquet", sort_by="concept")
+    history = {
+        "generation": [{"n": n + 1, "size": s, "new": k}
+                       for n, (s, k) in enumerate(zip(found.generation_sizes, found.generation_new))],
+        "expansion": [{"round": i, "size": s, "new": (found.expansion_new[i - 1] if i else None)}
+                      for i, s in enumerate(found.expansion_sizes)],
+        "generation_stop": found.generation_stop,
+        "expansion_stop": found.expansion_stop,
+    }
+    (out / "history.json").write_text(json.dumps(history, indent=2, sort_keys=True) + "\n")
+    with open(out / "transcripts.jsonl", "w", encoding="utf-8") as f:
+        for rec in found.transcripts:
+            f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+
+    kept = [c for c, ok in zip(concepts, accepted) if ok]
+    cov_metrics, rows, hist = {}, [], {}
+    if p.references:
+        concept_emb = embed_texts(embedder, kept)
+        for ref in p.references:
+            names = load_reference(ref)
+            cov = coverage(embed_texts(embedder, names), concept_emb, p.coverage_threshold)
+            cov_metrics[ref] = {"classes": len(names), "covered": cov.covered,
+                                "mean_max_similarity": cov.mean_max_similarity}
+            rows += [{"reference": ref, "class_name": y, "nearest_concept": kept[j] if j >= 0 else None,
+                      "similarity": float(s)} for y, j, s in zip(names, cov.nearest.tolist(), cov.similarity)]
+            centres, counts = histogram(cov.similarity, p.coverage_bins)
+            hist[ref] = counts
+        hist_df = pd.DataFrame({"similarity": centres.round(4), **{r: hist[r] for r in p.references}})
+    else:
+        hist_df = pd.DataFrame({"similarity": []})
+    pd.DataFrame(rows, columns=["reference", "class_name", "nearest_concept", "similarity"]).to_csv(
+        out / "coverage.csv", index=False, float_format="%.6f")
+    hist_df.to_csv(out / "coverage_hist.csv", index=False)
+
+    seconds = time.perf_counter() - t0
+    metrics = {
+        "B0": found.B0_size,
+        "B_before_validation": len(concepts),
+        "B_after_validation": len(kept),
+        "generation_samples": len(found.generation_sizes),
+        "generation_drawn": found.generation_drawn,
+        "expansion_rounds": len(found.expansion_new),
+        "generation_stop": found.generation_stop,
+        "expansion_stop": found.expansion_stop,
+        "validator": p.validator,
+        "rejected": len(concepts) - len(kept),
+        "answers": dict(sorted(found.answers.items())),
+        "coverage": cov_metrics,
+        "seconds_discovery": t_discover,
+        "seconds_total": seconds,
+    }
+    write_metrics(args.metrics, metrics)
+    log.info("concepts: |B0|=%d |B|=%d→%d after %s validation; N=%d (%s), %d expansion rounds (%s); "
+             "coverage %s; %.1fs", found.B0_size, len(concepts), len(kept), p.validator,
+             len(found.generation_sizes), found.generation_stop, len(found.expansion_new), found.expansion_stop,
+             {r: round(v["covered"], 3) for r, v in cov_metrics.items()}, seconds)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

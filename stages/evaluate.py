@@ -1,0 +1,38 @@
+"""DVC stage `evaluate`: kNN and linear-probe top-1 of the pretrained backbone and a baseline per eval set."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from pas.io.manifest import write_metrics
+from pas.params import build, load
+from pas.train.evaluate import EvalParams, evaluate
+
+log = logging.getLogger("pas.evaluate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--backbone", default="models/backbone")
+    ap.add_argument("--init", default="models/backbone_init", help="baseline architecture + random init")
+    ap.add_argument("--evalsets", default="data/evalsets")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--metrics", default="metrics/eval.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = build(EvalParams, load(args.params), "eval")
+    t0 = time.time()
+    metrics = evaluate(p, args.backbone, args.init, args.evalsets)
+    write_metrics(args.metrics, metrics)
+    log.info("evaluate: %s in %.1fs", "; ".join(
+        f"{k}: kNN {v['pretrained']['knn_top1']:.3f} (baseline {v['baseline']['knn_top1']:.3f}), linear "
+        f"{v['pretrained']['linear_top1']:.3f} (baseline {v['baseline']['linear_top1']:.3f})"
+        for k, v in metrics["sets"].items()) or "no eval sets", time.time() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

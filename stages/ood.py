@@ -1,0 +1,153 @@
+"""DVC stage `ood`: three CLIPN-style OOD scores per kept image (paper §3.3).
+
+Reads the leakage keep-manifest, the retrieved + generated shards, the accepted concepts of the bank,
+the CLIP folder (and a CLIPN checkpoint if given); writes `<out>/scores.parquet`
+(key, source, ood_b, ood_bprime, ood_blur_delta, text_boxes) and `metrics/ood.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pas.curate.ood import (OodParams, Timings, build_text_sets, derive_generalized_concepts,
+                            run_fingerprint, score_images, score_shards)
+from pas.io.manifest import read_parquet, write_metrics, write_parquet
+from pas.params import ParamsError, build, load
+
+log = logging.getLogger("ood")
+
+
+def _kept_keys(path: str) -> set[str]:
+    df = read_parquet(path)
+    for col in ("key", "kept"):
+        if col not in df.columns:
+            raise ValueError(f"{path}: manifest has no '{col}' column (columns: {list(df.columns)})")
+    return set(df.loc[df["kept"].astype(bool), "key"].astype(str))
+
+
+def _accepted_concepts(path: str) -> list[str]:
+    df = read_parquet(path)
+    if "concept" not in df.columns:
+        raise ValueError(f"{path}: concept bank has no 'concept' column (columns: {list(df.columns)})")
+    if "accepted" in df.columns:
+        df = df[df["accepted"].astype(bool)]
+    concepts = sorted(dict.fromkeys(str(c).strip() for c in df["concept"] if str(c).strip()))
+    if not concepts:
+        raise ValueError(f"{path}: no accepted concepts")
+    return concepts
+
+
+def _generalized(p: OodParams, params: dict) -> tuple[list[str], str]:
+    if p.generalized_concepts:
+        return list(p.generalized_concepts), "params"
+    from pas.concepts.params import DomainParams
+
+    d = build(DomainParams, params, "domain")
+    return derive_generalized_concepts(d.name, d.description), "domain"
+
+
+def _summary(x: np.ndarray) -> dict:
+    if len(x) == 0:
+        return {"mean": None}
+    q = np.quantile(x, [0.05, 0.25, 0.5, 0.75, 0.95])
+    return {"mean": float(np.mean(x)), "q05": q[0], "q25": q[1], "q50": q[2], "q75": q[3], "q95": q[4]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--manifest", default="data/leakage/manifest.parquet", help="leakage keep-manifest")
+    ap.add_argument("--images", nargs="+", default=["data/retrieved", "data/generated"],
+                    help="webdataset shard folders")
+    ap.add_argument("--concepts", default="data/concepts/bank.parquet")
+    ap.add_argument("--clip", default="models/clip", help="CLIP folder from the models stage")
+    ap.add_argument("--clipn", default=None, help="CLIPN checkpoint (overrides ood.clipn_checkpoint)")
+    ap.add_argument("--out", default="data/ood")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--metrics", default="metrics/ood.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load(args.params)
+    p = build(OodParams, params, "ood")
+    if args.clipn is not None:
+        p = dataclasses.replace(p, clipn_checkpoint=args.clipn)
+    generalized, b_prime_from = _generalized(p, params)
+    kept = _kept_keys(args.manifest)
+    concepts = _accepted_concepts(args.concepts)
+
+    from pas.curate.textblur import TextDetector, default_det_model
+    from pas.models.clip import load_clip
+    from pas.models.files import sha256_file
+
+    if p.clipn_checkpoint and not Path(p.clipn_checkpoint).is_file():
+        raise ParamsError(f"ood.clipn_checkpoint={p.clipn_checkpoint!r}: no such file")
+    clip = load_clip(args.clip, device=p.device)
+    no_encoder, clipn_sha = None, ""
+    if p.clipn_checkpoint:
+        from pas.models.clipn import load_clipn_no_encoder
+
+        no_encoder = load_clipn_no_encoder(p.clipn_checkpoint, clip)
+        clipn_sha = sha256_file(p.clipn_checkpoint)
+    t_text = time.perf_counter()
+    texts = build_text_sets(clip, concepts, generalized, p, no_encoder)
+    t_text = time.perf_counter() - t_text
+    detector = TextDetector(limit_side_len=p.det_limit_side_len, box_thresh=p.det_box_thresh,
+                            threads=p.det_threads)
+    timings = Timings()
+    scorer = functools.partial(score_images, clip=clip, detector=detector, texts=texts, params=p,
+                               timings=timings)
+    out = Path(args.out)
+    fp = run_fingerprint(p, {"clip": clip.fingerprint, "clipn": clipn_sha,
+                             "detector": sha256_file(default_det_model())}, concepts, generalized)
+    t_score = time.perf_counter()
+    df, n_resumed = score_shards(args.images, kept, scorer, str(out / "parts"), fp, batch_size=p.batch_size)
+    t_score = time.perf_counter() - t_score
+    write_parquet(df, out / "scores.parquet")
+
+    n = timings.n_images
+    metrics = {
+        "n_kept_in": len(kept), "n_scored": len(df), "mode": texts.mode,
+        "clipn_base_match": getattr(no_encoder, "base_match", None),
+        "logit_scale": clip.logit_scale, "n_concepts": len(concepts), "n_generalized": len(generalized),
+        "generalized_concepts": generalized, "generalized_from": b_prime_from,
+        "n_with_text": int((df["text_boxes"] > 0).sum()),
+        "n_text_boxes": int(df["text_boxes"].sum()),
+        "n_shards_resumed": n_resumed,
+        "ood_b": _summary(df["ood_b"].to_numpy()),
+        "ood_bprime": _summary(df["ood_bprime"].to_numpy()),
+        "ood_blur_delta": _summary(df["ood_blur_delta"].to_numpy()),
+        "by_source": {s: {"n": int(len(g)), "ood_b_mean": float(g["ood_b"].mean())}
+                      for s, g in df.groupby("source", sort=True)},
+        # timings of the images scored in this run (resumed shards excluded)
+        "n_timed": n,
+        "seconds_per_image": {
+            "clip": timings.clip_s / n if n else None,           # I and, for images with text, I'
+            "text_detection": timings.detect_s / n if n else None,
+            "blur": timings.blur_s / n if n else None,
+            "score": timings.score_s / n if n else None,
+            "total": t_score / n if n else None,           # everything, shard I/O and decoding included
+        },
+        "seconds_text_embeddings": t_text,
+    }
+    write_metrics(args.metrics, metrics)
+    log.info("ood: scored %d of %d kept images (%d resumed shards), mode %s, |B|=%d, |B'|=%d, "
+             "%d with text; mean OOD_B %.3f, OOD_B' %.3f, blur delta %.4f",
+             len(df), len(kept), n_resumed, texts.mode, len(concepts), len(generalized),
+             metrics["n_with_text"], metrics["ood_b"].get("mean") or 0.0,
+             metrics["ood_bprime"].get("mean") or 0.0, metrics["ood_blur_delta"].get("mean") or 0.0)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ParamsError, ValueError, FileNotFoundError) as e:   # bad input: a message, not a traceback
+        logging.getLogger("ood").error("%s", e)
+        sys.exit(2)

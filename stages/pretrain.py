@@ -1,0 +1,42 @@
+"""DVC stage `pretrain`: self-supervised pretraining (MoCo v3 / NNCLR) of models/backbone_init on the dataset.
+
+Checkpoints go to --ckpt, a git-ignored scratch folder that is not a DVC out (DVC deletes outs before a
+rerun), so a killed `dvc repro` resumes after the last finished epoch; dvclive curves go to --live.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pas.io.manifest import write_metrics
+from pas.params import build, load
+from pas.train.pretrain import PretrainParams, pretrain
+
+log = logging.getLogger("pas.pretrain")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", default="data/dataset", help="final dataset shards (prune output)")
+    ap.add_argument("--init", default="models/backbone_init", help="backbone architecture + init weights")
+    ap.add_argument("--out", default="models/backbone")
+    ap.add_argument("--ckpt", default="scratch/pretrain", help="checkpoints (not a DVC out)")
+    ap.add_argument("--live", default="dvclive/pretrain")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--metrics", default="metrics/pretrain.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = build(PretrainParams, load(args.params), "pretrain")
+    summary = pretrain(p, args.data, args.init, args.out, args.ckpt, live_dir=args.live)
+    write_metrics(args.metrics, summary)
+    log.info("pretrain: %s %s, %d images x %d epochs, loss %.4f -> %.4f, %.1fs%s", summary["method"],
+             summary["backbone"], summary["n_images"], summary["epochs"], summary["loss_first_epoch"],
+             summary["loss_last_epoch"], summary["seconds"],
+             f" (resumed after epoch {summary['resumed_from_epoch']})" if summary["resumed_from_epoch"] else "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""§3.1 loops with a scripted deterministic backend: stopping rules (hand-computed, incl. equality),
+expansion with history, validation filtering, caps, malformed answers; a brute-force property test."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pas.concepts.discovery import (Prompts, derive_seed, discover, history_messages, saturated,
+                                    validate_bank)
+from pas.concepts.params import ConceptsParams, DomainParams
+from pas.llm.base import ChatBackend, ChatResult, LLMSpec
+from pas.params import ParamsError
+
+PROMPTS = Prompts(generate="GEN {name} | {description}", expand="EXP {concept}")
+DOMAIN = DomainParams(name="food", description="dishes")
+
+
+class Scripted(ChatBackend):
+    """L1 answers in sample order; L2 answers from expand[(round, concept)] (round counted per concept)."""
+
+    def __init__(self, gen=(), expand=None, errors=()):
+        super().__init__(LLMSpec(backend="transformers", model="scripted", batch_size=2))
+        self.gen = list(gen)
+        self.expand = expand or {}
+        self.errors = set(errors)
+        self.requests = []
+        self.asked: dict[str, int] = {}
+        self.n_gen = 0
+
+    def chat(self, requests):
+        out = []
+        for r in requests:
+            self.requests.append(r)
+            last = r.messages[-1]["content"]
+            if last.startswith("GEN"):
+                self.n_gen += 1
+                k = self.n_gen
+                if k in self.errors:
+                    out.append(ChatResult(text="", error="boom"))
+                    continue
+                out.append(ChatResult(text=self.gen[k - 1] if k <= len(self.gen) else ""))
+            else:
+                c = last[4:]
+                self.asked[c] = self.asked.get(c, 0) + 1
+                out.append(ChatResult(text=self.expand.get((self.asked[c], c), "")))
+        return out
+
+
+def params(**kw):
+    base = dict(lambda_1=0.25, lambda_2=0.5, max_expansion_rounds=0, generation_batch=1, validator="embedding",
+                validator_threshold=0.5)
+    base.update(kw)
+    return ConceptsParams(**base)
+
+
+def test_saturated_is_strict():
+    assert saturated(0, 10, 0.01)
+    assert not saturated(1, 100, 0.01)      # 1 < 1.0 is false: equality continues
+    assert saturated(0, 100, 0.01)
+    assert not saturated(0, 0, 0.5)          # an empty C never saturates
+    assert saturated(2, 9, 0.25)             # 2 < 2.25
+
+
+def test_generation_stops_at_hand_computed_N():
+    # λ1 = 0.25: n=1 new 4 (prev 0) go; n=2 new 1 vs 0.25·4 = 1.0 → equality, go; n=3 new 1 < 1.25 → stop
+    llm = Scripted(gen=["1. A\n2. B\n3. C\n4. D", "a, b, e", "- A\n- F", "G, H, I, J, K"])
+    d = discover(llm, llm, DOMAIN, params(lambda_1=0.25), PROMPTS, progress=False)
+    assert d.generation_sizes == [4, 5, 6]
+    assert d.generation_new == [4, 1, 1]
+    assert d.generation_stop == "lambda_1"
+    assert list(d.bank) == ["a", "b", "c", "d", "e", "f"]
+    assert d.bank["e"] == {"first_iteration": 0, "origin": None, "sample": 2}
+
+
+def test_generation_equality_boundary_continues_one_more():
+    # λ1 = 0.2: n=2 1 < 0.8? no; n=3 1 < 1.0? no (equality); n=4 new 0 < 1.2 → stop at N = 4
+    llm = Scripted(gen=["a, b, c, d", "a, e", "f", "a, b", "z"])
+    d = discover(llm, llm, DOMAIN, params(lambda_1=0.2), PROMPTS, progress=False)
+    assert d.generation_sizes == [4, 5, 6, 6]
+    assert d.generation_stop == "lambda_1"
+
+
+def test_batched_sampling_same_answer_unused_samples_logged():
+    gen = ["a, b, c, d", "a, b, e", "a, f", "x, y, z"]
+    one = discover(Scripted(gen=gen), Scripted(), DOMAIN, params(), PROMPTS, progress=False)
+    l1 = Scripted(gen=gen)
+    four = discover(l1, Scripted(), DOMAIN, params(generation_batch=4), PROMPTS, progress=False)
+    assert one.bank == four.bank and one.generation_sizes == four.generation_sizes == [4, 5, 6]
+    used = [t["used"] for t in four.transcripts if t["step"] == "generate"]
+    assert used == [True, True, True, False]         # sample 4 drawn in the batch, not counted
+    seeds = [r.seed for r in l1.requests]
+    assert seeds == [derive_seed(0, "generate", k) for k in (1, 2, 3, 4)] and len(set(seeds)) == 4
+
+
+def test_expansion_hand_computed_with_history():
+    # B0 = {a, b}. Round 1: a→a1,a2  b→b1: new 3 vs 0.5·2 = 1 → go (B1 = 5).
+    # Round 2 (every c in B1 again): a→a1 (dup), a1→x: new 1 < 0.5·5 → stop. Sizes 2, 5, 6.
+    gen = ["a, b", "a, b"]  # n=2: new 0 < 0.25·2 → B0 = {a, b}
+    exp = {(1, "a"): "1. a1\n2. A2.", (1, "b"): "b1", (2, "a"): "a1", (1, "a1"): "* x"}  # (k-th ask, c)
+    l1, l2 = Scripted(gen=gen), Scripted(expand=exp)
+    d = discover(l1, l2, DOMAIN, params(max_expansion_rounds=5), PROMPTS, progress=False)
+    assert d.expansion_sizes == [2, 5, 6] and d.expansion_new == [3, 1]
+    assert d.expansion_stop == "lambda_2"
+    assert d.bank["x"] == {"first_iteration": 2, "origin": "a1", "sample": None}
+    assert d.bank["a2"]["origin"] == "a" and d.bank["b1"]["first_iteration"] == 1
+    assert len(l2.requests) == 2 + 5  # every concept of B_i is asked each round (paper)
+    hist = list(l2.requests[0].messages[:-1])
+    assert hist == [{"role": "user", "content": "GEN food | dishes"}, {"role": "assistant", "content": "a, b"},
+                    {"role": "user", "content": "GEN food | dishes"}, {"role": "assistant", "content": "a, b"}]
+    assert l2.requests[0].messages[-1]["content"] == "EXP a"
+
+
+def test_expansion_equality_boundary_and_new_only():
+    # λ2 = 0.5, |B0| = 2: round 1 adds exactly 1 = 0.5·2 → continue; round 2 adds 0 → stop
+    gen = ["a, b", "b"]
+    exp = {(1, "a"): "c"}
+    d = discover(Scripted(gen=gen), Scripted(expand=exp), DOMAIN, params(max_expansion_rounds=5), PROMPTS,
+                 progress=False)
+    assert d.expansion_sizes == [2, 3, 3] and d.expansion_stop == "lambda_2"
+    l2 = Scripted(expand=exp)
+    d2 = discover(Scripted(gen=gen), l2, DOMAIN, params(max_expansion_rounds=5, expand_new_only=True),
+                  PROMPTS, progress=False)
+    assert d2.expansion_sizes == [2, 3, 3]
+    assert [r.messages[-1]["content"] for r in l2.requests] == ["EXP a", "EXP b", "EXP c"]
+
+
+def test_history_limit():
+    conv = [(({"role": "user", "content": "q"},), "ans1"), (({"role": "user", "content": "q"},), "ans2")]
+    assert history_messages(conv, 1) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ans1"}]
+    assert len(history_messages(conv, None)) == 4 and history_messages(conv, 0) == []
+
+
+def test_caps_are_stop_reasons():
+    never = [f"w{k}a, w{k}b" for k in range(10)]  # 2 new each time, never saturates at λ1 = 0.25
+    d = discover(Scripted(gen=never), Scripted(), DOMAIN, params(max_generation_samples=3), PROMPTS,
+                 progress=False)
+    assert d.generation_sizes == [2, 4, 6] and d.generation_stop == "max_generation_samples"
+    assert d.expansion_stop == "max_expansion_rounds" and d.expansion_sizes == [6]
+
+    d = discover(Scripted(gen=never), Scripted(), DOMAIN, params(max_concepts=5), PROMPTS, progress=False)
+    assert len(d.bank) == 5 and d.generation_stop == "max_concepts" and d.expansion_stop == "max_concepts"
+
+    exp = {(r, c): f"{c}-{r}x, {c}-{r}y" for r in (1, 2, 3) for c in ["a", "b"]}
+    d = discover(Scripted(gen=["a, b", "a"]), Scripted(expand=exp), DOMAIN,
+                 params(max_expansion_rounds=1), PROMPTS, progress=False)
+    assert d.expansion_sizes == [2, 6] and d.expansion_stop == "max_expansion_rounds"
+    d = discover(Scripted(gen=["a, b", "a"]), Scripted(expand=exp), DOMAIN,
+                 params(max_expansion_rounds=3, max_concepts=4), PROMPTS, progress=False)
+    assert list(d.bank) == ["a", "b", "a-1x", "a-1y"] and d.expansion_stop == "max_concepts"
+
+
+def test_malformed_answers_counted_never_crash():
+    gen = ["", "I'm sorry, but I can't help with that.", "Here are some dishes:", "paella", "paella"]
+    d = discover(Scripted(gen=gen, errors={6}), Scripted(), DOMAIN, params(lambda_1=0.5), PROMPTS, progress=False)
+    assert d.answers["generate_empty"] == 1 and d.answers["generate_refusal"] == 1
+    assert d.answers["generate_no_items"] == 1 and d.answers["generate_ok"] == 2
+    # unusable answers are not steps of C_N: n=1 is "paella" (new 1), n=2 adds 0 < 0.5·1 → stop
+    assert d.generation_sizes == [1, 1] and list(d.bank) == ["paella"] and d.generation_stop == "lambda_1"
+    assert d.bank["paella"]["sample"] == 4 and d.generation_drawn == 5
+    assert [t["used"] for t in d.transcripts] == [False, False, False, True, True]
+    d = discover(Scripted(gen=["a", "a"], errors={1}), Scripted(), DOMAIN, params(max_generation_samples=3),
+                 PROMPTS, progress=False)
+    assert d.answers["generate_error"] == 1 and d.transcripts[0]["error"] == "boom"
+    assert d.generation_sizes == [1] and d.generation_stop == "max_generation_samples"
+    d = discover(Scripted(gen=["", "I cannot."]), Scripted(), DOMAIN, params(max_generation_samples=2), PROMPTS,
+                 progress=False)
+    assert d.generation_sizes == [] and d.generation_stop == "max_generation_samples" and not d.bank
+
+
+def test_validation_filters():
+    d = discover(Scripted(gen=["apple, pear, car", "apple"]), Scripted(), DOMAIN, params(), PROMPTS,
+                 progress=False)
+    scores, ok = validate_bank(d, lambda cs: [1.0 if c != "car" else 0.1 for c in cs], 0.5)
+    assert list(d.bank) == ["apple", "pear", "car"] and ok == [True, True, False] and scores[2] == 0.1
+    scores, ok = validate_bank(d, lambda cs: [0.5] * len(cs), 0.5)  # ≥ threshold accepts
+    assert all(ok)
+    with pytest.raises(RuntimeError, match="3 concepts"):
+        validate_bank(d, lambda cs: [1.0], 0.5)
+
+
+def test_params_validation():
+    with pytest.raises(ParamsError, match="lambda_1"):
+        ConceptsParams(lambda_1=1.0)
+    with pytest.raises(ParamsError, match="validator"):
+        ConceptsParams(validator="magic")
+    with pytest.raises(ParamsError, match="references"):
+        ConceptsParams(references=("imagenet",))
+    with pytest.raises(ParamsError, match="name"):
+        DomainParams(name=" ")
+    assert ConceptsParams(validator="embedding", validator_threshold=-0.2).validator_threshold == -0.2
+
+
+def _brute_force(answers: list[list[str]], lam: float, cap: int):
+    """The paper's rule on plain Python sets, sample by sample."""
+    C_prev: set = set()
+    sizes = []
+    for ans in answers[:cap]:
+        if not ans:  # an answer without items is not a step n
+            continue
+        C_n = C_prev | {a.lower() for a in ans}
+        sizes.append(len(C_n))
+        if len(C_n - C_prev) < lam * len(C_prev):
+            return sizes, "lambda_1"
+        C_prev = C_n
+    return sizes, "max_generation_samples"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from("abcdefghij"), max_size=6), min_size=1, max_size=12),
+       st.sampled_from([0.05, 0.1, 0.25, 0.5, 0.9]), st.integers(1, 5))
+def test_generation_matches_brute_force(answers, lam, batch):
+    text = [", ".join(a) for a in answers]
+    cap = len(answers)
+    d = discover(Scripted(gen=text), Scripted(), DOMAIN,
+                 params(lambda_1=lam, generation_batch=batch, max_generation_samples=cap), PROMPTS, progress=False)
+    sizes, stop = _brute_force(answers, lam, cap)
+    assert d.generation_sizes == sizes
+    assert d.generation_stop == stop
+
+
+def test_prompts_ship_as_files():
+    p = Prompts.default()
+    assert "{name}" in p.generate and "{description}" in p.generate and "{concept}" in p.expand
+    dataclasses.replace(p)  # plain dataclass

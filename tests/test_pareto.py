@@ -1,0 +1,127 @@
+"""Worst-first Pareto ranking: hand cases, edge cases, property tests against the O(N²) peel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pas.curate.pareto import brute_force_ranks, worst_first_ranks
+
+
+def test_hand_computed_three_objectives():
+    pts = np.array([
+        [1.0, 1.0, 1.0],    # A: no row is worse than A -> front 0
+        [0.0, 0.0, 0.0],    # B: below C -> front 3
+        [1.0, 1.0, 1.0],    # A again: duplicates share a front
+        [2.0, 0.0, 0.0],    # D: nothing has a higher first score -> front 0 (B is below D too)
+        [0.5, 0.5, 0.5],    # C: below E (equal third score, lower in two) -> front 2
+        [1.0, 1.0, 0.5],    # E: below A (equal in two, lower in one) -> front 1
+    ])
+    assert worst_first_ranks(pts).tolist() == [0, 3, 0, 0, 2, 1]
+
+
+def test_hand_computed_two_and_one_objectives():
+    pts2 = np.array([[3.0, 1.0], [1.0, 3.0], [2.0, 2.0], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0]])
+    assert worst_first_ranks(pts2).tolist() == [0, 0, 0, 1, 2, 1]
+    pts1 = np.array([[0.2], [0.9], [0.2], [0.5]])
+    assert worst_first_ranks(pts1).tolist() == [2, 0, 2, 1]
+
+
+def test_empty_single_and_all_equal():
+    assert worst_first_ranks(np.zeros((0, 3))).shape == (0,)
+    assert worst_first_ranks(np.array([[0.3, 0.1, 0.2]])).tolist() == [0]
+    assert worst_first_ranks(np.full((50, 3), 0.7)).tolist() == [0] * 50
+
+
+def test_signed_zero_rows_are_duplicates():
+    pts = np.array([[0.0, 1.0, 1.0], [-0.0, 1.0, 1.0], [-0.0, 0.5, 1.0]])
+    assert worst_first_ranks(pts).tolist() == [0, 0, 1]
+
+
+def test_integer_input_and_dtype():
+    r = worst_first_ranks(np.array([[1, 2, 3], [0, 2, 3]]))
+    assert r.dtype == np.int64 and r.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_refused(bad):
+    pts = np.array([[0.1, 0.2, 0.3], [0.4, bad, 0.6]])
+    with pytest.raises(ValueError, match=r"finite.*row 1"):
+        worst_first_ranks(pts)
+
+
+def test_bad_shapes_refused():
+    with pytest.raises(ValueError, match="2-D"):
+        worst_first_ranks(np.zeros(5))
+    with pytest.raises(ValueError, match="1 to 3 objectives"):
+        worst_first_ranks(np.zeros((5, 4)))
+
+
+def _check_front_invariants(pts: np.ndarray, r: np.ndarray) -> None:
+    """Every front-k row (k > 0) has a worse row in front k-1; no row has a worse row in its front."""
+    worse = (pts[:, None, :] >= pts[None, :, :]).all(-1) & (pts[:, None, :] > pts[None, :, :]).any(-1)
+    for j in range(len(pts)):
+        dominators = r[worse[:, j]]
+        assert not (dominators == r[j]).any()
+        if r[j] > 0:
+            assert (dominators == r[j] - 1).any()
+
+
+rows = st.integers(min_value=0, max_value=60)
+
+
+@st.composite
+def score_arrays(draw):
+    n = draw(rows)
+    d = draw(st.sampled_from([2, 3]))
+    levels = draw(st.sampled_from([2, 3, 5, 1000]))       # few levels -> heavy ties
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    pts = np.round(rng.random((n, d)) * (levels - 1)) / (levels - 1)
+    if n and draw(st.booleans()):                            # duplicate some rows
+        pts = np.vstack([pts, pts[rng.integers(0, n, size=draw(st.integers(1, 20)))]])
+        pts = pts[rng.permutation(len(pts))]
+    return pts
+
+
+@settings(max_examples=300, deadline=None)
+@given(score_arrays())
+def test_matches_brute_force_peel(pts):
+    r = worst_first_ranks(pts)
+    assert r.tolist() == brute_force_ranks(pts).tolist()
+    if len(pts):
+        assert set(r.tolist()) == set(range(r.max() + 1))
+        # identical rows share a front
+        _, inv = np.unique(pts, axis=0, return_inverse=True)
+        for g in np.unique(inv):
+            assert len(set(r[inv.ravel() == g].tolist())) == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(score_arrays())
+def test_front_invariants(pts):
+    _check_front_invariants(pts, worst_first_ranks(pts))
+
+
+@pytest.mark.parametrize("shape", ["uniform", "correlated", "rounded"])
+def test_matches_moocore_on_thousands(shape):
+    """Larger inputs (long tie runs exercise the multikey sort's partition path) vs moocore."""
+    moocore = pytest.importorskip("moocore")
+    rng = np.random.default_rng(7)
+    n = 4000
+    pts = {"uniform": lambda: rng.random((n, 3)),
+           "correlated": lambda: rng.random((n, 1)) + 0.05 * rng.standard_normal((n, 3)),
+           "rounded": lambda: np.round(rng.random((n, 3)), 1)}[shape]()
+    ref = np.asarray(moocore.pareto_rank(pts, maximise=True))
+    assert (worst_first_ranks(pts) == ref).all()
+    ref2 = np.asarray(moocore.pareto_rank(pts[:, :2], maximise=True))
+    assert (worst_first_ranks(pts[:, :2]) == ref2).all()
+
+
+def test_order_invariance():
+    rng = np.random.default_rng(3)
+    pts = np.round(rng.random((500, 3)), 1)
+    perm = rng.permutation(500)
+    assert (worst_first_ranks(pts)[perm] == worst_first_ranks(pts[perm])).all()
