@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     write_metrics(args.metrics, metrics)
     funnel = dataset_funnel(args.metrics_dir, rep.sources_in, rep.sources_scored, rep.sources_kept)
     write_metrics(args.dataset_metrics, funnel)
+    # the same funnel as rows, for `dvc plots` (a bar per stage)
+    order = [s for s in ("retrieve", "generate", "dedup", "leakage", "ood", "prune") if s in funnel]
+    _write_csv(pd.DataFrame([{"step": i, "stage": s, "images": funnel[s]["n"],
+                              "real": funnel[s].get("real"), "synthetic": funnel[s].get("synthetic")}
+                             for i, s in enumerate(order)]), pdir / "funnel.csv")
     log.info("prune: %d images, %d fronts, stop %s (%s) after %d fronts -> kept %d, removed %d "
              "(knees %s); %d shards in %s, %.1f s", s["n_in"], s["fronts"], s["stop"], s["stop_reason"],
              s["fronts_removed"], s["n_kept"], s["n_removed"], s["knee_x"] or "-", metrics["n_shards"],

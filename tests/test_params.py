@@ -84,3 +84,15 @@ def test_paper_keys_only_at_top_level():
     base = load(REPO / "params.yaml")
     with pytest.raises(ParamsError, match="prune.seed: paper hyperparameters are top-level keys"):
         validate({**base, "prune": {**base["prune"], "seed": 3}})
+
+
+@pytest.mark.parametrize("preset", ["paper-food", "paper-birds"])
+def test_paper_presets_are_valid_and_carry_the_paper_values(preset):
+    p = load(REPO / "configs" / f"{preset}.yaml")
+    base = load(REPO / "params.yaml")
+    assert set(p) == set(base)  # a preset replaces params.yaml whole: same keys, so DVC finds every param
+    assert (p["lambda_1"], p["lambda_2"], p["lambda_dup"], p["lambda_leak"]) == (0.01, 0.01, 0.6, 0.45)
+    assert (p["k_dup"], p["k_leak"], p["k_retrieve"], p["n_cap"], p["n_synth"]) == (64, 32, 500, 5, 35)
+    assert p["models"]["clip"] == {"kind": "open_clip", "name": "ViT-L-14", "pretrained": "openai"}
+    assert p["concepts"]["validator"] == "llm" and p["llm"]["l3"]["model"] != p["llm"]["l1"]["model"]
+    assert p["pretrain"]["method"] == "mocov3" and p["pretrain"]["epochs"] == 300

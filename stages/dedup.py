@@ -1,0 +1,132 @@
+"""DVC stage `dedup`: SSCD copy detection over retrieved + generated images (paper §3.3, App. D.1.4).
+
+Reads the retrieved and generated shard folders and the SSCD model folder; writes to `--out`:
+  manifest.parquet   key, source, kept, reason, score, component, component_size, representative
+  descriptors.npy    float32 (N, D) SSCD descriptors, rows in the order of keys.parquet
+  keys.parquet       row, key, source (the descriptor order; `leakage` reuses the descriptors)
+  descriptors.json   model sha256, resize, dims, n (consumers check they use the same model)
+  groups.html        the largest duplicate groups as thumbnails (paper Fig. 9/12), opens offline
+and `metrics/dedup.json` (n_in, n_out, n_removed, components_gt1, largest_component, removed_real,
+removed_synthetic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pas.curate.dedup import DedupParams, dedup, summary
+from pas.io.manifest import write_metrics, write_parquet
+from pas.models.files import write_json
+from pas.params import build, load
+
+log = logging.getLogger("dedup")
+CHUNK = 512          # images decoded at a time (descriptors run in batch_size batches inside)
+
+
+def compute_descriptors(dirs: list[str], model, resize, batch_size: int, device: str):
+    """Descriptors of every sample of the shard folders `dirs`, in stored order.
+
+    Returns (keys, sources, descriptors float32 (N, D))."""
+    from tqdm import tqdm
+
+    from pas.io.shards import iter_samples
+    from pas.models.sscd import descriptors
+
+    keys: list[str] = []
+    sources: list[str] = []
+    parts: list[np.ndarray] = []
+    pils: list = []
+
+    def flush():
+        if pils:
+            parts.append(descriptors(model, pils, resize=resize, batch_size=batch_size, device=device))
+            pils.clear()
+
+    for d in dirs:
+        default_source = "synthetic" if "generated" in Path(d).name else "real"
+        if not Path(d).is_dir():
+            raise FileNotFoundError(f"{d}: image folder does not exist")
+        for s in tqdm(iter_samples(d), desc=f"sscd {Path(d).name}", unit="img"):
+            keys.append(s.key)
+            sources.append(str(s.meta.get("source", default_source)))
+            pils.append(s.pil())
+            if len(pils) >= CHUNK:
+                flush()
+    flush()
+    x = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    return keys, sources, x
+
+
+def write_groups_page(path: Path, manifest: pd.DataFrame, dirs: list[str], p: DedupParams, metrics: dict) -> int:
+    from pas.curate.report import groups_html, largest_groups
+    from pas.io.shards import iter_samples
+
+    groups = largest_groups(manifest, p.report_groups, p.report_per_group)
+    wanted = {k for g in groups for k in g["keys"]}
+    images = {}
+    if wanted:
+        for d in dirs:
+            for s in iter_samples(d):
+                if s.key in wanted:
+                    images[s.key] = s.image
+    info = manifest.set_index("key")[["source", "score"]].loc[sorted(wanted)].to_dict("index") if wanted else {}
+    path.write_text(groups_html(groups, images, info, summary=metrics))
+    return len(groups)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", nargs="+", default=["data/retrieved", "data/generated"],
+                    help="webdataset shard folders (retrieved, generated)")
+    ap.add_argument("--sscd", default="models/sscd", help="SSCD folder from the models stage")
+    ap.add_argument("--out", default="data/dedup")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--metrics", default="metrics/dedup.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = build(DedupParams, load(args.params), "dedup")
+
+    from pas.models.sscd import fingerprint, load_sscd, read_preset, resolve_device
+
+    t0 = time.time()
+    device = resolve_device(p.device)
+    preset = read_preset(args.sscd)
+    resize = p.resize if p.resize is not None else preset["resize"]
+    model = load_sscd(args.sscd, device=device)
+    keys, sources, x = compute_descriptors(args.images, model, resize, p.batch_size, device)
+    t_desc = time.time() - t0
+
+    manifest = dedup(keys, x, p.lambda_dup, p.k_dup, p.seed, progress=len(keys) > 50_000, index=p.index,
+                     nlist=p.nlist, nprobe=p.nprobe, hnsw_m=p.hnsw_m, ef_search=p.ef_search, use_gpu=p.use_gpu)
+    manifest.insert(1, "source", sources)
+    metrics = summary(manifest, sources)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "descriptors.npy", x if len(x) else np.zeros((0, preset.get("dims", 512)), np.float32))
+    write_parquet(pd.DataFrame({"row": np.arange(len(keys), dtype=np.int64), "key": keys, "source": sources}),
+                  out / "keys.parquet", sort_by=None)
+    write_json(out / "descriptors.json", {"model_sha256": fingerprint(args.sscd),
+                                          "resize": resize, "dims": int(x.shape[1]) if len(x) else None,
+                                          "n": len(keys)})
+    write_parquet(manifest, out / "manifest.parquet")
+    n_groups = write_groups_page(out / "groups.html", manifest, args.images, p, metrics)
+    metrics["seconds_descriptors"] = round(t_desc, 3)
+    write_metrics(args.metrics, metrics)
+    log.info("dedup: %d in, %d kept, %d removed (%d real, %d synthetic) in %d groups > 1 (largest %d); "
+             "descriptors %.1fs (%.1f img/s on %s), total %.1fs; %d groups in %s",
+             metrics["n_in"], metrics["n_out"], metrics["n_removed"], metrics["removed_real"],
+             metrics["removed_synthetic"], metrics["components_gt1"], metrics["largest_component"], t_desc,
+             len(keys) / max(t_desc, 1e-9), device, time.time() - t0, n_groups, out / "groups.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""DVC stage `leakage`: drop dataset images that copy an eval test image (paper §4.1, App. D.1.4).
+
+Reads the dedup output (keep-manifest + the SSCD descriptors it stored, so dataset images are not
+embedded twice), the eval sets' test images (`<evalsets>/<name>/test/` shards written by the `evalsets`
+stage, or any ImageFolder given with `--evalset NAME=DIR`) and the SSCD model folder; writes
+`<out>/manifest.parquet` (key, kept, reason, score, nearest_key, evalset, n_matches — one row per
+image dedup kept), `<out>/test_descriptors.npy` + `<out>/test_keys.parquet`, and `metrics/leakage.json`
+(n_in, n_out, n_dropped, dropped per eval set, test images per set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pas.curate.leakage import LeakageParams, iter_test_images, leakage, resolve_evalsets, summary
+from pas.io.manifest import read_parquet, write_metrics, write_parquet
+from pas.params import build, load
+
+log = logging.getLogger("leakage")
+CHUNK = 512
+
+
+def load_dedup(dedup_dir: Path) -> tuple[list[str], list[str], np.ndarray, dict]:
+    """Keys, sources and descriptors of the images dedup kept (sorted by key), and the descriptors'
+    provenance (descriptors.json)."""
+    for name in ("manifest.parquet", "keys.parquet", "descriptors.npy", "descriptors.json"):
+        if not (dedup_dir / name).is_file():
+            raise FileNotFoundError(f"{dedup_dir / name}: missing (run the dedup stage first)")
+    manifest = read_parquet(dedup_dir / "manifest.parquet")
+    order = read_parquet(dedup_dir / "keys.parquet")
+    x = np.load(dedup_dir / "descriptors.npy")
+    info = json.loads((dedup_dir / "descriptors.json").read_text())
+    if len(order) != len(x):
+        raise ValueError(f"{dedup_dir}: keys.parquet has {len(order)} rows but descriptors.npy {len(x)}")
+    kept = set(manifest.loc[manifest["kept"].astype(bool), "key"].astype(str))
+    src = order["source"] if "source" in order.columns else ["real"] * len(order)
+    rows = sorted((str(k), int(r), str(s)) for r, k, s in zip(order["row"], order["key"], src) if str(k) in kept)
+    keys = [k for k, _, _ in rows]
+    sources = [s for _, _, s in rows]
+    return keys, sources, x[[r for _, r, _ in rows]] if rows else x[:0], info
+
+
+def test_descriptors(sets: dict[str, Path], model, resize, p: LeakageParams, device: str):
+    from tqdm import tqdm
+
+    from pas.models.sscd import descriptors
+
+    keys, names, parts = [], [], []
+    n_test = {}
+    for name, d in sets.items():
+        pils, n = [], 0
+        for key, img in tqdm(iter_test_images(d, max_side=p.max_side), desc=f"sscd {name}", unit="img"):
+            keys.append(key)
+            names.append(name)
+            pils.append(img)
+            n += 1
+            if len(pils) >= CHUNK:
+                parts.append(descriptors(model, pils, resize=resize, batch_size=p.batch_size, device=device))
+                pils = []
+        if pils:
+            parts.append(descriptors(model, pils, resize=resize, batch_size=p.batch_size, device=device))
+        n_test[name] = n
+        if n == 0:
+            log.warning("eval set %s: no test images in %s", name, d)
+    xt = np.concatenate(parts) if parts else None
+    return keys, names, xt, n_test
+
+
+def _evalset_arg(s: str) -> tuple[str, str]:
+    name, sep, path = s.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--evalset {s!r}: expected NAME=DIR")
+    return name, path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dedup", default="data/dedup", help="dedup output folder")
+    ap.add_argument("--evalsets", default="data/evalsets", help="folder of eval sets (<name>/test/)")
+    ap.add_argument("--evalset", action="append", type=_evalset_arg, default=[], metavar="NAME=DIR",
+                    help="an extra eval test folder (webdataset shards or ImageFolder); repeatable")
+    ap.add_argument("--sscd", default="models/sscd", help="SSCD folder from the models stage")
+    ap.add_argument("--out", default="data/leakage")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--metrics", default="metrics/leakage.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = build(LeakageParams, load(args.params), "leakage")
+
+    from pas.models.sscd import fingerprint, load_sscd, resolve_device
+
+    t0 = time.time()
+    keys, sources, x, info = load_dedup(Path(args.dedup))
+    sha = fingerprint(args.sscd)
+    if info.get("model_sha256") != sha:
+        raise ValueError(f"{args.dedup}/descriptors.json was made by SSCD model {info.get('model_sha256')}, "
+                         f"but {args.sscd} is {sha}: rerun dedup with this model")
+    resize = info["resize"]
+    if p.resize is not None and list(np.atleast_1d(p.resize)) != list(np.atleast_1d(resize)):
+        raise ValueError(f"leakage.resize={p.resize} differs from the dedup descriptors' resize={resize}")
+    sets = resolve_evalsets(args.evalsets if Path(args.evalsets).exists() or p.evalsets else None,
+                            p.evalsets, p.split, dict(args.evalset))
+    if not sets:
+        log.warning("no eval sets found (%s, --evalset): nothing can leak, every image is kept", args.evalsets)
+    device = resolve_device(p.device)
+    model = load_sscd(args.sscd, device=device)
+    tkeys, tnames, xt, n_test = test_descriptors(sets, model, resize, p, device)
+    if xt is None:
+        xt = np.zeros((0, x.shape[1] if x.ndim == 2 and x.shape[1] else 512), np.float32)
+
+    manifest = leakage(keys, x, tkeys, tnames, xt, p.lambda_leak, p.k_leak, use_gpu=p.use_gpu)
+    metrics = summary(manifest, n_test, sources)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet(manifest, out / "manifest.parquet")
+    np.save(out / "test_descriptors.npy", xt)
+    write_parquet(pd.DataFrame({"row": np.arange(len(tkeys), dtype=np.int64), "key": tkeys, "evalset": tnames}),
+                  out / "test_keys.parquet", sort_by=None)
+    write_metrics(args.metrics, metrics)
+    log.info("leakage: %d in, %d kept, %d dropped (%s) against %d test images of %d sets in %.1fs",
+             metrics["n_in"], metrics["n_out"], metrics["n_dropped"],
+             ", ".join(f"{k} {v}" for k, v in metrics["dropped_per_evalset"].items()) or "-",
+             len(tkeys), len(sets), time.time() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

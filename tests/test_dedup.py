@@ -1,0 +1,301 @@
+"""Dedup: hand-built graphs, brute-force equivalence, determinism, edge cases, the stage end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy.sparse.csgraph import connected_components
+
+from pas.curate.dedup import (DedupParams, dedup, dedup_from_knn, duplicate_graph, knn_self, seeded_rank,
+                              summary)
+from pas.params import ParamsError, build
+
+
+def unit(*rows) -> np.ndarray:
+    x = np.asarray(rows, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def at_angle(cos: float, axis: int = 1, d: int = 4) -> np.ndarray:
+    """Unit vector with cosine `cos` to e0 (exactly, in float32: x0 = cos), the rest on `axis`."""
+    v = np.zeros(d, np.float32)
+    v[0] = cos
+    v[axis] = np.sqrt(1 - np.float32(cos) ** 2)
+    return v
+
+
+def keys(n: int) -> list[str]:
+    return [f"k{i:03d}" for i in range(n)]
+
+
+# ------------------------------------------------------------------------------ hand-built graphs
+
+def test_chain_is_one_component():
+    # a–b and b–c are duplicates (cos 0.8), a–c is not (cos 0.28): one component of three
+    a = np.array([1, 0, 0], np.float32)
+    b = np.array([0.8, 0.6, 0], np.float32)
+    c = np.array([0.28, 0.96, 0], np.float32)
+    far = np.array([0, 0, 1], np.float32)
+    m = dedup(keys(4), np.stack([a, b, c, far]), lambda_dup=0.6, k_dup=3)
+    assert list(m["component_size"]) == [3, 3, 3, 1]
+    assert m["kept"].sum() == 2
+    assert m.loc[3, "kept"] and m.loc[3, "component"] == 1
+    assert len(set(m.loc[:2, "representative"])) == 1
+    assert list(m["reason"]).count("duplicate") == 2
+
+
+def test_asymmetric_knn_still_joins():
+    # j is among i's neighbours but i is not among j's (k=1): the edge must still join them
+    sims = np.array([[0.9], [0.95], [0.95]], np.float32)
+    ids = np.array([[1], [2], [1]])
+    adj = duplicate_graph(sims, ids, 3, 0.6)
+    assert (adj != adj.T).nnz == 0
+    assert adj[1, 0] and adj[0, 1]
+    m = dedup_from_knn(keys(3), sims, ids, 0.6)
+    assert set(m["component_size"]) == {3} and m["kept"].sum() == 1
+
+
+def test_tie_exactly_at_lambda_is_not_a_duplicate():
+    lam = 0.6
+    x = np.stack([at_angle(1.0), at_angle(lam, 1), at_angle(np.nextafter(np.float32(lam), np.float32(1)), 2)])
+    # x1·x0 == float32(0.6) exactly: not above λ; x2·x0 is one ulp above: a duplicate; x1·x2 = 0.36
+    assert x[1] @ x[0] == np.float32(lam)
+    m = dedup(keys(3), x, lambda_dup=lam, k_dup=2)
+    comp = dict(zip(m["key"], m["component"]))
+    assert comp["k000"] == comp["k002"] != comp["k001"]
+    assert m["kept"].sum() == 2
+
+
+def test_threshold_is_strict_in_float32_not_float64():
+    # float32(0.6) > 0.6 in float64; compared naively the tie would become an edge
+    sims = np.array([[np.float32(0.6)], [np.float32(0.6)]], np.float32)
+    ids = np.array([[1], [0]])
+    assert duplicate_graph(sims, ids, 2, 0.6).nnz == 0
+
+
+def test_exact_copies_self_not_first():
+    # three identical rows: faiss may return a copy before the row itself; self must still go
+    x = unit([1, 2, 3], [1, 2, 3], [1, 2, 3], [3, -2, 1])
+    sims, ids = knn_self(x, 2)
+    assert ids.shape == (4, 2)
+    assert not (ids == np.arange(4)[:, None]).any()
+    m = dedup(keys(4), x, 0.6, 2)
+    assert m["kept"].sum() == 2 and m.loc[m["kept"], "key"].isin(["k003"]).any()
+
+
+# --------------------------------------------------------------------------- brute-force property
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_brute_force_components(seed):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((40, 8))
+    x = np.concatenate([base, base[rng.integers(0, 40, 30)] + 0.3 * rng.standard_normal((30, 8))])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    n, lam = len(x), 0.8
+    m = dedup(keys(n), x, lam, k_dup=n)            # k ≥ n−1: the kNN graph is the full graph
+    s = x @ x.T
+    adj = (s > np.float32(lam)) & ~np.eye(n, dtype=bool)
+    ncomp, labels = connected_components(adj, directed=False)
+    assert m["kept"].sum() == ncomp
+    same = labels[:, None] == labels[None, :]
+    comp = m["component"].to_numpy()
+    assert ((comp[:, None] == comp[None, :]) == same).all()
+    # exactly one kept per component, and it is its own representative
+    kept = m[m["kept"]]
+    assert kept["component"].is_unique and (kept["key"] == kept["representative"]).all()
+
+
+# ------------------------------------------------------------------------------------ determinism
+
+def test_representative_is_seeded_and_order_independent():
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(16)
+    x = np.stack([v + 0.01 * rng.standard_normal(16) for _ in range(12)] + [rng.standard_normal(16)])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    k = [f"img{i}" for i in range(13)]
+    m0 = dedup(k, x, 0.6, 64, seed=0).set_index("key").sort_index()
+    perm = rng.permutation(13)
+    m0p = dedup([k[i] for i in perm], x[perm], 0.6, 64, seed=0).set_index("key").sort_index()
+    pd.testing.assert_frame_equal(m0, m0p)
+    # the kept member is the one with the smallest seeded hash
+    ranks = dict(zip(k[:12], seeded_rank(k[:12], 0)))
+    assert m0.loc["img0", "representative"] == min(ranks, key=ranks.get)
+    # another seed picks (over several seeds) other members: a random choice, not "first key"
+    reps = {dedup(k, x, 0.6, 64, seed=s).loc[0, "representative"] for s in range(8)}
+    assert len(reps) > 2
+
+
+def test_component_ids_by_size_then_key():
+    x = unit([1, 0, 0], [1, 0.01, 0], [0, 1, 0], [0, 1, 0.01], [0, 1, 0.02], [0, 0, 1])
+    m = dedup(keys(6), x, 0.6, 5)
+    assert list(m["component"]) == [1, 1, 0, 0, 0, 2]
+
+
+# ------------------------------------------------------------------------------------ edge cases
+
+def test_empty_input():
+    m = dedup([], np.zeros((0, 512), np.float32), 0.6, 64)
+    assert len(m) == 0 and list(m.columns)[:3] == ["key", "kept", "reason"]
+    assert summary(m, []) == {"n_in": 0, "n_out": 0, "n_removed": 0, "components_gt1": 0,
+                              "largest_component": 0, "removed_real": 0, "removed_synthetic": 0,
+                              "n_out_real": 0, "n_out_synthetic": 0}
+
+
+def test_single_image():
+    m = dedup(["only"], unit([1, 2, 3]), 0.6, 64)
+    assert m.to_dict("records")[0]["kept"] and m.loc[0, "component_size"] == 1
+    assert m.loc[0, "representative"] == "only"
+
+
+def test_bad_inputs_refused():
+    with pytest.raises(ValueError, match="does not match"):
+        from pas.curate.dedup import knn_search
+
+        knn_search(unit([1, 0, 0]), unit([1, 0]), 1)
+    with pytest.raises(ValueError, match="2-D"):
+        dedup(["a"], np.ones(3, np.float32), 0.6)
+    with pytest.raises(ValueError, match="L2-normalised"):
+        dedup(["a", "b"], np.ones((2, 3), np.float32), 0.6)
+    with pytest.raises(ValueError, match="2 keys for 3"):
+        dedup(["a", "b"], unit([1, 0], [0, 1], [1, 1]), 0.6)
+    with pytest.raises(ValueError, match="duplicate key 'a'"):
+        dedup(["a", "a"], unit([1, 0], [0, 1]), 0.6)
+
+
+def test_summary_counts_sources():
+    x = unit([1, 0, 0], [1, 0.01, 0], [0, 1, 0], [0, 1, 0.01], [0, 0, 1])
+    m = dedup(keys(5), x, 0.6, 4)
+    s = summary(m, ["real", "real", "synthetic", "synthetic", "real"])
+    assert s["n_in"] == 5 and s["n_out"] == 3 and s["n_removed"] == 2
+    assert s["components_gt1"] == 2 and s["largest_component"] == 2
+    assert s["removed_real"] == 1 and s["removed_synthetic"] == 1
+    assert s["n_out_real"] == 2 and s["n_out_synthetic"] == 1
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_indexes_find_planted_copies(index):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 32)).astype(np.float32)
+    x[1000:1010] = x[:10] + 0.05 * rng.standard_normal((10, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    m = dedup(keys(2000), x, 0.9, 8, index=index, nprobe=8, use_gpu=False)
+    assert m["kept"].sum() == 1990
+    assert (m.loc[:9, "component"].to_numpy() == m.loc[1000:1009, "component"].to_numpy()).all()
+
+
+def test_params_from_yaml_sections():
+    p = build(DedupParams, {"lambda_dup": 0.5, "k_dup": 8, "seed": 3, "dedup": {"index": "ivf", "resize": [320, 320]}},
+              "dedup")
+    assert (p.lambda_dup, p.k_dup, p.seed, p.index, list(p.resize)) == (0.5, 8, 3, "ivf", [320, 320])
+    with pytest.raises(ParamsError, match="index"):
+        build(DedupParams, {"dedup": {"index": "annoy"}}, "dedup")
+    with pytest.raises(ParamsError, match="resize"):
+        build(DedupParams, {"dedup": {"resize": [320]}}, "dedup")
+
+
+# ------------------------------------------------------------------------------------ the stage
+
+def _write_images(root: Path, name: str, items: list[tuple[str, object, str]]) -> Path:
+    from pas.io.manifest import write_parquet
+    from pas.io.shards import ShardWriter, encode_image
+
+    d = root / name
+    with ShardWriter(d, prefix=name) as w:
+        for key, img, source in items:
+            w.write(key, encode_image(img), {"source": source})
+    write_parquet(pd.DataFrame(w.rows), d / "index.parquet")
+    return d
+
+
+def load_stage(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", Path(__file__).parents[1] / f"stages/{name}.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    return stage
+
+
+def test_stage_end_to_end(tmp_path, clipart_food, monkeypatch):
+    """Real clipart + planted exact copies (one real, one synthetic) through stages/dedup.py."""
+    import pas.params as P
+
+    monkeypatch.setitem(P.SECTIONS, "dedup", "pas.curate.dedup:DedupParams")   # until the lead registers it
+
+    from pas.data.images import BadImage, load_rgb
+    from pas.models.sscd import build_tiny_sscd
+
+    imgs = []
+    for f in clipart_food[::41]:
+        try:
+            imgs.append(load_rgb(f, max_side=128))
+        except BadImage:
+            continue
+    real = [(f"p{i:04d}", im, "real") for i, im in enumerate(imgs)]
+    real.append(("p9999", imgs[0].copy(), "real"))             # exact copy of p0000
+    gen = [("g0001", imgs[1].copy(), "synthetic")]             # a "generated" copy of p0001
+    images = [_write_images(tmp_path, "retrieved", real), _write_images(tmp_path, "generated", gen)]
+    sscd_dir = build_tiny_sscd(tmp_path / "sscd", seed=0)
+    params = tmp_path / "params.yaml"
+    # the random tiny trunk puts unrelated clipart at cos ≈ 0.95–0.999 (measured); exact copies are 1.0
+    params.write_text(yaml.safe_dump({"lambda_dup": 0.99999, "k_dup": 8, "seed": 0,
+                                      "dedup": {"device": "cpu", "batch_size": 8}}))
+    stage = load_stage("dedup")
+    out, metrics = tmp_path / "dedup", tmp_path / "metrics/dedup.json"
+    args = ["--images", *map(str, images), "--sscd", str(sscd_dir), "--out", str(out), "--params", str(params),
+            "--metrics", str(metrics)]
+    assert stage.main(args) == 0
+    m = pd.read_parquet(out / "manifest.parquet")
+    assert list(m["key"]) == sorted(m["key"])
+    assert m.set_index("key").loc["p9999", "component"] == m.set_index("key").loc["p0000", "component"]
+    assert m.set_index("key").loc["g0001", "component"] == m.set_index("key").loc["p0001", "component"]
+    met = json.loads(metrics.read_text())
+    assert met["n_in"] == len(real) + 1 and met["n_removed"] >= 2
+    assert met["n_out"] + met["n_removed"] == met["n_in"]
+    assert met["removed_real"] + met["removed_synthetic"] == met["n_removed"]
+    x = np.load(out / "descriptors.npy")
+    order = pd.read_parquet(out / "keys.parquet")
+    assert x.shape == (met["n_in"], 512) and list(order["row"]) == list(range(len(x)))
+    assert json.loads((out / "descriptors.json").read_text())["resize"] == 160
+    page = (out / "groups.html").read_text()
+    assert page.count("data:image/jpeg;base64,") >= 4 and "p9999" in page and "<script" not in page
+    # same inputs → same bytes
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert stage.main(args) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    # no images at all: empty but valid outputs
+    empty = _write_images(tmp_path, "empty", [])
+    out2 = tmp_path / "dedup_empty"
+    assert stage.main(["--images", str(empty), "--sscd", str(sscd_dir), "--out", str(out2), "--params", str(params),
+                       "--metrics", str(metrics)]) == 0
+    assert json.loads(metrics.read_text())["n_in"] == 0
+    assert np.load(out2 / "descriptors.npy").shape == (0, 512) and len(pd.read_parquet(out2 / "manifest.parquet")) == 0
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        stage.main(["--images", str(tmp_path / "nope"), "--sscd", str(sscd_dir), "--out", str(out2),
+                    "--params", str(params), "--metrics", str(metrics)])
+
+
+# ------------------------------------------------------------------------------------ the report
+
+def test_largest_groups_and_page():
+    from pas.curate.report import groups_html, largest_groups
+    from pas.io.shards import encode_image
+    from PIL import Image
+
+    x = unit([1, 0, 0], [1, 0.01, 0], [0, 1, 0], [0, 1, 0.01], [0, 1, 0.02], [0, 0, 1])
+    m = dedup(keys(6), x, 0.6, 5)
+    groups = largest_groups(m, n_groups=20, per_group=2)
+    assert [g["size"] for g in groups] == [3, 2]                  # singletons are not groups
+    assert groups[0]["keys"][0] == groups[0]["representative"] and len(groups[0]["keys"]) == 2
+    assert largest_groups(m, n_groups=1)[0]["component"] == 0
+    imgs = {k: encode_image(Image.new("RGB", (40, 30), (i * 40, 0, 0))) for i, k in enumerate(keys(6))}
+    page = groups_html(groups, imgs, {k: {"source": "real", "score": 0.9} for k in keys(6)}, summary={"n_in": 6})
+    assert page.count("data:image/jpeg;base64,") == 4 and "showing 2" in page and "class='kept'" in page
+    assert page == groups_html(groups, imgs, {k: {"source": "real", "score": 0.9} for k in keys(6)},
+                               summary={"n_in": 6})
+    assert "No duplicate groups" in groups_html([], {})

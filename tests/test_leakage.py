@@ -1,0 +1,192 @@
+"""Leakage: hand-computed cases, eval-set discovery, and planted copies of real test images found by
+the tiny SSCD through stages/leakage.py."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from pas.curate.leakage import LeakageParams, leakage, resolve_evalsets, summary
+from pas.params import ParamsError, build
+
+
+def unit(*rows) -> np.ndarray:
+    x = np.asarray(rows, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------ pure function
+
+def test_hand_computed():
+    x = unit([1, 0, 0], [0.6, 0.8, 0], [0, 0, 1], [0.3, 0.0, 0.954])
+    xt = unit([1, 0, 0], [0, 1, 0], [0.8, 0.6, 0])
+    m = leakage(["a", "b", "c", "d"], x, ["t0", "t1", "t2"], ["s1", "s1", "s2"], xt, lambda_leak=0.45, k_leak=3)
+    r = m.set_index("key")
+    # a: cos to t0 = 1, t2 = 0.8 → dropped, nearest t0, two matches above 0.45
+    assert not r.loc["a", "kept"] and r.loc["a", "nearest_key"] == "t0" and r.loc["a", "evalset"] == "s1"
+    assert r.loc["a", "n_matches"] == 2 and r.loc["a", "reason"] == "leak"
+    # b: cos to t2 = 0.96, t1 = 0.8, t0 = 0.6 → dropped, nearest t2 of set s2, three matches
+    assert not r.loc["b", "kept"] and r.loc["b", "nearest_key"] == "t2" and r.loc["b", "evalset"] == "s2"
+    assert r.loc["b", "n_matches"] == 3
+    np.testing.assert_allclose(r.loc["b", "score"], 0.96, atol=1e-6)
+    # c: orthogonal to all → kept; d: best cos 0.3·(1 or 0.8) ≤ 0.45 → kept
+    assert r.loc["c", "kept"] and r.loc["c", "n_matches"] == 0 and r.loc["c", "reason"] == ""
+    assert r.loc["d", "kept"]
+    s = summary(m, {"s1": 2, "s2": 1})
+    assert s == {"n_in": 4, "n_out": 2, "n_dropped": 2, "dropped_per_evalset": {"s1": 1, "s2": 1},
+                 "n_test": {"s1": 2, "s2": 1}}
+
+
+def test_k_leak_bounds_n_matches():
+    x = unit([1, 0])
+    xt = unit([1, 0], [1, 0.01], [1, 0.02], [1, 0.03])
+    assert leakage(["a"], x, list("pqrs"), ["e"] * 4, xt, 0.45, k_leak=2).loc[0, "n_matches"] == 2
+    assert leakage(["a"], x, list("pqrs"), ["e"] * 4, xt, 0.45, k_leak=32).loc[0, "n_matches"] == 4
+
+
+def test_strictly_above_lambda():
+    x = np.array([[np.float32(0.45), np.sqrt(1 - np.float32(0.45) ** 2)]], np.float32)
+    m = leakage(["a"], x, ["t"], ["e"], unit([1, 0]), lambda_leak=0.45, k_leak=1)
+    assert m.loc[0, "score"] == np.float32(0.45) and m.loc[0, "kept"]
+
+
+def test_empty_inputs():
+    m = leakage([], np.zeros((0, 8), np.float32), ["t"], ["e"], unit([1] * 8), 0.45)
+    assert len(m) == 0 and summary(m, {"e": 1})["n_in"] == 0
+    m = leakage(["a", "b"], unit([1, 0], [0, 1]), [], [], np.zeros((0, 2), np.float32), 0.45)
+    assert m["kept"].all() and m["score"].isna().all() and (m["evalset"] == "").all()
+    assert summary(m, {})["n_out"] == 2
+
+
+def test_dims_mismatch_refused():
+    with pytest.raises(ValueError, match="does not match"):
+        leakage(["a"], unit([1, 0, 0]), ["t"], ["e"], unit([1, 0]), 0.45)
+    with pytest.raises(ValueError, match="test keys"):
+        leakage(["a"], unit([1, 0]), ["t", "u"], ["e"], unit([1, 0]), 0.45)
+
+
+def test_params():
+    p = build(LeakageParams, {"lambda_leak": 0.3, "k_leak": 4, "leakage": {"evalsets": ["fruit"]}}, "leakage")
+    assert (p.lambda_leak, p.k_leak, p.evalsets) == (0.3, 4, ["fruit"])
+    with pytest.raises(ParamsError, match="evalsets"):
+        build(LeakageParams, {"leakage": {"evalsets": ["../etc"]}}, "leakage")
+
+
+def test_resolve_evalsets(tmp_path):
+    (tmp_path / "a" / "test").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "user").mkdir()
+    sets = resolve_evalsets(tmp_path, [], "test", {"mine": tmp_path / "user"})
+    assert sets == {"a": tmp_path / "a" / "test", "b": tmp_path / "b", "user": tmp_path / "user",
+                    "mine": tmp_path / "user"}
+    assert list(resolve_evalsets(tmp_path, ["b"])) == ["b"]
+    with pytest.raises(FileNotFoundError, match="eval set 'zzz'"):
+        resolve_evalsets(tmp_path, ["zzz"])
+    assert resolve_evalsets(None, [], "test", None) == {}
+
+
+# ------------------------------------------------------------------------ the stage, real clipart
+
+def _jpeg_resized(img: Image.Image, scale: float = 0.8, q: int = 90) -> Image.Image:
+    img = img.resize((max(8, int(img.width * scale)), max(8, int(img.height * scale))), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=q)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def load_stage(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", Path(__file__).parents[1] / f"stages/{name}.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    return stage
+
+
+LAMBDA_TINY = 0.9995   # for the random tiny trunk only; see the measured distribution asserted below
+
+
+def test_stage_finds_planted_copies(tmp_path, clipart_food, monkeypatch):
+    import pas.params as P
+    from pas.data.images import BadImage, load_rgb
+    from pas.io.manifest import write_parquet
+    from pas.io.shards import ShardWriter, encode_image
+    from pas.models.files import write_json
+    from pas.models.sscd import build_tiny_sscd, descriptors, fingerprint, load_sscd
+
+    monkeypatch.setitem(P.SECTIONS, "leakage", "pas.curate.leakage:LeakageParams")
+    imgs = []
+    for f in clipart_food[5::23]:
+        try:
+            imgs.append(load_rgb(f, max_side=128))
+        except BadImage:
+            continue
+    assert len(imgs) >= 12
+    test_wds, test_folder, dataset = imgs[:5], imgs[5:8], imgs[8:]
+
+    # eval set 1: the evalsets stage's layout (shards + index.parquet under <name>/test)
+    root = tmp_path / "evalsets"
+    with ShardWriter(root / "food" / "test", prefix="test") as w:
+        for i, im in enumerate(test_wds):
+            w.write(f"t{i}", encode_image(im), {"label": i % 2, "source": "real"})
+    write_parquet(pd.DataFrame([{**r, "label": i % 2} for i, r in enumerate(w.rows)]),
+                  root / "food" / "test" / "index.parquet")
+    # eval set 2: a user's ImageFolder
+    folder = tmp_path / "user_set"
+    for i, im in enumerate(test_folder):
+        (folder / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        im.save(folder / f"class{i % 2}" / f"img{i}.png")
+
+    # the dataset: unrelated clipart + a JPEG re-encoded, resized copy of t2 + an exact copy of img1,
+    # + a copy of t0 that dedup already removed (must not appear)
+    sscd_dir = build_tiny_sscd(tmp_path / "sscd", seed=0)
+    model = load_sscd(sscd_dir)
+    data = [(f"p{i:03d}", im) for i, im in enumerate(dataset)]
+    data += [("p900", _jpeg_resized(test_wds[2])), ("p901", test_folder[1].copy()), ("p902", test_wds[0].copy())]
+    keys = [k for k, _ in data]
+    x = descriptors(model, [im for _, im in data], resize=160)
+    d = tmp_path / "dedup"
+    d.mkdir()
+    np.save(d / "descriptors.npy", x)
+    write_parquet(pd.DataFrame({"row": np.arange(len(keys)), "key": keys, "source": "real"}), d / "keys.parquet",
+                  sort_by=None)
+    write_parquet(pd.DataFrame({"key": keys, "kept": [k != "p902" for k in keys]}), d / "manifest.parquet")
+    write_json(d / "descriptors.json", {"model_sha256": fingerprint(sscd_dir), "resize": 160, "dims": 512,
+                                        "n": len(keys)})
+
+    # the measured similarity distribution of this sample supports the tiny-model threshold
+    xt = descriptors(model, test_wds + test_folder, resize=160)
+    s = x @ xt.T
+    copies = [s[keys.index("p900"), 2], s[keys.index("p901"), 5 + 1]]
+    unrelated = s[: len(dataset)].max()
+    assert min(copies) > LAMBDA_TINY > unrelated, (copies, unrelated)
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"lambda_leak": LAMBDA_TINY, "k_leak": 4,
+                                      "leakage": {"device": "cpu", "batch_size": 4}}))
+    stage = load_stage("leakage")
+    out, metrics = tmp_path / "leakage", tmp_path / "metrics" / "leakage.json"
+    args = ["--dedup", str(d), "--evalsets", str(root), "--evalset", f"mine={folder}", "--sscd", str(sscd_dir),
+            "--out", str(out), "--params", str(params), "--metrics", str(metrics)]
+    assert stage.main(args) == 0
+    m = pd.read_parquet(out / "manifest.parquet").set_index("key")
+    assert "p902" not in m.index and len(m) == len(keys) - 1
+    assert sorted(m.index[~m["kept"]]) == ["p900", "p901"]
+    assert (m.loc["p900", "nearest_key"], m.loc["p900", "evalset"]) == ("t2", "food")
+    assert (m.loc["p901", "nearest_key"], m.loc["p901", "evalset"]) == ("class1/img1.png", "mine")
+    met = json.loads(metrics.read_text())
+    assert met == {"n_in": len(keys) - 1, "n_out": len(keys) - 3, "n_dropped": 2,
+                   "dropped_per_evalset": {"food": 1, "mine": 1}, "n_test": {"food": 5, "mine": 3},
+                   "dropped_real": 2, "n_out_real": len(keys) - 3, "dropped_synthetic": 0,
+                   "n_out_synthetic": 0}
+    # descriptors made by another model are refused
+    write_json(d / "descriptors.json", {"model_sha256": "0" * 64, "resize": 160, "dims": 512, "n": len(keys)})
+    with pytest.raises(ValueError, match="rerun dedup"):
+        stage.main(args)
