@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "n": len(keys)})
     write_parquet(manifest, out / "manifest.parquet")
     n_groups = write_groups_page(out / "groups.html", manifest, args.images, p, metrics)
-    metrics["seconds_descriptors"] = round(t_desc, 3)
+    # no timings here: prune reads this file as a dep (dataset funnel), so it must change only when
+    # the result does; the timing goes to the log line below
     write_metrics(args.metrics, metrics)
     log.info("dedup: %d in, %d kept, %d removed (%d real, %d synthetic) in %d groups > 1 (largest %d); "
              "descriptors %.1fs (%.1f img/s on %s), total %.1fs; %d groups in %s",
