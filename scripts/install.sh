@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
-[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+[[ "${1:-}" == "--dev" ]] && extras="[dev,ray]"   # the tests cover the Ray engine too
 
 # The offline default pool and eval sets: public-domain clipart from Debian.
 if [[ ! -d /usr/share/openclipart/png ]]; then

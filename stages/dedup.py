@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pas.curate.dedup import DedupParams, dedup, summary
+from pas.engine import EngineConfig
 from pas.io.manifest import write_metrics, write_parquet
 from pas.models.files import write_json
 from pas.params import build, load
@@ -30,36 +31,71 @@ log = logging.getLogger("dedup")
 CHUNK = 512          # images decoded at a time (descriptors run in batch_size batches inside)
 
 
-def compute_descriptors(dirs: list[str], model, resize, batch_size: int, device: str):
+class _SscdChunks:
+    """`pas.engine.map_shards` work: SSCD descriptors of one chunk of samples, given as shard index
+    ranges. Pickles without the model; each Ray actor loads it once, on its own device."""
+
+    def __init__(self, sscd_dir: str, resize, batch_size: int, device: str, model=None):
+        self.sscd_dir, self.resize, self.batch_size, self.device = str(sscd_dir), resize, batch_size, device
+        self.model = model
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "model": None}
+
+    def __call__(self):
+        if self.model is None:
+            from pas.models.sscd import load_sscd
+
+            self.model = load_sscd(self.sscd_dir, device=self.device)
+        return self.run
+
+    def run(self, chunk: list[tuple[str, int, int]]) -> np.ndarray:
+        from pas.io.shards import iter_samples
+        from pas.models.sscd import descriptors
+
+        pils = [s.pil() for shard, start, stop in chunk
+                for i, s in enumerate(iter_samples(shard)) if start <= i < stop]
+        if len(pils) != sum(stop - start for _, start, stop in chunk):
+            raise ValueError(f"{chunk}: a shard changed while descriptors were computed")
+        return descriptors(self.model, pils, resize=self.resize, batch_size=self.batch_size,
+                           device=self.device)
+
+
+def compute_descriptors(dirs: list[str], model, resize, batch_size: int, device: str, sscd_dir: str = "",
+                        engine=None):
     """Descriptors of every sample of the shard folders `dirs`, in stored order.
 
+    Samples are cut into chunks of CHUNK in stored order (a chunk may span shards) and each chunk is one
+    `descriptors` call, on the engine of `engine` (PAS_ENGINE; see pas.engine): the chunks, hence the
+    batches, are the same on either engine, so are the bytes. Ray actors load SSCD from `sscd_dir`.
     Returns (keys, sources, descriptors float32 (N, D))."""
     from tqdm import tqdm
 
-    from pas.io.shards import iter_samples
-    from pas.models.sscd import descriptors
+    from pas.engine import map_shards
+    from pas.io.shards import iter_samples, list_shards
 
     keys: list[str] = []
     sources: list[str] = []
-    parts: list[np.ndarray] = []
-    pils: list = []
-
-    def flush():
-        if pils:
-            parts.append(descriptors(model, pils, resize=resize, batch_size=batch_size, device=device))
-            pils.clear()
-
+    chunks: list[list[tuple[str, int, int]]] = [[]]
     for d in dirs:
         default_source = "synthetic" if "generated" in Path(d).name else "real"
         if not Path(d).is_dir():
             raise FileNotFoundError(f"{d}: image folder does not exist")
-        for s in tqdm(iter_samples(d), desc=f"sscd {Path(d).name}", unit="img"):
-            keys.append(s.key)
-            sources.append(str(s.meta.get("source", default_source)))
-            pils.append(s.pil())
-            if len(pils) >= CHUNK:
-                flush()
-    flush()
+        for shard in list_shards(d):
+            start = i = 0
+            samples = tqdm(iter_samples(shard), desc=f"index {shard.name}", unit="img", leave=False)
+            for i, s in enumerate(samples, 1):
+                keys.append(s.key)
+                sources.append(str(s.meta.get("source", default_source)))
+                if len(keys) % CHUNK == 0:
+                    chunks[-1].append((str(shard), start, i))
+                    chunks.append([])
+                    start = i
+            if i > start:
+                chunks[-1].append((str(shard), start, i))
+    chunks = [c for c in chunks if c]
+    parts = map_shards(_SscdChunks(sscd_dir, resize, batch_size, device, model=model), chunks, config=engine,
+                       desc="sscd chunks")
     x = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
     return keys, sources, x
 
@@ -99,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(p.device)
     preset = read_preset(args.sscd)
     resize = p.resize if p.resize is not None else preset["resize"]
-    model = load_sscd(args.sscd, device=device)
-    keys, sources, x = compute_descriptors(args.images, model, resize, p.batch_size, device)
+    # PAS_ENGINE=ray: SSCD runs on Ray actors, which load it themselves (machine setting, not a param)
+    engine = EngineConfig.from_env()
+    model = load_sscd(args.sscd, device=device) if engine.engine == "local" else None
+    keys, sources, x = compute_descriptors(args.images, model, resize, p.batch_size, device,
+                                           sscd_dir=args.sscd, engine=engine)
     t_desc = time.time() - t0
 
     manifest = dedup(keys, x, p.lambda_dup, p.k_dup, p.seed, progress=len(keys) > 50_000, index=p.index,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import logging
 import sys
 import time
@@ -17,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pas.curate.ood import (OodParams, Timings, build_text_sets, derive_generalized_concepts,
-                            run_fingerprint, score_images, score_shards)
+from pas.curate.ood import (OodParams, OodScorer, Timings, build_text_sets, derive_generalized_concepts,
+                            run_fingerprint, score_shards)
+from pas.engine import EngineConfig
 from pas.io.manifest import read_parquet, write_metrics, write_parquet
 from pas.params import ParamsError, build, load
 
@@ -98,16 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     t_text = time.perf_counter()
     texts = build_text_sets(clip, concepts, generalized, p, no_encoder)
     t_text = time.perf_counter() - t_text
-    detector = TextDetector(limit_side_len=p.det_limit_side_len, box_thresh=p.det_box_thresh,
-                            threads=p.det_threads)
+    engine = EngineConfig.from_env()
+    # local: these models score in-process; ray (PAS_ENGINE): each actor loads its own CLIP + detector
+    detector = None
+    if engine.engine == "local":
+        detector = TextDetector(limit_side_len=p.det_limit_side_len, box_thresh=p.det_box_thresh,
+                                threads=p.det_threads)
     timings = Timings()
-    scorer = functools.partial(score_images, clip=clip, detector=detector, texts=texts, params=p,
-                               timings=timings)
+    scorer = OodScorer(args.clip, texts, p, clip=clip, detector=detector)
     out = Path(args.out)
     fp = run_fingerprint(p, {"clip": clip.fingerprint, "clipn": clipn_sha,
                              "detector": sha256_file(default_det_model())}, concepts, generalized)
     t_score = time.perf_counter()
-    df, n_resumed = score_shards(args.images, kept, scorer, str(out / "parts"), fp, batch_size=p.batch_size)
+    df, n_resumed = score_shards(args.images, kept, scorer, str(out / "parts"), fp, batch_size=p.batch_size,
+                                 engine=engine, timings=timings)
     t_score = time.perf_counter() - t_score
     write_parquet(df, out / "scores.parquet")
 
@@ -137,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_text_embeddings": t_text,
     }
     write_metrics(args.metrics, metrics)
-    log.info("ood: scored %d of %d kept images (%d resumed shards), mode %s, |B|=%d, |B'|=%d, "
+    log.info("ood: scored %d of %d kept images (%d resumed shards, engine %s), mode %s, |B|=%d, |B'|=%d, "
              "%d with text; mean OOD_B %.3f, OOD_B' %.3f, blur delta %.4f",
-             len(df), len(kept), n_resumed, texts.mode, len(concepts), len(generalized),
+             len(df), len(kept), n_resumed, engine.engine, texts.mode, len(concepts), len(generalized),
              metrics["n_with_text"], metrics["ood_b"].get("mean") or 0.0,
              metrics["ood_bprime"].get("mean") or 0.0, metrics["ood_blur_delta"].get("mean") or 0.0)
     return 0

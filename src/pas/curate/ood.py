@@ -302,23 +302,106 @@ def run_fingerprint(params: OodParams, models: dict[str, str], concepts: Sequenc
     return _sha256_json({"params": p, "models": models, "B": list(concepts), "B_prime": list(generalized)})
 
 
+class OodScorer:
+    """`score_images` with its models bound, for `score_shards`.
+
+    It pickles as a spec (CLIP folder, text embeddings, params) without the loaded models, so a Ray
+    actor that receives it loads CLIP and the text detector once (`load`), on its own device. Only the
+    image tower is needed: B and B' (CLIPN's no-tower included) are encoded once by the caller.
+    """
+
+    def __init__(self, clip_dir: str, texts: TextSets, params: OodParams, clip: Any = None,
+                 detector: Any = None):
+        self.clip_dir, self.texts, self.params = str(clip_dir), texts, params
+        self.clip, self.detector, self.timings = clip, detector, Timings()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "clip": None, "detector": None, "timings": Timings()}
+
+    def load(self) -> "OodScorer":
+        if self.clip is None:
+            from pas.models.clip import load_clip
+
+            self.clip = load_clip(self.clip_dir, device=self.params.device)
+        if self.detector is None:
+            from pas.curate.textblur import TextDetector
+
+            p = self.params
+            self.detector = TextDetector(limit_side_len=p.det_limit_side_len, box_thresh=p.det_box_thresh,
+                                         threads=p.det_threads)
+        return self
+
+    def __call__(self, images: Sequence) -> dict[str, np.ndarray]:
+        self.load()
+        return score_images(images, self.clip, self.detector, self.texts, self.params, self.timings)
+
+
+class _ShardScoring:
+    """Engine work item → (shard scores DataFrame, Timings of that shard or None). `__call__` is the
+    `fn_factory` of `pas.engine.map_shards`: it loads the scorer's models once, where it runs."""
+
+    def __init__(self, scorer: Callable[[list], dict], batch_size: int):
+        self.scorer, self.batch_size = scorer, batch_size
+
+    def __call__(self) -> Callable[[dict], tuple]:
+        if hasattr(self.scorer, "load"):
+            self.scorer.load()
+        return self.score
+
+    def score(self, item: dict) -> tuple:
+        import pandas as pd
+        from tqdm import tqdm
+
+        from pas.io.shards import decode_image, iter_samples
+
+        shard, keys = item["shard"], set(item["keys"])
+        samples = [s for s in iter_samples(shard) if s.key in keys]
+        t = getattr(self.scorer, "timings", None)
+        before = dataclasses.replace(t) if isinstance(t, Timings) else None
+        rows: dict[str, list] = {c: [] for c in SCORE_COLUMNS}
+        for i in tqdm(range(0, len(samples), self.batch_size), desc=item["name"], unit="batch", leave=False):
+            batch = samples[i:i + self.batch_size]
+            pils = []
+            for s in batch:
+                try:
+                    pils.append(decode_image(s.image))
+                except Exception as e:  # noqa: BLE001 - report which sample, then stop
+                    raise ValueError(f"{shard}: sample {s.key} does not decode: {e}") from None
+            out = self.scorer(pils)
+            rows["key"] += [s.key for s in batch]
+            rows["source"] += [str(s.meta.get("source", "")) for s in batch]
+            for c in SCORE_COLUMNS[2:]:
+                rows[c] += out[c].tolist()
+        df = pd.DataFrame(rows).astype({"ood_b": "float64", "ood_bprime": "float64",
+                                        "ood_blur_delta": "float64", "text_boxes": "int32"})
+        delta = None
+        if before is not None:
+            delta = Timings(**{f.name: getattr(t, f.name) - getattr(before, f.name)
+                               for f in dataclasses.fields(Timings)})
+        return df, delta
+
+
 def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[list], dict],
-                 parts_dir: str, fingerprint: str, batch_size: int = 64):
+                 parts_dir: str, fingerprint: str, batch_size: int = 64, *, engine: Any = None,
+                 timings: Timings | None = None):
     """Score the kept samples of every shard of `image_dirs`; return the scores DataFrame (sorted by key).
 
     Each shard's rows go to `parts_dir/<dir>-<shard>.parquet` with a `.json` marker holding a
     fingerprint of (run fingerprint, shard bytes, kept keys of the shard); a rerun skips shards whose
     marker matches, so a killed run resumes where it stopped. Stale parts are deleted.
-    `scorer(pils) -> dict of arrays` is `score_images` with its models bound.
+    `scorer(pils) -> dict of arrays` is `score_images` with its models bound (an `OodScorer` for Ray).
+    The shards left to score run on `engine` (a `pas.engine.EngineConfig`; default: PAS_ENGINE from the
+    environment, `local`): same bytes either way, and each part + marker is written as its shard ends.
+    With `timings`, the Timings of the scored shards are added to it (from whichever process ran them).
     """
     import json
     from pathlib import Path
 
     import pandas as pd
-    from tqdm import tqdm
 
+    from pas.engine import map_shards
     from pas.io.manifest import read_parquet, write_parquet
-    from pas.io.shards import decode_image, iter_samples, list_shards
+    from pas.io.shards import iter_samples, list_shards
     from pas.models.files import sha256_file
 
     parts = Path(parts_dir)
@@ -336,40 +419,37 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
     for stale in parts.glob("*"):
         if stale.stem not in names:
             stale.unlink()
-    frames, seen, n_resumed = [], set(), 0
-    for (d, shard), name in zip(tqdm(shards, desc="ood shards", unit="shard"), names):
+    frames: list = [None] * len(shards)
+    todo, n_resumed = [], 0
+    for j, ((d, shard), name) in enumerate(zip(shards, names)):
         part, marker = parts / f"{name}.parquet", parts / f"{name}.json"
         # keys come from the shard itself, so a marker is valid only for these exact bytes + kept set
-        samples = [s for s in iter_samples(shard) if s.key in kept]
-        fp = _sha256_json({"run": fingerprint, "shard": sha256_file(shard),
-                           "keys": sorted(s.key for s in samples)})
+        keys = sorted(s.key for s in iter_samples(shard) if s.key in kept)
+        fp = _sha256_json({"run": fingerprint, "shard": sha256_file(shard), "keys": keys})
         if part.is_file() and marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fp:
-            frames.append(read_parquet(part))
+            frames[j] = read_parquet(part)
             n_resumed += 1
         else:
-            rows: dict[str, list] = {c: [] for c in SCORE_COLUMNS}
-            for i in tqdm(range(0, len(samples), batch_size), desc=name, unit="batch", leave=False):
-                batch = samples[i:i + batch_size]
-                pils = []
-                for s in batch:
-                    try:
-                        pils.append(decode_image(s.image))
-                    except Exception as e:  # noqa: BLE001 - report which sample, then stop
-                        raise ValueError(f"{shard}: sample {s.key} does not decode: {e}") from None
-                out = scorer(pils)
-                rows["key"] += [s.key for s in batch]
-                rows["source"] += [str(s.meta.get("source", "")) for s in batch]
-                for c in SCORE_COLUMNS[2:]:
-                    rows[c] += out[c].tolist()
-            df = pd.DataFrame(rows).astype({"ood_b": "float64", "ood_bprime": "float64",
-                                            "ood_blur_delta": "float64", "text_boxes": "int32"})
-            write_parquet(df, part)
-            marker.write_text(json.dumps({"fingerprint": fp, "n": len(df)}) + "\n")
-            frames.append(df)
-        dup = seen.intersection(frames[-1]["key"])
+            todo.append((j, {"shard": str(shard), "keys": keys, "name": name, "fp": fp}))
+
+    def finished(i: int, result: tuple) -> None:      # in this process, as soon as a shard is done
+        j, item = todo[i]
+        df, delta = result
+        write_parquet(df, parts / f"{item['name']}.parquet")
+        marker = {"fingerprint": item["fp"], "n": len(df)}
+        (parts / f"{item['name']}.json").write_text(json.dumps(marker) + "\n")
+        frames[j] = df
+        if timings is not None and delta is not None:
+            timings.add(delta)
+
+    map_shards(_ShardScoring(scorer, batch_size), [item for _, item in todo], config=engine,
+               on_result=finished, desc="ood shards")
+    seen: set = set()
+    for (d, shard), df in zip(shards, frames):
+        dup = seen.intersection(df["key"])
         if dup:
             raise ValueError(f"{shard}: key {sorted(dup)[0]} appears in more than one shard")
-        seen.update(frames[-1]["key"])
+        seen.update(df["key"])
     missing = kept - seen
     if missing:
         raise ValueError(f"{len(missing)} kept keys of the manifest are in none of {list(image_dirs)}, "

@@ -1,0 +1,303 @@
+"""pas.engine: the local/ray execution setting, and the `ood` stage on a real two-node Ray cluster.
+
+The slow tests start a Ray head and one extra worker node on 127.0.0.1 (`ray start`, one CPU each, a
+private temp dir), run the `ood` stage with PAS_ENGINE=local and =ray on the tiny inputs of
+tests/test_ood.py, and compare every output byte; one of them SIGKILLs a Ray actor mid-shard. The cluster
+is stopped by killing the processes that carry its private temp dir (not `ray stop`, which would stop
+every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pas.engine import EngineConfig, _pool_size, map_shards
+
+
+# ---------------------------------------------------------------------------------------------
+# fast: the setting and the local engine
+
+def test_config_from_env_defaults_and_values():
+    assert EngineConfig.from_env({}) == EngineConfig("local", "", 0, 0.0)
+    c = EngineConfig.from_env({"PAS_ENGINE": " Ray ", "PAS_RAY_ADDRESS": "auto", "PAS_RAY_ACTORS": "3",
+                               "PAS_RAY_NUM_GPUS_PER_ACTOR": "0.5"})
+    assert c == EngineConfig("ray", "auto", 3, 0.5)
+    with pytest.raises(ValueError, match="PAS_ENGINE='spark'"):
+        EngineConfig.from_env({"PAS_ENGINE": "spark"})
+    with pytest.raises(ValueError, match="PAS_RAY_ACTORS"):
+        EngineConfig.from_env({"PAS_RAY_ACTORS": "two"})
+    with pytest.raises(ValueError, match="≥ 0"):
+        EngineConfig.from_env({"PAS_RAY_NUM_GPUS_PER_ACTOR": "-1"})
+
+
+def test_pool_size():
+    ray_cfg = EngineConfig("ray")
+    assert _pool_size(ray_cfg, 10, {"CPU": 4.0}) == 4                        # one actor per CPU
+    assert _pool_size(ray_cfg, 3, {"CPU": 8.0}) == 3                         # never more than the items
+    assert _pool_size(EngineConfig("ray", num_gpus_per_actor=0.5), 10, {"CPU": 64.0, "GPU": 3.0}) == 6
+    assert _pool_size(EngineConfig("ray", num_gpus_per_actor=1.0), 10, {"CPU": 8.0}) == 1   # ≥ 1
+    assert _pool_size(EngineConfig("ray", actors=2), 10, {"CPU": 64.0}) == 2
+
+
+def test_local_map_shards_loads_once_keeps_order_and_reports_each_result():
+    loads, seen = [], []
+
+    def factory():
+        loads.append(1)
+        return lambda x: x * 10
+
+    out = map_shards(factory, [3, 1, 2], config=EngineConfig("local"),
+                     on_result=lambda i, r: seen.append((i, r)))
+    assert out == [30, 10, 20] and seen == [(0, 30), (1, 10), (2, 20)] and loads == [1]
+    assert map_shards(factory, [], config=EngineConfig("local")) == [] and loads == [1]   # no load
+
+
+# ---------------------------------------------------------------------------------------------
+# slow: a real head + worker Ray cluster on 127.0.0.1
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes_with(marker: str) -> list[int]:
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.info["pid"] != os.getpid() and marker in " ".join(p.info["cmdline"] or []):
+                pids.append(p.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids
+
+
+def _stop_cluster(temp_dir: str) -> None:
+    """Kill, by pid, the processes of this cluster only: those whose command line names its temp dir
+    (gcs_server, raylet, …) and their descendants (agents and workers, which rename themselves)."""
+    import psutil
+
+    procs: dict[int, psutil.Process] = {}
+    for pid in _processes_with(temp_dir):
+        try:
+            p = psutil.Process(pid)
+            procs.update({c.pid: c for c in p.children(recursive=True)})
+            procs[pid] = p
+        except psutil.NoSuchProcess:
+            continue
+    procs.pop(os.getpid(), None)
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def start_cluster(n_nodes: int = 2, cpus_per_node: int = 1) -> tuple[str, str]:
+    """`ray start --head` + `n_nodes − 1` × `ray start --address` on 127.0.0.1, in a private temp dir,
+    without token auth (set RAY_AUTH_MODE=disabled in this process too before `ray.init`).
+    Returns (address, temp_dir); stop with `_stop_cluster(temp_dir)`."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    temp_dir = tempfile.mkdtemp(prefix="pasray", dir="/tmp")       # short: Ray puts unix sockets in it
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    common = [f"--num-cpus={cpus_per_node}", "--node-ip-address=127.0.0.1",
+              "--object-store-memory=100000000", "--disable-usage-stats"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--include-dashboard=false",
+                        f"--temp-dir={temp_dir}", *common], check=True, env=env, capture_output=True)
+        for _ in range(n_nodes - 1):
+            subprocess.run([str(ray_bin), "start", f"--address={address}", *common], check=True, env=env,
+                           capture_output=True)
+    except BaseException:
+        _stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    return address, temp_dir
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    # a private cluster on 127.0.0.1: no token auth (Ray ≥ 2.5x turns it on when ~/.ray/auth_token exists)
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.pop("RAY_ADDRESS", None)
+    address, temp_dir = start_cluster(n_nodes=2, cpus_per_node=1)
+    try:
+        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        deadline = time.time() + 60
+        while ray.cluster_resources().get("CPU", 0) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        assert ray.cluster_resources().get("CPU") == 2, ray.cluster_resources()
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        yield address
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        _stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    pytest.importorskip("open_clip")
+    from pas.models.clip import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", seed=0)
+
+
+def _run_stage(tmp_path: Path, out: str, monkeypatch, engine: str, address: str = "") -> dict:
+    import importlib.util
+
+    monkeypatch.setenv("PAS_ENGINE", engine)
+    monkeypatch.setenv("PAS_RAY_ADDRESS", address)
+    stage = Path(__file__).parents[1] / "stages" / "ood.py"
+    spec = importlib.util.spec_from_file_location("stage_ood", stage)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--manifest", str(tmp_path / "manifest.parquet"),
+                     "--images", str(tmp_path / "retrieved"), str(tmp_path / "generated"),
+                     "--concepts", str(tmp_path / "bank.parquet"), "--clip", str(tmp_path / "clip"),
+                     "--out", str(tmp_path / out), "--params", str(tmp_path / "params.yaml"),
+                     "--metrics", str(tmp_path / f"{out}.json")]) == 0
+    return json.loads((tmp_path / f"{out}.json").read_text())
+
+
+def _outputs(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_ood_ray_engine_is_byte_identical_to_local_and_resumes(tmp_path, monkeypatch, ray_cluster,
+                                                               tiny_clip_dir):
+    from tests.test_ood import _stage_inputs
+
+    _stage_inputs(tmp_path, monkeypatch, tiny_clip_dir)
+    m_local = _run_stage(tmp_path, "local", monkeypatch, "local")
+    m_ray = _run_stage(tmp_path, "ray", monkeypatch, "ray", ray_cluster)
+    local, ray_out = _outputs(tmp_path / "local"), _outputs(tmp_path / "ray")
+    assert len([k for k in local if k.startswith("parts/")]) == 6 and "scores.parquet" in local   # 3 shards
+    assert ray_out == local                                        # every byte, parts and markers included
+    for m in (m_local, m_ray):
+        assert m["n_scored"] == 4 and m["n_shards_resumed"] == 0 and m["n_timed"] == 4
+        assert m["seconds_per_image"]["clip"] > 0                  # ray: timings come back from the actors
+    assert {k: v for k, v in m_ray.items() if k not in ("seconds_per_image", "seconds_text_embeddings")} == \
+        {k: v for k, v in m_local.items() if k not in ("seconds_per_image", "seconds_text_embeddings")}
+    # resumability across engines: a ray rerun over the local outputs scores nothing
+    m_again = _run_stage(tmp_path, "local", monkeypatch, "ray", ray_cluster)
+    assert m_again["n_shards_resumed"] == 3 and m_again["n_timed"] == 0
+    assert _outputs(tmp_path / "local") == local
+
+
+@pytest.mark.slow
+def test_ood_ray_survives_a_killed_actor(tmp_path, monkeypatch, ray_cluster, tiny_clip_dir):
+    import cloudpickle
+
+    import pas.curate.ood as ood_lib
+    from tests.test_ood import _stage_inputs
+
+    flag = tmp_path / "killed.json"
+
+    class KillOnceScorer(ood_lib.OodScorer):
+        """The first batch scored by any actor SIGKILLs that actor's process (once per test)."""
+
+        def __call__(self, images):
+            try:
+                fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return super().__call__(images)
+            os.write(fd, json.dumps({"pid": os.getpid()}).encode())
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])      # tests/ is not on the actors' path
+    try:
+        _stage_inputs(tmp_path, monkeypatch, tiny_clip_dir)
+        _run_stage(tmp_path, "local", monkeypatch, "local")
+        monkeypatch.setattr(ood_lib, "OodScorer", KillOnceScorer)
+        m = _run_stage(tmp_path, "ray", monkeypatch, "ray", ray_cluster)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    killed = json.loads(flag.read_text())["pid"]
+    assert killed != os.getpid()
+    import psutil
+
+    assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
+    assert m["n_scored"] == 4 and m["n_timed"] == 4
+    assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "local")
+
+
+@pytest.mark.slow
+def test_dedup_ray_engine_is_byte_identical_to_local(tmp_path, monkeypatch, ray_cluster):
+    """SSCD descriptors on Ray actors: chunks of 3 samples that span shards and folders (CHUNK is 512 in
+    the stage; the plan, hence every batch, is the same on both engines)."""
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    import pas.params as P
+    from pas.io.shards import iter_samples
+    from pas.models.sscd import build_tiny_sscd, descriptors, load_sscd
+    from tests.test_dedup import _write_images, load_stage
+
+    monkeypatch.setitem(P.SECTIONS, "dedup", "pas.curate.dedup:DedupParams")
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (40 + 8 * (i % 3), 64, 3), dtype=np.uint8))
+            for i in range(7)]                                    # three sizes: three shape buckets
+    real = [(f"p{i}", im, "real") for i, im in enumerate(imgs[:5])] + [("p9", imgs[0].copy(), "real")]
+    gen = [(f"g{i}", im, "synthetic") for i, im in enumerate(imgs[5:])]
+    images = [str(_write_images(tmp_path, "retrieved", real)), str(_write_images(tmp_path, "generated", gen))]
+    sscd_dir = build_tiny_sscd(tmp_path / "sscd", seed=0)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"lambda_dup": 0.99999, "k_dup": 4, "seed": 0,
+                                      "dedup": {"device": "cpu", "batch_size": 2}}))
+    outs = {}
+    for engine in ("local", "ray"):
+        monkeypatch.setenv("PAS_ENGINE", engine)
+        monkeypatch.setenv("PAS_RAY_ADDRESS", ray_cluster)
+        stage = load_stage("dedup")
+        stage.CHUNK = 3
+        assert stage.main(["--images", *images, "--sscd", str(sscd_dir), "--out", str(tmp_path / engine),
+                           "--params", str(params), "--metrics", str(tmp_path / f"{engine}.json")]) == 0
+        outs[engine] = _outputs(tmp_path / engine)
+    assert sorted(outs["local"]) == ["descriptors.json", "descriptors.npy", "groups.html", "keys.parquet",
+                                     "manifest.parquet"]
+    assert outs["ray"] == outs["local"]
+    # the chunk plan: rows are the descriptors of the stored order cut every 3 samples
+    x = np.load(tmp_path / "local" / "descriptors.npy")
+    resize = json.loads((tmp_path / "local" / "descriptors.json").read_text())["resize"]
+    model = load_sscd(sscd_dir)
+    pils = [s.pil() for s in iter_samples(images)]               # stored order: retrieved, then generated
+    assert len(pils) == len(x) == 8
+    ref = np.concatenate([descriptors(model, pils[i:i + 3], resize=resize, batch_size=2)
+                          for i in range(0, 8, 3)])
+    np.testing.assert_array_equal(x, ref)
