@@ -85,7 +85,6 @@ def run_method(method: str, n: int, seed: int, data: str) -> dict:
     comp = m["component"].to_numpy()
     planted = group >= 0
     df = {"g": group[planted], "c": comp[planted]}
-    import pandas as pd
 
     per_group = pd.DataFrame(df).groupby("g")["c"].nunique()
     recall = float((per_group == 1).mean())

@@ -185,7 +185,7 @@ def test_generate_deterministic_and_resumes(sd_dir, tmp_path):
     m1 = generate(CAPS, sd_dir, tmp_path / "out1", tmp_path / "cache1", p, D, progress=False)
     assert m1["n_images"] == 12 and m1["n_shards"] == 3 and m1["n_shards_generated"] == 3
     assert m1["n_captions"] == 4 and m1["n_fallback_captions"] == 1 and m1["seconds_per_image"] > 0
-    m2 = generate(CAPS, sd_dir, tmp_path / "out2", tmp_path / "cache2", p, D, progress=False)
+    generate(CAPS, sd_dir, tmp_path / "out2", tmp_path / "cache2", p, D, progress=False)
     assert files_of(tmp_path / "out1") == files_of(tmp_path / "out2")       # same seed → same bytes
     # rerun on the finished cache: nothing drawn, same bytes
     m3 = generate(CAPS, sd_dir, tmp_path / "out1", tmp_path / "cache1", p, D, progress=False)

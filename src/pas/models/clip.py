@@ -129,7 +129,6 @@ def _stack(chunks: list[np.ndarray], clip: Clip) -> np.ndarray:
 def load_clip(model_dir: str | Path, device: str = "cpu") -> Clip:
     """Load a CLIP folder written by `build_tiny_clip` / `save_pretrained_clip`."""
     import open_clip
-    import torch
 
     model_dir = Path(model_dir)
     if not (model_dir / CONFIG).is_file():
