@@ -35,4 +35,4 @@ def test_metrics_and_params_diff_markdown(tmp_path):
 
     pmd = run(["dvc", "params", "diff", "--md", "HEAD~1"], repo).stdout
     row = next(line for line in pmd.splitlines() if "lambda_dup" in line)
-    assert "0.6" in row and "0.5" in row
+    assert "0.9995" in row and "0.5" in row
