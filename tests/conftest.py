@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # never reach for a hub in tests
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # ray clusters the tests start: no phoning home
 
 REPO = Path(__file__).resolve().parents[1]
 CLIPART = Path("/usr/share/openclipart/png")
