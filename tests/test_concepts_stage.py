@@ -8,8 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pandas as pd
@@ -18,11 +16,10 @@ import yaml
 
 import pas.params as P
 from pas.concepts import load_bank
+from tests.test_llm_openai import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "stages"))
-SECTIONS = {"domain": "pas.concepts.params:DomainParams", "llm": "pas.llm.base:LLMSection",
-            "concepts": "pas.concepts.params:ConceptsParams"}
 
 GEN = ["1. Paella\n2. Risotto\n3. Ramen", "Sure! Here they are:\n- paella\n- Pad Thai\n- Hammer", "paella, ramen"]
 EXPAND = {"paella": "1. Seafood paella\n2. Arroz negro", "risotto": "Risotto alla milanese",
@@ -30,30 +27,12 @@ EXPAND = {"paella": "1. Seafood paella\n2. Arroz negro", "risotto": "Risotto all
           "hammer": "1. Sledgehammer"}
 
 
-class ScriptedServer:
+class ScriptedServer(Server):
     """Chat completions: generation answers by call order, expansion by concept, yes/no by a rule."""
 
     def __init__(self):
         self.n_gen = 0
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                data = json.dumps(outer.answer(body)).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        super().__init__()
 
     def answer(self, body):
         last = body["messages"][-1]["content"]
@@ -71,22 +50,12 @@ class ScriptedServer:
             text = GEN[k - 1] if k <= len(GEN) else "paella"
         return {"choices": [{"message": {"content": text}, "finish_reason": "stop"}]}
 
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
 
 @pytest.fixture
 def server():
     s = ScriptedServer()
     yield s
     s.close()
-
-
-@pytest.fixture
-def sections(monkeypatch):
-    for k, v in SECTIONS.items():
-        monkeypatch.setitem(P.SECTIONS, k, v)
 
 
 def write_params(path: Path, url: str, **concepts):
@@ -99,7 +68,7 @@ def write_params(path: Path, url: str, **concepts):
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_stage_with_scripted_server(tmp_path, server, sections):
+def test_stage_with_scripted_server(tmp_path, server):
     import concepts as stage
 
     write_params(tmp_path / "params.yaml", server.url)
@@ -128,7 +97,7 @@ def test_stage_with_scripted_server(tmp_path, server, sections):
     assert (out / "coverage.csv").exists() and (out / "coverage_hist.csv").exists()
 
 
-def test_stage_bad_params_name_the_key(tmp_path, server, sections):
+def test_stage_bad_params_name_the_key(tmp_path, server):
     import concepts as stage
 
     write_params(tmp_path / "params.yaml", server.url, validator="oracle")
@@ -144,7 +113,7 @@ SMOKE_CONCEPTS = {"max_generation_samples": 4, "generation_batch": 4, "generatio
 
 
 @pytest.mark.slow
-def test_stage_offline_smollm2_minilm(tmp_path, sections):
+def test_stage_offline_smollm2_minilm(tmp_path):
     """The offline default: SmolLM2-135M (converted from the pip GGUF) for L1 = L2, MiniLM validator."""
     import concepts as stage
     from pas.models.llm import prepare_llm
@@ -206,13 +175,10 @@ plots:
 
 @pytest.mark.slow
 def test_dvc_repro_concepts_and_lambda_2_reruns_only_concepts(tmp_path, server):
-    wrapper = tmp_path / "run_concepts.py"  # registers the sections the lead adds to pas.params.SECTIONS
+    wrapper = tmp_path / "run_concepts.py"  # runs the stage script from this checkout
     wrapper.write_text(textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT / 'stages')!r})
-        import pas.params as P
-        for k, v in {SECTIONS!r}.items():
-            P.register(k, v)
         import concepts
         concepts.main()
     """))

@@ -59,6 +59,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
     @staticmethod
     def answer(body):
         last = body["messages"][-1]["content"]
