@@ -223,10 +223,6 @@ def load_stage(name: str):
 
 def test_stage_end_to_end(tmp_path, clipart_food, monkeypatch):
     """Real clipart + planted exact copies (one real, one synthetic) through stages/dedup.py."""
-    import pas.params as P
-
-    monkeypatch.setitem(P.SECTIONS, "dedup", "pas.curate.dedup:DedupParams")   # until the lead registers it
-
     from pas.data.images import BadImage, load_rgb
     from pas.models.sscd import build_tiny_sscd
 

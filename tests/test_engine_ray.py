@@ -264,12 +264,10 @@ def test_dedup_ray_engine_is_byte_identical_to_local(tmp_path, monkeypatch, ray_
     import yaml
     from PIL import Image
 
-    import pas.params as P
     from pas.io.shards import iter_samples
     from pas.models.sscd import build_tiny_sscd, descriptors, load_sscd
     from tests.test_dedup import _write_images, load_stage
 
-    monkeypatch.setitem(P.SECTIONS, "dedup", "pas.curate.dedup:DedupParams")
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 255, (40 + 8 * (i % 3), 64, 3), dtype=np.uint8))
             for i in range(7)]                                    # three sizes: three shape buckets

@@ -307,14 +307,9 @@ def test_stage_main_with_cached_captions(sd_dir, tmp_path, monkeypatch):
     LLM is loaded — the real-LLM run is the slow test below."""
     import pandas as pd
 
-    from pas import params as pas_params
     from pas.collect.generate import cached_captions
     from pas.llm import spec_from_dict
 
-    for sec, target in (("generate", "pas.collect.generate:GenerateParams"),
-                        ("diffusion", "pas.collect.generate:DiffusionParams"),
-                        ("llm", "pas.llm.base:LLMSection")):
-        monkeypatch.setitem(pas_params.SECTIONS, sec, target)
     write_parquet(pd.DataFrame({"concept": ["ramen", "apple pie", "nope"], "accepted": [True, True, False]}),
                   tmp_path / "bank.parquet")
     l4 = {"backend": "transformers", "model": str(tmp_path / "no-llm-here")}
@@ -347,13 +342,8 @@ def test_stage_with_real_smollm2(sd_dir, tmp_path, monkeypatch):
     """Real L4 (SmolLM2-135M-Instruct, offline) writing captions; measures the stage time."""
     import pandas as pd
 
-    from pas import params as pas_params
     from pas.models.llm import OFFLINE_LLM, prepare_llm
 
-    for sec, target in (("generate", "pas.collect.generate:GenerateParams"),
-                        ("diffusion", "pas.collect.generate:DiffusionParams"),
-                        ("llm", "pas.llm.base:LLMSection")):
-        monkeypatch.setitem(pas_params.SECTIONS, sec, target)
     llm_dir = Path(os.environ.get("PAS_TEST_LLM_DIR", tmp_path / "llm"))
     if not (llm_dir / "config.json").is_file():
         prepare_llm(OFFLINE_LLM, llm_dir)

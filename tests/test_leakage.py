@@ -114,14 +114,12 @@ LAMBDA_TINY = 0.9995   # for the random tiny trunk only; see the measured distri
 
 
 def test_stage_finds_planted_copies(tmp_path, clipart_food, monkeypatch):
-    import pas.params as P
     from pas.data.images import BadImage, load_rgb
     from pas.io.manifest import write_parquet
     from pas.io.shards import ShardWriter, encode_image
     from pas.models.files import write_json
     from pas.models.sscd import build_tiny_sscd, descriptors, fingerprint, load_sscd
 
-    monkeypatch.setitem(P.SECTIONS, "leakage", "pas.curate.leakage:LeakageParams")
     imgs = []
     for f in clipart_food[5::23]:
         try:

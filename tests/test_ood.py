@@ -202,12 +202,6 @@ def tiny_clip_dir(tmp_path_factory):
 
 
 def _stage_inputs(tmp_path, monkeypatch, clip_dir):
-    from pas.params import SECTIONS
-
-    # the sections this stage reads (the lead registers them in pas.params.SECTIONS)
-    monkeypatch.setitem(SECTIONS, "ood", "pas.curate.ood:OodParams")
-    monkeypatch.setitem(SECTIONS, "domain", "pas.concepts.params:DomainParams")
-
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(4)]
     text_img = Image.new("RGB", (160, 96), "white")

@@ -302,7 +302,6 @@ def _stage():
 
 
 def test_stage_main_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setitem(pas_params.SECTIONS, "prune", "pas.curate.prune:PruneParams")
     real, synth = _make_images(tmp_path / "data", 40, 30)
     keys = [f"p{i:04d}" for i in range(38)] + [f"g{i:04d}" for i in range(28)]
     write_parquet(_scores_for(keys, 1), tmp_path / "data/ood/scores.parquet")
@@ -352,7 +351,6 @@ def test_stage_main_end_to_end(tmp_path, monkeypatch):
 
 
 def test_stage_main_bad_input_exits_cleanly(tmp_path, monkeypatch, caplog):
-    monkeypatch.setitem(pas_params.SECTIONS, "prune", "pas.curate.prune:PruneParams")
     (tmp_path / "params.yaml").write_text("prune:\n  stop: target_size\n")
     stage = _stage()
     assert stage.main(["--params", str(tmp_path / "params.yaml"), "--scores", "nope.parquet"]) == 2

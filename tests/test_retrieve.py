@@ -261,10 +261,6 @@ def test_stage_main_with_tiny_clip(tmp_path, monkeypatch):
     """The stage end to end with a real (tiny, random) open_clip CLIP and a pool embedded by it."""
     import faiss
 
-    from pas import params as pas_params
-
-    monkeypatch.setitem(pas_params.SECTIONS, "retrieve", "pas.collect.retrieve:RetrieveParams")
-
     from pas.models.clip import build_tiny_clip, load_clip
 
     clip_dir = build_tiny_clip(tmp_path / "clip", seed=0)

@@ -9,13 +9,8 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-import pas.params as P
 from pas.io.manifest import write_parquet
 from pas.io.shards import ShardWriter, encode_image, make_key
-
-# what the lead adds to pas.params SECTIONS; registered here so `pas.params.load` accepts our sections
-P.register("pretrain", "pas.train.pretrain:PretrainParams")
-P.register("eval", "pas.train.evalsets:EvalParams")
 
 TINY_VIT = {"kind": "timm", "name": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "depth": 2}, "seed": 0}
 TINY_PRETRAIN = {"method": "mocov3", "image_size": 32, "epochs": 2, "batch_size": 8, "lr": 1e-3,
