@@ -2,13 +2,20 @@
 
 Compares, on the same seeded data:
   faiss-flat   our pipeline: pas.curate.dedup (exact faiss IndexFlatIP kNN + scipy csgraph components)
-  faiss-ivf    the same with the IVF index (`dedup.index: ivf`)
+  faiss-ivf    the same with the IVF index at the shipped defaults (`dedup.index: ivf`: 4·sqrt(n) lists,
+               8-bit codes + exact float32 re-rank, nprobe 8)
+  faiss-ivf-flat  IVF with float32 lists (`dedup.ivf_codes: flat`), nprobe 8
+  faiss-ivf-np4 / faiss-ivf-np16  the default IVF at nprobe 4 / 16 (the recall margin)
+  faiss-hnsw   HNSW (M 32, efSearch 128)
   sklearn      scikit-learn NearestNeighbors(brute, n_jobs=-1) kNN + the same λ-graph + csgraph components
 Each method runs in its own subprocess, so peak RSS (ru_maxrss) is its own; the parent prints a table
-and the ratio against sklearn. Recall = planted groups whose members all landed in one component.
+and the ratio against sklearn. Recall = planted groups whose members all landed in one component;
+"= exact" = the method's components are exactly faiss-flat's (the partition, not just the counts).
+--copy-noise 0.7 plants harder copies (cos ≈ 0.67 between two copies, just above λ = 0.6).
 
     python benchmarks/dedup.py --n 100000                  # all methods
     python benchmarks/dedup.py --n 20000 --methods sklearn faiss-flat
+    python benchmarks/dedup.py --n 100000 --copy-noise 0.7
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ import numpy as np
 D, K, LAMBDA = 512, 64, 0.6
 
 
-def make_data(n: int, seed: int = 0, n_clusters: int = 500, group_frac: float = 0.1):
+def make_data(n: int, seed: int = 0, n_clusters: int = 500, group_frac: float = 0.1, copy_noise: float = 0.33):
     """Clustered unit vectors (within-cluster cos ≈ 0.2, below λ) plus planted groups of 2–6 near
-    copies (cos ≈ 0.9 to their original). Returns (x float32 (n, D), group id per row or -1)."""
+    copies (copy_noise 0.33: cos ≈ 0.9 to their original; 0.7: ≈ 0.8, and ≈ 0.67 between two copies,
+    just above λ). Returns (x float32 (n, D), group id per row or -1)."""
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((n_clusters, D)).astype(np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
@@ -43,7 +51,7 @@ def make_data(n: int, seed: int = 0, n_clusters: int = 500, group_frac: float = 
     originals = rng.choice(n_base, len(sizes), replace=False)
     for g, (o, s) in enumerate(zip(originals, sizes)):
         group[o] = g
-        cp = base[o] + 0.33 * rng.standard_normal((s - 1, D)).astype(np.float32) / np.sqrt(D)
+        cp = base[o] + copy_noise * rng.standard_normal((s - 1, D)).astype(np.float32) / np.sqrt(D)
         rows.append(cp / np.linalg.norm(cp, axis=1, keepdims=True))
     x = np.concatenate(rows).astype(np.float32)
     group[n_base:] = np.repeat(np.arange(len(sizes)), [s - 1 for s in sizes])
@@ -65,7 +73,12 @@ def run_method(method: str, n: int, seed: int, data: str) -> dict:
     if method == "faiss-flat":
         m = dedup(keys, x, LAMBDA, K, seed, index="flat", use_gpu=False)
     elif method == "faiss-ivf":
-        m = dedup(keys, x, LAMBDA, K, seed, index="ivf", nprobe=16, use_gpu=False)
+        m = dedup(keys, x, LAMBDA, K, seed, index="ivf", use_gpu=False)       # library defaults
+    elif method == "faiss-ivf-flat":
+        m = dedup(keys, x, LAMBDA, K, seed, index="ivf", ivf_codes="flat", nprobe=8, use_gpu=False)
+    elif method in ("faiss-ivf-np4", "faiss-ivf-np16"):
+        m = dedup(keys, x, LAMBDA, K, seed, index="ivf", nprobe=int(method[len("faiss-ivf-np"):]),
+                  use_gpu=False)
     elif method == "faiss-hnsw":
         m = dedup(keys, x, LAMBDA, K, seed, index="hnsw", use_gpu=False)
     elif method == "sklearn":
@@ -83,6 +96,7 @@ def run_method(method: str, n: int, seed: int, data: str) -> dict:
         raise SystemExit(f"unknown method {method}")
     dt = time.perf_counter() - t0
     comp = m["component"].to_numpy()
+    np.save(f"{data}/{method}.comp.npy", comp)
     planted = group >= 0
     df = {"g": group[planted], "c": comp[planted]}
 
@@ -98,17 +112,25 @@ def run_method(method: str, n: int, seed: int, data: str) -> dict:
             "rss_before_mb": round(rss0 / 1024, 1)}
 
 
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Do two component labellings group the rows identically (labels may differ)?"""
+    pairs = np.unique(np.stack([a, b], 1), axis=0)
+    return len(pairs) == len(np.unique(a)) == len(np.unique(b))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--methods", nargs="+", default=["faiss-flat", "faiss-ivf", "sklearn"])
+    ap.add_argument("--methods", nargs="+", default=["faiss-flat", "faiss-ivf", "faiss-ivf-flat", "faiss-ivf-np4",
+                                                     "faiss-ivf-np16", "faiss-hnsw", "sklearn"])
+    ap.add_argument("--copy-noise", type=float, default=0.33)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--make-data", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make_data:
-        x, group = make_data(args.n, args.seed)
+        x, group = make_data(args.n, args.seed, copy_noise=args.copy_noise)
         np.save(f"{args.data}/x.npy", x)
         np.save(f"{args.data}/group.npy", group)
         return 0
@@ -122,12 +144,12 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory()
     data = tmp.name
     subprocess.run([sys.executable, __file__, "--n", str(args.n), "--seed", str(args.seed), "--make-data",
-                    "--data", data], check=True)
+                    "--copy-noise", str(args.copy_noise), "--data", data], check=True)
     import faiss
     import sklearn
     import threadpoolctl
 
-    print(f"# n={args.n} d={D} k={K} lambda={LAMBDA}; faiss {faiss.__version__} (omp threads "
+    print(f"# n={args.n} d={D} k={K} lambda={LAMBDA} copy_noise={args.copy_noise}; faiss {faiss.__version__} (omp threads "
           f"{faiss.omp_get_max_threads()}), sklearn {sklearn.__version__}; "
           f"blas {[i.get('internal_api') for i in threadpoolctl.threadpool_info()]}", flush=True)
     results = []
@@ -141,12 +163,14 @@ def main() -> int:
         results.append(res)
         print(json.dumps(res), flush=True)
     base = next((r for r in results if r["method"] == "sklearn"), None)
-    print("\n| method | n | seconds | × vs sklearn | group recall | removal precision | removed | "
+    exact = np.load(f"{data}/faiss-flat.comp.npy") if any(r["method"] == "faiss-flat" for r in results) else None
+    print("\n| method | n | seconds | × vs sklearn | = exact | group recall | removal precision | removed | "
           "peak RSS MB | RSS before (data+imports) MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ratio = f"{base['seconds'] / r['seconds']:.1f}" if base else "-"
-        print(f"| {r['method']} | {r['n']} | {r['seconds']} | {ratio} | {r['recall_groups']} | "
+        same = "-" if exact is None else same_partition(exact, np.load(f"{data}/{r['method']}.comp.npy"))
+        print(f"| {r['method']} | {r['n']} | {r['seconds']} | {ratio} | {same} | {r['recall_groups']} | "
               f"{r['removal_precision']} | {r['removed']} | {r['peak_rss_mb']} | {r['rss_before_mb']} |")
     return 0
 
