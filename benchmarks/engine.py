@@ -1,10 +1,12 @@
 """Wall time of the Ray-capable stages on the smoke data: PAS_ENGINE=local vs ray, and Ray's start-up.
 
-    python benchmarks/engine.py [--repeats 2] [--stages ood dedup] [--json out.json]
+    python benchmarks/engine.py [--repeats 2] [--stages ood dedup leakage generate pool] [--json out.json]
 
-Runs `python stages/ood.py` (inputs: data/leakage, data/retrieved, data/generated, data/concepts,
-models/clip of the last `dvc repro`) and `python stages/dedup.py` (data/retrieved, data/generated,
-models/sscd), outputs to a temp dir (never data/), as a fresh process each time:
+Runs `python stages/<stage>.py` on the inputs of the last `dvc repro` (data/, models/), outputs to a
+temp dir (never data/), as a fresh process each time: `ood`, `dedup`, `leakage`, `generate` (its image
+part: the cached L4 captions of data/.cache/generate/captions.json are copied into a fresh scratch
+folder, so every run draws all shards and no LLM runs) and `pool` (8k clipart; slow, not by default).
+Modes:
 
 - local:        PAS_ENGINE unset (the default, in-process loop);
 - ray-fresh:    PAS_ENGINE=ray, no address: the stage starts its own local Ray (what a user gets);
@@ -54,9 +56,17 @@ def _digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+STAGES = ("ood", "dedup", "leakage", "generate", "pool")
+
+
 def run_stage(stage: str, out: Path, env: dict) -> float:
     cmd = [sys.executable, f"stages/{stage}.py", "--out", str(out), "--metrics", str(out) + ".json",
            "--params", "params.yaml"]
+    if stage == "generate":      # a fresh scratch folder holding only the captions: every shard is drawn
+        cache = Path(str(out) + "-cache")
+        cache.mkdir(parents=True)
+        shutil.copy(ROOT / "data" / ".cache" / "generate" / "captions.json", cache / "captions.json")
+        cmd += ["--cache", str(cache)]
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -68,7 +78,7 @@ def run_stage(stage: str, out: Path, env: dict) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--stages", nargs="+", default=["ood", "dedup"], choices=["ood", "dedup"])
+    ap.add_argument("--stages", nargs="+", default=["ood", "dedup", "leakage", "generate"], choices=STAGES)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))

@@ -31,72 +31,42 @@ log = logging.getLogger("dedup")
 CHUNK = 512          # images decoded at a time (descriptors run in batch_size batches inside)
 
 
-class _SscdChunks:
-    """`pas.engine.map_shards` work: SSCD descriptors of one chunk of samples, given as shard index
-    ranges. Pickles without the model; each Ray actor loads it once, on its own device."""
-
-    def __init__(self, sscd_dir: str, resize, batch_size: int, device: str, model=None):
-        self.sscd_dir, self.resize, self.batch_size, self.device = str(sscd_dir), resize, batch_size, device
-        self.model = model
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "model": None}
-
-    def __call__(self):
-        if self.model is None:
-            from pas.models.sscd import load_sscd
-
-            self.model = load_sscd(self.sscd_dir, device=self.device)
-        return self.run
-
-    def run(self, chunk: list[tuple[str, int, int]]) -> np.ndarray:
-        from pas.io.shards import iter_samples
-        from pas.models.sscd import descriptors
-
-        pils = [s.pil() for shard, start, stop in chunk
-                for i, s in enumerate(iter_samples(shard)) if start <= i < stop]
-        if len(pils) != sum(stop - start for _, start, stop in chunk):
-            raise ValueError(f"{chunk}: a shard changed while descriptors were computed")
-        return descriptors(self.model, pils, resize=self.resize, batch_size=self.batch_size,
-                           device=self.device)
-
-
 def compute_descriptors(dirs: list[str], model, resize, batch_size: int, device: str, sscd_dir: str = "",
                         engine=None):
     """Descriptors of every sample of the shard folders `dirs`, in stored order.
 
-    Samples are cut into chunks of CHUNK in stored order (a chunk may span shards) and each chunk is one
-    `descriptors` call, on the engine of `engine` (PAS_ENGINE; see pas.engine): the chunks, hence the
-    batches, are the same on either engine, so are the bytes. Ray actors load SSCD from `sscd_dir`.
-    Returns (keys, sources, descriptors float32 (N, D))."""
+    Samples are cut into chunks of CHUNK in stored order (a chunk may span shards and folders) and
+    each chunk is one `descriptors` call, on the engine of `engine` (PAS_ENGINE; see pas.engine): the
+    chunks, hence the batches, are the same on either engine, so are the bytes. Ray actors load SSCD
+    from `sscd_dir`. Returns (keys, sources, descriptors float32 (N, D))."""
     from tqdm import tqdm
 
+    from pas.data.chunks import shard_spans
     from pas.engine import map_shards
     from pas.io.shards import iter_samples, list_shards
+    from pas.models.sscd import ChunkDescriptors
 
     keys: list[str] = []
     sources: list[str] = []
-    chunks: list[list[tuple[str, int, int]]] = [[]]
+    shards, counts = [], []
     for d in dirs:
         default_source = "synthetic" if "generated" in Path(d).name else "real"
         if not Path(d).is_dir():
             raise FileNotFoundError(f"{d}: image folder does not exist")
         for shard in list_shards(d):
-            start = i = 0
-            samples = tqdm(iter_samples(shard), desc=f"index {shard.name}", unit="img", leave=False)
-            for i, s in enumerate(samples, 1):
+            shards.append(shard)
+            n0 = len(keys)
+            for s in tqdm(iter_samples(shard), desc=f"index {shard.name}", unit="img", leave=False):
                 keys.append(s.key)
                 sources.append(str(s.meta.get("source", default_source)))
-                if len(keys) % CHUNK == 0:
-                    chunks[-1].append((str(shard), start, i))
-                    chunks.append([])
-                    start = i
-            if i > start:
-                chunks[-1].append((str(shard), start, i))
-    chunks = [c for c in chunks if c]
-    parts = map_shards(_SscdChunks(sscd_dir, resize, batch_size, device, model=model), chunks, config=engine,
-                       desc="sscd chunks")
-    x = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+            counts.append(len(keys) - n0)
+    chunks = shard_spans(shards, CHUNK, counts)
+    parts = map_shards(ChunkDescriptors(sscd_dir, resize, batch_size, device, model=model), chunks,
+                       config=engine, desc="sscd chunks")
+    got = [k for part_keys, _ in parts for k in part_keys]
+    if got != keys:
+        raise ValueError(f"{dirs}: shards changed while their descriptors were computed")
+    x = np.concatenate([xp for _, xp in parts]) if parts else np.zeros((0, 0), np.float32)
     return keys, sources, x
 
 
@@ -143,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     t_desc = time.time() - t0
 
     manifest = dedup(keys, x, p.lambda_dup, p.k_dup, p.seed, progress=len(keys) > 50_000, index=p.index,
-                     nlist=p.nlist, nprobe=p.nprobe, hnsw_m=p.hnsw_m, ef_search=p.ef_search, use_gpu=p.use_gpu)
+                     nlist=p.nlist, nprobe=p.nprobe, ivf_codes=p.ivf_codes, hnsw_m=p.hnsw_m,
+                     ef_search=p.ef_search, use_gpu=p.use_gpu)
     manifest.insert(1, "source", sources)
     metrics = summary(manifest, sources)
 

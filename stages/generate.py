@@ -15,6 +15,7 @@ from pas.collect import load_concepts
 from pas.collect.captions import load_template, write_captions
 from pas.collect.generate import (DiffusionParams, GenerateParams, caption_fingerprint, cached_captions,
                                   generate)
+from pas.engine import EngineConfig
 from pas.io.manifest import write_metrics
 from pas.params import ParamsError, build, load
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     captions, cached = cached_captions(args.cache, fp, make)
     t_cap = time.perf_counter() - t0
     try:
-        metrics = generate(captions, args.model, args.out, args.cache, p, d)
+        metrics = generate(captions, args.model, args.out, args.cache, p, d, engine=EngineConfig.from_env())
     except FileNotFoundError as e:
         log.error("generate: %s", e)
         return 2

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pas.curate.leakage import LeakageParams, iter_test_images, leakage, resolve_evalsets, summary
+from pas.curate.leakage import LeakageParams, leakage, resolve_evalsets, summary
+from pas.engine import EngineConfig
 from pas.io.manifest import read_parquet, write_metrics, write_parquet
 from pas.params import build, load
 
@@ -48,30 +49,37 @@ def load_dedup(dedup_dir: Path) -> tuple[list[str], list[str], np.ndarray, dict]
     return keys, sources, x[[r for _, r, _ in rows]] if rows else x[:0], info
 
 
-def test_descriptors(sets: dict[str, Path], model, resize, p: LeakageParams, device: str):
-    from tqdm import tqdm
+def test_descriptors(sets: dict[str, Path], model, resize, p: LeakageParams, device: str, sscd_dir: str = "",
+                     engine=None):
+    """SSCD descriptors of every eval set's test images, set by set, in stored order.
 
-    from pas.models.sscd import descriptors
+    Each set is cut into chunks of CHUNK images (`pas.data.chunks`, no decoding) and each chunk is one
+    `descriptors` call on `engine` (PAS_ENGINE; Ray actors load SSCD from `sscd_dir`): the chunks,
+    hence the batches and bytes, are the same on either engine. Returns (keys, set names, descriptors
+    or None, test images per set)."""
+    from pas.data.chunks import plan_chunks
+    from pas.engine import map_shards
+    from pas.models.sscd import ChunkDescriptors
 
-    keys, names, parts = [], [], []
-    n_test = {}
+    items, owner = [], []
     for name, d in sets.items():
-        pils, n = [], 0
-        for key, img in tqdm(iter_test_images(d, max_side=p.max_side), desc=f"sscd {name}", unit="img"):
-            keys.append(key)
-            names.append(name)
-            pils.append(img)
-            n += 1
-            if len(pils) >= CHUNK:
-                parts.append(descriptors(model, pils, resize=resize, batch_size=p.batch_size, device=device))
-                pils = []
-        if pils:
-            parts.append(descriptors(model, pils, resize=resize, batch_size=p.batch_size, device=device))
-        n_test[name] = n
+        for item in plan_chunks(d, CHUNK):
+            items.append(item)
+            owner.append(name)
+    parts = map_shards(ChunkDescriptors(sscd_dir, resize, p.batch_size, device, max_side=p.max_side, model=model),
+                       items, config=engine, desc="sscd test chunks")
+    keys, names, xs = [], [], []
+    n_test = {name: 0 for name in sets}
+    for name, (part_keys, x) in zip(owner, parts):
+        keys += part_keys
+        names += [name] * len(part_keys)
+        n_test[name] += len(part_keys)
+        if len(part_keys):
+            xs.append(x)
+    for name, n in n_test.items():
         if n == 0:
-            log.warning("eval set %s: no test images in %s", name, d)
-    xt = np.concatenate(parts) if parts else None
-    return keys, names, xt, n_test
+            log.warning("eval set %s: no test images in %s", name, sets[name])
+    return keys, names, (np.concatenate(xs) if xs else None), n_test
 
 
 def _evalset_arg(s: str) -> tuple[str, str]:
@@ -111,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     if not sets:
         log.warning("no eval sets found (%s, --evalset): nothing can leak, every image is kept", args.evalsets)
     device = resolve_device(p.device)
-    model = load_sscd(args.sscd, device=device)
-    tkeys, tnames, xt, n_test = test_descriptors(sets, model, resize, p, device)
+    engine = EngineConfig.from_env()
+    # with Ray the actors load SSCD; this process only plans chunks and runs the kNN
+    model = load_sscd(args.sscd, device=device) if engine.engine == "local" else None
+    tkeys, tnames, xt, n_test = test_descriptors(sets, model, resize, p, device, sscd_dir=args.sscd,
+                                                 engine=engine)
     if xt is None:
         xt = np.zeros((0, x.shape[1] if x.ndim == 2 and x.shape[1] else 512), np.float32)
 

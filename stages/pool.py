@@ -21,10 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = build(PoolParams, load(args.params), "pool")
 
-    from pas.models.clip import load_clip
+    from pas.engine import EngineConfig
 
-    clip = load_clip(args.clip, device=p.device)
-    write_metrics(args.metrics, build_pool(p, clip, args.out))
+    # PAS_ENGINE=ray: CLIP is loaded by the Ray actors that embed the shards, not here
+    write_metrics(args.metrics, build_pool(p, None, args.out, clip_dir=args.clip, engine=EngineConfig.from_env()))
     return 0
 
 

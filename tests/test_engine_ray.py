@@ -299,3 +299,210 @@ def test_dedup_ray_engine_is_byte_identical_to_local(tmp_path, monkeypatch, ray_
     ref = np.concatenate([descriptors(model, pils[i:i + 3], resize=resize, batch_size=2)
                           for i in range(0, 8, 3)])
     np.testing.assert_array_equal(x, ref)
+
+
+@pytest.mark.slow
+def test_leakage_ray_engine_is_byte_identical_to_local(tmp_path, monkeypatch, ray_cluster, clipart_food):
+    """Test-image SSCD descriptors on Ray actors: chunks of 2 that span shards (the wds eval set) and
+    list files (the ImageFolder), the same plan on both engines."""
+    from tests.test_dedup import load_stage
+    from tests.test_leakage import stage_inputs
+
+    ctx = stage_inputs(tmp_path, clipart_food)
+    outs, metrics = {}, {}
+    for engine in ("local", "ray"):
+        monkeypatch.setenv("PAS_ENGINE", engine)
+        monkeypatch.setenv("PAS_RAY_ADDRESS", ray_cluster)
+        stage = load_stage("leakage")
+        stage.CHUNK = 2
+        assert stage.main([*ctx["args"], "--out", str(tmp_path / engine),
+                           "--metrics", str(tmp_path / f"{engine}.json")]) == 0
+        outs[engine] = _outputs(tmp_path / engine)
+        metrics[engine] = json.loads((tmp_path / f"{engine}.json").read_text())
+    assert sorted(outs["local"]) == ["manifest.parquet", "test_descriptors.npy", "test_keys.parquet"]
+    assert outs["ray"] == outs["local"] and metrics["ray"] == metrics["local"]
+    assert metrics["local"]["n_test"] == {"food": 5, "mine": 3} and metrics["local"]["n_dropped"] == 2
+
+
+@pytest.mark.slow
+def test_pool_ray_engine_is_byte_identical_to_local(tmp_path, monkeypatch, ray_cluster, clipart_food,
+                                                    tiny_clip_dir):
+    """Pool embeddings on Ray actors, one written shard per task (3 shards, batches of 3 restarting at
+    every shard), against the in-stream local embedding."""
+    import numpy as np
+
+    from pas.data.pool import PoolParams, build_pool
+    from pas.engine import EngineConfig
+
+    src = tmp_path / "src" / "food"
+    src.mkdir(parents=True)
+    for f in clipart_food[:11]:
+        (src / f.name).write_bytes(f.read_bytes())
+    p = PoolParams(source=str(tmp_path / "src"), max_side=96, shard_maxcount=4, batch_size=3, workers=1)
+    m_local = build_pool(p, None, tmp_path / "local", clip_dir=tiny_clip_dir, engine=EngineConfig("local"))
+    m_ray = build_pool(p, None, tmp_path / "ray", clip_dir=tiny_clip_dir,
+                       engine=EngineConfig("ray", ray_address=ray_cluster))
+    assert m_local["n_shards"] == 3 and 9 <= m_local["n_indexed"] <= 11
+    assert {k: v for k, v in m_ray.items() if k not in ("seconds", "images_per_second")} == \
+        {k: v for k, v in m_local.items() if k not in ("seconds", "images_per_second")}
+    local, ray_out = _outputs(tmp_path / "local"), _outputs(tmp_path / "ray")
+    assert "embeddings.npy" in local and ray_out == local
+    emb = np.load(tmp_path / "local" / "embeddings.npy")
+    assert emb.shape == (m_local["n_indexed"], 128)
+
+
+@pytest.mark.slow
+def test_generate_ray_engine_is_byte_identical_and_resumes_across_engines(tmp_path, ray_cluster):
+    """Diffusion shards on Ray actors (tiny SD, 1 torch thread on both engines): the same bytes as a
+    local run; a shard drawn locally before is not redrawn by the Ray run (shard-based resume)."""
+    import shutil
+
+    from pas.collect.generate import DiffusionParams, GenerateParams, generate
+    from pas.engine import EngineConfig
+    from pas.models.diffusion import build_tiny_sd
+    from tests.test_generate import CAPS, files_of
+
+    sd_dir = build_tiny_sd(tmp_path / "diffusion", seed=0)
+    p = GenerateParams(n_cap=2, n_synth=2, seed=0, shard_size=3)
+    d = DiffusionParams(steps=2, guidance=3.0, resolution=64, batch_size=2, cpu_threads=1)
+    ray_cfg = EngineConfig("ray", ray_address=ray_cluster)
+    m_local = generate(CAPS, sd_dir, tmp_path / "out_local", tmp_path / "cache_local", p, d, progress=False,
+                       engine=EngineConfig("local"))
+    m_ray = generate(CAPS, sd_dir, tmp_path / "out_ray", tmp_path / "cache_ray", p, d, progress=False,
+                     engine=ray_cfg)
+    assert m_local["n_shards"] == m_ray["n_shards"] == m_ray["n_shards_generated"] == 3
+    assert files_of(tmp_path / "out_ray") == files_of(tmp_path / "out_local")
+    # resume across engines: keep the locally drawn shard 0 (and its marker) only; Ray draws the rest
+    cache = tmp_path / "cache_mixed" / "shards"
+    cache.mkdir(parents=True)
+    for name in ("generated-000000.tar", "generated-000000.done.json"):
+        shutil.copy(tmp_path / "cache_local" / "shards" / name, cache / name)
+    m_mixed = generate(CAPS, sd_dir, tmp_path / "out_mixed", tmp_path / "cache_mixed", p, d, progress=False,
+                       engine=ray_cfg)
+    assert (m_mixed["n_shards_resumed"], m_mixed["n_shards_generated"]) == (1, 2)
+    assert files_of(tmp_path / "out_mixed") == files_of(tmp_path / "out_local")
+
+
+# ---------------------------------------------------------------------------------------------
+# backend vllm under PAS_ENGINE=ray: ray.data.llm
+
+def test_ray_vllm_backend_is_chosen_and_configured():
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    from pas.llm import make_backend
+    from pas.llm.base import LLMSpec
+    from pas.llm.ray_vllm_backend import RayVLLMBackend, processor_config_kwargs, replicas
+    from pas.llm.vllm_backend import VLLMBackend
+
+    spec = {"backend": "vllm", "model": "models/llm", "dtype": "bfloat16", "batch_size": 16,
+            "tensor_parallel_size": 2, "max_model_len": 4096}
+    assert isinstance(make_backend(spec, engine=EngineConfig("ray")), RayVLLMBackend)
+    assert isinstance(make_backend(spec, engine=EngineConfig("local")), VLLMBackend)
+    s = LLMSpec(**spec)
+    assert replicas(s, 0, {"GPU": 8.0}) == 4 and replicas(s, 0, {"CPU": 4.0}) == 1 and replicas(s, 3, {}) == 3
+    kw = processor_config_kwargs(s, 4)
+    assert kw["model_source"] == "models/llm" and kw["batch_size"] == 16 and kw["concurrency"] == 4
+    assert kw["engine_kwargs"] == {"dtype": "bfloat16", "seed": 0, "gpu_memory_utilization": 0.9,
+                                   "tensor_parallel_size": 2, "max_model_len": 4096}
+    cfg = vLLMEngineProcessorConfig(**kw)                  # Ray's own validation accepts them
+    assert cfg.concurrency == 4 and cfg.should_continue_on_error
+
+
+def test_ray_vllm_postprocess_reads_logprobs_and_errors():
+    from pas.llm.ray_vllm_backend import _postprocess
+
+    steps = [{5: {"logprob": -0.1, "decoded_token": "Yes"}, 9: {"logprob": -2.5, "decoded_token": "No"}},
+             {7: {"logprob": -0.3, "decoded_token": "!"}}]
+    row = {"i": 3, "generated_text": " Yes! ", "generated_tokens": [5, 7], "num_generated_tokens": 2,
+           "logprobs": steps}
+    chat = _postprocess(row, yes_no=False)
+    assert chat == {"i": 3, "text": "Yes!", "n_tokens": 2, "logprobs": [["Yes", -0.1], ["!", -0.3]],
+                    "has_logprobs": True, "error": ""}
+    yn = _postprocess(row, yes_no=True)
+    assert yn["logprobs"] == [["Yes", -0.1], ["No", -2.5]]
+    err = _postprocess({"i": 0, "__inference_error__": "CUDA OOM", "generated_text": ""}, yes_no=False)
+    assert err["error"] == "CUDA OOM" and err["text"] == "" and not err["has_logprobs"]
+
+
+def _fake_vllm_processor(config, preprocess, postprocess):
+    """Stands in for `ray.data.llm.build_processor` where vLLM cannot run (no GPU): the same Ray Data
+    map → engine → map shape; the 'engine' echoes the prompt and its sampling seed, and puts all the
+    log-probability mass of the first token on "Yes" for prompts that contain 'apple'."""
+
+    def engine(row):
+        sp, msg = row["sampling_params"], row["messages"][-1]["content"]
+        yes = "apple" in msg
+        first = {11: {"logprob": -0.05 if yes else -3.0, "decoded_token": " Yes"},
+                 12: {"logprob": -3.0 if yes else -0.05, "decoded_token": " No"}}
+        text = f"{msg} | seed {sp['seed']} | max {sp['max_tokens']}"
+        return {**row, "generated_text": text, "generated_tokens": [11 if yes else 12],
+                "num_generated_tokens": 1, "logprobs": [first]}
+
+    return lambda ds: ds.map(preprocess).map(engine).map(postprocess)
+
+
+@pytest.mark.slow
+def test_ray_vllm_backend_through_ray_data(ray_cluster, monkeypatch):
+    import ray.data.llm
+
+    from pas.llm import ChatRequest, make_backend
+
+    monkeypatch.setattr(ray.data.llm, "build_processor", _fake_vllm_processor)
+    llm = make_backend({"backend": "vllm", "model": "models/llm", "max_new_tokens": 40},
+                       engine=EngineConfig("ray", ray_address=ray_cluster, actors=1))
+    reqs = [ChatRequest(messages=({"role": "user", "content": f"name food {i}"},), seed=100 + i,
+                        max_new_tokens=8 if i == 3 else None) for i in range(12)]
+    out = llm.chat(reqs)
+    assert [r.text for r in out] == [f"name food {i} | seed {100 + i} | max {8 if i == 3 else 40}"
+                                     for i in range(12)]                     # request order, own seeds
+    assert out[0].logprobs == [(" No", -0.05)] and out[0].n_tokens == 1 and out[0].error is None
+    verdicts = llm.yes_no([ChatRequest(messages=({"role": "user", "content": q},))
+                           for q in ("is apple pie food?", "is a car food?")])
+    assert [v.method for v in verdicts] == ["logprobs", "logprobs"]
+    assert verdicts[0].p_yes > 0.9 > 0.1 > verdicts[1].p_yes
+
+
+@pytest.mark.slow
+def test_generate_ray_survives_an_actor_killed_mid_shard(tmp_path, monkeypatch, ray_cluster):
+    """An actor SIGKILLed halfway through writing a shard (a partial temp tar on disk): Ray restarts it,
+    the shard is redrawn from scratch, and the output equals an uninterrupted local run."""
+    import cloudpickle
+
+    import pas.collect.generate as gen_lib
+    from pas.collect.generate import DiffusionParams, GenerateParams, generate
+    from pas.engine import EngineConfig
+    from pas.models.diffusion import build_tiny_sd
+    from tests.test_generate import CAPS, files_of
+
+    flag = tmp_path / "killed.json"
+
+    class KillOnceRender(gen_lib._RenderShards):
+        def run(self, work):
+            name, _ = work
+            try:
+                fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return super().run(work)
+            os.write(fd, json.dumps({"pid": os.getpid(), "shard": name}).encode())
+            os.close(fd)
+            partial = Path(self.shard_dir) / f".tmp-{name}"
+            partial.mkdir(parents=True, exist_ok=True)
+            (partial / "part-000000.tar").write_bytes(b"half a shard")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sd_dir = build_tiny_sd(tmp_path / "diffusion", seed=0)
+    p = GenerateParams(n_cap=2, n_synth=2, seed=0, shard_size=3)
+    d = DiffusionParams(steps=2, guidance=3.0, resolution=64, batch_size=2, cpu_threads=1)
+    generate(CAPS, sd_dir, tmp_path / "out_local", tmp_path / "cache_local", p, d, progress=False,
+             engine=EngineConfig("local"))
+    monkeypatch.setattr(gen_lib, "_RenderShards", KillOnceRender)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        m = generate(CAPS, sd_dir, tmp_path / "out_ray", tmp_path / "cache_ray", p, d, progress=False,
+                     engine=EngineConfig("ray", ray_address=ray_cluster))
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert json.loads(flag.read_text())["pid"] != os.getpid()
+    assert m["n_shards_generated"] == 3
+    assert files_of(tmp_path / "out_ray") == files_of(tmp_path / "out_local")
+    assert not list((tmp_path / "cache_ray" / "shards").glob(".tmp-*"))

@@ -113,7 +113,9 @@ def load_stage(name: str):
 LAMBDA_TINY = 0.9995   # for the random tiny trunk only; see the measured distribution asserted below
 
 
-def test_stage_finds_planted_copies(tmp_path, clipart_food, monkeypatch):
+def stage_inputs(tmp_path: Path, clipart_food) -> dict:
+    """The leakage stage's inputs on real clipart: an eval set in the evalsets layout (5 images in
+    shards), a user ImageFolder (3), and dedup outputs whose images include planted copies."""
     from pas.data.images import BadImage, load_rgb
     from pas.io.manifest import write_parquet
     from pas.io.shards import ShardWriter, encode_image
@@ -159,6 +161,22 @@ def test_stage_finds_planted_copies(tmp_path, clipart_food, monkeypatch):
     write_json(d / "descriptors.json", {"model_sha256": fingerprint(sscd_dir), "resize": 160, "dims": 512,
                                         "n": len(keys)})
 
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"lambda_leak": LAMBDA_TINY, "k_leak": 4,
+                                      "leakage": {"device": "cpu", "batch_size": 4}}))
+    args = ["--dedup", str(d), "--evalsets", str(root), "--evalset", f"mine={folder}", "--sscd", str(sscd_dir),
+            "--params", str(params)]
+    return {"args": args, "keys": keys, "x": x, "model": model, "test_wds": test_wds, "test_folder": test_folder,
+            "dataset": dataset, "dedup": d}
+
+
+def test_stage_finds_planted_copies(tmp_path, clipart_food, monkeypatch):
+    from pas.models.files import write_json
+    from pas.models.sscd import descriptors
+
+    ctx = stage_inputs(tmp_path, clipart_food)
+    keys, x, model, d = ctx["keys"], ctx["x"], ctx["model"], ctx["dedup"]
+    test_wds, test_folder, dataset = ctx["test_wds"], ctx["test_folder"], ctx["dataset"]
     # the measured similarity distribution of this sample supports the tiny-model threshold
     xt = descriptors(model, test_wds + test_folder, resize=160)
     s = x @ xt.T
@@ -166,13 +184,9 @@ def test_stage_finds_planted_copies(tmp_path, clipart_food, monkeypatch):
     unrelated = s[: len(dataset)].max()
     assert min(copies) > LAMBDA_TINY > unrelated, (copies, unrelated)
 
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"lambda_leak": LAMBDA_TINY, "k_leak": 4,
-                                      "leakage": {"device": "cpu", "batch_size": 4}}))
     stage = load_stage("leakage")
     out, metrics = tmp_path / "leakage", tmp_path / "metrics" / "leakage.json"
-    args = ["--dedup", str(d), "--evalsets", str(root), "--evalset", f"mine={folder}", "--sscd", str(sscd_dir),
-            "--out", str(out), "--params", str(params), "--metrics", str(metrics)]
+    args = [*ctx["args"], "--out", str(out), "--metrics", str(metrics)]
     assert stage.main(args) == 0
     m = pd.read_parquet(out / "manifest.parquet").set_index("key")
     assert "p902" not in m.index and len(m) == len(keys) - 1
@@ -188,3 +202,31 @@ def test_stage_finds_planted_copies(tmp_path, clipart_food, monkeypatch):
     write_json(d / "descriptors.json", {"model_sha256": "0" * 64, "resize": 160, "dims": 512, "n": len(keys)})
     with pytest.raises(ValueError, match="rerun dedup"):
         stage.main(args)
+
+
+def test_test_chunks_span_shards_and_skip_bad_files(tmp_path, clipart_food):
+    """The chunk plan (`pas.data.chunks`) behind the test descriptors: shard items span shards, file
+    items list paths; loading every item gives exactly `iter_test_images`."""
+    from pas.curate.leakage import iter_test_images
+    from pas.data.chunks import chunk_size, load_chunk, plan_chunks
+    from pas.io.shards import ShardWriter, encode_image
+
+    imgs = [Image.new("RGB", (20 + i, 20), (10 * i, 0, 0)) for i in range(7)]
+    with ShardWriter(tmp_path / "wds", prefix="t", maxcount=3) as w:
+        for i, im in enumerate(imgs):
+            w.write(f"t{i}", encode_image(im), {})
+    items = plan_chunks(tmp_path / "wds", 2)
+    assert [chunk_size(it) for it in items] == [2, 2, 2, 1]
+    assert items[1] == ("shards", [(str(tmp_path / "wds" / "t-000000.tar"), 2, 3),
+                                   (str(tmp_path / "wds" / "t-000001.tar"), 0, 1)])
+    keys = [k for it in items for k, _ in load_chunk(it)]
+    assert keys == [f"t{i}" for i in range(7)] == [k for k, _ in iter_test_images(tmp_path / "wds")]
+    folder = tmp_path / "folder"
+    (folder / "b").mkdir(parents=True)
+    imgs[0].save(folder / "a.png")
+    imgs[1].save(folder / "b" / "c.png")
+    (folder / "b" / "d.png").write_bytes(b"not a png")
+    items = plan_chunks(folder, 2)
+    assert items == [("files", str(folder), ["a.png", "b/c.png"]), ("files", str(folder), ["b/d.png"])]
+    assert [k for it in items for k, _ in load_chunk(it, max_side=16)] == ["a.png", "b/c.png"]
+    assert [im.size for it in items for _, im in load_chunk(it, max_side=16)] == [(16, 16), (16, 15)]

@@ -107,7 +107,8 @@ class _ShardActor:
 
 def map_shards(fn_factory: Callable[[], Callable[[Any], Any]], items: Sequence[Any], *,
                config: EngineConfig | None = None,
-               on_result: Callable[[int, Any], None] | None = None, desc: str = "shards") -> list:
+               on_result: Callable[[int, Any], None] | None = None, desc: str = "shards",
+               progress: bool = True) -> list:
     """[fn(item) for item in items] with `fn = fn_factory()`, on the engine of `config` (default: env).
 
     Items, `fn_factory` and results must pickle (cloudpickle) for `ray`. `on_result(i, result)` runs in
@@ -123,7 +124,7 @@ def map_shards(fn_factory: Callable[[], Callable[[Any], Any]], items: Sequence[A
         from tqdm import tqdm
 
         fn = fn_factory()
-        for i, item in enumerate(tqdm(items, desc=desc, unit="shard")):
+        for i, item in enumerate(tqdm(items, desc=desc, unit="shard", disable=not progress)):
             results[i] = fn(item)
             if on_result is not None:
                 on_result(i, results[i])

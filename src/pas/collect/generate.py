@@ -222,50 +222,81 @@ def _clean_out(out: Path) -> None:
             p.unlink()
 
 
+class _RenderShards:
+    """`pas.engine.map_shards` work: render one shard into the scratch folder and return its sha256
+    and seconds. Pickles without the pipeline; each Ray actor loads it once (`num_gpus` per actor from
+    PAS_RAY_NUM_GPUS_PER_ACTOR). The tar is written to a temp name and renamed when complete, so a
+    killed actor leaves no half shard behind and Ray's retry redraws it from scratch."""
+
+    def __init__(self, model_dir: str | Path, d: DiffusionParams, shard_dir: str | Path, pipe: Any = None):
+        self.model_dir, self.d, self.shard_dir, self.pipe = str(model_dir), d, str(shard_dir), pipe
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "pipe": None}
+
+    def __call__(self):
+        if self.pipe is None:
+            from pas.models.diffusion import load_pipeline
+
+            if self.d.cpu_threads is not None and self.d.device == "cpu":
+                import torch
+                torch.set_num_threads(self.d.cpu_threads)
+            self.pipe = load_pipeline(self.model_dir, self.d.device, self.d.dtype, self.d.scheduler)
+        return self.run
+
+    def run(self, work: tuple[str, list[Item]]) -> dict:
+        name, shard = work
+        tar = Path(self.shard_dir) / f"{name}.tar"
+        t0 = time.perf_counter()
+        render_shard(self.pipe, shard, self.d, tar)
+        secs = time.perf_counter() - t0
+        return {"sha256": _sha256(tar), "seconds": round(secs, 3)}
+
+
 def generate_shards(items: Sequence[Item], model_dir: str | Path, cache_dir: str | Path,
-                    d: DiffusionParams, shard_size: int, progress: bool = True) -> dict:
+                    d: DiffusionParams, shard_size: int, progress: bool = True, engine: Any = None) -> dict:
     """Render every unfinished shard into `cache_dir/shards/`; returns counts and timings.
 
-    The pipeline is loaded only if some shard needs drawing.
+    The shards left to draw run on `engine` (`pas.engine.EngineConfig`, default PAS_ENGINE): in this
+    process, or one shard per task on a Ray actor pool (each actor loads the pipeline once; the scratch
+    folder must be on a file system the actors share). A shard's marker is written here as soon as it
+    is done, so a crash on either engine redraws only unfinished shards. The pipeline is loaded only if
+    some shard needs drawing.
     """
-    from tqdm import tqdm
-
+    from pas.engine import map_shards
     from pas.models.diffusion import fingerprint as model_fingerprint
-    from pas.models.diffusion import load_pipeline
 
     sdir = Path(cache_dir) / "shards"
     sdir.mkdir(parents=True, exist_ok=True)
     shards = shards_of(items, shard_size)
     run_fp = run_fingerprint(model_fingerprint(model_dir), d)
-    pipe = None
     stats = {"n_shards": len(shards), "n_shards_resumed": 0, "n_shards_generated": 0,
              "images_generated": 0, "seconds_generating": 0.0}
-    bar = tqdm(total=len(items), desc="generate", unit="img", disable=not progress)
+    todo = []
     for s, shard in enumerate(shards):
         name = f"{SHARD_PREFIX}-{s:06d}"
         tar, marker = sdir / f"{name}.tar", sdir / f"{name}.done.json"
         fp = shard_fingerprint(run_fp, shard)
         if _marker_ok(marker, tar, fp) is not None:
             stats["n_shards_resumed"] += 1
-            bar.update(len(shard))
             continue
         marker.unlink(missing_ok=True)
-        if pipe is None:
-            if d.cpu_threads is not None and d.device == "cpu":
-                import torch
-                torch.set_num_threads(d.cpu_threads)
-            pipe = load_pipeline(model_dir, d.device, d.dtype, d.scheduler)
-        t0 = time.perf_counter()
-        render_shard(pipe, shard, d, tar, on_batch=bar.update)
-        secs = time.perf_counter() - t0
-        _write_json_atomic(marker, {"fingerprint": fp, "sha256": _sha256(tar), "n": len(shard),
-                                    "seconds": round(secs, 3), "first_key": shard[0].key})
+        todo.append((name, shard, fp))
+
+    def done(i: int, res: dict) -> None:
+        name, shard, fp = todo[i]
+        _write_json_atomic(sdir / f"{name}.done.json", {"fingerprint": fp, "sha256": res["sha256"], "n": len(shard),
+                                                        "seconds": res["seconds"], "first_key": shard[0].key})
         stats["n_shards_generated"] += 1
         stats["images_generated"] += len(shard)
-        stats["seconds_generating"] += secs
-        log.info("generate: %s done, %d images in %.1f s (%.1f img/s)", name, len(shard), secs,
-                 len(shard) / max(secs, 1e-9))
-    bar.close()
+        stats["seconds_generating"] += res["seconds"]
+        log.info("generate: %s done, %d images in %.1f s (%.1f img/s)", name, len(shard), res["seconds"],
+                 len(shard) / max(res["seconds"], 1e-9))
+
+    if todo:
+        log.info("generate: %d of %d shards to draw (%d resumed)", len(todo), len(shards), stats["n_shards_resumed"])
+    map_shards(_RenderShards(model_dir, d, sdir), [(name, shard) for name, shard, _ in todo], config=engine,
+               on_result=done, desc="generate shards", progress=progress)
     # shards of an earlier, longer plan are stale
     for p in sdir.glob(f"{SHARD_PREFIX}-*"):
         idx = p.name[len(SHARD_PREFIX) + 1:].split(".")[0]
@@ -330,10 +361,10 @@ def cached_captions(cache_dir: str | Path, fingerprint: str, make: Callable[[], 
 
 
 def generate(captions: Captions, model_dir: str | Path, out_dir: str | Path, cache_dir: str | Path,
-             p: GenerateParams, d: DiffusionParams, progress: bool = True) -> dict:
-    """Draw n_synth images per caption (resumable), assemble `out_dir`; returns metrics."""
+             p: GenerateParams, d: DiffusionParams, progress: bool = True, engine: Any = None) -> dict:
+    """Draw n_synth images per caption (resumable, on `engine`), assemble `out_dir`; returns metrics."""
     items = plan(captions, p.n_synth, p.seed)
-    stats = generate_shards(items, model_dir, cache_dir, d, p.shard_size, progress) if items else \
+    stats = generate_shards(items, model_dir, cache_dir, d, p.shard_size, progress, engine) if items else \
         {"n_shards": 0, "n_shards_resumed": 0, "n_shards_generated": 0, "images_generated": 0,
          "seconds_generating": 0.0}
     assemble(items, captions, cache_dir, out_dir, p.shard_size)

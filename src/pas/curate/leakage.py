@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 
 from pas.curate.dedup import check_descriptors, check_resize, knn_search
+from pas.data.chunks import IMAGE_SUFFIXES  # noqa: F401  (re-exported)
 from pas.params import ParamsError, check_choice, check_range
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_COLUMNS = ["key", "kept", "reason", "score", "nearest_key", "evalset", "n_matches"]
 
 
@@ -95,22 +95,10 @@ def resolve_evalsets(root: str | Path | None, names: Sequence[str], split: str =
 def iter_test_images(d: str | Path, max_side: int = 512) -> Iterator[tuple[str, object]]:
     """(key, PIL RGB) of a test folder: webdataset shards (`*.tar`) or an ImageFolder / flat folder
     of images (key = path relative to the folder). Unreadable files are skipped with a warning."""
-    from pas.data.images import BadImage, load_rgb
-    from pas.io.shards import iter_samples, list_shards
+    from pas.data.chunks import load_chunk, plan_chunks
 
-    d = Path(d)
-    if list_shards(d):
-        for s in iter_samples(d):
-            yield s.key, s.pil()
-        return
-    files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    for p in files:
-        try:
-            img = load_rgb(p, max_side=max_side)
-        except BadImage as e:
-            log.warning("skipping test image %s (%s)", p, e.reason)
-            continue
-        yield p.relative_to(d).as_posix(), img
+    for item in plan_chunks(d, chunk=1 << 62):
+        yield from load_chunk(item, max_side)
 
 
 # ------------------------------------------------------------------------------------ leakage

@@ -148,7 +148,7 @@ def _iter_shards(src: Path, p: PoolParams, skipped: list[dict]) -> Iterator[_Ite
     from tqdm import tqdm
 
     from pas.data.images import BadImage, to_rgb_on_white
-    from pas.io.shards import KEY_RE, iter_samples, make_key
+    from pas.io.shards import KEY_RE, decode_image, encode_image, iter_samples, make_key
 
     n = 0
     for s in tqdm(iter_samples(src), desc="pool", unit="img", mininterval=2):
@@ -178,7 +178,9 @@ def _iter_shards(src: Path, p: PoolParams, skipped: list[dict]) -> Iterator[_Ite
         if not _keep_category(cat, p.include, p.exclude):
             continue
         key = s.key if KEY_RE.match(s.key) and s.key.startswith("p") else make_key("p", ref)
-        yield _Item(key, ref, cat, w, h, img)
+        # embed the stored JPEG, as for folder input: the embedding describes the bytes retrieve serves
+        jpeg = encode_image(img, "jpg", p.jpeg_quality)
+        yield _Item(key, ref, cat, w, h, decode_image(jpeg), jpeg)
         n += 1
         if p.max_images and n >= p.max_images:
             return
@@ -203,14 +205,62 @@ def build_faiss_index(emb: np.ndarray, p: PoolParams):
     return index
 
 
-def build_pool(p: PoolParams, clip, out_dir: str | Path) -> dict:
-    """Index `p.source` into `out_dir`; returns the stage metrics. `clip` is a `pas.models.clip.Clip`."""
+class ShardEmbeddings:
+    """`pas.engine.map_shards` work: CLIP embeddings of one written pool shard, in stored order, in
+    batches of `batch_size` counted from the shard's first image (the plan `build_pool` uses locally,
+    so both engines give the same bytes). Pickles without the model; a Ray actor loads CLIP once."""
+
+    def __init__(self, clip_dir: str | Path, device: str, batch_size: int, clip=None):
+        self.clip_dir, self.device, self.batch_size, self.clip = str(clip_dir), device, batch_size, clip
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "clip": None}
+
+    def __call__(self):
+        if self.clip is None:
+            from pas.models.clip import load_clip
+
+            self.clip = load_clip(self.clip_dir, device=self.device)
+        return self.run
+
+    def run(self, shard: str) -> np.ndarray:
+        from pas.io.shards import iter_samples
+
+        parts, batch = [], []
+        for s in iter_samples(shard):
+            batch.append(s.pil())
+            if len(batch) == self.batch_size:
+                parts.append(self.clip.encode_images(batch, batch_size=self.batch_size))
+                batch = []
+        if batch:
+            parts.append(self.clip.encode_images(batch, batch_size=self.batch_size))
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | None = None,
+               engine=None) -> dict:
+    """Index `p.source` into `out_dir`; returns the stage metrics. `clip` is a loaded
+    `pas.models.clip.Clip` (or None with `clip_dir`, the folder it comes from).
+
+    Decoding runs in a local process pool; embedding runs on `engine` (`pas.engine.EngineConfig`,
+    default PAS_ENGINE): `local` embeds while the shards are written, `ray` embeds the written shards
+    on an actor pool (one shard per task) afterwards. Batches restart at every shard, so the bytes
+    are the same either way."""
     import faiss
 
+    from pas.engine import EngineConfig, map_shards
     from pas.io.manifest import write_parquet
     from pas.io.shards import ShardWriter, encode_image
-    from pas.models.files import write_json
+    from pas.models.files import fingerprint_dir, write_json
 
+    engine = EngineConfig.from_env() if engine is None else engine
+    if clip is None and clip_dir is None:
+        raise ValueError("build_pool needs a loaded clip or clip_dir")
+    on_ray = engine.engine != "local"
+    if clip is None and not on_ray:
+        from pas.models.clip import load_clip
+
+        clip = load_clip(clip_dir, device=p.device)
     t0 = time.time()
     src = Path(p.source)
     if not src.exists():
@@ -223,6 +273,7 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path) -> dict:
     items = _iter_shards(src, p, skipped) if shard_input else _iter_folder(src, p, skipped)
 
     rows, embs, batch = [], [], []
+    batch_shard = None
 
     def flush():
         if batch:
@@ -242,13 +293,32 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path) -> dict:
             rows.append({"key": it.key, "shard": shard, "path": it.path, "category": it.category,
                          "width": it.width, "height": it.height,
                          "stored_width": it.image.width, "stored_height": it.image.height})
+            if on_ray:
+                continue
+            if shard != batch_shard:        # batches never span shards (the plan Ray uses too)
+                flush()
+                batch_shard = shard
             batch.append(it)
             if len(batch) >= p.batch_size:
                 flush()
         flush()
 
-    dim = int(embs[0].shape[1]) if embs else clip.encode_texts(["x"]).shape[1]
+    if on_ray and rows:
+        shards = list(dict.fromkeys(r["shard"] for r in rows))
+        embs = map_shards(ShardEmbeddings(clip_dir, p.device, p.batch_size), [str(out / s) for s in shards],
+                          config=engine, desc="pool embeddings")
+    fp = clip.fingerprint if clip is not None else fingerprint_dir(clip_dir)
+    if embs:
+        dim = int(embs[0].shape[1])
+    else:
+        if clip is None:
+            from pas.models.clip import load_clip
+
+            clip = load_clip(clip_dir, device=p.device)
+        dim = clip.encode_texts(["x"]).shape[1]
     emb = np.concatenate(embs) if embs else np.zeros((0, dim), np.float32)
+    if len(emb) != len(rows):
+        raise RuntimeError(f"pool: {len(emb)} embeddings for {len(rows)} stored images")
     np.save(out / "embeddings.npy", emb.astype(np.float32))
     faiss.write_index(build_faiss_index(emb, p), str(out / "faiss.index"))
     # rows are already in shard order == embedding order; keep that order in the index file
@@ -257,7 +327,7 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path) -> dict:
                   out / "index.parquet", sort_by=None)
     write_parquet(pd.DataFrame(skipped, columns=["path", "reason", "detail"]), out / "skipped.parquet",
                   sort_by="path")
-    write_json(out / "pool.json", {"clip_fingerprint": clip.fingerprint, "n": len(rows), "dim": dim,
+    write_json(out / "pool.json", {"clip_fingerprint": fp, "n": len(rows), "dim": dim,
                                    "index": p.index, "source": str(p.source)})
     secs = time.time() - t0
     reasons = Counter(s["reason"] for s in skipped)
@@ -266,5 +336,6 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path) -> dict:
                "n_shards": len({r["shard"] for r in rows}), "dim": dim,
                "categories": len({r["category"] for r in rows}),
                "seconds": round(secs, 1), "images_per_second": round(len(rows) / max(secs, 1e-9), 1)}
-    log.info("pool: indexed %d images, skipped %d %s in %.1fs", len(rows), len(skipped), dict(reasons), secs)
+    log.info("pool: indexed %d images, skipped %d %s in %.1fs (embeddings on %s)", len(rows), len(skipped),
+             dict(reasons), secs, engine.engine)
     return metrics

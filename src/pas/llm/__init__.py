@@ -20,6 +20,8 @@ How to call it (e.g. for L4 captions)::
 - `llm.yes_no(requests)` → list[YesNo(p_yes, text, method)]: first-token log-probs where available.
 - A request that fails for good comes back with `error` set and empty text; nothing raises mid-batch.
 - Models load lazily on the first call; torch/vllm are imported only inside the backends.
+- `backend: vllm` with PAS_ENGINE=ray runs each call as a `ray.data.llm` job (vLLM replicas on the
+  cluster's GPUs; `pas.llm.ray_vllm_backend`).
 """
 
 from __future__ import annotations
@@ -33,13 +35,22 @@ __all__ = ["ChatBackend", "ChatRequest", "ChatResult", "LLMSection", "LLMSpec", 
            "make_backend", "spec_from_dict"]
 
 
-def make_backend(spec: Mapping[str, Any] | LLMSpec, where: str = "llm") -> ChatBackend:
-    """Validate `spec` and return its backend (nothing is loaded until the first call)."""
+def make_backend(spec: Mapping[str, Any] | LLMSpec, where: str = "llm", engine: Any = None) -> ChatBackend:
+    """Validate `spec` and return its backend (nothing is loaded until the first call).
+
+    `backend: vllm` runs in-process on the local engine and through `ray.data.llm` under
+    PAS_ENGINE=ray (`engine`: a `pas.engine.EngineConfig`, default from the environment)."""
     spec = spec_from_dict(spec, where)
     if spec.backend == "transformers":
         from pas.llm.transformers_backend import TransformersBackend
         return TransformersBackend(spec)
     if spec.backend == "vllm":
+        from pas.engine import EngineConfig
+
+        engine = EngineConfig.from_env() if engine is None else engine
+        if engine.engine == "ray":
+            from pas.llm.ray_vllm_backend import RayVLLMBackend
+            return RayVLLMBackend(spec, engine)
         from pas.llm.vllm_backend import VLLMBackend
         return VLLMBackend(spec)
     from pas.llm.openai_backend import OpenAIBackend

@@ -336,3 +336,35 @@ def descriptors(model, pils: Sequence, resize: int | Sequence[int] = DEFAULT_RES
     # the model normalises already; renormalise in float32 so norms are 1 to float precision
     out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return out
+
+
+class ChunkDescriptors:
+    """`pas.engine.map_shards` work: (keys, descriptors) of one `pas.data.chunks` item.
+
+    Pickles without the model: each Ray actor loads SSCD from `model_dir` once, on its own device;
+    locally the already loaded `model` is used. The item → batches plan is the same on every engine,
+    so the descriptors are byte-identical.
+    """
+
+    def __init__(self, model_dir: str | Path, resize, batch_size: int, device: str, max_side: int | None = None,
+                 model=None):
+        self.model_dir, self.resize, self.batch_size = str(model_dir), resize, batch_size
+        self.device, self.max_side, self.model = device, max_side, model
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "model": None}
+
+    def __call__(self):
+        if self.model is None:
+            self.model = load_sscd(self.model_dir, device=self.device)
+        return self.run
+
+    def run(self, item: tuple) -> tuple[list[str], np.ndarray]:
+        from pas.data.chunks import load_chunk
+
+        keys, pils = [], []
+        for key, img in load_chunk(item, self.max_side):
+            keys.append(key)
+            pils.append(img)
+        return keys, descriptors(self.model, pils, resize=self.resize, batch_size=self.batch_size,
+                                 device=self.device)

@@ -1,0 +1,127 @@
+"""`backend: vllm` under PAS_ENGINE=ray: the requests of a call become a Ray Dataset run through
+`ray.data.llm` (chat template → tokenize → vLLM engine actors → detokenize), so L1–L4 scale over the
+GPUs of a Ray cluster as data-parallel vLLM replicas (tensor_parallel_size GPUs each).
+
+Same contract as :class:`pas.llm.vllm_backend.VLLMBackend`: one answer per request, in request order;
+per-request `SamplingParams` (built by the same `sampling_kwargs`, so each request keeps its own seed);
+yes/no from the first token's top log-probs; a request vLLM fails on comes back with `error` set
+(`should_continue_on_error`) instead of failing the batch.
+
+Each `chat` / `yes_no` call is one Ray Data job and starts its engine actors afresh: right for the one
+big batch of L4 captions, a model load per round for the iterative concept discovery (L1–L3). With a
+handful of rounds and minutes-long batches that is the price of a stateless batch engine; a long-lived
+`vllm serve` behind `backend: openai` avoids it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, LLMSpec, YesNo, add_logprob,
+                          yes_no_from_logprobs, yes_no_from_text)
+from pas.llm.vllm_backend import engine_kwargs, sampling_kwargs
+
+
+def replicas(spec: LLMSpec, actors: int, resources: dict) -> int:
+    """vLLM replicas: PAS_RAY_ACTORS, else as many as the cluster's GPUs hold (tensor_parallel_size
+    GPUs each), at least one."""
+    if actors:
+        return actors
+    return max(1, int(resources.get("GPU", 0) // spec.tensor_parallel_size))
+
+
+def processor_config_kwargs(spec: LLMSpec, concurrency: int) -> dict[str, Any]:
+    """Arguments of `ray.data.llm.vLLMEngineProcessorConfig` for a spec (pure; unit-tested)."""
+    ek = engine_kwargs(spec)
+    return {"model_source": ek.pop("model"), "engine_kwargs": ek, "batch_size": spec.batch_size,
+            "concurrency": concurrency, "should_continue_on_error": True}
+
+
+def _preprocess(row: dict, spec: LLMSpec, yes_no: bool) -> dict:
+    req = ChatRequest(messages=tuple(row["messages"]), seed=int(row["seed"]),
+                      max_new_tokens=int(row["max_new_tokens"]) or None)
+    return {"i": row["i"], "messages": [dict(m) for m in req.messages],
+            "sampling_params": sampling_kwargs(spec, req, yes_no)}
+
+
+def _candidates(step: Any) -> list[tuple[int, str, float]]:
+    """(token id, text, log-prob) of one generated position (`{token_id: {decoded_token, logprob}}`)."""
+    if not step:
+        return []
+    out = []
+    for tid, info in dict(step).items():
+        if info is None:
+            continue
+        out.append((int(tid), str(info.get("decoded_token") or ""), float(info["logprob"])))
+    return out
+
+
+def _postprocess(row: dict, yes_no: bool) -> dict:
+    """Plain columns only (the log-prob dicts, keyed by token id, do not survive Arrow blocks)."""
+    err = row.get("__inference_error__") or ""
+    lps: list = []
+    steps = row.get("logprobs")
+    if steps is not None and not err:
+        if yes_no:
+            lps = [[t, lp] for _, t, lp in _candidates(steps[0])] if len(steps) else []
+        else:
+            for tid, step in zip(row.get("generated_tokens") or [], steps):
+                lps += [[t, lp] for i, t, lp in _candidates(step) if i == int(tid)]
+    return {"i": int(row["i"]), "text": str(row.get("generated_text") or "").strip(),
+            "n_tokens": int(row.get("num_generated_tokens") or 0), "logprobs": lps,
+            "has_logprobs": steps is not None, "error": str(err)}
+
+
+class RayVLLMBackend(ChatBackend):
+    def __init__(self, spec: LLMSpec, engine=None):
+        super().__init__(spec)
+        from pas.engine import EngineConfig
+
+        self.engine = EngineConfig.from_env() if engine is None else engine
+
+    def _run(self, requests: Sequence[ChatRequest], yes_no: bool) -> list[dict]:
+        import ray
+        from ray.data import llm as ray_llm
+
+        from pas.engine import ensure_ray
+
+        ensure_ray(self.engine.ray_address)
+        n = replicas(self.spec, self.engine.actors, ray.cluster_resources())
+        config = ray_llm.vLLMEngineProcessorConfig(**processor_config_kwargs(self.spec, n))
+        processor = ray_llm.build_processor(
+            config, preprocess=functools.partial(_preprocess, spec=self.spec, yes_no=yes_no),
+            postprocess=functools.partial(_postprocess, yes_no=yes_no))
+        rows = [{"i": i, "messages": [dict(m) for m in r.messages], "seed": int(r.seed),
+                 "max_new_tokens": int(r.max_new_tokens or 0)} for i, r in enumerate(requests)]
+        out = processor(ray.data.from_items(rows)).take_all()
+        by_i = {int(o["i"]): o for o in out}
+        missing = [i for i in range(len(rows)) if i not in by_i]
+        if missing:
+            raise RuntimeError(f"ray.data.llm returned no row for requests {missing[:5]}")
+        return [by_i[i] for i in range(len(rows))]
+
+    def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        if not requests:
+            return []
+        results = []
+        for o in self._run(requests, yes_no=False):
+            if o["error"]:
+                results.append(ChatResult(text="", error=o["error"]))
+                continue
+            lps = [(str(t), float(lp)) for t, lp in o["logprobs"]] if o["has_logprobs"] else None
+            results.append(ChatResult(text=o["text"], logprobs=lps, n_tokens=int(o["n_tokens"])))
+        return results
+
+    def yes_no(self, requests: Sequence[ChatRequest]) -> list[YesNo]:
+        if not requests:
+            return []
+        verdicts = []
+        for o in self._run(requests, yes_no=True):
+            top: dict[str, float] = {}
+            for t, lp in o["logprobs"]:
+                add_logprob(top, str(t), float(lp))
+            p = yes_no_from_logprobs(top)
+            verdicts.append(YesNo(p, o["text"], "logprobs") if p is not None
+                            else YesNo(yes_no_from_text(o["text"]), o["text"], "text"))
+        return verdicts
