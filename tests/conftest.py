@@ -38,3 +38,26 @@ def clipart_food() -> list[Path]:
     files = sorted((CLIPART / "food").rglob("*.png"))
     assert len(files) > 300
     return files
+
+
+def _tracked_outputs() -> dict[str, bytes]:
+    """The pipeline results committed to git (dvc.lock, metrics, plots data, dvclive curves)."""
+    import subprocess
+
+    try:
+        names = subprocess.run(["git", "ls-files", "dvc.lock", "metrics", "data", "dvclive"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {n: (REPO / n).read_bytes() for n in names if (REPO / n).is_file()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_results_untouched():
+    """Tests run stages with temp outputs; one that falls back to a default path (data/…, metrics/…)
+    would silently overwrite the committed results. Fail the session if any of them changed."""
+    before = _tracked_outputs()
+    yield
+    after = _tracked_outputs()
+    changed = sorted(n for n in before if after.get(n) != before[n])
+    assert not changed, f"tests modified committed pipeline results: {changed}"

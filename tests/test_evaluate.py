@@ -148,8 +148,10 @@ def test_stage_main(eval_env, tmp_path):
     mod = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(mod)
     argv = ["--backbone", str(root / "backbone"), "--init", str(root / "init"), "--evalsets",
-            str(root / "evalsets"), "--params", str(params), "--metrics", str(tmp_path / "eval.json")]
+            str(root / "evalsets"), "--params", str(params), "--metrics", str(tmp_path / "eval.json"),
+            "--plot", str(tmp_path / "accuracy.csv")]     # never the repository's data/evaluate/
     assert mod.main(argv) == 0
     m = json.loads((tmp_path / "eval.json").read_text())
     _check_schema(m, ["toy"])
     assert m["knn_k"] == 3 and m["linear_epochs"] == 3
+    assert (tmp_path / "accuracy.csv").read_text().splitlines()[0] == "run,top1"
