@@ -91,6 +91,8 @@ def score_arrays(draw):
 def test_matches_brute_force_peel(pts):
     r = worst_first_ranks(pts)
     assert r.tolist() == brute_force_ranks(pts).tolist()
+    for method in ("sweep", "grid"):                        # both exact algorithms, whatever auto picks
+        assert worst_first_ranks(pts, method=method).tolist() == r.tolist()
     if len(pts):
         assert set(r.tolist()) == set(range(r.max() + 1))
         # identical rows share a front
@@ -115,9 +117,11 @@ def test_matches_moocore_on_thousands(shape):
            "correlated": lambda: rng.random((n, 1)) + 0.05 * rng.standard_normal((n, 3)),
            "rounded": lambda: np.round(rng.random((n, 3)), 1)}[shape]()
     ref = np.asarray(moocore.pareto_rank(pts, maximise=True))
-    assert (worst_first_ranks(pts) == ref).all()
     ref2 = np.asarray(moocore.pareto_rank(pts[:, :2], maximise=True))
-    assert (worst_first_ranks(pts[:, :2]) == ref2).all()
+    methods = ["auto", "sweep"] + (["grid"] if shape == "rounded" else [])   # grid: 4000^3 cells otherwise
+    for method in methods:
+        assert (worst_first_ranks(pts, method=method) == ref).all(), method
+        assert (worst_first_ranks(pts[:, :2], method=method) == ref2).all(), method
 
 
 def test_order_invariance():
@@ -125,3 +129,26 @@ def test_order_invariance():
     pts = np.round(rng.random((500, 3)), 1)
     perm = rng.permutation(500)
     assert (worst_first_ranks(pts)[perm] == worst_first_ranks(pts[perm])).all()
+
+
+def test_auto_picks_the_grid_only_for_small_grids(monkeypatch):
+    import pas.curate.pareto as P
+
+    calls = []
+    real = P._ranks_grid
+
+    def spy(*args):
+        calls.append(args[3:])
+        return real(*args)
+
+    monkeypatch.setattr(P, "_ranks_grid", spy)
+    rng = np.random.default_rng(5)
+    rounded = np.round(rng.random((20_000, 3)), 1)              # 11^3 cells
+    assert (worst_first_ranks(rounded) == worst_first_ranks(rounded, method="sweep")).all()
+    assert calls == [(11, 11, 11)]
+    worst_first_ranks(rng.random((20_000, 3)))                  # continuous: the sample rules it out
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="method"):
+        worst_first_ranks(rounded, method="fast")
+    with pytest.raises(ValueError, match="cells exceed"):
+        worst_first_ranks(rng.random((300, 3)), method="grid")  # 301^3 > 2^24

@@ -5,17 +5,23 @@ if it shows higher OOD scores across the metrics [...] with at least one metric 
 increase." Peeling the set of images that no other image is worse than, again and again, is one
 non-dominated sorting of the scores under *maximisation*: front 0 is peeled first.
 
-Algorithm (exact; three objectives: one sort, then O(log F · log S) per row for F fronts and
-staircases of S points, plus amortised staircase insertions): rows are visited in descending lexicographic order, so every row that dominates p is visited before p
-and identical rows are adjacent. The front of p is 1 + the highest front holding a dominator of p.
-"Front k holds a dominator of p" is monotone in k (a dominator in front k is itself dominated by a
-member of every earlier front), so the front of p is found by binary search over fronts. Each front
-keeps the 2-D staircase of the (y, z) maxima of its members visited so far (all have x ≥ p.x), and
-"front k holds a dominator of p" is one binary search in that staircase. Most of those searches are
-skipped by a per-front summary over 64 y-buckets (the largest z inserted at or above each bucket),
-which answers "surely yes" / "surely no" from one contiguous row. Identical rows share a front: a run
-of duplicates is ranked once, before any of it is inserted. Sorting is one argsort of the first
-column plus a multikey quicksort inside runs of tied values.
+Two exact algorithms, chosen per input by `worst_first_ranks(method="auto")`:
+
+Sweep (any scores; three objectives: one sort, then O(log F · log S) per row for F fronts and
+staircases of S points, plus amortised staircase insertions): rows are visited in descending
+lexicographic order, so every row that dominates p is visited before p and identical rows are
+adjacent. The front of p is 1 + the highest front holding a dominator of p. "Front k holds a
+dominator of p" is monotone in k (a dominator in front k is itself dominated by a member of every
+earlier front), so the front of p is found by binary search over fronts. Each front keeps the 2-D
+staircase of the (y, z) maxima of its members visited so far (all have x ≥ p.x), and "front k holds a
+dominator of p" is one binary search in that staircase. Most of those searches are skipped by a
+per-front summary over 128 y-buckets (the largest z inserted at or above each bucket), which answers
+"surely yes" / "surely no" from two adjacent values. Identical rows share a front: a run of
+duplicates is ranked once, before any of it is inserted. Sorting is one argsort of the first column
+plus a multikey quicksort inside runs of tied values.
+
+Grid (heavily tied scores, e.g. rounded or quantised): dynamic programming over the grid of distinct
+values, O(grid cells) and no sort; used when the grid has at most 16 cells per row.
 """
 
 from __future__ import annotations
@@ -27,92 +33,82 @@ __all__ = ["worst_first_ranks", "brute_force_ranks"]
 
 
 @njit(cache=True)
-def _ranks3_sorted(xs, ys, zs, bk, n_buckets, max_summary_fronts):
-    """Fronts of rows already in descending lexicographic order (xs, ys, zs contiguous).
+def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, ranks, zmax, sy, sz, off, cap, size,
+                state):
+    """The sweep of `_ranks3_sorted` from row i0 on, with fixed-size buffers: returns the row at which
+    a buffer is full (before touching any state for that row, so the caller grows it and resumes
+    there), or n when done. state = [used, n_fronts, need]; need: 1 = front arrays / summary columns,
+    2 = staircase pool (state[3] = slots required).
 
-    bk[i]: bucket of ys[i] (monotone in y: equal y, equal bucket). Summary zmax[b, k] = the largest z
-    ever inserted into front k with a y bucket >= b, so for p in bucket b:
-    zmax[b + 1, k] >= pz -> front k surely holds a dominator (its y is in a higher bucket, so > py);
-    zmax[b, k] < pz -> surely not; otherwise the staircase decides. Most probes then cost two
-    loads from one L1-resident row instead of a binary search (fronts >= max_summary_fronts skip it).
+    The buffers are arguments and never reassigned here: numba then keeps their reference counts out
+    of the loop (reassigned arrays cost an atomic incref/decref per use, measured ~40% of the time).
     """
     n = xs.shape[0]
-    ranks = np.empty(n, np.int64)
-    zmax = np.full((n_buckets + 1, 64), -np.inf)
-    # all staircases live in one pool: front k owns sy/sz[off[k] : off[k] + cap[k]], size[k] used,
-    # (y, z) maxima of its members visited so far, y strictly ascending and z strictly descending
-    sy = np.empty(1024, np.float64)
-    sz = np.empty(1024, np.float64)
-    used = 0
-    off = np.empty(64, np.int64)
-    cap = np.empty(64, np.int64)
-    size = np.empty(64, np.int64)
-    n_fronts = 0
-    for i in range(n):
+    used, n_fronts = state[0], state[1]
+    for i in range(i0, n):
         px, py, pz = xs[i], ys[i], zs[i]
         if i > 0 and xs[i - 1] == px and ys[i - 1] == py and zs[i - 1] == pz:
             ranks[i] = ranks[i - 1]         # duplicate row: same front, staircases unchanged
             continue
-        bp = bk[i]
+        f = int((py - y0) * yscale)          # y bucket: a fine equal-width bin, then the table
+        bp = table[min(max(f, 0), table.shape[0] - 1)]
         # binary search for the first front holding no dominator of p
         lo, hi = 0, n_fronts
         while lo < hi:
             mid = (lo + hi) >> 1
             if mid < max_summary_fronts:
-                if zmax[bp + 1, mid] >= pz:
+                if zmax[np.uint64(mid), np.uint64(bp + 1)] >= pz:
                     lo = mid + 1
                     continue
-                if zmax[bp, mid] < pz:
+                if zmax[np.uint64(mid), np.uint64(bp)] < pz:
                     hi = mid
                     continue
             o, m = off[mid], size[mid]
             a, w = o, m                     # branch-free lower bound of py in sy[o : o + m]
-            while w > 1:
+            while w > 1:                    # (unsigned indices: no negative-index wraparound code)
                 half = w >> 1
-                a += half * (sy[a + half - 1] < py)
+                a += half * (sy[np.uint64(a + half - 1)] < py)
                 w -= half
             if w == 1:
-                a += sy[a] < py
-            if a < o + m and sz[a] >= pz:
+                a += sy[np.uint64(a)] < py
+            if a < o + m and sz[np.uint64(a)] >= pz:
                 lo = mid + 1
             else:
                 hi = mid
         r = lo
-        ranks[i] = r
-        if r == n_fronts:                   # open a new front with an empty staircase
-            if r == off.shape[0]:
-                off = np.concatenate((off, np.empty(r, np.int64)))
-                cap = np.concatenate((cap, np.empty(r, np.int64)))
-                size = np.concatenate((size, np.empty(r, np.int64)))
+        if r == n_fronts:                   # a new front: room for its slot, summary and staircase?
+            if r == off.shape[0] or (r < max_summary_fronts and r == zmax.shape[0]):
+                state[0], state[1], state[2] = used, n_fronts, 1
+                return i
             if used + 8 > sy.shape[0]:
-                sy = np.concatenate((sy, np.empty(sy.shape[0], np.float64)))
-                sz = np.concatenate((sz, np.empty(sz.shape[0], np.float64)))
-            if r < max_summary_fronts and r == zmax.shape[1]:
-                grown = np.full((n_buckets + 1, 2 * r), -np.inf)
-                grown[:, :r] = zmax
-                zmax = grown
-            off[r], cap[r], size[r] = used, 8, 0
-            used += 8
-            n_fronts += 1
-        o, m = off[r], size[r]
-        a, b = o, o + m
-        while a < b:
-            c = (a + b) >> 1
-            if sy[c] < py:
-                a = c + 1
-            else:
-                b = c
+                state[0], state[1], state[2], state[3] = used, n_fronts, 2, used + 8
+                return i
+        o, m = (off[r], size[r]) if r < n_fronts else (used, 0)
+        a, w = o, m                         # branch-free lower bound of py in sy[o : o + m]
+        while w > 1:
+            half = w >> 1
+            a += half * (sy[np.uint64(a + half - 1)] < py)
+            w -= half
+        if w == 1:
+            a += sy[np.uint64(a)] < py
         j = a - o                           # j == m or sz[o + j] < pz: p is not dominated
         end = j + 1 if (j < m and sy[o + j] == py) else j
         start = j                           # entries p weakly dominates: [start, end)
         while start > 0 and sz[o + start - 1] <= pz:
             start -= 1
         shift = 1 - (end - start)           # new size = m + shift
-        if m + shift > cap[r]:              # move this staircase to a twice larger block
-            newcap = 2 * cap[r]
-            while used + newcap > sy.shape[0]:
-                sy = np.concatenate((sy, np.empty(sy.shape[0], np.float64)))
-                sz = np.concatenate((sz, np.empty(sz.shape[0], np.float64)))
+        c_r = cap[r] if r < n_fronts else 8
+        newcap = 2 * c_r if m + shift > c_r else 0
+        if newcap and used + (8 if r == n_fronts else 0) + newcap > sy.shape[0]:
+            state[0], state[1], state[2], state[3] = used, n_fronts, 2, used + 8 + newcap
+            return i
+        # from here on, row i changes state
+        ranks[i] = r
+        if r == n_fronts:                   # open the new front with an empty staircase
+            off[r], cap[r], size[r] = used, 8, 0
+            used += 8
+            n_fronts += 1
+        if newcap:                          # move this staircase to a twice larger block
             for k in range(m):
                 sy[used + k] = sy[o + k]
                 sz[used + k] = sz[o + k]
@@ -130,12 +126,59 @@ def _ranks3_sorted(xs, ys, zs, bk, n_buckets, max_summary_fronts):
         sy[o + start] = py
         sz[o + start] = pz
         size[r] = m + shift
-        if r < max_summary_fronts:          # zmax[b, r] is non-increasing in b
+        if r < max_summary_fronts:          # zmax[r, b] is non-increasing in b
             b = bp
-            while b >= 0 and zmax[b, r] < pz:
-                zmax[b, r] = pz
+            while b >= 0 and zmax[r, b] < pz:
+                zmax[r, b] = pz
                 b -= 1
-    return ranks
+    state[0], state[1], state[2] = used, n_fronts, 0
+    return n
+
+
+def _ranks3_sorted(xs, ys, zs, cuts, max_summary_fronts, fine_bins=4096):
+    """Fronts of rows already in descending lexicographic order (xs, ys, zs contiguous).
+
+    cuts: sorted y values cutting y into len(cuts) + 1 buckets. A row's bucket is looked up in O(1): its
+    equal-width fine bin (of `fine_bins` over [min y, max y]) indexes a table of the number of cuts <=
+    the bin's lower edge. Any bucketing that is monotone in y keeps the result exact (equal y, equal
+    bucket); the cuts only decide how well the summaries work. Summary zmax[k, b] = the largest z
+    ever inserted into front k with a y bucket >= b, so for p in bucket b:
+    zmax[k, b + 1] >= pz -> front k surely holds a dominator (its y is in a higher bucket, so > py);
+    zmax[k, b] < pz -> surely not; otherwise the staircase decides. Most probes then cost two
+    adjacent loads instead of a binary search (fronts >= max_summary_fronts have no summary).
+    All staircases live in one pool: front k owns sy/sz[off[k] : off[k] + cap[k]], size[k] used,
+    the (y, z) maxima of its members visited so far, y strictly ascending and z strictly descending.
+    Buffers start small and double when `_ranks3_run` stops for room (a handful of times).
+    """
+    n = xs.shape[0]
+    ranks = np.empty(n, np.int64)
+    n_buckets = cuts.shape[0] + 1
+    y0, y1 = float(ys.min()), float(ys.max())
+    yscale = fine_bins / (y1 - y0) if y1 > y0 else 0.0
+    edges = y0 + np.arange(fine_bins) / yscale if yscale else np.full(1, y0)
+    table = np.searchsorted(cuts, edges, side="right").astype(np.int64)   # non-decreasing
+    zmax = np.full((64, n_buckets + 1), -np.inf)
+    sy = np.empty(max(4096, n // 4), np.float64)
+    sz = np.empty_like(sy)
+    off, cap, size = (np.empty(64, np.int64) for _ in range(3))
+    state = np.zeros(4, np.int64)
+    i = 0
+    while True:
+        i = _ranks3_run(xs, ys, zs, y0, yscale, table, i, max_summary_fronts, ranks, zmax, sy, sz, off, cap,
+                        size, state)
+        if i == n:
+            return ranks
+        if state[2] == 1:                   # more fronts: slots and summary columns
+            k = off.shape[0]
+            off, cap, size = (np.concatenate((a, np.empty(k, np.int64))) for a in (off, cap, size))
+            if zmax.shape[0] < max_summary_fronts and zmax.shape[0] <= state[1]:
+                grown = np.full((2 * zmax.shape[0], n_buckets + 1), -np.inf)
+                grown[:zmax.shape[0]] = zmax
+                zmax = grown
+        else:                               # a larger staircase pool
+            new = max(2 * sy.shape[0], int(state[3]))
+            sy = np.concatenate((sy, np.empty(new - sy.shape[0], np.float64)))
+            sz = np.concatenate((sz, np.empty(new - sz.shape[0], np.float64)))
 
 
 @njit(cache=True)
@@ -230,24 +273,98 @@ def _break_ties(order, xs, cols):
         s = e
 
 
+@njit(cache=True)
+def _gather_columns(a, order):
+    """(d, N) columns of the rows of `a` (N, d) in `order`, with -0.0 made +0.0 (equal values must look
+    identical). One pass over whole rows: each row's d values share a cache line."""
+    n, d = a.shape
+    out = np.empty((d, n), np.float64)
+    for i in range(n):
+        r = order[i]
+        for k in range(d):
+            out[k, i] = a[r, k] + 0.0
+    return out
+
+
 def _descending_lex_order(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Row order by the first column descending, ties by the next columns descending, and the columns
     (d, N) gathered in that order.
 
     One quicksort on the first column, then only runs of tied values are sorted further (multikey
     quicksort on contiguous gathered columns): continuous scores cost one argsort (np.lexsort on
-    1M x 3 is ~10x slower here).
+    1M x 3 is ~10x slower here). Few temporaries: every fresh MB costs page faults (measured ~15% of
+    a 100k call before).
     """
-    at = np.ascontiguousarray(a.T)                  # (d, N)
-    order = np.argsort(-at[0], kind="quicksort")
-    cs = np.stack([np.take(c, order) for c in at])  # columns in x order
+    order = np.argsort(-a[:, 0], kind="quicksort")
+    cs = _gather_columns(a, order)                  # columns in x order
     xs = cs[0]
     if a.shape[1] > 1 and (xs[1:] == xs[:-1]).any():
         pos = np.arange(len(order))
         _break_ties(pos, xs, cs)
         order = order[pos]
-        cs = np.stack([np.take(c, pos) for c in cs])
+        cs = _gather_columns(np.ascontiguousarray(cs.T), pos)
     return order, cs
+
+
+GRID_MAX_CELLS = 1 << 24        # grid path: at most 64 MB of int32 cells
+GRID_CELLS_PER_ROW = 16         # ...and at most this many cells per row (the DP costs ~2-3 ns per cell,
+#                                 the sweep ~150 ns per row)
+
+
+@njit(cache=True)
+def _ranks_grid(cx, cy, cz, gx, gy, gz):
+    """Fronts by dynamic programming over the grid of distinct values (exact; for heavily tied scores).
+
+    Codes are dense ranks per column (ascending values). M[i, j, k] = the highest front among occupied
+    cells in the box [i:, j:, k:] (-1: none). The rows strictly worse than cell (i, j, k) lie in the
+    union of the boxes at (i+1, j, k), (i, j+1, k), (i, j, k+1), so the cell's front is one more than
+    the largest of those three, and M of an occupied cell is its own front. O(cells), no sort.
+    """
+    n = cx.shape[0]
+    m = np.zeros((gx + 1, gy + 1, gz + 1), np.int32)
+    m[gx, :, :] = -1
+    m[:, gy, :] = -1
+    m[:, :, gz] = -1
+    for p in range(n):
+        m[cx[p], cy[p], cz[p]] = 1                 # occupied (read once, before the cell is computed)
+    t = np.empty(gz, np.int32)
+    for i in range(gx - 1, -1, -1):
+        for j in range(gy - 1, -1, -1):
+            a, b, row = m[i + 1, j], m[i, j + 1], m[i, j]
+            for k in range(gz):                     # the two neighbours along i and j: vectorised
+                t[k] = max(a[k], b[k])
+            run = -1                                # then the suffix along k, one cell at a time
+            for k in range(gz - 1, -1, -1):
+                best = max(t[k], run)
+                run = best + 1 if row[k] == 1 else best
+                row[k] = run
+    ranks = np.empty(n, np.int64)
+    for p in range(n):
+        ranks[p] = m[cx[p], cy[p], cz[p]]
+    return ranks
+
+
+def _grid_ranks(a: np.ndarray, force: bool = False) -> np.ndarray | None:
+    """Ranks by `_ranks_grid` when the distinct values make a small enough grid, else None.
+
+    A sample of rows rules continuous scores out for ~0.1 ms (its distinct values bound the grid from
+    below); otherwise every column is coded by np.unique and the grid size checked exactly.
+    """
+    n, d = a.shape
+    budget = min(GRID_MAX_CELLS, GRID_CELLS_PER_ROW * n)
+    if not force and n > 4096:
+        sample = a[:: n // 2048]
+        if np.prod([float(len(np.unique(sample[:, c]))) for c in range(d)]) > budget:
+            return None
+    coded = [np.unique(a[:, c], return_inverse=True) for c in range(d)]   # -0.0 == +0.0: one code
+    dims = [len(u) for u, _ in coded] + [1] * (3 - d)
+    cells = float(np.prod([g + 1.0 for g in dims]))
+    if cells > (GRID_MAX_CELLS if force else budget):
+        if force:
+            raise ValueError(f"method='grid': {cells:.0f} cells exceed {GRID_MAX_CELLS}")
+        return None
+    codes = [np.asarray(inv.reshape(-1), np.int64) for _, inv in coded] + [np.zeros(n, np.int64)] * (3 - d)
+    return _ranks_grid(codes[0], codes[1], codes[2], dims[0], dims[1], dims[2])
 
 
 def _check(scores: np.ndarray) -> np.ndarray:
@@ -269,16 +386,22 @@ def _check(scores: np.ndarray) -> np.ndarray:
     return a
 
 
-def worst_first_ranks(scores: np.ndarray) -> np.ndarray:
+def worst_first_ranks(scores: np.ndarray, method: str = "auto") -> np.ndarray:
     """Front index of every row under maximisation; 0 = the worst front, removed first.
 
     Row i is worse than row j if scores[i] >= scores[j] in every column and > in one. Rows no other
     row is worse than form front 0; removing them, the next such rows form front 1, and so on.
     Identical rows always share a front. Accepts 1, 2 or 3 objectives; NaN or inf raise ValueError.
 
+    `method`: "sweep" (one sort, then a sweep with a staircase per front), "grid" (dynamic programming
+    over the grid of distinct values: no sort, O(grid cells); for heavily tied scores) or "auto" (grid
+    when it has at most 16 cells per row and 2^24 in all, else sweep). All are exact and agree.
+
     >>> worst_first_ranks(np.array([[1., 1., 1.], [0., 0., 0.], [1., 1., 1.], [2., 0., 0.]]))
     array([0, 1, 0, 0])
     """
+    if method not in ("auto", "sweep", "grid"):
+        raise ValueError(f"method={method!r}: expected auto, sweep or grid")
     a = _check(scores)
     n, d = a.shape
     if n == 0:
@@ -288,18 +411,20 @@ def worst_first_ranks(scores: np.ndarray) -> np.ndarray:
     if d == 1:
         a = np.column_stack([a[:, 0], np.zeros(n)])
         d = 2
-    a = a + 0.0                             # -0.0 -> +0.0: equal values must look identical
-    order, s = _descending_lex_order(a)     # s: (d, N) columns, visited in order
+    if method != "sweep":
+        ranks = _grid_ranks(a, force=method == "grid")
+        if ranks is not None:
+            return ranks
+    order, s = _descending_lex_order(a)     # s: (d, N) columns, visited in order (-0.0 made +0.0)
     ranks = np.empty(n, np.int64)
     if d == 2:
         ranks[order] = _ranks2_sorted(s[0], s[1])
     else:
         # y buckets of ~equal size, cut at quantiles of a subsample: any cuts keep it exact
-        n_buckets = 64
+        n_buckets = 128
         sample = np.sort(s[1][:: max(1, n // (16 * n_buckets))])
         cuts = np.unique(sample[(np.arange(1, n_buckets) * len(sample)) // n_buckets])
-        bk = np.searchsorted(cuts, s[1], side="right").astype(np.int64)   # monotone in y
-        ranks[order] = _ranks3_sorted(s[0], s[1], s[2], bk, n_buckets, (1 << 22) // (n_buckets + 1))
+        ranks[order] = _ranks3_sorted(s[0], s[1], s[2], cuts, (1 << 22) // (n_buckets + 1))
     return ranks
 
 
