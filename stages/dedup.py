@@ -102,11 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     from pas.models.sscd import fingerprint, load_sscd, read_preset, resolve_device
 
     t0 = time.time()
-    device = resolve_device(p.device)
     preset = read_preset(args.sscd)
     resize = p.resize if p.resize is not None else preset["resize"]
     # PAS_ENGINE=ray: SSCD runs on Ray actors, which load it themselves (machine setting, not a param)
     engine = EngineConfig.from_env()
+    # with Ray, `device: auto` is resolved by each actor on its own node (the driver may have no GPU)
+    device = resolve_device(p.device) if engine.engine == "local" else p.device
     model = load_sscd(args.sscd, device=device) if engine.engine == "local" else None
     keys, sources, x = compute_descriptors(args.images, model, resize, p.batch_size, device,
                                            sscd_dir=args.sscd, engine=engine)

@@ -118,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                             p.evalsets, p.split, dict(args.evalset))
     if not sets:
         log.warning("no eval sets found (%s, --evalset): nothing can leak, every image is kept", args.evalsets)
-    device = resolve_device(p.device)
     engine = EngineConfig.from_env()
-    # with Ray the actors load SSCD; this process only plans chunks and runs the kNN
+    # with Ray the actors load SSCD and resolve `device: auto` on their own node (the driver may have
+    # no GPU); this process only plans chunks and runs the kNN
+    device = resolve_device(p.device) if engine.engine == "local" else p.device
     model = load_sscd(args.sscd, device=device) if engine.engine == "local" else None
     tkeys, tnames, xt, n_test = test_descriptors(sets, model, resize, p, device, sscd_dir=args.sscd,
                                                  engine=engine)

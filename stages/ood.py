@@ -88,7 +88,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if p.clipn_checkpoint and not Path(p.clipn_checkpoint).is_file():
         raise ParamsError(f"ood.clipn_checkpoint={p.clipn_checkpoint!r}: no such file")
-    clip = load_clip(args.clip, device=p.device)
+    engine = EngineConfig.from_env()
+    # the text embeddings are computed here, once; with Ray this process may run on a node without a
+    # GPU (a K8s head pod) while the actors score on GPUs: then embed the prompts on the CPU
+    text_device = p.device
+    if engine.engine == "ray" and p.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            text_device = "cpu"
+            log.info("ood: no GPU in the driver process: text embeddings on the CPU, scoring on the actors")
+    clip = load_clip(args.clip, device=text_device)
     no_encoder, clipn_sha = None, ""
     if p.clipn_checkpoint:
         from pas.models.clipn import load_clipn_no_encoder
@@ -98,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     t_text = time.perf_counter()
     texts = build_text_sets(clip, concepts, generalized, p, no_encoder)
     t_text = time.perf_counter() - t_text
-    engine = EngineConfig.from_env()
     # local: these models score in-process; ray (PAS_ENGINE): each actor loads its own CLIP + detector
     detector = None
     if engine.engine == "local":

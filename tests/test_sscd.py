@@ -156,3 +156,26 @@ def test_tiny_model_finds_copies_of_real_clipart(model, clipart_food):
     assert (s.argmax(1) == np.arange(len(imgs))).all()
     off = (a @ a.T)[~np.eye(len(imgs), dtype=bool)]
     assert np.diag(s).min() > off.max()
+
+
+def test_chunk_work_pickles_without_the_model_and_resolves_auto_where_it_runs(tiny_dir, model, tmp_path):
+    """The Ray work unit: shipped without weights; `device: auto` is resolved by the process that runs
+    it (a GPU node's actor), not by the driver; its descriptors equal a direct call."""
+    import cloudpickle
+
+    from pas.io.shards import ShardWriter, encode_image
+
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)) for _ in range(3)]
+    with ShardWriter(tmp_path / "wds", prefix="s") as w:
+        for i, im in enumerate(imgs):
+            w.write(f"k{i}", encode_image(im), {})
+    work = sscd.ChunkDescriptors(tiny_dir, 160, 2, "auto", model=model)
+    shipped = cloudpickle.loads(cloudpickle.dumps(work))
+    assert shipped.model is None and shipped.device == "auto"
+    fn = shipped()
+    assert shipped.device == sscd.resolve_device("auto") and shipped.model is not None
+    keys, x = fn(("shards", [(str(tmp_path / "wds" / "s-000000.tar"), 1, 3)]))
+    assert keys == ["k1", "k2"]
+    stored = [Image.open(io.BytesIO(encode_image(im))).convert("RGB") for im in imgs[1:]]
+    np.testing.assert_array_equal(x, sscd.descriptors(model, stored, resize=160, batch_size=2))

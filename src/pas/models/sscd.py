@@ -355,6 +355,8 @@ class ChunkDescriptors:
         return {**self.__dict__, "model": None}
 
     def __call__(self):
+        # "auto" is resolved here, where the work runs: a Ray actor on a GPU node, not the driver
+        self.device = resolve_device(self.device)
         if self.model is None:
             self.model = load_sscd(self.model_dir, device=self.device)
         return self.run
