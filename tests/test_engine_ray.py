@@ -387,7 +387,7 @@ def test_generate_ray_engine_is_byte_identical_and_resumes_across_engines(tmp_pa
 # backend vllm under PAS_ENGINE=ray: ray.data.llm
 
 def test_ray_vllm_backend_is_chosen_and_configured():
-    from ray.data.llm import vLLMEngineProcessorConfig
+    vLLMEngineProcessorConfig = pytest.importorskip("ray.data.llm").vLLMEngineProcessorConfig
 
     from pas.llm import make_backend
     from pas.llm.base import LLMSpec
@@ -443,6 +443,7 @@ def _fake_vllm_processor(config, preprocess, postprocess):
 
 @pytest.mark.slow
 def test_ray_vllm_backend_through_ray_data(ray_cluster, monkeypatch):
+    pytest.importorskip("ray.data.llm")
     import ray.data.llm
 
     from pas.llm import ChatRequest, make_backend
