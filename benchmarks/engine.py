@@ -67,6 +67,8 @@ def run_stage(stage: str, out: Path, env: dict) -> float:
         cache.mkdir(parents=True)
         shutil.copy(ROOT / "data" / ".cache" / "generate" / "captions.json", cache / "captions.json")
         cmd += ["--cache", str(cache)]
+    if stage == "dedup":         # compute every descriptor chunk (the scratch cache would resume them)
+        cmd += ["--cache", ""]
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t

@@ -13,6 +13,7 @@ removed_synthetic).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -32,13 +33,15 @@ CHUNK = 512          # images decoded at a time (descriptors run in batch_size b
 
 
 def compute_descriptors(dirs: list[str], model, resize, batch_size: int, device: str, sscd_dir: str = "",
-                        engine=None):
+                        engine=None, cache=None):
     """Descriptors of every sample of the shard folders `dirs`, in stored order.
 
     Samples are cut into chunks of CHUNK in stored order (a chunk may span shards and folders) and
     each chunk is one `descriptors` call, on the engine of `engine` (PAS_ENGINE; see pas.engine): the
     chunks, hence the batches, are the same on either engine, so are the bytes. Ray actors load SSCD
-    from `sscd_dir`. Returns (keys, sources, descriptors float32 (N, D))."""
+    from `sscd_dir`. With `cache` (a `pas.io.resume.ChunkCache`) a chunk finished by an earlier,
+    killed run is read back instead of recomputed, and each chunk is stored as soon as it is done.
+    Returns (keys, sources, descriptors float32 (N, D))."""
     from tqdm import tqdm
 
     from pas.data.chunks import shard_spans
@@ -61,8 +64,27 @@ def compute_descriptors(dirs: list[str], model, resize, batch_size: int, device:
                 sources.append(str(s.meta.get("source", default_source)))
             counts.append(len(keys) - n0)
     chunks = shard_spans(shards, CHUNK, counts)
-    parts = map_shards(ChunkDescriptors(sscd_dir, resize, batch_size, device, model=model), chunks,
-                       config=engine, desc="sscd chunks")
+    parts: list = [None] * len(chunks)
+    todo = list(range(len(chunks)))
+    if cache is not None:
+        from pas.io.resume import file_identity
+
+        ident = {str(s): file_identity(s) for s in shards}
+        ids = [[[ident[shard], start, stop] for shard, start, stop in c[1]] for c in chunks]
+        for i in range(len(chunks)):
+            parts[i] = cache.get(ids[i])
+        todo = [i for i in range(len(chunks)) if parts[i] is None]
+        if len(todo) < len(chunks):
+            log.info("dedup: %d of %d descriptor chunks resumed from %s", len(chunks) - len(todo), len(chunks),
+                     cache.root)
+
+    def done(j: int, result) -> None:
+        parts[todo[j]] = result
+        if cache is not None:
+            cache.put(ids[todo[j]], *result)
+
+    map_shards(ChunkDescriptors(sscd_dir, resize, batch_size, device, model=model), [chunks[i] for i in todo],
+               config=engine, on_result=done, desc="sscd chunks")
     got = [k for part_keys, _ in parts for k in part_keys]
     if got != keys:
         raise ValueError(f"{dirs}: shards changed while their descriptors were computed")
@@ -95,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="data/dedup")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--metrics", default="metrics/dedup.json")
+    ap.add_argument("--cache", default="data/.cache/dedup",
+                    help="scratch folder keeping finished descriptor chunks across killed runs (not a DVC out); "
+                         "'' disables it")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = build(DedupParams, load(args.params), "dedup")
@@ -109,8 +134,22 @@ def main(argv: list[str] | None = None) -> int:
     # with Ray, `device: auto` is resolved by each actor on its own node (the driver may have no GPU)
     device = resolve_device(p.device) if engine.engine == "local" else p.device
     model = load_sscd(args.sscd, device=device) if engine.engine == "local" else None
+    cache = None
+    if args.cache:
+        from importlib.metadata import version
+
+        from pas.io.resume import ChunkCache
+
+        # what a chunk's descriptors depend on besides its images: the model, input size, batching,
+        # device and torch (CPU and GPU kernels round differently)
+        run_fp = json.dumps({"model": fingerprint(args.sscd), "resize": resize, "batch_size": p.batch_size,
+                             "device": device, "torch": version("torch"), "chunk": CHUNK}, sort_keys=True,
+                            default=str)
+        cache = ChunkCache(args.cache, run_fp)
     keys, sources, x = compute_descriptors(args.images, model, resize, p.batch_size, device,
-                                           sscd_dir=args.sscd, engine=engine)
+                                           sscd_dir=args.sscd, engine=engine, cache=cache)
+    if cache is not None:
+        cache.prune()                       # chunks of earlier inputs or settings
     t_desc = time.time() - t0
 
     manifest = dedup(keys, x, p.lambda_dup, p.k_dup, p.seed, progress=len(keys) > 50_000, index=p.index,

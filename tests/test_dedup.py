@@ -263,8 +263,9 @@ def test_stage_end_to_end(tmp_path, clipart_food, monkeypatch):
                                       "dedup": {"device": "cpu", "batch_size": 8}}))
     stage = load_stage("dedup")
     out, metrics = tmp_path / "dedup", tmp_path / "metrics/dedup.json"
+    cache = tmp_path / "cache"
     args = ["--images", *map(str, images), "--sscd", str(sscd_dir), "--out", str(out), "--params", str(params),
-            "--metrics", str(metrics)]
+            "--metrics", str(metrics), "--cache", str(cache)]
     assert stage.main(args) == 0
     m = pd.read_parquet(out / "manifest.parquet")
     assert list(m["key"]) == sorted(m["key"])
@@ -280,20 +281,23 @@ def test_stage_end_to_end(tmp_path, clipart_food, monkeypatch):
     assert json.loads((out / "descriptors.json").read_text())["resize"] == 160
     page = (out / "groups.html").read_text()
     assert page.count("data:image/jpeg;base64,") >= 4 and "p9999" in page and "<script" not in page
-    # same inputs → same bytes
+    # same inputs → same bytes, also when every descriptor chunk is read back from the cache
     first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(list(cache.glob("*.npz"))) == 1                 # one chunk of <= 512 images
     assert stage.main(args) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert stage.main([*args[:-1], ""]) == 0                   # --cache '': computed afresh, same bytes
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
     # no images at all: empty but valid outputs
     empty = _write_images(tmp_path, "empty", [])
     out2 = tmp_path / "dedup_empty"
     assert stage.main(["--images", str(empty), "--sscd", str(sscd_dir), "--out", str(out2), "--params", str(params),
-                       "--metrics", str(metrics)]) == 0
+                       "--metrics", str(metrics), "--cache", str(tmp_path / "cache_empty")]) == 0
     assert json.loads(metrics.read_text())["n_in"] == 0
     assert np.load(out2 / "descriptors.npy").shape == (0, 512) and len(pd.read_parquet(out2 / "manifest.parquet")) == 0
     with pytest.raises(FileNotFoundError, match="does not exist"):
         stage.main(["--images", str(tmp_path / "nope"), "--sscd", str(sscd_dir), "--out", str(out2),
-                    "--params", str(params), "--metrics", str(metrics)])
+                    "--params", str(params), "--metrics", str(metrics), "--cache", ""])
 
 
 # ------------------------------------------------------------------------------------ the report
@@ -331,3 +335,52 @@ def test_gpu_wrapping_keeps_resources_on_a_real_faiss_index():
                                  index_cpu_to_gpu=lambda r, dev, index: faiss.IndexFlatIP(8))
     idx = _to_gpu(fake, faiss.IndexFlatIP(8))
     assert res in idx.referenced_objects
+
+
+def test_stage_resumes_descriptor_chunks_after_a_crash(tmp_path, monkeypatch):
+    """Descriptor chunks finished before a crash are read back; only the missing one is recomputed,
+    the outputs are the bytes of an uninterrupted run; a rewritten input shard invalidates its chunks."""
+    from PIL import Image
+
+    import pas.models.sscd as sscd_lib
+    from pas.models.sscd import build_tiny_sscd
+
+    rng = np.random.default_rng(1)
+    imgs = [(f"p{i}", Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)), "real")
+            for i in range(8)]
+    images = _write_images(tmp_path, "retrieved", imgs)
+    sscd_dir = build_tiny_sscd(tmp_path / "sscd", seed=0)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"lambda_dup": 0.99999, "k_dup": 4, "dedup": {"device": "cpu", "batch_size": 2}}))
+    stage = load_stage("dedup")
+    stage.CHUNK = 3                                             # 3 chunks: 3 + 3 + 2 images
+    cache = tmp_path / "cache"
+
+    def run(out):
+        return stage.main(["--images", str(images), "--sscd", str(sscd_dir), "--out", str(tmp_path / out),
+                           "--params", str(params), "--metrics", str(tmp_path / f"{out}.json"),
+                           "--cache", str(cache)])
+
+    assert run("full") == 0
+    full = _outputs(tmp_path / "full")
+    chunks = sorted(cache.glob("*.npz"))
+    assert len(chunks) == 3
+    calls = []
+    real_run = sscd_lib.ChunkDescriptors.run
+    monkeypatch.setattr(sscd_lib.ChunkDescriptors, "run", lambda self, item: calls.append(item) or real_run(self, item))
+    chunks[1].unlink()                                          # as if killed before that chunk was stored
+    assert run("resumed") == 0
+    assert len(calls) == 1 and _outputs(tmp_path / "resumed") == full
+    # the upstream stage rewrites its shard (same bytes, new file): every chunk is recomputed
+    shard = next(images.glob("*.tar"))
+    data = shard.read_bytes()
+    shard.unlink()
+    shard.write_bytes(data)
+    calls.clear()
+    assert run("rewritten") == 0
+    assert len(calls) == 3 and _outputs(tmp_path / "rewritten") == full
+    assert len(list(cache.glob("*.npz"))) == 3                  # the stale chunks were pruned
+
+
+def _outputs(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}

@@ -285,7 +285,8 @@ def test_dedup_ray_engine_is_byte_identical_to_local(tmp_path, monkeypatch, ray_
         stage = load_stage("dedup")
         stage.CHUNK = 3
         assert stage.main(["--images", *images, "--sscd", str(sscd_dir), "--out", str(tmp_path / engine),
-                           "--params", str(params), "--metrics", str(tmp_path / f"{engine}.json")]) == 0
+                           "--params", str(params), "--metrics", str(tmp_path / f"{engine}.json"),
+                           "--cache", ""]) == 0
         outs[engine] = _outputs(tmp_path / engine)
     assert sorted(outs["local"]) == ["descriptors.json", "descriptors.npy", "groups.html", "keys.parquet",
                                      "manifest.parquet"]
