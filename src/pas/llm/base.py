@@ -18,7 +18,7 @@ import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from pas.params import ParamsError, build, check_choice, check_range
 
@@ -183,6 +183,16 @@ def yes_no_from_logprobs(top: Mapping[str, float]) -> float | None:
     if p_yes + p_no <= 0.0:
         return None
     return p_yes / (p_yes + p_no)
+
+
+def yes_no_verdict(candidates: Iterable[tuple[str, float]], text: str) -> YesNo:
+    """The verdict every backend gives: P(yes) from the first token's (token, log-prob) candidates
+    (candidates that read alike add up), or, when neither yes nor no is among them, from `text`."""
+    top: dict[str, float] = {}
+    for token, logprob in candidates:
+        add_logprob(top, token, logprob)
+    p = yes_no_from_logprobs(top)
+    return YesNo(p, text, "logprobs") if p is not None else YesNo(yes_no_from_text(text), text, "text")
 
 
 class ChatBackend(ABC):

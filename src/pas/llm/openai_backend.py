@@ -13,8 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, LLMSpec, YesNo, add_logprob,
-                          yes_no_from_logprobs, yes_no_from_text)
+from pas.llm.base import ChatBackend, ChatRequest, ChatResult, LLMSpec, YesNo, yes_no_verdict
 
 log = logging.getLogger(__name__)
 YES_NO_TOP_LOGPROBS = 20
@@ -114,12 +113,8 @@ class OpenAIBackend(ChatBackend):
                 continue
             choice = (resp.get("choices") or [{}])[0]
             text = ((choice.get("message") or {}).get("content")) or ""
-            top: dict[str, float] = {}
             content = ((choice.get("logprobs") or {}).get("content")) or []
-            if content:
-                for cand in content[0].get("top_logprobs") or []:
-                    add_logprob(top, cand.get("token", ""), float(cand.get("logprob", float("-inf"))))
-            p = yes_no_from_logprobs(top)
-            verdicts.append(YesNo(p, text, "logprobs") if p is not None
-                            else YesNo(yes_no_from_text(text), text, "text"))
+            first = (content[0].get("top_logprobs") or []) if content else []
+            verdicts.append(yes_no_verdict(((c.get("token", ""), float(c.get("logprob", float("-inf"))))
+                                            for c in first), text))
         return verdicts

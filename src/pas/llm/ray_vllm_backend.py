@@ -18,8 +18,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Sequence
 
-from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, LLMSpec, YesNo, add_logprob,
-                          yes_no_from_logprobs, yes_no_from_text)
+from pas.llm.base import ChatBackend, ChatRequest, ChatResult, LLMSpec, YesNo, yes_no_verdict
 from pas.llm.vllm_backend import engine_kwargs, sampling_kwargs
 
 
@@ -118,10 +117,5 @@ class RayVLLMBackend(ChatBackend):
             return []
         verdicts = []
         for o in self._run(requests, yes_no=True):
-            top: dict[str, float] = {}
-            for t, lp in o["logprobs"]:
-                add_logprob(top, str(t), float(lp))
-            p = yes_no_from_logprobs(top)
-            verdicts.append(YesNo(p, o["text"], "logprobs") if p is not None
-                            else YesNo(yes_no_from_text(o["text"]), o["text"], "text"))
+            verdicts.append(yes_no_verdict(((str(t), float(lp)) for t, lp in o["logprobs"]), o["text"]))
         return verdicts

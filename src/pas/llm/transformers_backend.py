@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, LLMSpec, YesNo, add_logprob,
-                          yes_no_from_logprobs, yes_no_from_text)
+from pas.llm.base import ChatBackend, ChatRequest, ChatResult, LLMSpec, YesNo, yes_no_verdict
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +160,10 @@ class TransformersBackend(ChatBackend):
             logp = logits[:, -1, :].float().log_softmax(-1)
             top = logp.topk(top_k, dim=-1)
             for row, i in enumerate(batch):
-                cands: dict[str, float] = {}
-                for lp, t in zip(top.values[row].tolist(), top.indices[row].tolist()):
-                    word = self._tok.decode([t])
-                    add_logprob(cands, word, lp)  # distinct ids that decode alike add up
-                best = self._tok.decode([top.indices[row, 0].item()])
-                p = yes_no_from_logprobs(cands)
-                verdicts[i] = (YesNo(p, best, "logprobs") if p is not None
-                               else YesNo(yes_no_from_text(best), best, "text"))
+                # distinct ids that decode alike add up
+                cands = [(self._tok.decode([t]), lp)
+                         for lp, t in zip(top.values[row].tolist(), top.indices[row].tolist())]
+                verdicts[i] = yes_no_verdict(cands, self._tok.decode([top.indices[row, 0].item()]))
         return verdicts  # type: ignore[return-value]
 
     def close(self) -> None:

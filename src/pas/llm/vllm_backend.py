@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, LLMSpec, YesNo, add_logprob,
-                          yes_no_from_logprobs, yes_no_from_text)
+from pas.llm.base import ChatBackend, ChatRequest, ChatResult, LLMSpec, YesNo, yes_no_verdict
 
 YES_NO_TOP_LOGPROBS = 20
 
@@ -82,13 +81,8 @@ class VLLMBackend(ChatBackend):
         verdicts = []
         for out in self._generate(requests, yes_no=True):
             c = out.outputs[0]
-            top = {}
-            if c.logprobs:
-                for lp in c.logprobs[0].values():
-                    add_logprob(top, lp.decoded_token or "", lp.logprob)
-            p = yes_no_from_logprobs(top)
-            verdicts.append(YesNo(p, c.text, "logprobs") if p is not None
-                            else YesNo(yes_no_from_text(c.text), c.text, "text"))
+            first = c.logprobs[0].values() if c.logprobs else []
+            verdicts.append(yes_no_verdict(((lp.decoded_token or "", lp.logprob) for lp in first), c.text))
         return verdicts
 
     def close(self) -> None:
