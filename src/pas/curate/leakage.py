@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 
 from pas.curate.dedup import check_descriptors, check_resize, knn_search
-from pas.data.chunks import IMAGE_SUFFIXES  # noqa: F401  (re-exported)
 from pas.params import ParamsError, check_choice, check_range
 
 log = logging.getLogger(__name__)

@@ -22,11 +22,11 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from pas.data.chunks import IMAGE_SUFFIXES
 from pas.params import ParamsError, check_choice, check_range
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
