@@ -14,6 +14,7 @@ from scipy.sparse.csgraph import connected_components
 from pas.curate.dedup import (DedupParams, dedup, dedup_from_knn, duplicate_graph, knn_self, seeded_rank,
                               summary)
 from pas.params import ParamsError, build
+from tests.stage_helpers import load_stage, outputs
 
 
 def unit(*rows) -> np.ndarray:
@@ -232,15 +233,6 @@ def _write_images(root: Path, name: str, items: list[tuple[str, object, str]]) -
     return d
 
 
-def load_stage(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", Path(__file__).parents[1] / f"stages/{name}.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
-    return stage
-
-
 def test_stage_end_to_end(tmp_path, clipart_food, monkeypatch):
     """Real clipart + planted exact copies (one real, one synthetic) through stages/dedup.py."""
     from pas.data.images import BadImage, load_rgb
@@ -362,7 +354,7 @@ def test_stage_resumes_descriptor_chunks_after_a_crash(tmp_path, monkeypatch):
                            "--cache", str(cache)])
 
     assert run("full") == 0
-    full = _outputs(tmp_path / "full")
+    full = outputs(tmp_path / "full")
     chunks = sorted(cache.glob("*.npz"))
     assert len(chunks) == 3
     calls = []
@@ -370,7 +362,7 @@ def test_stage_resumes_descriptor_chunks_after_a_crash(tmp_path, monkeypatch):
     monkeypatch.setattr(sscd_lib.ChunkDescriptors, "run", lambda self, item: calls.append(item) or real_run(self, item))
     chunks[1].unlink()                                          # as if killed before that chunk was stored
     assert run("resumed") == 0
-    assert len(calls) == 1 and _outputs(tmp_path / "resumed") == full
+    assert len(calls) == 1 and outputs(tmp_path / "resumed") == full
     # the upstream stage rewrites its shard (same bytes, new file): every chunk is recomputed
     shard = next(images.glob("*.tar"))
     data = shard.read_bytes()
@@ -378,9 +370,6 @@ def test_stage_resumes_descriptor_chunks_after_a_crash(tmp_path, monkeypatch):
     shard.write_bytes(data)
     calls.clear()
     assert run("rewritten") == 0
-    assert len(calls) == 3 and _outputs(tmp_path / "rewritten") == full
+    assert len(calls) == 3 and outputs(tmp_path / "rewritten") == full
     assert len(list(cache.glob("*.npz"))) == 3                  # the stale chunks were pruned
 
-
-def _outputs(root: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}

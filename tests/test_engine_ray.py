@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from pas.engine import EngineConfig, _pool_size, map_shards
+from tests.stage_helpers import load_stage, outputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,24 +177,14 @@ def tiny_clip_dir(tmp_path_factory):
 
 
 def _run_stage(tmp_path: Path, out: str, monkeypatch, engine: str, address: str = "") -> dict:
-    import importlib.util
-
     monkeypatch.setenv("PAS_ENGINE", engine)
     monkeypatch.setenv("PAS_RAY_ADDRESS", address)
-    stage = Path(__file__).parents[1] / "stages" / "ood.py"
-    spec = importlib.util.spec_from_file_location("stage_ood", stage)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--manifest", str(tmp_path / "manifest.parquet"),
+    assert load_stage("ood").main(["--manifest", str(tmp_path / "manifest.parquet"),
                      "--images", str(tmp_path / "retrieved"), str(tmp_path / "generated"),
                      "--concepts", str(tmp_path / "bank.parquet"), "--clip", str(tmp_path / "clip"),
                      "--out", str(tmp_path / out), "--params", str(tmp_path / "params.yaml"),
                      "--metrics", str(tmp_path / f"{out}.json")]) == 0
     return json.loads((tmp_path / f"{out}.json").read_text())
-
-
-def _outputs(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow
@@ -204,7 +195,7 @@ def test_ood_ray_engine_is_byte_identical_to_local_and_resumes(tmp_path, monkeyp
     _stage_inputs(tmp_path, monkeypatch, tiny_clip_dir)
     m_local = _run_stage(tmp_path, "local", monkeypatch, "local")
     m_ray = _run_stage(tmp_path, "ray", monkeypatch, "ray", ray_cluster)
-    local, ray_out = _outputs(tmp_path / "local"), _outputs(tmp_path / "ray")
+    local, ray_out = outputs(tmp_path / "local"), outputs(tmp_path / "ray")
     assert len([k for k in local if k.startswith("parts/")]) == 6 and "scores.parquet" in local   # 3 shards
     assert ray_out == local                                        # every byte, parts and markers included
     for m in (m_local, m_ray):
@@ -215,7 +206,7 @@ def test_ood_ray_engine_is_byte_identical_to_local_and_resumes(tmp_path, monkeyp
     # resumability across engines: a ray rerun over the local outputs scores nothing
     m_again = _run_stage(tmp_path, "local", monkeypatch, "ray", ray_cluster)
     assert m_again["n_shards_resumed"] == 3 and m_again["n_timed"] == 0
-    assert _outputs(tmp_path / "local") == local
+    assert outputs(tmp_path / "local") == local
 
 
 @pytest.mark.slow
@@ -253,7 +244,7 @@ def test_ood_ray_survives_a_killed_actor(tmp_path, monkeypatch, ray_cluster, tin
 
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
     assert m["n_scored"] == 4 and m["n_timed"] == 4
-    assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "local")
+    assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
 
 
 @pytest.mark.slow
@@ -266,7 +257,7 @@ def test_dedup_ray_engine_is_byte_identical_to_local(tmp_path, monkeypatch, ray_
 
     from pas.io.shards import iter_samples
     from pas.models.sscd import build_tiny_sscd, descriptors, load_sscd
-    from tests.test_dedup import _write_images, load_stage
+    from tests.test_dedup import _write_images
 
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 255, (40 + 8 * (i % 3), 64, 3), dtype=np.uint8))
@@ -287,7 +278,7 @@ def test_dedup_ray_engine_is_byte_identical_to_local(tmp_path, monkeypatch, ray_
         assert stage.main(["--images", *images, "--sscd", str(sscd_dir), "--out", str(tmp_path / engine),
                            "--params", str(params), "--metrics", str(tmp_path / f"{engine}.json"),
                            "--cache", ""]) == 0
-        outs[engine] = _outputs(tmp_path / engine)
+        outs[engine] = outputs(tmp_path / engine)
     assert sorted(outs["local"]) == ["descriptors.json", "descriptors.npy", "groups.html", "keys.parquet",
                                      "manifest.parquet"]
     assert outs["ray"] == outs["local"]
@@ -306,7 +297,6 @@ def test_dedup_ray_engine_is_byte_identical_to_local(tmp_path, monkeypatch, ray_
 def test_leakage_ray_engine_is_byte_identical_to_local(tmp_path, monkeypatch, ray_cluster, clipart_food):
     """Test-image SSCD descriptors on Ray actors: chunks of 2 that span shards (the wds eval set) and
     list files (the ImageFolder), the same plan on both engines."""
-    from tests.test_dedup import load_stage
     from tests.test_leakage import stage_inputs
 
     ctx = stage_inputs(tmp_path, clipart_food)
@@ -318,7 +308,7 @@ def test_leakage_ray_engine_is_byte_identical_to_local(tmp_path, monkeypatch, ra
         stage.CHUNK = 2
         assert stage.main([*ctx["args"], "--out", str(tmp_path / engine),
                            "--metrics", str(tmp_path / f"{engine}.json")]) == 0
-        outs[engine] = _outputs(tmp_path / engine)
+        outs[engine] = outputs(tmp_path / engine)
         metrics[engine] = json.loads((tmp_path / f"{engine}.json").read_text())
     assert sorted(outs["local"]) == ["manifest.parquet", "test_descriptors.npy", "test_keys.parquet"]
     assert outs["ray"] == outs["local"] and metrics["ray"] == metrics["local"]
@@ -346,7 +336,7 @@ def test_pool_ray_engine_is_byte_identical_to_local(tmp_path, monkeypatch, ray_c
     assert m_local["n_shards"] == 3 and 9 <= m_local["n_indexed"] <= 11
     assert {k: v for k, v in m_ray.items() if k not in ("seconds", "images_per_second")} == \
         {k: v for k, v in m_local.items() if k not in ("seconds", "images_per_second")}
-    local, ray_out = _outputs(tmp_path / "local"), _outputs(tmp_path / "ray")
+    local, ray_out = outputs(tmp_path / "local"), outputs(tmp_path / "ray")
     assert "embeddings.npy" in local and ray_out == local
     emb = np.load(tmp_path / "local" / "embeddings.npy")
     assert emb.shape == (m_local["n_indexed"], 128)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from pas.io.manifest import read_metrics, read_parquet
 from pas.io.shards import iter_samples
 from pas.params import ParamsError, build
 from pas.train.evalsets import EvalParams, EvalSetSpec, Item, parse_sets, split_items, write_evalset
+from tests.stage_helpers import load_stage
 from tests.train_helpers import image_folder, synthetic_shards, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,19 +140,12 @@ def test_food101_only_from_disk(tmp_path):
     assert sorted(Path(p).stem for p in test_paths) == ["3", "3", "4", "4"]   # the official split
 
 
-def _stage(name):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_stage_main_on_real_clipart(tmp_path):
     params = write_params(tmp_path / "params.yaml", eval={"sets": [CLIPART_FOOD], "max_side": 64})
     out = tmp_path / "evalsets"
     (out / "stale_set").mkdir(parents=True)
     argv = ["--out", str(out), "--params", str(params), "--metrics", str(tmp_path / "m.json")]
-    assert _stage("evalsets").main(argv) == 0
+    assert load_stage("evalsets").main(argv) == 0
     m = read_metrics(tmp_path / "m.json")["clipart_food"]
     assert m["n_classes"] == 5 and m["n_train"] > 150 and m["n_test"] > 60
     dropped = sum(v for k, v in m.items() if k.startswith("dropped_t"))
@@ -161,5 +154,5 @@ def test_stage_main_on_real_clipart(tmp_path):
     test_idx = read_parquet(out / "clipart_food" / "test" / "index.parquet")
     assert set(test_idx.label_name) == set(CLIPART_FOOD["classes"])
     first = (out / "clipart_food" / "test" / "test-000000.tar").read_bytes()
-    assert _stage("evalsets").main(argv) == 0            # written once: a rerun gives the same bytes
+    assert load_stage("evalsets").main(argv) == 0            # written once: a rerun gives the same bytes
     assert (out / "clipart_food" / "test" / "test-000000.tar").read_bytes() == first

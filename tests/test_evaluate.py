@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from pas.params import build
 from pas.train.evalsets import EvalSetSpec, write_evalset
 from pas.train.evaluate import EvalParams, accuracy, evaluate, knn_predict, linear_probe, probe_optimizer
+from tests.stage_helpers import load_stage
 from tests.train_helpers import TINY_PRETRAIN, TINY_VIT, image_folder, synthetic_shards, tiny_backbone_init, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,9 +144,7 @@ def test_stage_main(eval_env, tmp_path):
     root, spec = eval_env
     params = write_params(tmp_path / "params.yaml", eval={"sets": [spec], "linear_epochs": 3, "knn_k": 3,
                                                           "threads": 1}, models={"backbone_init": TINY_VIT})
-    mod_spec = importlib.util.spec_from_file_location("stage_evaluate", ROOT / "stages" / "evaluate.py")
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
+    mod = load_stage("evaluate")
     argv = ["--backbone", str(root / "backbone"), "--init", str(root / "init"), "--evalsets",
             str(root / "evalsets"), "--params", str(params), "--metrics", str(tmp_path / "eval.json"),
             "--plot", str(tmp_path / "accuracy.csv")]     # never the repository's data/evaluate/

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import signal
@@ -23,6 +22,7 @@ from pas.io.manifest import read_parquet, write_parquet
 from pas.io.shards import decode_image, encode_image, iter_samples
 from pas.llm import ChatResult
 from pas.params import ParamsError
+from tests.stage_helpers import load_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 D = DiffusionParams(steps=2, guidance=3.0, resolution=64, batch_size=3)
@@ -295,13 +295,6 @@ def test_hostile_concepts_stay_inside(sd_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- the stage
-def _stage(name):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_stage_main_with_cached_captions(sd_dir, tmp_path, monkeypatch):
     """The stage end to end; captions come from the scratch cache (written as the stage would), so no
     LLM is loaded — the real-LLM run is the slow test below."""
@@ -320,7 +313,7 @@ def test_stage_main_with_cached_captions(sd_dir, tmp_path, monkeypatch):
     fp = caption_fingerprint(["apple pie", "ramen"], p, load_template(), l4, None)
     cached_captions(tmp_path / "cache", fp, lambda: CAPS)
     spec_from_dict(l4, "llm.l4")
-    stage = _stage("generate")
+    stage = load_stage("generate")
     argv = ["--concepts", str(tmp_path / "bank.parquet"), "--model", str(sd_dir), "--out", str(tmp_path / "gen"),
             "--cache", str(tmp_path / "cache"), "--metrics", str(tmp_path / "m.json"),
             "--params", str(tmp_path / "params.yaml")]
@@ -358,7 +351,7 @@ def test_stage_with_real_smollm2(sd_dir, tmp_path, monkeypatch):
             "--cache", str(tmp_path / "cache"), "--metrics", str(tmp_path / "m.json"),
             "--params", str(tmp_path / "params.yaml")]
     t0 = time.time()
-    assert _stage("generate").main(argv) == 0
+    assert load_stage("generate").main(argv) == 0
     m = json.loads((tmp_path / "m.json").read_text())
     print("real-LLM generate:", json.dumps(m), f"{time.time() - t0:.1f}s")
     assert m["n_captions"] == 12 and m["n_images"] == 24

@@ -15,6 +15,7 @@ from PIL import Image
 
 from pas.curate.leakage import LeakageParams, leakage, resolve_evalsets, summary
 from pas.params import ParamsError, build
+from tests.stage_helpers import load_stage
 
 
 def unit(*rows) -> np.ndarray:
@@ -99,15 +100,6 @@ def _jpeg_resized(img: Image.Image, scale: float = 0.8, q: int = 90) -> Image.Im
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=q)
     return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-
-
-def load_stage(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", Path(__file__).parents[1] / f"stages/{name}.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
-    return stage
 
 
 LAMBDA_TINY = 0.9995   # for the random tiny trunk only; see the measured distribution asserted below

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pas.curate.ood import (OodParams, Timings, TextSets, derive_generalized_concepts, ensemble,
                             ood_scores, ood_scores_dense, score_images, three_scores)
 from pas.params import ParamsError, build
+from tests.stage_helpers import load_stage
 
 S = 100.0  # CLIP logit scale
 
@@ -219,13 +220,7 @@ def _stage_inputs(tmp_path, monkeypatch, clip_dir):
 
 
 def _run(tmp_path, *extra):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("stage_ood", Path(__file__).parents[1] / "stages" / "ood.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main(["--manifest", str(tmp_path / "manifest.parquet"),
+    return load_stage("ood").main(["--manifest", str(tmp_path / "manifest.parquet"),
                      "--images", str(tmp_path / "retrieved"), str(tmp_path / "generated"),
                      "--concepts", str(tmp_path / "bank.parquet"), "--clip", str(tmp_path / "clip"),
                      "--out", str(tmp_path / "ood"), "--params", str(tmp_path / "params.yaml"),

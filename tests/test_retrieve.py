@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from pas.collect.retrieve import (PoolError, RetrieveParams, load_pool, merge_hi
 from pas.io.manifest import read_metrics, read_parquet, write_parquet
 from pas.io.shards import ShardWriter, encode_image, iter_samples, make_key
 from pas.params import ParamsError
+from tests.stage_helpers import load_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 8
@@ -250,13 +250,6 @@ def test_load_concepts(tmp_path):
         load_concepts(tmp_path / "nope.parquet")
 
 
-def _stage(name):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_stage_main_with_tiny_clip(tmp_path, monkeypatch):
     """The stage end to end with a real (tiny, random) open_clip CLIP and a pool embedded by it."""
     import faiss
@@ -284,7 +277,7 @@ def test_stage_main_with_tiny_clip(tmp_path, monkeypatch):
     write_parquet(pd.DataFrame({"concept": ["apple pie", "🍕"], "accepted": [True, True]}),
                   tmp_path / "bank.parquet")
     (tmp_path / "params.yaml").write_text("k_retrieve: 5\nretrieve:\n  prompt_template: 'a photo of {c}, a food.'\n")
-    stage = _stage("retrieve")
+    stage = load_stage("retrieve")
     argv = ["--concepts", str(tmp_path / "bank.parquet"), "--pool", str(pool_dir), "--clip", str(clip_dir),
             "--out", str(tmp_path / "retrieved"), "--metrics", str(tmp_path / "m.json"),
             "--params", str(tmp_path / "params.yaml")]

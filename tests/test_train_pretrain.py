@@ -18,6 +18,7 @@ import yaml
 
 from pas.params import ParamsError, build
 from pas.train.pretrain import CKPT_NAME, PretrainParams, lr_factor, pretrain
+from tests.stage_helpers import load_stage
 from tests.train_helpers import TINY_PRETRAIN, TINY_VIT, synthetic_shards, tiny_backbone_init, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,15 +121,6 @@ def test_bad_inputs_fail_clearly(tmp_path, data):
         pretrain(_cfg(batch_size=64), shards, init, tmp_path / "o", tmp_path / "c", progress=False)
 
 
-def _stage(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_stage_main(tmp_path, data):
     shards, init = data
     params = write_params(tmp_path / "params.yaml", pretrain={**TINY_PRETRAIN, "epochs": 1, "warmup_epochs": 0},
@@ -136,7 +128,7 @@ def test_stage_main(tmp_path, data):
     out = tmp_path / "backbone"
     argv = ["--data", str(shards), "--init", str(init), "--out", str(out), "--ckpt", str(tmp_path / "ck"),
             "--live", str(tmp_path / "live"), "--params", str(params), "--metrics", str(tmp_path / "m.json")]
-    assert _stage("pretrain").main(argv) == 0
+    assert load_stage("pretrain").main(argv) == 0
     m = json.loads((tmp_path / "m.json").read_text())
     assert {"method", "backbone", "n_images", "epochs", "forward_passes", "loss_last_epoch", "seconds"} <= set(m)
     model = timm.create_model(f"local-dir:{out}", pretrained=True)
