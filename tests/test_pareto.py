@@ -152,3 +152,22 @@ def test_auto_picks_the_grid_only_for_small_grids(monkeypatch):
         worst_first_ranks(rounded, method="fast")
     with pytest.raises(ValueError, match="cells exceed"):
         worst_first_ranks(rng.random((300, 3)), method="grid")  # 301^3 > 2^24
+
+
+@settings(max_examples=150, deadline=None)
+@given(score_arrays(), st.integers(0, 3), st.integers(1, 6), st.booleans())
+def test_sweep_buffers_and_fallback_paths(pts, max_summary_fronts, n_cuts, tiny_pool):
+    """The sweep kernel with tiny starting buffers (every growth path resumes mid-sweep) and few or no
+    summarised fronts (past them: whole staircases and a binary search over fronts) still equals the
+    brute-force peel."""
+    from pas.curate import pareto as P
+
+    if len(pts) < 2 or pts.shape[1] != 3:
+        return
+    order, s = P._descending_lex_order(pts)
+    cuts = np.unique(np.quantile(s[1], np.linspace(0, 1, n_cuts + 2)[1:-1]))
+    got = P._ranks3_sorted(s[0], s[1], s[2], cuts, max_summary_fronts, fine_bins=8, front_slots=1,
+                           pool_slots=1 if tiny_pool else None)
+    ranks = np.empty(len(pts), np.int64)
+    ranks[order] = got
+    assert ranks.tolist() == brute_force_ranks(pts).tolist()

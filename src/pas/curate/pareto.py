@@ -7,18 +7,18 @@ non-dominated sorting of the scores under *maximisation*: front 0 is peeled firs
 
 Two exact algorithms, chosen per input by `worst_first_ranks(method="auto")`:
 
-Sweep (any scores; three objectives: one sort, then O(log F · log S) per row for F fronts and
-staircases of S points, plus amortised staircase insertions): rows are visited in descending
-lexicographic order, so every row that dominates p is visited before p and identical rows are
-adjacent. The front of p is 1 + the highest front holding a dominator of p. "Front k holds a
+Sweep (any scores; three objectives: one sort, then per row a pass over the fronts' summaries and
+one or two searches in staircases of a few points, plus amortised insertions): rows are visited in
+descending lexicographic order, so every row that dominates p is visited before p and identical rows
+are adjacent. The front of p is 1 + the highest front holding a dominator of p. "Front k holds a
 dominator of p" is monotone in k (a dominator in front k is itself dominated by a member of every
-earlier front), so the front of p is found by binary search over fronts. Each front keeps the 2-D
-staircase of the (y, z) maxima of its members visited so far (all have x ≥ p.x), and "front k holds a
-dominator of p" is one binary search in that staircase. Most of those searches are skipped by a
-per-front summary over 128 y-buckets (the largest z inserted at or above each bucket), which answers
-"surely yes" / "surely no" from two adjacent values. Identical rows share a front: a run of
-duplicates is ranked once, before any of it is inserted. Sorting is one argsort of the first column
-plus a multikey quicksort inside runs of tied values.
+earlier front), so those fronts are a prefix. y is cut into 128 buckets; per front, a summary (the
+largest z at or above each bucket) answers "surely yes" / "surely no" for most fronts, and the sure-yes
+fronts are counted in one vectorised pass. The rest (about half a front per row) is settled by the
+front's cell for p's bucket: the 2-D staircase of the (y, z) maxima of its members in that bucket
+(all have x ≥ p.x). Identical rows share a front: a run of duplicates is ranked once, before any of
+it is inserted. Sorting is one argsort of the first column plus a multikey quicksort inside runs of
+tied values.
 
 Grid (heavily tied scores, e.g. rounded or quantised): dynamic programming over the grid of distinct
 values, O(grid cells) and no sort; used when the grid has at most 16 cells per row.
@@ -26,24 +26,49 @@ values, O(grid cells) and no sort; used when the grid has at most 16 cells per r
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 from numba import njit
 
 __all__ = ["worst_first_ranks", "brute_force_ranks"]
 
 
+SUMMARY_COUNT_MAX = 512     # up to this many fronts, count the sure ones linearly (vectorised)
+MAX_SUMMARY_CELLS = 1 << 20  # summary + cells for at most ~8k fronts (32 MB); more fronts: whole staircases
+
+
+@contextlib.contextmanager
+def _no_cmov_conversion():
+    """LLVM's x86 cmov-converter pass turns the selects of the sweep's branch-free binary searches back
+    into branches, which the CPU mispredicts about half the time (measured: the 100k uniform sweep
+    takes ~1 ms longer with the pass). The option only matters while numba compiles, so it is turned
+    off for that and restored after (numba caches the machine code on disk)."""
+    import llvmlite.binding as llvm
+
+    llvm.set_option("", "--x86-cmov-converter=false")
+    try:
+        yield
+    finally:
+        llvm.set_option("", "--x86-cmov-converter=true")
+
+
 @njit(cache=True)
-def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, ranks, zmax, sy, sz, off, cap, size,
+def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, ranks, zT, sy, sz, boff, bcap, bsize,
                 state):
     """The sweep of `_ranks3_sorted` from row i0 on, with fixed-size buffers: returns the row at which
     a buffer is full (before touching any state for that row, so the caller grows it and resumes
-    there), or n when done. state = [used, n_fronts, need]; need: 1 = front arrays / summary columns,
+    there), or n when done. state = [used, n_fronts, need]; need: 1 = block slots / summary columns,
     2 = staircase pool (state[3] = slots required).
 
-    The buffers are arguments and never reassigned here: numba then keeps their reference counts out
-    of the loop (reassigned arrays cost an atomic incref/decref per use, measured ~40% of the time).
+    The buffers are arguments and never reassigned or sliced here: numba then keeps reference counting
+    out of the loop (a reassigned array or a row view costs an atomic incref/decref per use, measured
+    ~40% of the time). Indices are unsigned where they can be: signed ones make numba emit
+    negative-index wraparound code on every access, and keep the staircase moves from vectorising.
     """
     n = xs.shape[0]
+    nb = zT.shape[0] - 1                    # y buckets
+    msf = max_summary_fronts
     used, n_fronts = state[0], state[1]
     for i in range(i0, n):
         px, py, pz = xs[i], ys[i], zs[i]
@@ -51,104 +76,156 @@ def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, ranks, zm
             ranks[i] = ranks[i - 1]         # duplicate row: same front, staircases unchanged
             continue
         f = int((py - y0) * yscale)          # y bucket: a fine equal-width bin, then the table
-        bp = table[min(max(f, 0), table.shape[0] - 1)]
-        # binary search for the first front holding no dominator of p
-        lo, hi = 0, n_fronts
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if mid < max_summary_fronts:
-                if zmax[np.uint64(mid), np.uint64(bp + 1)] >= pz:
-                    lo = mid + 1
-                    continue
-                if zmax[np.uint64(mid), np.uint64(bp)] < pz:
-                    hi = mid
-                    continue
-            o, m = off[mid], size[mid]
+        bp = table[np.uint64(min(max(f, 0), table.shape[0] - 1))]
+        b0, b1 = np.uint64(bp), np.uint64(bp + 1)
+        # Fronts k < lo surely hold a dominator of p: zT[b + 1, k] >= pz (a member with a larger y and
+        # z). The column is non-increasing in k, so they are a prefix and lo is a count: one
+        # vectorised pass with no branch to mispredict (a binary search with many fronts).
+        n_sum = min(n_fronts, msf)
+        if n_sum <= SUMMARY_COUNT_MAX:
+            lo = 0
+            for k in range(n_sum):
+                lo += zT[b1, np.uint64(k)] >= pz
+        else:
+            lo, w = 0, n_sum
+            while w > 1:
+                half = w >> 1
+                lo += half * (zT[b1, np.uint64(lo + half - 1)] >= pz)
+                w -= half
+            if w == 1:
+                lo += zT[b1, np.uint64(lo)] >= pz
+        # From lo on, zT[b, k] < pz says surely not; otherwise a member in p's own bucket may decide,
+        # and only those are in the front's cell for the bucket (~0.5 cells per row). The first front
+        # holding no dominator is p's front.
+        hi = n_fronts
+        known, known_at = -1, 0             # a front whose cell position of py is known
+        while lo < n_sum and zT[b0, np.uint64(lo)] >= pz:
+            blk = np.uint64(lo * nb + bp)
+            o, m = boff[blk], bsize[blk]
             a, w = o, m                     # branch-free lower bound of py in sy[o : o + m]
-            while w > 1:                    # (unsigned indices: no negative-index wraparound code)
+            while w > 1:
                 half = w >> 1
                 a += half * (sy[np.uint64(a + half - 1)] < py)
                 w -= half
             if w == 1:
                 a += sy[np.uint64(a)] < py
             if a < o + m and sz[np.uint64(a)] >= pz:
-                lo = mid + 1
+                lo += 1
             else:
-                hi = mid
+                hi = lo
+                known, known_at = lo, a
+                break
+        if lo >= n_sum and hi > lo:         # fronts without a summary: binary search, whole staircases
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                blk = np.uint64(msf * nb + mid - msf)
+                o, m = boff[blk], bsize[blk]
+                a, w = o, m
+                while w > 1:
+                    half = w >> 1
+                    a += half * (sy[np.uint64(a + half - 1)] < py)
+                    w -= half
+                if w == 1:
+                    a += sy[np.uint64(a)] < py
+                if a < o + m and sz[np.uint64(a)] >= pz:
+                    lo = mid + 1
+                else:
+                    hi = mid
         r = lo
-        if r == n_fronts:                   # a new front: room for its slot, summary and staircase?
-            if r == off.shape[0] or (r < max_summary_fronts and r == zmax.shape[0]):
+        if r == n_fronts:                   # a new front: room for its blocks and summary column?
+            need = (r + 1) * nb if r < msf else msf * nb + r + 1 - msf
+            if need > boff.shape[0] or (r < msf and r == zT.shape[1]):
                 state[0], state[1], state[2] = used, n_fronts, 1
                 return i
-            if used + 8 > sy.shape[0]:
-                state[0], state[1], state[2], state[3] = used, n_fronts, 2, used + 8
-                return i
-        o, m = (off[r], size[r]) if r < n_fronts else (used, 0)
-        a, w = o, m                         # branch-free lower bound of py in sy[o : o + m]
-        while w > 1:
-            half = w >> 1
-            a += half * (sy[np.uint64(a + half - 1)] < py)
-            w -= half
-        if w == 1:
-            a += sy[np.uint64(a)] < py
+        # insert p into its block: the cell (r, bucket) or, past the summaries, r's whole staircase
+        blk = np.uint64(r * nb + bp) if r < msf else np.uint64(msf * nb + r - msf)
+        o, m, c_r = boff[blk], bsize[blk], bcap[blk]    # a new front's blocks are all empty
+        if r == known:
+            a = known_at
+        else:
+            a, w = o, m
+            while w > 1:
+                half = w >> 1
+                a += half * (sy[np.uint64(a + half - 1)] < py)
+                w -= half
+            if w == 1:
+                a += sy[np.uint64(a)] < py
         j = a - o                           # j == m or sz[o + j] < pz: p is not dominated
-        end = j + 1 if (j < m and sy[o + j] == py) else j
+        end = j + 1 if (j < m and sy[np.uint64(o + j)] == py) else j
         start = j                           # entries p weakly dominates: [start, end)
-        while start > 0 and sz[o + start - 1] <= pz:
+        while start > 0 and sz[np.uint64(o + start - 1)] <= pz:
             start -= 1
         shift = 1 - (end - start)           # new size = m + shift
-        c_r = cap[r] if r < n_fronts else 8
-        newcap = 2 * c_r if m + shift > c_r else 0
-        if newcap and used + (8 if r == n_fronts else 0) + newcap > sy.shape[0]:
-            state[0], state[1], state[2], state[3] = used, n_fronts, 2, used + 8 + newcap
-            return i
+        newcap = 0
+        if m + shift > c_r:                 # (re)allocate the block at the end of the pool
+            newcap = 2 * c_r if c_r else (4 if r < msf else 8)
+            if used + newcap > sy.shape[0]:
+                state[0], state[1], state[2], state[3] = used, n_fronts, 2, used + newcap
+                return i
         # from here on, row i changes state
         ranks[i] = r
-        if r == n_fronts:                   # open the new front with an empty staircase
-            off[r], cap[r], size[r] = used, 8, 0
-            used += 8
+        if r == n_fronts:
             n_fronts += 1
-        if newcap:                          # move this staircase to a twice larger block
+        if newcap:
             for k in range(m):
-                sy[used + k] = sy[o + k]
-                sz[used + k] = sz[o + k]
-            off[r], cap[r] = used, newcap
+                sy[np.uint64(used + k)] = sy[np.uint64(o + k)]
+                sz[np.uint64(used + k)] = sz[np.uint64(o + k)]
+            boff[blk], bcap[blk] = used, newcap
             o = used
             used += newcap
-        if shift > 0:                       # move the tail right, back to front
-            for k in range(o + m - 1, o + end - 1, -1):
-                sy[k + shift] = sy[k]
-                sz[k + shift] = sz[k]
+        if shift > 0:                       # shift == 1: move the tail right, back to front
+            top = o + m - 1
+            for t in range(m - end):
+                k = np.uint64(top - t)
+                sy[k + np.uint64(1)] = sy[k]
+                sz[k + np.uint64(1)] = sz[k]
         elif shift < 0:                     # move the tail left
-            for k in range(o + end, o + m):
-                sy[k + shift] = sy[k]
-                sz[k + shift] = sz[k]
-        sy[o + start] = py
-        sz[o + start] = pz
-        size[r] = m + shift
-        if r < max_summary_fronts:          # zmax[r, b] is non-increasing in b
-            b = bp
-            while b >= 0 and zmax[r, b] < pz:
-                zmax[r, b] = pz
+            d = np.uint64(-shift)
+            for k in range(np.uint64(o + end), np.uint64(o + m)):
+                sy[k - d] = sy[k]
+                sz[k - d] = sz[k]
+        sy[np.uint64(o + start)] = py
+        sz[np.uint64(o + start)] = pz
+        bsize[blk] = m + shift
+        if r < msf:                         # zT[b, r] is non-increasing in b
+            b, col = bp, np.uint64(r)
+            while b >= 0 and zT[np.uint64(b), col] < pz:
+                zT[np.uint64(b), col] = pz
                 b -= 1
     state[0], state[1], state[2] = used, n_fronts, 0
     return n
 
 
-def _ranks3_sorted(xs, ys, zs, cuts, max_summary_fronts, fine_bins=4096):
+def _run_without_cmov_conversion(*args):
+    """`_ranks3_run(*args)`, compiled (or loaded from numba's cache) with LLVM's cmov-converter off."""
+    if not _ranks3_run.signatures:
+        with _no_cmov_conversion():
+            return _ranks3_run(*args)
+    return _ranks3_run(*args)
+
+
+def _ranks3_sorted(xs, ys, zs, cuts, max_summary_fronts, fine_bins=4096, front_slots=64, pool_slots=None):
     """Fronts of rows already in descending lexicographic order (xs, ys, zs contiguous).
 
     cuts: sorted y values cutting y into len(cuts) + 1 buckets. A row's bucket is looked up in O(1): its
     equal-width fine bin (of `fine_bins` over [min y, max y]) indexes a table of the number of cuts <=
     the bin's lower edge. Any bucketing that is monotone in y keeps the result exact (equal y, equal
-    bucket); the cuts only decide how well the summaries work. Summary zmax[k, b] = the largest z
-    ever inserted into front k with a y bucket >= b, so for p in bucket b:
-    zmax[k, b + 1] >= pz -> front k surely holds a dominator (its y is in a higher bucket, so > py);
-    zmax[k, b] < pz -> surely not; otherwise the staircase decides. Most probes then cost two
-    adjacent loads instead of a binary search (fronts >= max_summary_fronts have no summary).
-    All staircases live in one pool: front k owns sy/sz[off[k] : off[k] + cap[k]], size[k] used,
-    the (y, z) maxima of its members visited so far, y strictly ascending and z strictly descending.
-    Buffers start small and double when `_ranks3_run` stops for room (a handful of times).
+    bucket); the cuts only decide how well the summaries work.
+
+    For each of the first `max_summary_fronts` fronts k (the rest fall back to one whole staircase
+    per front and a binary search over fronts):
+    - summary zT[b, k] = the largest z inserted into front k with a y bucket >= b. For p in bucket b,
+      zT[b + 1, k] >= pz -> front k surely holds a dominator (its y is in a higher bucket, so > py);
+      zT[b, k] < pz -> surely not. Stored bucket-major: one bucket's values over the fronts are
+      contiguous, counted in one vectorised pass.
+    - cell (k, b) = the 2-D staircase of the (y, z) maxima of front k's members in bucket b, which
+      decides the rest: a dominator of p in front k has y >= py, so it is either in a higher bucket
+      (the summary) or in p's bucket (the cell). Cells hold ~3 points where a whole-front staircase
+      held ~50, so searching and inserting touch one or two cache lines.
+    Staircases (cells and whole fronts) are blocks of one pool sy/sz: block id k * nb + b for cells,
+    msf * nb + (k - msf) past the summaries; boff/bcap/bsize give each block's slice, y strictly
+    ascending and z strictly descending. Buffers start small (front_slots fronts, pool_slots points)
+    and double when `_ranks3_run` stops for room.
     """
     n = xs.shape[0]
     ranks = np.empty(n, np.int64)
@@ -157,24 +234,24 @@ def _ranks3_sorted(xs, ys, zs, cuts, max_summary_fronts, fine_bins=4096):
     yscale = fine_bins / (y1 - y0) if y1 > y0 else 0.0
     edges = y0 + np.arange(fine_bins) / yscale if yscale else np.full(1, y0)
     table = np.searchsorted(cuts, edges, side="right").astype(np.int64)   # non-decreasing
-    zmax = np.full((64, n_buckets + 1), -np.inf)
-    sy = np.empty(max(4096, n // 4), np.float64)
+    zT = np.full((n_buckets + 1, front_slots), -np.inf)
+    sy = np.empty(max(4096, n) if pool_slots is None else pool_slots, np.float64)
     sz = np.empty_like(sy)
-    off, cap, size = (np.empty(64, np.int64) for _ in range(3))
+    boff, bcap, bsize = (np.zeros(front_slots * n_buckets, np.int64) for _ in range(3))
     state = np.zeros(4, np.int64)
     i = 0
     while True:
-        i = _ranks3_run(xs, ys, zs, y0, yscale, table, i, max_summary_fronts, ranks, zmax, sy, sz, off, cap,
-                        size, state)
+        i = _run_without_cmov_conversion(xs, ys, zs, y0, yscale, table, i, max_summary_fronts, ranks, zT, sy,
+                                         sz, boff, bcap, bsize, state)
         if i == n:
             return ranks
-        if state[2] == 1:                   # more fronts: slots and summary columns
-            k = off.shape[0]
-            off, cap, size = (np.concatenate((a, np.empty(k, np.int64))) for a in (off, cap, size))
-            if zmax.shape[0] < max_summary_fronts and zmax.shape[0] <= state[1]:
-                grown = np.full((2 * zmax.shape[0], n_buckets + 1), -np.inf)
-                grown[:zmax.shape[0]] = zmax
-                zmax = grown
+        if state[2] == 1:                   # more fronts: block slots (empty) and summary columns
+            k = boff.shape[0]
+            boff, bcap, bsize = (np.concatenate((a, np.zeros(k, np.int64))) for a in (boff, bcap, bsize))
+            if zT.shape[1] < max_summary_fronts and zT.shape[1] <= state[1]:
+                grown = np.full((n_buckets + 1, 2 * zT.shape[1]), -np.inf)
+                grown[:, :zT.shape[1]] = zT
+                zT = grown
         else:                               # a larger staircase pool
             new = max(2 * sy.shape[0], int(state[3]))
             sy = np.concatenate((sy, np.empty(new - sy.shape[0], np.float64)))
@@ -424,7 +501,7 @@ def worst_first_ranks(scores: np.ndarray, method: str = "auto") -> np.ndarray:
         n_buckets = 128
         sample = np.sort(s[1][:: max(1, n // (16 * n_buckets))])
         cuts = np.unique(sample[(np.arange(1, n_buckets) * len(sample)) // n_buckets])
-        ranks[order] = _ranks3_sorted(s[0], s[1], s[2], cuts, (1 << 22) // (n_buckets + 1))
+        ranks[order] = _ranks3_sorted(s[0], s[1], s[2], cuts, MAX_SUMMARY_CELLS // (n_buckets + 1))
     return ranks
 
 
