@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pas.engine import EngineConfig, _pool_size, map_shards
+from pas.engine import EngineConfig, _pool_shape, _pool_size, map_shards
 from tests.stage_helpers import load_stage, outputs
 
 
@@ -40,6 +40,9 @@ def test_config_from_env_defaults_and_values():
         EngineConfig.from_env({"PAS_RAY_ACTORS": "two"})
     with pytest.raises(ValueError, match="≥ 0"):
         EngineConfig.from_env({"PAS_RAY_NUM_GPUS_PER_ACTOR": "-1"})
+    assert EngineConfig.from_env({"PAS_RAY_CPUS_PER_ACTOR": "4"}).cpus_per_actor == 4.0
+    with pytest.raises(ValueError, match="PAS_RAY_CPUS_PER_ACTOR"):
+        EngineConfig.from_env({"PAS_RAY_CPUS_PER_ACTOR": "many"})
 
 
 def test_pool_size():
@@ -49,6 +52,21 @@ def test_pool_size():
     assert _pool_size(EngineConfig("ray", num_gpus_per_actor=0.5), 10, {"CPU": 64.0, "GPU": 3.0}) == 6
     assert _pool_size(EngineConfig("ray", num_gpus_per_actor=1.0), 10, {"CPU": 8.0}) == 1   # ≥ 1
     assert _pool_size(EngineConfig("ray", actors=2), 10, {"CPU": 64.0}) == 2
+    assert _pool_size(EngineConfig("ray", cpus_per_actor=4), 10, {"CPU": 16.0}) == 4
+
+
+def test_pool_shape_shares_cpus_out():
+    cpu = EngineConfig("ray")
+    assert _pool_shape(cpu, 1, {"CPU": 2.0}, [2.0]) == (1, 2.0)             # one item: the whole node
+    assert _pool_shape(cpu, 4, {"CPU": 2.0}, [2.0]) == (2, 1.0)
+    assert _pool_shape(cpu, 3, {"CPU": 8.0}, [8.0]) == (3, 2.0)             # whole CPUs, rounded down
+    assert _pool_shape(cpu, 1, {"CPU": 2.0}, [1.0, 1.0]) == (1, 1.0)        # never more than one node
+    assert _pool_shape(cpu, 2, {"CPU": 64.0}, [32.0, 32.0]) == (2, 32.0)
+    gpu = EngineConfig("ray", num_gpus_per_actor=1.0)
+    assert _pool_shape(gpu, 8, {"CPU": 64.0, "GPU": 4.0}, [64.0]) == (4, 1.0)   # GPU actors: 1 CPU
+    assert _pool_shape(EngineConfig("ray", num_gpus_per_actor=1.0, cpus_per_actor=8), 8,
+                       {"CPU": 64.0, "GPU": 4.0}, [64.0]) == (4, 8.0)
+    assert _pool_shape(EngineConfig("ray", cpus_per_actor=3), 10, {"CPU": 12.0}, [12.0]) == (4, 3.0)
 
 
 def test_local_map_shards_loads_once_keeps_order_and_reports_each_result():

@@ -8,6 +8,9 @@ from params.yaml, so switching it changes neither an output byte nor what DVC re
                                 join an existing cluster (`ray start --head` on the allocation)
     PAS_RAY_ACTORS              actors in the pool; default: as many as the cluster's GPUs / CPUs allow
     PAS_RAY_NUM_GPUS_PER_ACTOR  GPUs each actor holds (default 0; 1 on a GPU node, 0.5 to pack two)
+    PAS_RAY_CPUS_PER_ACTOR      CPUs each actor holds; default: 1 for GPU actors, else the cluster's CPUs
+                                shared out among the actors (at most one node's worth), so that fewer
+                                items than CPUs still use every core (torch takes its thread count from it)
 
 `map_shards(fn_factory, items)` is the one entry point. `fn_factory()` loads the models and returns
 `fn(item) -> result`; locally it is called once, in-process, and the items are mapped in a plain loop.
@@ -24,6 +27,7 @@ Items carry paths, not pixels: every Ray node must see the repository (data/, mo
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -40,6 +44,7 @@ class EngineConfig:
     ray_address: str = ""              # "" = start a local Ray
     actors: int = 0                    # 0 = from the cluster's resources
     num_gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 0.0        # 0 = 1 for GPU actors, else shared out (`_pool_shape`)
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "EngineConfig":
@@ -49,27 +54,42 @@ class EngineConfig:
             raise ValueError(f"PAS_ENGINE={engine!r}: expected one of {', '.join(ENGINES)}")
         actors = env.get("PAS_RAY_ACTORS", "").strip() or "0"
         gpus = env.get("PAS_RAY_NUM_GPUS_PER_ACTOR", "").strip() or "0"
+        cpus = env.get("PAS_RAY_CPUS_PER_ACTOR", "").strip() or "0"
         try:
-            n_actors, n_gpus = int(actors), float(gpus)
+            n_actors, n_gpus, n_cpus = int(actors), float(gpus), float(cpus)
         except ValueError:
-            raise ValueError(f"PAS_RAY_ACTORS={actors!r} must be an integer and "
-                             f"PAS_RAY_NUM_GPUS_PER_ACTOR={gpus!r} a number") from None
-        if n_actors < 0 or n_gpus < 0:
-            raise ValueError("PAS_RAY_ACTORS and PAS_RAY_NUM_GPUS_PER_ACTOR must be ≥ 0")
+            raise ValueError(f"PAS_RAY_ACTORS={actors!r} must be an integer, PAS_RAY_NUM_GPUS_PER_ACTOR="
+                             f"{gpus!r} and PAS_RAY_CPUS_PER_ACTOR={cpus!r} numbers") from None
+        if n_actors < 0 or n_gpus < 0 or n_cpus < 0:
+            raise ValueError("PAS_RAY_ACTORS, PAS_RAY_NUM_GPUS_PER_ACTOR and PAS_RAY_CPUS_PER_ACTOR must be ≥ 0")
         return cls(engine=engine, ray_address=env.get("PAS_RAY_ADDRESS", "").strip(),
-                   actors=n_actors, num_gpus_per_actor=n_gpus)
+                   actors=n_actors, num_gpus_per_actor=n_gpus, cpus_per_actor=n_cpus)
 
 
 def _pool_size(config: EngineConfig, n_items: int, resources: dict) -> int:
-    """Actors to start: PAS_RAY_ACTORS, else what the cluster holds (GPUs / per-actor GPUs, or CPUs),
-    never more than the items and never fewer than one."""
+    """Actors to start: PAS_RAY_ACTORS, else what the cluster holds (GPUs / per-actor GPUs, or CPUs /
+    per-actor CPUs when set), never more than the items and never fewer than one."""
     if config.actors:
         n = config.actors
     elif config.num_gpus_per_actor > 0:
         n = int(resources.get("GPU", 0) // config.num_gpus_per_actor)
     else:
-        n = int(resources.get("CPU", 1))
+        n = int(resources.get("CPU", 1) // (config.cpus_per_actor or 1))
     return max(1, min(n, n_items))
+
+
+def _pool_shape(config: EngineConfig, n_items: int, resources: dict, node_cpus: Sequence[float]) -> tuple[int, float]:
+    """(actors, CPUs per actor). CPU actors share the cluster's CPUs out, whole CPUs, at most the
+    largest node's (an actor lives on one node): 1 item on an 8-CPU node gets one 8-CPU actor, not one
+    1-CPU actor next to 7 idle cores (Ray sets the actor's OMP/torch threads from its CPUs). GPU actors
+    hold 1 CPU unless PAS_RAY_CPUS_PER_ACTOR says otherwise."""
+    n = _pool_size(config, n_items, resources)
+    if config.cpus_per_actor:
+        return n, config.cpus_per_actor
+    if config.num_gpus_per_actor > 0:
+        return n, 1.0
+    per = int(resources.get("CPU", 1) // n)
+    return n, float(max(1, min(per, int(max(node_cpus, default=1)))))
 
 
 def ensure_ray(address: str = "") -> None:
@@ -86,6 +106,9 @@ def ensure_ray(address: str = "") -> None:
         return
     ray.init(address=address or None, include_dashboard=False, log_to_driver=True,
              configure_logging=False)
+    # Ray's own exit hook sleeps 0.5 s for late worker logs and exits after Ray Data's threads: ~1 s
+    # per stage run (measured). Ours runs first (atexit is LIFO), once every result is back.
+    atexit.register(ray.shutdown)
     log.info("ray: %s, resources %s", address or "local instance", ray.cluster_resources())
 
 
@@ -134,16 +157,17 @@ def map_shards(fn_factory: Callable[[], Callable[[Any], Any]], items: Sequence[A
     import ray
 
     ensure_ray(config.ray_address)
-    n_actors = _pool_size(config, len(items), ray.cluster_resources())
+    node_cpus = [float(nd.get("Resources", {}).get("CPU", 0)) for nd in ray.nodes() if nd.get("Alive")]
+    n_actors, n_cpus = _pool_shape(config, len(items), ray.cluster_resources(), node_cpus)
     rows = [{"i": i, "item": cloudpickle.dumps(item)} for i, item in enumerate(items)]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     # one shard in flight per actor: a shard is minutes of GPU work, queueing more on a busy actor
     # would starve the idle ones
     pool = ray.data.ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=1)
     ds = ds.map_batches(_ShardActor, fn_constructor_kwargs={"factory_blob": cloudpickle.dumps(fn_factory)},
-                        batch_size=1, batch_format="numpy", compute=pool, num_cpus=1,
+                        batch_size=1, batch_format="numpy", compute=pool, num_cpus=n_cpus,
                         num_gpus=config.num_gpus_per_actor or None)
-    log.info("%s: %d items on %d Ray actors (%g GPU each)", desc, len(items), n_actors,
+    log.info("%s: %d items on %d Ray actors (%g CPU, %g GPU each)", desc, len(items), n_actors, n_cpus,
              config.num_gpus_per_actor)
     done = [False] * len(items)
     for row in ds.iter_rows():
