@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pas.curate.ood import (OodParams, OodScorer, Timings, build_text_sets, derive_generalized_concepts,
+from pas.curate.ood import (OodParams, OodScorer, Timings, derive_generalized_concepts, encode_prompts,
                             run_fingerprint, score_shards)
-from pas.engine import EngineConfig
+from pas.engine import EngineConfig, submit
 from pas.io.manifest import read_parquet, write_metrics, write_parquet
 from pas.params import ParamsError, build, load
 
@@ -84,51 +84,41 @@ def main(argv: list[str] | None = None) -> int:
 
     from pas.curate.textblur import TextDetector, default_det_model
     from pas.models.clip import load_clip
-    from pas.models.files import sha256_file
+    from pas.models.files import fingerprint_dir, sha256_file
 
     if p.clipn_checkpoint and not Path(p.clipn_checkpoint).is_file():
         raise ParamsError(f"ood.clipn_checkpoint={p.clipn_checkpoint!r}: no such file")
     engine = EngineConfig.from_env()
-    # the text embeddings are computed here, once; with Ray this process may run on a node without a
-    # GPU (a K8s head pod) while the actors score on GPUs: then embed the prompts on the CPU
-    text_device = p.device
-    if engine.engine == "ray" and p.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            text_device = "cpu"
-            log.info("ood: no GPU in the driver process: text embeddings on the CPU, scoring on the actors")
-    clip = load_clip(args.clip, device=text_device)
-    no_encoder, clipn_sha = None, ""
-    if p.clipn_checkpoint:
-        from pas.models.clipn import load_clipn_no_encoder
-
-        no_encoder = load_clipn_no_encoder(p.clipn_checkpoint, clip)
-        clipn_sha = sha256_file(p.clipn_checkpoint)
-    t_text = time.perf_counter()
-    texts = build_text_sets(clip, concepts, generalized, p, no_encoder)
-    t_text = time.perf_counter() - t_text
-    # local: these models score in-process; ray (PAS_ENGINE): each actor loads its own CLIP + detector
+    clipn_sha = sha256_file(p.clipn_checkpoint) if p.clipn_checkpoint else ""
     detector = None
     if engine.engine == "local":
+        clip = load_clip(args.clip, device=p.device)
+        prompts = submit(encode_prompts, args.clip, p, concepts, generalized, clip=clip, config=engine)
         detector = TextDetector(limit_side_len=p.det_limit_side_len, box_thresh=p.det_box_thresh,
                                 threads=p.det_threads)
+    else:
+        # ray: B and B' are encoded once by a Ray task (on a GPU node when the actors use GPUs, even if
+        # this process has none) while the actor pool starts and loads CLIP + the detector; each actor
+        # waits for the embeddings only when its models are loaded. This process loads no model.
+        clip = None
+        prompts = submit(encode_prompts, args.clip, p, concepts, generalized, config=engine, desc="ood prompts")
     timings = Timings()
-    scorer = OodScorer(args.clip, texts, p, clip=clip, detector=detector)
+    scorer = OodScorer(args.clip, prompts, p, clip=clip, detector=detector)
     out = Path(args.out)
-    fp = run_fingerprint(p, {"clip": clip.fingerprint, "clipn": clipn_sha,
+    fp = run_fingerprint(p, {"clip": fingerprint_dir(args.clip), "clipn": clipn_sha,
                              "detector": sha256_file(default_det_model())}, concepts, generalized)
     t_score = time.perf_counter()
     df, n_resumed = score_shards(args.images, kept, scorer, str(out / "parts"), fp, batch_size=p.batch_size,
                                  engine=engine, timings=timings)
     t_score = time.perf_counter() - t_score
     write_parquet(df, out / "scores.parquet")
+    enc = prompts.get()
 
     n = timings.n_images
     metrics = {
-        "n_kept_in": len(kept), "n_scored": len(df), "mode": texts.mode,
-        "clipn_base_match": getattr(no_encoder, "base_match", None),
-        "logit_scale": clip.logit_scale, "n_concepts": len(concepts), "n_generalized": len(generalized),
+        "n_kept_in": len(kept), "n_scored": len(df), "mode": enc.texts.mode,
+        "clipn_base_match": enc.clipn_base_match,
+        "logit_scale": enc.logit_scale, "n_concepts": len(concepts), "n_generalized": len(generalized),
         "generalized_concepts": generalized, "generalized_from": b_prime_from,
         "n_with_text": int((df["text_boxes"] > 0).sum()),
         "n_text_boxes": int(df["text_boxes"].sum()),
@@ -147,12 +137,12 @@ def main(argv: list[str] | None = None) -> int:
             "score": timings.score_s / n if n else None,
             "total": t_score / n if n else None,           # everything, shard I/O and decoding included
         },
-        "seconds_text_embeddings": t_text,
+        "seconds_text_embeddings": enc.seconds,
     }
     write_metrics(args.metrics, metrics)
     log.info("ood: scored %d of %d kept images (%d resumed shards, engine %s), mode %s, |B|=%d, |B'|=%d, "
              "%d with text; mean OOD_B %.3f, OOD_B' %.3f, blur delta %.4f",
-             len(df), len(kept), n_resumed, engine.engine, texts.mode, len(concepts), len(generalized),
+             len(df), len(kept), n_resumed, engine.engine, enc.texts.mode, len(concepts), len(generalized),
              metrics["n_with_text"], metrics["ood_b"].get("mean") or 0.0,
              metrics["ood_bprime"].get("mean") or 0.0, metrics["ood_blur_delta"].get("mean") or 0.0)
     return 0

@@ -237,6 +237,37 @@ def build_text_sets(clip: Any, concepts: Sequence[str], generalized: Sequence[st
 
 
 @dataclass
+class PromptEncoding:
+    """B and B' encoded once, with what the metrics report about the models that encoded them."""
+
+    texts: TextSets
+    logit_scale: float
+    clipn_base_match: bool | None
+    seconds: float
+
+
+def encode_prompts(clip_dir: str, params: OodParams, concepts: Sequence[str], generalized: Sequence[str],
+                   clip: Any = None) -> PromptEncoding:
+    """Load CLIP from `clip_dir` (unless `clip` is given) and the CLIPN no-tower when
+    `params.clipn_checkpoint` is set, and encode B and B' (`build_text_sets`). A module-level function so
+    that `pas.engine.submit` can run it as a Ray task on a node of the cluster."""
+    if clip is None:
+        from pas.models.clip import load_clip
+
+        clip = load_clip(clip_dir, device=params.device)
+    no_encoder = None
+    if params.clipn_checkpoint:
+        from pas.models.clipn import load_clipn_no_encoder
+
+        no_encoder = load_clipn_no_encoder(params.clipn_checkpoint, clip)
+    t = time.perf_counter()
+    texts = build_text_sets(clip, concepts, generalized, params, no_encoder)
+    return PromptEncoding(texts=texts, logit_scale=clip.logit_scale,
+                          clipn_base_match=getattr(no_encoder, "base_match", None),
+                          seconds=time.perf_counter() - t)
+
+
+@dataclass
 class Timings:
     clip_s: float = 0.0        # image encoding (I and I')
     detect_s: float = 0.0      # text detection
@@ -308,9 +339,11 @@ class OodScorer:
     It pickles as a spec (CLIP folder, text embeddings, params) without the loaded models, so a Ray
     actor that receives it loads CLIP and the text detector once (`load`), on its own device. Only the
     image tower is needed: B and B' (CLIPN's no-tower included) are encoded once by the caller.
+    `texts` is a TextSets, or a `pas.engine.Deferred` of a PromptEncoding still being computed by a
+    Ray task: the actor loads its models first and waits for the embeddings only then.
     """
 
-    def __init__(self, clip_dir: str, texts: TextSets, params: OodParams, clip: Any = None,
+    def __init__(self, clip_dir: str, texts: Any, params: OodParams, clip: Any = None,
                  detector: Any = None):
         self.clip_dir, self.texts, self.params = str(clip_dir), texts, params
         self.clip, self.detector, self.timings = clip, detector, Timings()
@@ -329,6 +362,9 @@ class OodScorer:
             p = self.params
             self.detector = TextDetector(limit_side_len=p.det_limit_side_len, box_thresh=p.det_box_thresh,
                                          threads=p.det_threads)
+        if not isinstance(self.texts, TextSets):        # a Deferred: wait for the prompt encoding
+            got = self.texts.get()
+            self.texts = got.texts if isinstance(got, PromptEncoding) else got
         return self
 
     def __call__(self, images: Sequence) -> dict[str, np.ndarray]:
