@@ -18,7 +18,7 @@ import numpy as np
 
 from pas.curate.ood import (OodParams, OodScorer, Timings, derive_generalized_concepts, encode_prompts,
                             run_fingerprint, score_shards)
-from pas.engine import EngineConfig, submit
+from pas.engine import EngineConfig
 from pas.io.manifest import read_parquet, write_metrics, write_parquet
 from pas.params import ParamsError, build, load
 
@@ -90,35 +90,36 @@ def main(argv: list[str] | None = None) -> int:
         raise ParamsError(f"ood.clipn_checkpoint={p.clipn_checkpoint!r}: no such file")
     engine = EngineConfig.from_env()
     clipn_sha = sha256_file(p.clipn_checkpoint) if p.clipn_checkpoint else ""
-    detector = None
+    prompt_info: dict = {}
     if engine.engine == "local":
+        # one CLIP in this process: B and B' are encoded once, then the images scored with it
         clip = load_clip(args.clip, device=p.device)
-        prompts = submit(encode_prompts, args.clip, p, concepts, generalized, clip=clip, config=engine)
+        enc = encode_prompts(args.clip, p, concepts, generalized, clip=clip)
+        prompt_info = enc.info()
         detector = TextDetector(limit_side_len=p.det_limit_side_len, box_thresh=p.det_box_thresh,
                                 threads=p.det_threads)
+        scorer = OodScorer(args.clip, enc.texts, p, clip=clip, detector=detector)
     else:
-        # ray: B and B' are encoded once by a Ray task (on a GPU node when the actors use GPUs, even if
-        # this process has none) while the actor pool starts and loads CLIP + the detector; each actor
-        # waits for the embeddings only when its models are loaded. This process loads no model.
-        clip = None
-        prompts = submit(encode_prompts, args.clip, p, concepts, generalized, config=engine, desc="ood prompts")
+        # ray: this process loads no model (it may have no GPU); each actor loads CLIP + the detector
+        # and encodes B and B' once with its CLIP
+        scorer = OodScorer(args.clip, None, p, prompts=(concepts, generalized))
     timings = Timings()
-    scorer = OodScorer(args.clip, prompts, p, clip=clip, detector=detector)
     out = Path(args.out)
     fp = run_fingerprint(p, {"clip": fingerprint_dir(args.clip), "clipn": clipn_sha,
                              "detector": sha256_file(default_det_model())}, concepts, generalized)
     t_score = time.perf_counter()
     df, n_resumed = score_shards(args.images, kept, scorer, str(out / "parts"), fp, batch_size=p.batch_size,
-                                 engine=engine, timings=timings)
+                                 engine=engine, timings=timings, prompt_info=prompt_info)
     t_score = time.perf_counter() - t_score
     write_parquet(df, out / "scores.parquet")
-    enc = prompts.get()
+    if not prompt_info:          # ray, every shard resumed: no actor ran, encode here for the metrics
+        prompt_info = encode_prompts(args.clip, p, concepts, generalized).info()
 
     n = timings.n_images
     metrics = {
-        "n_kept_in": len(kept), "n_scored": len(df), "mode": enc.texts.mode,
-        "clipn_base_match": enc.clipn_base_match,
-        "logit_scale": enc.logit_scale, "n_concepts": len(concepts), "n_generalized": len(generalized),
+        "n_kept_in": len(kept), "n_scored": len(df), "mode": prompt_info["mode"],
+        "clipn_base_match": prompt_info["clipn_base_match"],
+        "logit_scale": prompt_info["logit_scale"], "n_concepts": len(concepts), "n_generalized": len(generalized),
         "generalized_concepts": generalized, "generalized_from": b_prime_from,
         "n_with_text": int((df["text_boxes"] > 0).sum()),
         "n_text_boxes": int(df["text_boxes"].sum()),
@@ -137,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
             "score": timings.score_s / n if n else None,
             "total": t_score / n if n else None,           # everything, shard I/O and decoding included
         },
-        "seconds_text_embeddings": enc.seconds,
+        "seconds_text_embeddings": prompt_info["seconds"],
     }
     write_metrics(args.metrics, metrics)
     log.info("ood: scored %d of %d kept images (%d resumed shards, engine %s), mode %s, |B|=%d, |B'|=%d, "
              "%d with text; mean OOD_B %.3f, OOD_B' %.3f, blur delta %.4f",
-             len(df), len(kept), n_resumed, engine.engine, enc.texts.mode, len(concepts), len(generalized),
+             len(df), len(kept), n_resumed, engine.engine, prompt_info["mode"], len(concepts), len(generalized),
              metrics["n_with_text"], metrics["ood_b"].get("mean") or 0.0,
              metrics["ood_bprime"].get("mean") or 0.0, metrics["ood_blur_delta"].get("mean") or 0.0)
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pas.engine import Deferred, EngineConfig, _pool_shape, _pool_size, map_shards, submit
+from pas.engine import EngineConfig, _pool_shape, _pool_size, map_shards
 from tests.stage_helpers import load_stage, outputs
 
 
@@ -80,34 +80,6 @@ def test_local_map_shards_loads_once_keeps_order_and_reports_each_result():
                      on_result=lambda i, r: seen.append((i, r)))
     assert out == [30, 10, 20] and seen == [(0, 30), (1, 10), (2, 20)] and loads == [1]
     assert map_shards(factory, [], config=EngineConfig("local")) == [] and loads == [1]   # no load
-
-
-def test_local_submit_computes_now_and_deferred_pickles_by_value():
-    import cloudpickle
-
-    d = submit(sorted, [3, 1, 2], config=EngineConfig("local"), reverse=True)
-    assert d.get() == [3, 2, 1]
-    assert cloudpickle.loads(cloudpickle.dumps(d)).get() == [3, 2, 1]     # a value travels as a value
-
-    class FakeRef:                                                          # a pending one outside map_shards
-        def hex(self):
-            return "ab"
-
-    with pytest.raises(RuntimeError, match="only travel inside map_shards"):
-        cloudpickle.dumps(Deferred(ref=FakeRef()))
-    with pytest.raises(RuntimeError, match="did not come with the work"):
-        Deferred().__setstate__({"ref": "ab"})
-
-
-class _WaitsForDeferred:
-    """map_shards factory holding a Deferred: records when the actor started, returns the value."""
-
-    def __init__(self, deferred):
-        self.deferred = deferred
-
-    def __call__(self):
-        started = time.time()
-        return lambda x: (x, started, self.deferred.get())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,23 +516,3 @@ def test_generate_ray_survives_an_actor_killed_mid_shard(tmp_path, monkeypatch, 
     assert m["n_shards_generated"] == 3
     assert files_of(tmp_path / "out_ray") == files_of(tmp_path / "out_local")
     assert not list((tmp_path / "cache_ray" / "shards").glob(".tmp-*"))
-
-
-@pytest.mark.slow
-def test_submit_runs_a_ray_task_whose_value_reaches_actors_that_start_before_it_ends(ray_cluster):
-    """`submit` under Ray: the task runs on the cluster while the actor pool starts; the actors get the
-    value through `map_shards` (a pending Deferred travels as an id + a Ray-serialized ObjectRef)."""
-    import cloudpickle
-
-    cfg = EngineConfig("ray", ray_address=ray_cluster)
-    # a stdlib function, importable on every node: sleeps, then returns its end time
-    d = submit(subprocess.check_output, ["sh", "-c", "sleep 6; date +%s.%N"], config=cfg, desc="slow")
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    try:
-        out = map_shards(_WaitsForDeferred(d), [1, 2], config=cfg)
-    finally:
-        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    task_end = float(d.get())
-    assert [x for x, _, _ in out] == [1, 2]
-    assert all(float(v) == task_end for _, _, v in out)
-    assert min(started for _, started, _ in out) < task_end          # an actor was up before the task ended

@@ -282,3 +282,29 @@ def test_stage_main_clipn_mode(tmp_path, monkeypatch, tiny_clip_dir):
     assert m["mode"] == "clipn" and m["n_scored"] == 4 and m["clipn_base_match"] is True
     df = pd.read_parquet(tmp_path / "ood" / "scores.parquet")
     assert df["ood_b"].between(0, 1).all()
+
+
+def test_scorer_encodes_its_prompts_once_with_the_clip_it_loads(tiny_clip_dir):
+    """The Ray form of the scorer: no texts, the prompts; `load` encodes B and B' with its own CLIP, once,
+    to the same embeddings the local form gets from `encode_prompts` in the caller."""
+    import pickle
+
+    from pas.curate.ood import OodScorer, encode_prompts
+    from pas.models.clip import load_clip
+
+    p = OodParams()
+    concepts, generalized = ["apple pie", "sushi", "ramen"], ["food"]
+    with pytest.raises(ValueError, match="texts or the prompts"):
+        OodScorer(str(tiny_clip_dir), None, p)
+    scorer = pickle.loads(pickle.dumps(OodScorer(str(tiny_clip_dir), None, p, prompts=(concepts, generalized))))
+    assert scorer.texts is None and scorer.prompt_info is None
+    scorer.load()
+    ref = encode_prompts(str(tiny_clip_dir), p, concepts, generalized, clip=load_clip(tiny_clip_dir))
+    for got, want in ((scorer.texts.B, ref.texts.B), (scorer.texts.B_prime, ref.texts.B_prime)):
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    info = scorer.prompt_info
+    assert info["mode"] == "negative_prompts" and info["logit_scale"] == ref.logit_scale
+    assert info["clipn_base_match"] is None and info["seconds"] > 0
+    texts = scorer.texts
+    scorer.load()
+    assert scorer.texts is texts                                   # loaded and encoded once

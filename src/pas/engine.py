@@ -21,9 +21,6 @@ a dead actor and retries its item (its defaults for actor pools: max_restarts=-1
 Results come back in input order either way, and `on_result(i, result)` is called in this process as
 each item finishes, so a stage writes its per-shard resume marker as soon as a shard is done.
 
-`submit(fn, *args)` runs one-off work the actors need (ood's prompt embeddings) as a Ray task on the
-cluster, concurrently with the actor pool's start-up; its `Deferred` result can sit inside `fn_factory`.
-
 Items carry paths, not pixels: every Ray node must see the repository (data/, models/) at the same path
 (a shared filesystem, as on a Slurm cluster) and have `pas` installed; only this process writes outputs.
 """
@@ -116,78 +113,13 @@ def ensure_ray(address: str = "") -> None:
     log.info("ray: %s, resources %s", address or "local instance", ray.cluster_resources())
 
 
-_MISSING = object()
-_ref_sink: dict | None = None       # Deferred ids -> ObjectRefs while map_shards pickles a factory
-_ref_source: dict | None = None     # ...and while an actor unpickles it
-
-
-class Deferred:
-    """A value computed by `submit`: in this process now (`local`), or by a Ray task on the cluster while
-    the caller goes on, e.g. starting the actor pool that needs the value (`ray`). `get()` returns it,
-    waiting for the task if needed, in the driver or inside `map_shards` work on an actor.
-
-    Work factories are shipped to actors with (standalone) cloudpickle; an ObjectRef pickled that way
-    loses its owner and `ray.get` on it hangs (measured). So a pending Deferred pickles as an id, and
-    `map_shards` sends the refs along through Ray's own serializer, which tracks them.
-    """
-
-    def __init__(self, value: Any = _MISSING, ref: Any = None):
-        self._value, self._ref = value, ref
-
-    def get(self) -> Any:
-        if self._value is _MISSING:
-            import ray
-
-            self._value = ray.get(self._ref)
-        return self._value
-
-    def __getstate__(self) -> dict:
-        if self._value is not _MISSING or self._ref is None:
-            return {"value": self._value}
-        if _ref_sink is None:
-            raise RuntimeError("a pending pas.engine.Deferred can only travel inside map_shards work")
-        key = self._ref.hex()
-        _ref_sink[key] = self._ref
-        return {"ref": key}
-
-    def __setstate__(self, state: dict) -> None:
-        self._value, self._ref = state.get("value", _MISSING), None
-        if "ref" in state:
-            if _ref_source is None or state["ref"] not in _ref_source:
-                raise RuntimeError(f"Deferred {state['ref']}: its ObjectRef did not come with the work")
-            self._ref = _ref_source[state["ref"]]
-
-
-def submit(fn: Callable[..., Any], *args: Any, config: EngineConfig | None = None, desc: str = "task",
-           **kwargs: Any) -> Deferred:
-    """`fn(*args, **kwargs)` as a `Deferred`: computed here and now with `local`; with `ray`, a Ray task
-    that holds what one actor holds (PAS_RAY_NUM_GPUS_PER_ACTOR GPUs, so a GPU-less driver still gets
-    its model on a GPU node) and runs while this process goes on. `fn` must be importable on the
-    nodes (a module-level function of `pas`)."""
-    config = EngineConfig.from_env() if config is None else config
-    if config.engine == "local":
-        return Deferred(fn(*args, **kwargs))
-    import ray
-
-    ensure_ray(config.ray_address)
-    task = ray.remote(fn).options(num_cpus=config.cpus_per_actor or 1,
-                                  num_gpus=config.num_gpus_per_actor or None, name=desc)
-    return Deferred(ref=task.remote(*args, **kwargs))
-
-
 class _ShardActor:
     """Ray Data actor: loads the models once (`fn_factory()`), then maps one item per call."""
 
-    def __init__(self, factory_blob: bytes, refs: dict | None = None):
+    def __init__(self, factory_blob: bytes):
         import cloudpickle
 
-        global _ref_source
-        _ref_source = refs or {}
-        try:
-            factory = cloudpickle.loads(factory_blob)
-        finally:
-            _ref_source = None
-        self.fn = factory()
+        self.fn = cloudpickle.loads(factory_blob)()
 
     def __call__(self, batch: dict) -> dict:
         import cloudpickle
@@ -233,16 +165,7 @@ def map_shards(fn_factory: Callable[[], Callable[[Any], Any]], items: Sequence[A
     # one shard in flight per actor: a shard is minutes of GPU work, queueing more on a busy actor
     # would starve the idle ones
     pool = ray.data.ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=1)
-    global _ref_sink
-    _ref_sink = {}
-    try:
-        blob = cloudpickle.dumps(fn_factory)
-        refs = _ref_sink
-    finally:
-        _ref_sink = None
-    # refs nested in a dict: Ray passes them as ObjectRefs without waiting for them, so the actors start
-    # (and load their models) while a `submit`ted task is still computing what they need
-    ds = ds.map_batches(_ShardActor, fn_constructor_kwargs={"factory_blob": blob, "refs": refs},
+    ds = ds.map_batches(_ShardActor, fn_constructor_kwargs={"factory_blob": cloudpickle.dumps(fn_factory)},
                         batch_size=1, batch_format="numpy", compute=pool, num_cpus=n_cpus,
                         num_gpus=config.num_gpus_per_actor or None)
     log.info("%s: %d items on %d Ray actors (%g CPU, %g GPU each)", desc, len(items), n_actors, n_cpus,

@@ -245,12 +245,16 @@ class PromptEncoding:
     clipn_base_match: bool | None
     seconds: float
 
+    def info(self) -> dict:
+        """What the metrics report (no arrays: it travels back from Ray actors with every shard)."""
+        return {"mode": self.texts.mode, "logit_scale": self.logit_scale,
+                "clipn_base_match": self.clipn_base_match, "seconds": self.seconds}
+
 
 def encode_prompts(clip_dir: str, params: OodParams, concepts: Sequence[str], generalized: Sequence[str],
                    clip: Any = None) -> PromptEncoding:
     """Load CLIP from `clip_dir` (unless `clip` is given) and the CLIPN no-tower when
-    `params.clipn_checkpoint` is set, and encode B and B' (`build_text_sets`). A module-level function so
-    that `pas.engine.submit` can run it as a Ray task on a node of the cluster."""
+    `params.clipn_checkpoint` is set, and encode B and B' (`build_text_sets`)."""
     if clip is None:
         from pas.models.clip import load_clip
 
@@ -336,17 +340,22 @@ def run_fingerprint(params: OodParams, models: dict[str, str], concepts: Sequenc
 class OodScorer:
     """`score_images` with its models bound, for `score_shards`.
 
-    It pickles as a spec (CLIP folder, text embeddings, params) without the loaded models, so a Ray
-    actor that receives it loads CLIP and the text detector once (`load`), on its own device. Only the
-    image tower is needed: B and B' (CLIPN's no-tower included) are encoded once by the caller.
-    `texts` is a TextSets, or a `pas.engine.Deferred` of a PromptEncoding still being computed by a
-    Ray task: the actor loads its models first and waits for the embeddings only then.
+    It pickles as a spec (CLIP folder, text embeddings or prompts, params) without the loaded models,
+    so a Ray actor that receives it loads CLIP and the text detector once (`load`), on its own device.
+    `texts`: B and B' already encoded (the local engine: the caller's CLIP does it once). Or None and
+    `prompts=(concepts, generalized)`: `load` encodes them once with the CLIP it has just loaded (Ray:
+    once per actor, which loads CLIP anyway — encoding in the driver or a separate task loaded CLIP a
+    second time, in series with the actors: 2.0x and 1.73x local on the smoke data against 1.2-1.3x,
+    benchmarks/RESULTS-engine.md). `prompt_info` then holds the encoding's metrics.
     """
 
-    def __init__(self, clip_dir: str, texts: Any, params: OodParams, clip: Any = None,
-                 detector: Any = None):
-        self.clip_dir, self.texts, self.params = str(clip_dir), texts, params
+    def __init__(self, clip_dir: str, texts: TextSets | None, params: OodParams, clip: Any = None,
+                 detector: Any = None, prompts: tuple[Sequence[str], Sequence[str]] | None = None):
+        if texts is None and prompts is None:
+            raise ValueError("OodScorer needs the encoded texts or the prompts to encode")
+        self.clip_dir, self.texts, self.params, self.prompts = str(clip_dir), texts, params, prompts
         self.clip, self.detector, self.timings = clip, detector, Timings()
+        self.prompt_info: dict | None = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "clip": None, "detector": None, "timings": Timings()}
@@ -362,9 +371,9 @@ class OodScorer:
             p = self.params
             self.detector = TextDetector(limit_side_len=p.det_limit_side_len, box_thresh=p.det_box_thresh,
                                          threads=p.det_threads)
-        if not isinstance(self.texts, TextSets):        # a Deferred: wait for the prompt encoding
-            got = self.texts.get()
-            self.texts = got.texts if isinstance(got, PromptEncoding) else got
+        if self.texts is None:
+            enc = encode_prompts(self.clip_dir, self.params, *self.prompts, clip=self.clip)
+            self.texts, self.prompt_info = enc.texts, enc.info()
         return self
 
     def __call__(self, images: Sequence) -> dict[str, np.ndarray]:
@@ -373,8 +382,9 @@ class OodScorer:
 
 
 class _ShardScoring:
-    """Engine work item → (shard scores DataFrame, Timings of that shard or None). `__call__` is the
-    `fn_factory` of `pas.engine.map_shards`: it loads the scorer's models once, where it runs."""
+    """Engine work item → (shard scores DataFrame, Timings of that shard or None, the scorer's
+    `prompt_info` or None). `__call__` is the `fn_factory` of `pas.engine.map_shards`: it loads the
+    scorer's models once, where it runs."""
 
     def __init__(self, scorer: Callable[[list], dict], batch_size: int):
         self.scorer, self.batch_size = scorer, batch_size
@@ -414,12 +424,12 @@ class _ShardScoring:
         if before is not None:
             delta = Timings(**{f.name: getattr(t, f.name) - getattr(before, f.name)
                                for f in dataclasses.fields(Timings)})
-        return df, delta
+        return df, delta, getattr(self.scorer, "prompt_info", None)
 
 
 def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[list], dict],
                  parts_dir: str, fingerprint: str, batch_size: int = 64, *, engine: Any = None,
-                 timings: Timings | None = None):
+                 timings: Timings | None = None, prompt_info: dict | None = None):
     """Score the kept samples of every shard of `image_dirs`; return the scores DataFrame (sorted by key).
 
     Each shard's rows go to `parts_dir/<dir>-<shard>.parquet` with a `.json` marker holding a
@@ -428,7 +438,9 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
     `scorer(pils) -> dict of arrays` is `score_images` with its models bound (an `OodScorer` for Ray).
     The shards left to score run on `engine` (a `pas.engine.EngineConfig`; default: PAS_ENGINE from the
     environment, `local`): same bytes either way, and each part + marker is written as its shard ends.
-    With `timings`, the Timings of the scored shards are added to it (from whichever process ran them).
+    With `timings`, the Timings of the scored shards are added to it (from whichever process ran them);
+    with `prompt_info`, an empty dict gets the first `OodScorer.prompt_info` that comes back (Ray actors
+    encode the prompts themselves).
     """
     import json
     from pathlib import Path
@@ -470,13 +482,15 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
 
     def finished(i: int, result: tuple) -> None:      # in this process, as soon as a shard is done
         j, item = todo[i]
-        df, delta = result
+        df, delta, info = result
         write_parquet(df, parts / f"{item['name']}.parquet")
         marker = {"fingerprint": item["fp"], "n": len(df)}
         (parts / f"{item['name']}.json").write_text(json.dumps(marker) + "\n")
         frames[j] = df
         if timings is not None and delta is not None:
             timings.add(delta)
+        if prompt_info is not None and info and not prompt_info:
+            prompt_info.update(info)
 
     map_shards(_ShardScoring(scorer, batch_size), [item for _, item in todo], config=engine,
                on_result=finished, desc="ood shards")
