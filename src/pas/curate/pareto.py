@@ -53,6 +53,20 @@ def _no_cmov_conversion():
         llvm.set_option("", "--x86-cmov-converter=true")
 
 
+@njit(cache=True, inline="always")
+def _lower_bound(sy, o, m, py):
+    """First index in sy[o : o + m] (ascending) whose value is >= py, or o + m: a branch-free binary
+    search (the select compiles to cmov; unsigned indices skip numba's negative-index wraparound)."""
+    a, w = o, m
+    while w > 1:
+        half = w >> 1
+        a += half * (sy[np.uint64(a + half - 1)] < py)
+        w -= half
+    if w == 1:
+        a += sy[np.uint64(a)] < py
+    return a
+
+
 @njit(cache=True)
 def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, ranks, zT, sy, sz, boff, bcap, bsize,
                 state):
@@ -102,13 +116,7 @@ def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, ranks, zT
         while lo < n_sum and zT[b0, np.uint64(lo)] >= pz:
             blk = np.uint64(lo * nb + bp)
             o, m = boff[blk], bsize[blk]
-            a, w = o, m                     # branch-free lower bound of py in sy[o : o + m]
-            while w > 1:
-                half = w >> 1
-                a += half * (sy[np.uint64(a + half - 1)] < py)
-                w -= half
-            if w == 1:
-                a += sy[np.uint64(a)] < py
+            a = _lower_bound(sy, o, m, py)
             if a < o + m and sz[np.uint64(a)] >= pz:
                 lo += 1
             else:
@@ -120,13 +128,7 @@ def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, ranks, zT
                 mid = (lo + hi) >> 1
                 blk = np.uint64(msf * nb + mid - msf)
                 o, m = boff[blk], bsize[blk]
-                a, w = o, m
-                while w > 1:
-                    half = w >> 1
-                    a += half * (sy[np.uint64(a + half - 1)] < py)
-                    w -= half
-                if w == 1:
-                    a += sy[np.uint64(a)] < py
+                a = _lower_bound(sy, o, m, py)
                 if a < o + m and sz[np.uint64(a)] >= pz:
                     lo = mid + 1
                 else:
@@ -140,16 +142,7 @@ def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, ranks, zT
         # insert p into its block: the cell (r, bucket) or, past the summaries, r's whole staircase
         blk = np.uint64(r * nb + bp) if r < msf else np.uint64(msf * nb + r - msf)
         o, m, c_r = boff[blk], bsize[blk], bcap[blk]    # a new front's blocks are all empty
-        if r == known:
-            a = known_at
-        else:
-            a, w = o, m
-            while w > 1:
-                half = w >> 1
-                a += half * (sy[np.uint64(a + half - 1)] < py)
-                w -= half
-            if w == 1:
-                a += sy[np.uint64(a)] < py
+        a = known_at if r == known else _lower_bound(sy, o, m, py)
         j = a - o                           # j == m or sz[o + j] < pz: p is not dominated
         end = j + 1 if (j < m and sy[np.uint64(o + j)] == py) else j
         start = j                           # entries p weakly dominates: [start, end)
