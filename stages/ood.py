@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     t_score = time.perf_counter() - t_score
     write_parquet(df, out / "scores.parquet")
     if not prompt_info:          # ray, every shard resumed: no actor ran, encode here for the metrics
-        prompt_info = encode_prompts(args.clip, p, concepts, generalized).info()
+        # (mode, logit scale and CLIPN match do not depend on the device; this process may have no GPU)
+        prompt_info = encode_prompts(args.clip, dataclasses.replace(p, device="cpu"), concepts, generalized).info()
 
     n = timings.n_images
     metrics = {
