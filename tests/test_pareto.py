@@ -171,3 +171,23 @@ def test_sweep_buffers_and_fallback_paths(pts, max_summary_fronts, n_cuts, tiny_
     ranks = np.empty(len(pts), np.int64)
     ranks[order] = got
     assert ranks.tolist() == brute_force_ranks(pts).tolist()
+
+
+def test_cmov_option_is_set_only_on_x86_and_restored(monkeypatch):
+    import platform
+
+    import llvmlite.binding as llvm
+
+    from pas.curate import pareto as P
+
+    calls = []
+    monkeypatch.setattr(llvm, "set_option", lambda name, opt: calls.append(opt))
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    with P._no_cmov_conversion():
+        pass
+    assert calls == []                                   # the option exists only for x86 targets
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    with pytest.raises(RuntimeError):
+        with P._no_cmov_conversion():
+            raise RuntimeError("compile failed")
+    assert calls == ["--x86-cmov-converter=false", "--x86-cmov-converter=true"]   # restored on error too

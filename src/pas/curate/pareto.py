@@ -43,7 +43,13 @@ def _no_cmov_conversion():
     """LLVM's x86 cmov-converter pass turns the selects of the sweep's branch-free binary searches back
     into branches, which the CPU mispredicts about half the time (measured: the 100k uniform sweep
     takes ~1 ms longer with the pass). The option only matters while numba compiles, so it is turned
-    off for that and restored after (numba caches the machine code on disk)."""
+    off for that and restored after (numba caches the machine code on disk). x86 only: other targets
+    do not have the option."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        yield
+        return
     import llvmlite.binding as llvm
 
     llvm.set_option("", "--x86-cmov-converter=false")
