@@ -82,27 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     kept = _kept_keys(args.manifest)
     concepts = _accepted_concepts(args.concepts)
 
-    from pas.curate.textblur import TextDetector, default_det_model
-    from pas.models.clip import load_clip
+    from pas.curate.textblur import default_det_model
     from pas.models.files import fingerprint_dir, sha256_file
 
     if p.clipn_checkpoint and not Path(p.clipn_checkpoint).is_file():
         raise ParamsError(f"ood.clipn_checkpoint={p.clipn_checkpoint!r}: no such file")
     engine = EngineConfig.from_env()
     clipn_sha = sha256_file(p.clipn_checkpoint) if p.clipn_checkpoint else ""
+    # the scorer loads CLIP + the detector and encodes B and B' once with that CLIP: here (local), or
+    # on each Ray actor, so that with Ray this process loads no model (it may have no GPU)
+    scorer = OodScorer(args.clip, None, p, prompts=(concepts, generalized))
     prompt_info: dict = {}
     if engine.engine == "local":
-        # one CLIP in this process: B and B' are encoded once, then the images scored with it
-        clip = load_clip(args.clip, device=p.device)
-        enc = encode_prompts(args.clip, p, concepts, generalized, clip=clip)
-        prompt_info = enc.info()
-        detector = TextDetector(limit_side_len=p.det_limit_side_len, box_thresh=p.det_box_thresh,
-                                threads=p.det_threads)
-        scorer = OodScorer(args.clip, enc.texts, p, clip=clip, detector=detector)
-    else:
-        # ray: this process loads no model (it may have no GPU); each actor loads CLIP + the detector
-        # and encodes B and B' once with its CLIP
-        scorer = OodScorer(args.clip, None, p, prompts=(concepts, generalized))
+        prompt_info = dict(scorer.load().prompt_info)
     timings = Timings()
     out = Path(args.out)
     fp = run_fingerprint(p, {"clip": fingerprint_dir(args.clip), "clipn": clipn_sha,
