@@ -1,3 +1,4 @@
+import json
 import tarfile
 
 import pytest
@@ -59,3 +60,82 @@ def test_metrics_are_stable(tmp_path):
     write_metrics(tmp_path / "m.json", {"b": np.float32(0.1234567891), "a": np.int64(3), "c": float("nan")})
     assert read_metrics(tmp_path / "m.json") == {"a": 3, "b": 0.123457, "c": None}
     assert (tmp_path / "m.json").read_text().startswith('{\n  "a": 3')
+
+
+def _mixed_shard(path, n):
+    """A tar of `n` samples as other writers may store them: jpg and png, json before the image every
+    5th sample, a stray text member and a directory entry."""
+    from pas.io.shards import _add
+
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.addfile(_dir("sub"))
+        for i in range(n):
+            ext = "png" if i % 2 else "jpg"
+            img = encode_image(Image.new("RGB", (4 + i % 3, 4), (i, 0, 0)), ext)
+            meta = json.dumps({"key": f"k{i}", "i": i}).encode()
+            parts = [(f"k{i}.{ext}", img), (f"sub/k{i}.json", meta)]
+            if i % 5 == 0:
+                parts = [parts[1], (f"k{i}.txt", b"caption"), parts[0]]
+            for name, data in parts:
+                _add(tar, name, data)
+    return path
+
+
+def _dir(name):
+    ti = tarfile.TarInfo(name)
+    ti.type = tarfile.DIRTYPE
+    return ti
+
+
+def _as_tuples(samples):
+    return [(s.key, s.ext, s.image, s.meta, s.shard) for s in samples]
+
+
+def test_chunked_reads_equal_plain_iteration(tmp_path):
+    from pas.data.chunks import load_chunk, plan_chunks
+    from pas.io.shards import read_samples
+
+    (tmp_path / "d").mkdir()
+    shard = _mixed_shard(tmp_path / "d" / "x.tar", 23)
+    want = _as_tuples(iter_samples(shard))
+    assert [t[0] for t in want] == [f"k{i}" for i in range(23)]
+    for start, stop in [(0, 23), (0, 1), (7, 12), (22, 23), (5, 5), (20, 99)]:
+        assert _as_tuples(read_samples(shard, start, stop)) == want[start:stop]
+    for chunk in (1, 4, 23, 100):
+        got = [(k, im.tobytes()) for it in plan_chunks(tmp_path / "d", chunk) for k, im in load_chunk(it)]
+        assert got == [(s.key, s.pil().tobytes()) for s in iter_samples(shard)]
+
+
+def test_chunked_reading_touches_each_member_once(tmp_path, monkeypatch):
+    """Reading an N-sample shard in chunks parses each tar header and decodes each sample's json once
+    in total (it used to re-read the shard from its start for every chunk: O(N²/chunk))."""
+    import pas.io.shards as shards
+    from pas.data.chunks import load_chunk, plan_chunks
+
+    n = 60
+    with ShardWriter(tmp_path, maxcount=n) as w:
+        for i in range(n):
+            w.write(f"k{i:03d}", encode_image(Image.new("RGB", (4, 4), (i, 0, 0))), {"i": i})
+    headers, metas, reads = [0], [0], []
+    frombuf = tarfile.TarInfo.frombuf.__func__
+
+    def counting_frombuf(cls, *a, **kw):
+        headers[0] += 1
+        return frombuf(cls, *a, **kw)
+
+    class CountingJson:
+        def loads(self, *a, **kw):
+            metas[0] += 1
+            return json.loads(*a, **kw)
+
+    read_at = getattr(shards, "_read_at", None)
+    monkeypatch.setattr(tarfile.TarInfo, "frombuf", classmethod(counting_frombuf))
+    monkeypatch.setattr(shards, "json", CountingJson())
+    monkeypatch.setattr(shards, "_read_at", lambda f, off, size, shard: reads.append(off) or read_at(f, off, size, shard),
+                        raising=False)
+    shards._table.cache_clear()             # a fresh process: no header scan cached yet
+    keys = [k for it in plan_chunks(tmp_path, 7) for k, _ in load_chunk(it)]
+    assert keys == [f"k{i:03d}" for i in range(n)]
+    assert metas[0] == n
+    assert headers[0] <= 2 * n + 2          # one header scan: 2 members per sample (+ end blocks)
+    assert len(reads) == 2 * n == len(set(reads))

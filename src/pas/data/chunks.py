@@ -9,7 +9,6 @@ The cut depends only on the stored order, so every engine computes the same batc
 
 from __future__ import annotations
 
-import itertools
 import logging
 from pathlib import Path
 from typing import Iterator
@@ -22,10 +21,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 def shard_spans(shards, chunk: int, counts=None) -> list[tuple]:
     """Samples of `shards` (in order) cut every `chunk` samples; an item may span shards.
     `counts`: samples per shard when the caller has counted them (else they are counted here)."""
-    from pas.io.shards import iter_samples
+    from pas.io.shards import count_samples
 
     if counts is None:
-        counts = [sum(1 for _ in iter_samples(shard)) for shard in shards]
+        counts = [count_samples(shard) for shard in shards]
     items, spans, room = [], [], chunk
     for shard, n in zip(shards, counts):
         start = 0
@@ -65,11 +64,11 @@ def load_chunk(item: tuple, max_side: int | None = None) -> Iterator[tuple[str, 
     `load_rgb` (composited on white, longer side ≤ max_side) and unreadable ones are skipped with a
     warning (key = the path relative to the folder)."""
     from pas.data.images import BadImage, load_rgb
-    from pas.io.shards import iter_samples
+    from pas.io.shards import read_samples
 
     if item[0] == "shards":
         for shard, start, stop in item[1]:
-            for s in itertools.islice(iter_samples(shard), start, stop):
+            for s in read_samples(shard, start, stop):      # seeks to `start`: O(chunk), not O(shard)
                 yield s.key, s.pil()
         return
     if item[0] != "files":

@@ -8,19 +8,24 @@ splits a member name at its first dot and because a key must never escape the ou
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import itertools
 import json
+import os
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 from PIL import Image
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 SHARD_GLOB = "*.tar"
+IMAGE_EXTS = ("jpg", "jpeg", "png")     # in order of preference when a sample has several
 
 
 def make_key(prefix: str, *parts: object, n: int = 16) -> str:
@@ -136,6 +141,21 @@ def list_shards(path: str | Path) -> list[Path]:
     return sorted(path.glob(SHARD_GLOB))
 
 
+def _samples_of(members: Iterable[tuple[str, object]]) -> Iterator[tuple[str, str, object, object]]:
+    """(key, image ext, image value, json value) per sample from (member name, value) pairs of the
+    regular files in stored order: a sample is complete when its json and an image member have both
+    been seen (the last member of an ext wins). The value is the data, or where the data lies."""
+    pending: dict[str, dict[str, object]] = {}
+    for name, value in members:
+        key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+        entry = pending.setdefault(key, {})
+        entry[ext] = value
+        if "json" in entry and any(e in entry for e in IMAGE_EXTS):
+            img_ext = next(e for e in IMAGE_EXTS if e in entry)
+            yield key, img_ext, entry[img_ext], entry["json"]
+            del pending[key]
+
+
 def iter_samples(paths: str | Path | Iterable[str | Path]) -> Iterator[Sample]:
     """Yield samples of the given shard files or directories, in stored order."""
     if isinstance(paths, (str, Path)):
@@ -143,17 +163,73 @@ def iter_samples(paths: str | Path | Iterable[str | Path]) -> Iterator[Sample]:
     for p in paths:
         for shard in list_shards(p):
             with tarfile.open(shard, "r") as tar:
-                pending: dict[str, dict] = {}
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    base = member.name.rsplit("/", 1)[-1]
-                    key, _, ext = base.partition(".")
-                    data = tar.extractfile(member).read()
-                    entry = pending.setdefault(key, {})
-                    entry[ext] = data
-                    if "json" in entry and any(e in entry for e in ("jpg", "jpeg", "png")):
-                        img_ext = next(e for e in ("jpg", "jpeg", "png") if e in entry)
-                        yield Sample(key=key, image=entry[img_ext], ext=img_ext,
-                                     meta=json.loads(entry["json"]), shard=shard.name)
-                        del pending[key]
+                # data is read in member order: a compressed tar cannot seek back cheaply
+                members = ((m.name, tar.extractfile(m).read()) for m in tar if m.isfile())
+                for key, ext, image, meta in _samples_of(members):
+                    yield Sample(key=key, image=image, ext=ext, meta=json.loads(meta), shard=shard.name)
+
+
+@dataclass(frozen=True)
+class SampleTable:
+    """Where each sample of an uncompressed shard lies: keys, image exts and, per sample, the
+    (image offset, image size, json offset, json size) of its members' data, in stored order."""
+    keys: list[str]
+    exts: list[str]
+    spans: np.ndarray       # (n, 4) int64
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@functools.lru_cache(maxsize=16)
+def _table(path: str, size: int, mtime_ns: int) -> SampleTable | None:
+    # size and mtime are in the cache key so a rewritten shard is scanned again
+    try:
+        tar = tarfile.open(path, "r:")      # uncompressed only: offsets must be file offsets
+    except tarfile.ReadError:
+        return None
+    with tar:                               # iterating members reads headers and seeks over the data
+        members = list(tar)
+        if any(m.issparse() for m in members):  # sparse data is not stored contiguously
+            return None
+        members = ((m.name, (m.offset_data, m.size)) for m in members if m.isfile())
+        rows = [(k, e, (*i, *j)) for k, e, i, j in _samples_of(members)]
+    return SampleTable([r[0] for r in rows], [r[1] for r in rows],
+                       np.array([r[2] for r in rows], dtype=np.int64).reshape(-1, 4))
+
+
+def sample_table(shard: str | Path) -> SampleTable | None:
+    """The `SampleTable` of a shard (one header-only scan per process and shard version), or None
+    for a compressed tar."""
+    st = os.stat(shard)
+    return _table(str(shard), st.st_size, st.st_mtime_ns)
+
+
+def count_samples(shard: str | Path) -> int:
+    """Samples in one shard, from its headers only."""
+    table = sample_table(shard)
+    return len(table) if table is not None else sum(1 for _ in iter_samples(shard))
+
+
+def _read_at(f, offset: int, size: int, shard: str | Path) -> bytes:
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise ValueError(f"{shard}: truncated shard (member at byte {offset} is cut short)")
+    return data
+
+
+def read_samples(shard: str | Path, start: int, stop: int) -> Iterator[Sample]:
+    """Samples start..stop of one shard (as `iter_samples` numbers them), reading only their members,
+    so reading a shard in pieces costs the same as reading it once."""
+    table = sample_table(shard)
+    if table is None:                       # compressed: no random access, read from the start
+        yield from itertools.islice(iter_samples(shard), start, stop)
+        return
+    name = Path(shard).name
+    with open(shard, "rb") as f:
+        for i in range(start, min(stop, len(table))):
+            img_off, img_size, meta_off, meta_size = (int(v) for v in table.spans[i])
+            image = _read_at(f, img_off, img_size, shard)
+            meta = json.loads(_read_at(f, meta_off, meta_size, shard))
+            yield Sample(key=table.keys[i], image=image, ext=table.exts[i], meta=meta, shard=name)
