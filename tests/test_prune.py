@@ -332,6 +332,8 @@ def test_stage_main_end_to_end(tmp_path, monkeypatch):
     assert set(idx.columns) >= {"key", "shard", "source", "concepts", "caption", "ood_b", "ood_bprime",
                                 "ood_blur_delta", "front"}
     assert len(list((a / "dataset").glob("*.tar"))) == -(-m["n_kept"] // 16)
+    from pas.io.shards import shard_sha256   # readers check each shard against its stored digest
+    assert list(idx["shard_sha256"]) == [shard_sha256(a / "dataset" / s) for s in idx["shard"]]
     ranks = read_parquet(a / "prune/ranks.parquet")
     assert len(ranks) == 66 and ranks["removed"].sum() == m["n_removed"]
     peel = pd.read_csv(a / "prune/peel.csv")

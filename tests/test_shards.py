@@ -139,3 +139,119 @@ def test_chunked_reading_touches_each_member_once(tmp_path, monkeypatch):
     assert metas[0] == n
     assert headers[0] <= 2 * n + 2          # one header scan: 2 members per sample (+ end blocks)
     assert len(reads) == 2 * n == len(set(reads))
+
+
+def _indexed(d, n=5, digests=True):
+    """`n` samples in one shard + index.parquet (with shard_sha256 when `digests`, else the bare
+    key/shard rows older stages wrote)."""
+    import pandas as pd
+
+    from pas.io.shards import write_index
+
+    with ShardWriter(d, maxcount=n) as w:
+        for i in range(n):
+            w.write(f"k{i}", encode_image(Image.new("RGB", (8, 8), (i, 9, 9))), {"i": i})
+    if digests:
+        write_index(pd.DataFrame(w.rows), d)
+    else:
+        pd.DataFrame(w.rows).to_parquet(d / "index.parquet")
+    return d / "shard-000000.tar"
+
+
+def _new_process():
+    """Forget what this process hashed and scanned: the file-version keys have a few ms of mtime
+    granularity, and a stage reads shards in another process than the one that wrote them anyway."""
+    import pas.io.shards as shards
+
+    for f in (shards._sha256, shards._expected, shards._table):
+        f.cache_clear()
+
+
+def _read_all_ways(d):
+    from pas.data.chunks import load_chunk, plan_chunks
+
+    _new_process()
+
+    yield lambda: list(iter_samples(d))
+    yield lambda: list(iter_samples(d / "shard-000000.tar"))
+    yield lambda: [k for it in plan_chunks(d, 2) for k, _ in load_chunk(it)]
+
+
+@pytest.mark.parametrize("digests", [True, False])
+def test_shard_cut_at_member_boundary_is_refused(tmp_path, digests):
+    """A tar cut exactly before a sample's first header reads as a shorter valid tar; the index says
+    how many samples it holds, so every reader refuses it, naming the shard."""
+    from pas.io.shards import ShardError
+
+    shard = _indexed(tmp_path, digests=digests)
+    assert [s.key for s in iter_samples(tmp_path)] == [f"k{i}" for i in range(5)]
+    with tarfile.open(shard) as t:
+        cut = t.getmembers()[6].offset          # header of k3.jpg
+    with open(shard, "r+b") as f:
+        f.truncate(cut)
+    with tarfile.open(shard) as t:              # tarfile itself sees nothing wrong
+        assert len(t.getmembers()) == 6
+    for read in _read_all_ways(tmp_path):
+        with pytest.raises(ShardError, match=f"{shard}: .*(sha256|3 samples but .* lists 5)"):
+            read()
+
+
+def test_shard_corrupted_in_place_is_refused(tmp_path):
+    from pas.io.shards import ShardError, read_samples
+
+    shard = _indexed(tmp_path)
+    size = shard.stat().st_size
+    with tarfile.open(shard) as t:
+        off = t.getmember("k2.jpg").offset_data + 40
+    data = bytearray(shard.read_bytes())
+    data[off] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert shard.stat().st_size == size
+    for read in [*_read_all_ways(tmp_path), lambda: list(read_samples(shard, 0, 1))]:
+        with pytest.raises(ShardError, match=f"{shard}: sha256 differs from .*index.parquet"):
+            read()
+
+
+def test_index_and_shards_must_agree(tmp_path):
+    from pas.io.shards import ShardError
+
+    shard = _indexed(tmp_path)
+    extra = tmp_path / "shard-000001.tar"
+    extra.write_bytes(shard.read_bytes())
+    with pytest.raises(ShardError, match=f"{extra}: shard not listed in"):
+        list(iter_samples(tmp_path))
+    extra.unlink()
+    shard.unlink()
+    with pytest.raises(ShardError, match=f"{shard}: shard listed in .* is missing"):
+        list(iter_samples(tmp_path))
+
+
+def test_read_errors_name_the_shard(tmp_path):
+    """Without an index: a tar cut inside a member fails on every reader with the shard's path."""
+    from pas.io.shards import ShardError, read_samples
+
+    shard = _indexed(tmp_path)
+    (tmp_path / "index.parquet").unlink()
+    with tarfile.open(shard) as t:
+        cut = t.getmember("k3.jpg").offset_data + 10
+    with open(shard, "r+b") as f:
+        f.truncate(cut)
+    for read in [*_read_all_ways(tmp_path), lambda: list(read_samples(shard, 3, 4))]:
+        with pytest.raises(ShardError, match=f"{shard}: (unreadable|truncated) shard"):
+            read()
+
+
+def test_write_index_stores_each_shards_sha256(tmp_path):
+    import hashlib
+
+    import pandas as pd
+
+    from pas.io.manifest import read_parquet
+    from pas.io.shards import write_index
+
+    w = _write(tmp_path, 5, maxcount=2)
+    write_index(pd.DataFrame(w.rows).iloc[::-1], tmp_path)
+    idx = read_parquet(tmp_path / "index.parquet")
+    assert list(idx["key"]) == sorted(r["key"] for r in w.rows)
+    assert list(idx["shard_sha256"]) == [hashlib.sha256((tmp_path / s).read_bytes()).hexdigest() for s in idx["shard"]]
+    assert len(list(iter_samples(tmp_path))) == 5

@@ -311,6 +311,7 @@ def assemble(items: Sequence[Item], captions: Captions, cache_dir: str | Path, o
     import pandas as pd
 
     from pas.io.manifest import write_parquet
+    from pas.io.shards import write_index as write_shard_index
 
     out = Path(out_dir)
     _clean_out(out)
@@ -324,7 +325,7 @@ def assemble(items: Sequence[Item], captions: Captions, cache_dir: str | Path, o
                   "fallback_caption": it.fallback, "seed": it.seed} for it in shard]
     cols = ["key", "shard", "source", "concept", "caption_idx", "image_idx", "caption", "fallback_caption",
             "seed"]
-    write_parquet(pd.DataFrame(rows, columns=cols), out / "index.parquet")
+    write_shard_index(pd.DataFrame(rows, columns=cols), out)
     write_parquet(pd.DataFrame(captions.rows(), columns=["concept", "caption_idx", "caption", "fallback"]),
                   out / "captions.parquet", sort_by=None)
     with open(out / "captions_raw.jsonl", "w", encoding="utf-8") as f:

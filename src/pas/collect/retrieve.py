@@ -222,10 +222,11 @@ def write_index(rows: list[dict], hits: Hits, out_dir: Path) -> None:
     import pandas as pd
 
     from pas.io.manifest import write_parquet
+    from pas.io.shards import write_index as write_shard_index
 
     cols = ["key", "shard", "pool_key", "url", "n_concepts", "concept", "similarity", "concepts",
             "similarities"]
-    write_parquet(pd.DataFrame(rows, columns=cols), out_dir / "index.parquet")
+    write_shard_index(pd.DataFrame(rows, columns=cols), out_dir)
     stored = {r["key"] for r in rows}
     long = [(c, k, s) for k, lst in hits.items() if k in stored for c, s in lst]
     df = pd.DataFrame(long, columns=["concept", "key", "similarity"])

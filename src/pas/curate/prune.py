@@ -293,9 +293,9 @@ def export_dataset(image_dirs: Sequence[str | Path], result_table: pd.DataFrame,
         index = pd.DataFrame(rows, columns=["key", "shard", "source", "concepts", "caption", *cols,
                                             "front"])
         index["caption"] = index["caption"].astype(object)
-        from pas.io.manifest import write_parquet
+        from pas.io.shards import write_index
 
-        write_parquet(index, stage / "index.parquet")
+        write_index(index, stage)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         stage.rename(out_dir)

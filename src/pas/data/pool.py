@@ -250,6 +250,7 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
 
     from pas.engine import EngineConfig, map_shards
     from pas.io.manifest import write_parquet
+    from pas.io.shards import write_index as write_shard_index
     from pas.io.shards import ShardWriter, encode_image
     from pas.models.files import fingerprint_dir, write_json
 
@@ -322,9 +323,9 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
     np.save(out / "embeddings.npy", emb.astype(np.float32))
     faiss.write_index(build_faiss_index(emb, p), str(out / "faiss.index"))
     # rows are already in shard order == embedding order; keep that order in the index file
-    write_parquet(pd.DataFrame(rows, columns=["key", "shard", "path", "category", "width", "height",
-                                              "stored_width", "stored_height"]),
-                  out / "index.parquet", sort_by=None)
+    write_shard_index(pd.DataFrame(rows, columns=["key", "shard", "path", "category", "width", "height",
+                                                  "stored_width", "stored_height"]),
+                      out, sort_by=None)
     write_parquet(pd.DataFrame(skipped, columns=["path", "reason", "detail"]), out / "skipped.parquet",
                   sort_by="path")
     write_json(out / "pool.json", {"clip_fingerprint": fp, "n": len(rows), "dim": dim,

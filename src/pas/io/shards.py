@@ -16,6 +16,7 @@ import json
 import os
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -25,6 +26,7 @@ from PIL import Image
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 SHARD_GLOB = "*.tar"
+INDEX_NAME = "index.parquet"
 IMAGE_EXTS = ("jpg", "jpeg", "png")     # in order of preference when a sample has several
 
 
@@ -141,6 +143,97 @@ def list_shards(path: str | Path) -> list[Path]:
     return sorted(path.glob(SHARD_GLOB))
 
 
+class ShardError(ValueError):
+    """A shard that cannot be read, or that disagrees with its directory's index.parquet."""
+
+
+def _version(path: str | Path) -> tuple[str, int, int, int]:
+    # what changes when a file is rewritten or replaced (dvc checkout links a new inode)
+    st = os.stat(path)
+    return str(path), st.st_size, st.st_mtime_ns, st.st_ino
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int, ino: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (hashed once per process and file version)."""
+    return _sha256(*_version(path))
+
+
+def write_index(index, out_dir: str | Path, sort_by: str | None = "key") -> Path:
+    """Write `index` (a DataFrame with key, shard, ...) to `out_dir/index.parquet`, adding the
+    `shard_sha256` of each row's shard: readers check every shard against it and the row count."""
+    from pas.io.manifest import write_parquet
+
+    out_dir = Path(out_dir)
+    index = index.copy()
+    digest = {name: shard_sha256(out_dir / name) for name in dict.fromkeys(index["shard"])}
+    index["shard_sha256"] = index["shard"].map(digest).astype(object)
+    return write_parquet(index, out_dir / INDEX_NAME, sort_by=sort_by)
+
+
+@functools.lru_cache(maxsize=16)
+def _expected(path: str, size: int, mtime_ns: int, ino: int) -> dict[str, tuple[int, str | None]] | None:
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+        if "shard" not in names:            # not an index of shards
+            return None
+        cols = ["shard"] + (["shard_sha256"] if "shard_sha256" in names else [])
+        table = pq.read_table(path, columns=cols).to_pydict()
+    except Exception as e:                  # pyarrow raises several types for a damaged file
+        raise ShardError(f"{path}: unreadable index ({e})") from e
+    out: dict[str, tuple[int, str | None]] = {}
+    for i, name in enumerate(table["shard"]):
+        n, _ = out.get(name, (0, None))
+        out[name] = (n + 1, table["shard_sha256"][i] if "shard_sha256" in table else None)
+    return out
+
+
+def expected_shards(d: str | Path) -> dict[str, tuple[int, str | None]] | None:
+    """{shard name: (samples, sha256 or None)} from `d/index.parquet`, or None without an index."""
+    index = Path(d) / INDEX_NAME
+    return _expected(*_version(index)) if index.is_file() else None
+
+
+def verify_shard(shard: str | Path) -> int | None:
+    """Check `shard` against its directory's index: it must be listed and, when the index stores it,
+    have the stored sha256 (so a shard cut at a member boundary or corrupted in place is refused).
+    Returns the number of samples the index lists for it, or None when there is no index."""
+    shard = Path(shard)
+    want = expected_shards(shard.parent)
+    if want is None:
+        return None
+    if shard.name not in want:
+        raise ShardError(f"{shard}: shard not listed in {shard.parent / INDEX_NAME}")
+    n, sha = want[shard.name]
+    if sha is not None and shard_sha256(shard) != sha:
+        raise ShardError(f"{shard}: sha256 differs from {shard.parent / INDEX_NAME} "
+                         f"(truncated or corrupted; rerun the stage that wrote it)")
+    return n
+
+
+def _check_count(shard: Path, n: int, want: int | None) -> None:
+    if want is not None and n != want:
+        raise ShardError(f"{shard}: {n} samples but {shard.parent / INDEX_NAME} lists {want} "
+                         f"(truncated or rewritten; rerun the stage that wrote it)")
+
+
+def _check_dir(d: Path, shards: list[Path]) -> None:
+    want = expected_shards(d) if d.is_dir() else None
+    missing = sorted(set(want or ()) - {s.name for s in shards})
+    if missing:
+        raise ShardError(f"{d / missing[0]}: shard listed in {d / INDEX_NAME} is missing")
+
+
 def _samples_of(members: Iterable[tuple[str, object]]) -> Iterator[tuple[str, str, object, object]]:
     """(key, image ext, image value, json value) per sample from (member name, value) pairs of the
     regular files in stored order: a sample is complete when its json and an image member have both
@@ -156,17 +249,34 @@ def _samples_of(members: Iterable[tuple[str, object]]) -> Iterator[tuple[str, st
             del pending[key]
 
 
+# what a damaged tar raises while being read (json errors are ValueErrors)
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
+
+
 def iter_samples(paths: str | Path | Iterable[str | Path]) -> Iterator[Sample]:
-    """Yield samples of the given shard files or directories, in stored order."""
+    """Yield samples of the given shard files or directories, in stored order. A shard in a directory
+    with an index.parquet is checked against it (`verify_shard`, and its sample count at its end)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     for p in paths:
-        for shard in list_shards(p):
-            with tarfile.open(shard, "r") as tar:
-                # data is read in member order: a compressed tar cannot seek back cheaply
-                members = ((m.name, tar.extractfile(m).read()) for m in tar if m.isfile())
-                for key, ext, image, meta in _samples_of(members):
-                    yield Sample(key=key, image=image, ext=ext, meta=json.loads(meta), shard=shard.name)
+        shards = list_shards(p)
+        _check_dir(Path(p), shards)
+        for shard in shards:
+            want = verify_shard(shard)
+            n = 0
+            try:
+                with tarfile.open(shard, "r") as tar:
+                    # data is read in member order: a compressed tar cannot seek back cheaply
+                    members = ((m.name, tar.extractfile(m).read()) for m in tar if m.isfile())
+                    for key, ext, image, meta in _samples_of(members):
+                        sample = Sample(key=key, image=image, ext=ext, meta=json.loads(meta), shard=shard.name)
+                        n += 1
+                        yield sample
+            except ShardError:
+                raise
+            except _READ_ERRORS as e:
+                raise ShardError(f"{shard}: unreadable shard ({type(e).__name__}: {e})") from e
+            _check_count(shard, n, want)
 
 
 @dataclass(frozen=True)
@@ -182,18 +292,21 @@ class SampleTable:
 
 
 @functools.lru_cache(maxsize=16)
-def _table(path: str, size: int, mtime_ns: int) -> SampleTable | None:
-    # size and mtime are in the cache key so a rewritten shard is scanned again
+def _table(path: str, size: int, mtime_ns: int, ino: int) -> SampleTable | None:
+    # the file's version is in the cache key so a rewritten shard is scanned again
     try:
         tar = tarfile.open(path, "r:")      # uncompressed only: offsets must be file offsets
     except tarfile.ReadError:
+        return None                         # compressed (or damaged: the sequential reader says so)
+    try:
+        with tar:                           # iterating members reads headers and seeks over the data
+            members = list(tar)
+    except _READ_ERRORS as e:
+        raise ShardError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from e
+    if any(m.issparse() for m in members):  # sparse data is not stored contiguously
         return None
-    with tar:                               # iterating members reads headers and seeks over the data
-        members = list(tar)
-        if any(m.issparse() for m in members):  # sparse data is not stored contiguously
-            return None
-        members = ((m.name, (m.offset_data, m.size)) for m in members if m.isfile())
-        rows = [(k, e, (*i, *j)) for k, e, i, j in _samples_of(members)]
+    members = ((m.name, (m.offset_data, m.size)) for m in members if m.isfile())
+    rows = [(k, e, (*i, *j)) for k, e, i, j in _samples_of(members)]
     return SampleTable([r[0] for r in rows], [r[1] for r in rows],
                        np.array([r[2] for r in rows], dtype=np.int64).reshape(-1, 4))
 
@@ -201,8 +314,7 @@ def _table(path: str, size: int, mtime_ns: int) -> SampleTable | None:
 def sample_table(shard: str | Path) -> SampleTable | None:
     """The `SampleTable` of a shard (one header-only scan per process and shard version), or None
     for a compressed tar."""
-    st = os.stat(shard)
-    return _table(str(shard), st.st_size, st.st_mtime_ns)
+    return _table(*_version(shard))
 
 
 def count_samples(shard: str | Path) -> int:
@@ -215,21 +327,28 @@ def _read_at(f, offset: int, size: int, shard: str | Path) -> bytes:
     f.seek(offset)
     data = f.read(size)
     if len(data) != size:
-        raise ValueError(f"{shard}: truncated shard (member at byte {offset} is cut short)")
+        raise ShardError(f"{shard}: truncated shard (member at byte {offset} is cut short)")
     return data
 
 
 def read_samples(shard: str | Path, start: int, stop: int) -> Iterator[Sample]:
     """Samples start..stop of one shard (as `iter_samples` numbers them), reading only their members,
-    so reading a shard in pieces costs the same as reading it once."""
+    so reading a shard in pieces costs the same as reading it once. Checked like `iter_samples`."""
+    shard = Path(shard)
+    want = verify_shard(shard)
     table = sample_table(shard)
     if table is None:                       # compressed: no random access, read from the start
         yield from itertools.islice(iter_samples(shard), start, stop)
         return
-    name = Path(shard).name
+    _check_count(shard, len(table), want)
     with open(shard, "rb") as f:
         for i in range(start, min(stop, len(table))):
             img_off, img_size, meta_off, meta_size = (int(v) for v in table.spans[i])
             image = _read_at(f, img_off, img_size, shard)
-            meta = json.loads(_read_at(f, meta_off, meta_size, shard))
-            yield Sample(key=table.keys[i], image=image, ext=table.exts[i], meta=meta, shard=name)
+            try:
+                meta = json.loads(_read_at(f, meta_off, meta_size, shard))
+            except ValueError as e:
+                if isinstance(e, ShardError):
+                    raise
+                raise ShardError(f"{shard}: unreadable json of sample {table.keys[i]!r} ({e})") from e
+            yield Sample(key=table.keys[i], image=image, ext=table.exts[i], meta=meta, shard=shard.name)

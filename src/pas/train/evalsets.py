@@ -250,8 +250,7 @@ def write_evalset(spec: EvalSetSpec, out_dir: str | Path, split_seed: int = 0, m
     """List, split and write one eval set to `<out_dir>/<name>/`; returns its counters."""
     from tqdm import tqdm
 
-    from pas.io.manifest import write_parquet
-    from pas.io.shards import ShardWriter, encode_image, make_key
+    from pas.io.shards import ShardWriter, encode_image, make_key, write_index
 
     import pandas as pd
 
@@ -279,7 +278,7 @@ def write_evalset(spec: EvalSetSpec, out_dir: str | Path, split_seed: int = 0, m
                 rows.append({"key": key, "shard": shard, "label": label_of[it.label_name],
                              "label_name": it.label_name, "source_path": it.source_path})
         cols = ["key", "shard", "label", "label_name", "source_path"]
-        write_parquet(pd.DataFrame(rows, columns=cols), root / split / "index.parquet")
+        write_index(pd.DataFrame(rows, columns=cols), root / split)
         stats[f"n_{split}"] = len(rows)
     (root / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
     stats["n_classes"] = len(classes)
