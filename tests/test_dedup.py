@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -329,9 +330,10 @@ def test_gpu_wrapping_keeps_resources_on_a_real_faiss_index():
     assert res in idx.referenced_objects
 
 
-def test_stage_resumes_descriptor_chunks_after_a_crash(tmp_path, monkeypatch):
+def test_stage_resumes_descriptor_chunks_after_a_crash(tmp_path, monkeypatch, caplog):
     """Descriptor chunks finished before a crash are read back; only the missing one is recomputed,
-    the outputs are the bytes of an uninterrupted run; a rewritten input shard invalidates its chunks."""
+    the outputs are the bytes of an uninterrupted run; a torn chunk file is recomputed; chunks are keyed
+    by the input shard's bytes, not its mtime."""
     from PIL import Image
 
     import pas.models.sscd as sscd_lib
@@ -363,13 +365,24 @@ def test_stage_resumes_descriptor_chunks_after_a_crash(tmp_path, monkeypatch):
     chunks[1].unlink()                                          # as if killed before that chunk was stored
     assert run("resumed") == 0
     assert len(calls) == 1 and outputs(tmp_path / "resumed") == full
-    # the upstream stage rewrites its shard (same bytes, new file): every chunk is recomputed
+    # a chunk file torn by a full disk: a miss, recomputed (the log names it), same bytes
+    chunks = sorted(cache.glob("*.npz"))
+    chunks[0].write_bytes(chunks[0].read_bytes()[:50])
+    calls.clear()
+    with caplog.at_level(logging.WARNING):
+        assert run("torn") == 0
+    assert len(calls) == 1 and outputs(tmp_path / "torn") == full and str(chunks[0]) in caplog.text
+    # `dvc checkout` / an upstream rerun rewrites the shard with the same bytes: every chunk still hits
     shard = next(images.glob("*.tar"))
     data = shard.read_bytes()
     shard.unlink()
     shard.write_bytes(data)
     calls.clear()
     assert run("rewritten") == 0
-    assert len(calls) == 3 and outputs(tmp_path / "rewritten") == full
+    assert calls == [] and outputs(tmp_path / "rewritten") == full
+    # other images: every chunk of the shard is recomputed
+    _write_images(tmp_path, "retrieved", [(k, im.rotate(90), src) for k, im, src in imgs])
+    assert run("changed") == 0
+    assert len(calls) == 3 and outputs(tmp_path / "changed") != full
     assert len(list(cache.glob("*.npz"))) == 3                  # the stale chunks were pruned
 

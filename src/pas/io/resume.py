@@ -3,26 +3,54 @@
 DVC deletes a stage's outs before it reruns the stage, so progress that must survive a crash lives in
 a scratch folder DVC never touches (`data/.cache/<stage>/`, git-ignored), as `generate` does. A
 `ChunkCache` stores one `.npz` per finished work item, named by a hash of (run fingerprint, item
-identity): a rerun with the same model, params and input files finds it; any change misses it and the
-item is recomputed. Files are written to a temp name and renamed, so a killed run leaves no half file.
+identity): a rerun with the same model, params and input bytes finds it; any change misses it and the
+item is recomputed. Files are written to a temp name and renamed, so a killed run leaves no half file;
+one that cannot be read back all the same (a disk full, a copy cut short) is a miss with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 
 def file_identity(path: str | Path) -> list:
-    """What identifies an input file's content cheaply: path, size and modification time (a rerun of
-    the upstream stage rewrites the file, so its mtime changes)."""
-    st = os.stat(path)
-    return [str(path), st.st_size, st.st_mtime_ns]
+    """What identifies an input file: the sha256 of its bytes (hashed once per process; shard readers
+    hash it anyway to check it against its index). Not its path or mtime: `dvc checkout` or an
+    upstream rerun that rewrites the same bytes must not force a recompute."""
+    from pas.io.shards import shard_sha256
+
+    return ["sha256", shard_sha256(path)]
+
+
+def read_json(path: str | Path) -> Any | None:
+    """A resume file's JSON, or None when it is missing or unreadable (a torn write: warned, treated
+    as a miss so the item is recomputed)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:          # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        log.warning("ignoring unreadable resume file %s (%s); recomputing", path, e)
+        return None
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write `data` to a temp name beside `path`, then rename it over `path`: a killed run leaves the
+    old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    os.replace(tmp, path)
 
 
 class ChunkCache:
@@ -43,7 +71,11 @@ class ChunkCache:
         try:
             with np.load(path, allow_pickle=False) as z:
                 return [str(k) for k in z["keys"]], z["x"]
-        except (OSError, KeyError, ValueError):
+        except FileNotFoundError:
+            return None
+        # a torn or foreign file (a truncated zip, a short array): a miss, recomputed and overwritten
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            log.warning("ignoring unreadable cache file %s (%s: %s); recomputing", path, type(e).__name__, e)
             return None
 
     def put(self, item_id: Any, keys: list[str], x: np.ndarray) -> None:
