@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -253,6 +254,30 @@ def test_stage_main_scores_kept_images_and_resumes(tmp_path, monkeypatch, tiny_c
     assert m3["n_shards_resumed"] == 2 and m3["n_timed"] == 1 and m3["n_scored"] == 3
     df3 = pd.read_parquet(tmp_path / "ood" / "scores.parquet")
     pd.testing.assert_frame_equal(df3, df[df["key"] != "ga2"].reset_index(drop=True))
+
+
+def test_stage_main_rescores_shards_whose_resume_files_are_torn(tmp_path, monkeypatch, tiny_clip_dir, caplog):
+    """An empty marker, a truncated marker and a truncated part are misses (warned, naming the file):
+    only those shards are scored again and the scores equal the first run's."""
+    _stage_inputs(tmp_path, monkeypatch, tiny_clip_dir)
+    assert _run(tmp_path) == 0
+    before = (tmp_path / "ood" / "scores.parquet").read_bytes()
+    parts = tmp_path / "ood" / "parts"
+    empty, cut = parts / "retrieved-shard-000000.json", parts / "retrieved-shard-000001.json"
+    torn_part = parts / "generated-shard-000000.parquet"
+    empty.write_text("")
+    cut.write_text(cut.read_text()[:9])
+    torn_part.write_bytes(torn_part.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        assert _run(tmp_path) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["n_shards_resumed"] == 0 and m["n_timed"] == 4
+    assert (tmp_path / "ood" / "scores.parquet").read_bytes() == before
+    for f in (empty, cut, torn_part):
+        assert str(f) in caplog.text
+    assert not list(parts.glob(".tmp-*"))
+    assert _run(tmp_path) == 0                        # the rewritten files resume again
+    assert json.loads((tmp_path / "metrics.json").read_text())["n_shards_resumed"] == 3
 
 
 def test_stage_main_refuses_missing_kept_keys(tmp_path, monkeypatch, tiny_clip_dir):

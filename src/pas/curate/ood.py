@@ -23,6 +23,7 @@ prompt templates ("a photo of no {}."). Either way a concept's embedding is the 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from pas.params import ParamsError, check_choice, check_range
+
+log = logging.getLogger(__name__)
 
 MODES = ("clipn", "negative_prompts")
 
@@ -427,6 +430,23 @@ class _ShardScoring:
         return df, delta, getattr(self.scorer, "prompt_info", None)
 
 
+def _resumed_part(part, marker, fp: str):
+    """The scores of a shard finished by an earlier run with fingerprint `fp`, or None (not finished,
+    other inputs, or a torn marker / part: warned, and the shard is scored again)."""
+    from pas.io.manifest import read_parquet
+    from pas.io.resume import read_json
+
+    m = read_json(marker)
+    if not isinstance(m, dict) or m.get("fingerprint") != fp or not part.is_file():
+        return None
+    try:
+        df = read_parquet(part)
+    except Exception as e:                  # pyarrow raises several types for a damaged file
+        log.warning("ignoring unreadable resume file %s (%s); recomputing", part, e)
+        return None
+    return df if len(df) == m.get("n") else None
+
+
 def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[list], dict],
                  parts_dir: str, fingerprint: str, batch_size: int = 64, *, engine: Any = None,
                  timings: Timings | None = None, prompt_info: dict | None = None):
@@ -443,14 +463,15 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
     encode the prompts themselves).
     """
     import json
+    import os
     from pathlib import Path
 
     import pandas as pd
 
     from pas.engine import map_shards
     from pas.io.manifest import read_parquet, write_parquet
-    from pas.io.shards import iter_samples, list_shards
-    from pas.models.files import sha256_file
+    from pas.io.resume import write_atomic
+    from pas.io.shards import iter_samples, list_shards, shard_sha256
 
     parts = Path(parts_dir)
     parts.mkdir(parents=True, exist_ok=True)
@@ -473,9 +494,9 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
         part, marker = parts / f"{name}.parquet", parts / f"{name}.json"
         # keys come from the shard itself, so a marker is valid only for these exact bytes + kept set
         keys = sorted(s.key for s in iter_samples(shard) if s.key in kept)
-        fp = _sha256_json({"run": fingerprint, "shard": sha256_file(shard), "keys": keys})
-        if part.is_file() and marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fp:
-            frames[j] = read_parquet(part)
+        fp = _sha256_json({"run": fingerprint, "shard": shard_sha256(shard), "keys": keys})
+        frames[j] = _resumed_part(part, marker, fp)
+        if frames[j] is not None:
             n_resumed += 1
         else:
             todo.append((j, {"shard": str(shard), "keys": keys, "name": name, "fp": fp}))
@@ -483,9 +504,11 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
     def finished(i: int, result: tuple) -> None:      # in this process, as soon as a shard is done
         j, item = todo[i]
         df, delta, info = result
-        write_parquet(df, parts / f"{item['name']}.parquet")
-        marker = {"fingerprint": item["fp"], "n": len(df)}
-        (parts / f"{item['name']}.json").write_text(json.dumps(marker) + "\n")
+        # part first, marker last, each renamed into place: a kill leaves no marker for a torn part
+        tmp = parts / f".tmp-{item['name']}.parquet"
+        write_parquet(df, tmp)
+        os.replace(tmp, parts / f"{item['name']}.parquet")
+        write_atomic(parts / f"{item['name']}.json", json.dumps({"fingerprint": item["fp"], "n": len(df)}) + "\n")
         frames[j] = df
         if timings is not None and delta is not None:
             timings.add(delta)
