@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import signal
@@ -67,6 +68,22 @@ def test_resume_after_a_stop_is_byte_identical(tmp_path, data, method):
     again = _run(tmp_path / "cut", data, cfg)
     assert again["resumed_from_epoch"] == 3
     assert _outputs(tmp_path / "cut")["out/model.safetensors"] == a["out/model.safetensors"]
+
+
+@pytest.mark.parametrize("torn", [b"", 0.5])
+def test_torn_checkpoint_trains_from_scratch(tmp_path, data, caplog, torn):
+    """A last.pt cut short (empty, or half a zip) is ignored with a warning naming it; the rerun
+    trains from epoch 0 and ends with the bytes of an uninterrupted run."""
+    cfg = _cfg(epochs=2)
+    _run(tmp_path, data, cfg, stop_after_epoch=1)
+    ckpt = tmp_path / "ckpt" / CKPT_NAME
+    ckpt.write_bytes(torn if isinstance(torn, bytes) else ckpt.read_bytes()[:int(ckpt.stat().st_size * torn)])
+    with caplog.at_level(logging.WARNING):
+        res = _run(tmp_path, data, cfg)
+    assert res["resumed_from_epoch"] is None and str(ckpt) in caplog.text
+    ref = _run(tmp_path / "ref", data, cfg)
+    assert _outputs(tmp_path)["out/model.safetensors"] == _outputs(tmp_path / "ref")["out/model.safetensors"]
+    assert ref["loss_last_epoch"] == res["loss_last_epoch"]
 
 
 def test_checkpoint_of_other_params_is_ignored(tmp_path, data):

@@ -147,6 +147,25 @@ def _save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)   # a kill mid-write leaves the previous checkpoint intact
 
 
+def _load_checkpoint(path: Path) -> dict | None:
+    """The checkpoint at `path`, or None when there is none or it cannot be read (a copy cut short:
+    warned, and training starts from scratch instead of crashing)."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:      # torch raises RuntimeError, EOFError, UnpicklingError, ... for a torn file
+        log.warning("pretrain: ignoring unreadable checkpoint %s (%s: %s); starting from scratch",
+                    path, type(e).__name__, e)
+        return None
+    if not isinstance(ckpt, dict):
+        log.warning("pretrain: ignoring %s (not a pas checkpoint); starting from scratch", path)
+        return None
+    return ckpt
+
+
 def _make_optimizer(cfg: PretrainParams, params: list, lr: float):
     import torch
 
@@ -246,8 +265,8 @@ def _pretrain(cfg: PretrainParams, shard_dir: Path, init_dir: Path, out_dir: Pat
     fingerprint = _fingerprint(cfg, shard_dir, init_dir)
     ckpt_path = ckpt_dir / CKPT_NAME
     start_epoch, history, resumed_from = 0, [], None
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = _load_checkpoint(ckpt_path)
+    if ckpt is not None:
         if ckpt.get("fingerprint") == fingerprint:
             model.load_state_dict(ckpt["model"])
             model.load_extra_state(ckpt["extra"])
