@@ -269,6 +269,8 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
                                 "(offline default: `apt-get install openclipart-png`)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # an index left by an earlier run would fail the check of the shards embedded before it is rewritten
+    (out / "index.parquet").unlink(missing_ok=True)
     skipped: list[dict] = []
     shard_input = src.suffix == ".tar" or (src.is_dir() and any(src.glob("*.tar")))
     items = _iter_shards(src, p, skipped) if shard_input else _iter_folder(src, p, skipped)

@@ -135,12 +135,6 @@ class ShardWriter:
         self.close()
 
 
-def list_shards(path: str | Path) -> list[Path]:
-    """Shard files of a directory (sorted), or the path itself if it is a .tar."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    return sorted(path.glob(SHARD_GLOB))
 
 
 class ShardError(ValueError):
@@ -227,11 +221,18 @@ def _check_count(shard: Path, n: int, want: int | None) -> None:
                          f"(truncated or rewritten; rerun the stage that wrote it)")
 
 
-def _check_dir(d: Path, shards: list[Path]) -> None:
-    want = expected_shards(d) if d.is_dir() else None
+def list_shards(path: str | Path) -> list[Path]:
+    """Shard files of a directory (sorted), or the path itself if it is a .tar. A directory's
+    index.parquet must not list a shard that is not there."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    shards = sorted(path.glob(SHARD_GLOB))
+    want = expected_shards(path) if path.is_dir() else None
     missing = sorted(set(want or ()) - {s.name for s in shards})
     if missing:
-        raise ShardError(f"{d / missing[0]}: shard listed in {d / INDEX_NAME} is missing")
+        raise ShardError(f"{path / missing[0]}: shard listed in {path / INDEX_NAME} is missing")
+    return shards
 
 
 def _samples_of(members: Iterable[tuple[str, object]]) -> Iterator[tuple[str, str, object, object]]:
@@ -259,9 +260,7 @@ def iter_samples(paths: str | Path | Iterable[str | Path]) -> Iterator[Sample]:
     if isinstance(paths, (str, Path)):
         paths = [paths]
     for p in paths:
-        shards = list_shards(p)
-        _check_dir(Path(p), shards)
-        for shard in shards:
+        for shard in list_shards(p):
             want = verify_shard(shard)
             n = 0
             try:
