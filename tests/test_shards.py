@@ -222,8 +222,11 @@ def test_index_and_shards_must_agree(tmp_path):
         list(iter_samples(tmp_path))
     extra.unlink()
     shard.unlink()
-    with pytest.raises(ShardError, match=f"{shard}: shard listed in .* is missing"):
-        list(iter_samples(tmp_path))
+    from pas.data.chunks import plan_chunks
+
+    for read in (lambda: list(iter_samples(tmp_path)), lambda: plan_chunks(tmp_path, 2)):
+        with pytest.raises(ShardError, match=f"{shard}: shard listed in .* is missing"):
+            read()
 
 
 def test_read_errors_name_the_shard(tmp_path):
