@@ -135,8 +135,6 @@ class ShardWriter:
         self.close()
 
 
-
-
 class ShardError(ValueError):
     """A shard that cannot be read, or that disagrees with its directory's index.parquet."""
 
