@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pas.params import ParamsError, check_choice, check_range
+from pas.params import ParamsError, check_choice, check_range, check_seed
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class PretrainParams:
         check_range("momentum", self.momentum, 0.0, 1.0, hi_open=False)
         check_range("temperature", self.temperature, 0.0, None)
         check_range("min_scale", self.min_scale, 0.0, 1.0, hi_open=False)
+        check_seed("seed", self.seed)
 
 
 def resolve_device(name: str, threads: int = 0) -> str:
