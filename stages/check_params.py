@@ -1,0 +1,34 @@
+"""DVC stage `params`: validate the whole params.yaml before any other stage runs.
+
+Every other stage depends on `--out`, so DVC runs this one first whenever params.yaml (or a validator)
+changed. A typo or a bad value anywhere, also under a key that no stage declares (which DVC alone would
+silently ignore: no stage is out of date), then stops `dvc repro` / `dvc exp run` with one line naming
+the key, before anything runs or DVC deletes any stage's outputs. The output's bytes never depend on
+the values, so a passing check reruns nothing downstream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pas.params import load, run_stage
+
+OK = "params.yaml passed pas.params.validate\n"   # constant: downstream stages see no change
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="data/params.ok")
+    args = ap.parse_args(argv)
+    load(args.params)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(OK)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main))
