@@ -26,7 +26,7 @@ from pas.curate.dedup import DedupParams, dedup, summary
 from pas.engine import EngineConfig
 from pas.io.manifest import write_metrics, write_parquet
 from pas.models.files import write_json
-from pas.params import build, load
+from pas.params import build, load, run_stage
 
 log = logging.getLogger("dedup")
 CHUNK = 512          # images decoded at a time (descriptors run in batch_size batches inside)
@@ -180,4 +180,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from pas.io.manifest import write_metrics
-from pas.params import build, load
+from pas.params import build, load, run_stage
 from pas.train.evaluate import EvalParams, evaluate
 
 log = logging.getLogger("pas.evaluate")
@@ -49,4 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

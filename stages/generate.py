@@ -17,7 +17,7 @@ from pas.collect.generate import (DiffusionParams, GenerateParams, caption_finge
                                   generate)
 from pas.engine import EngineConfig
 from pas.io.manifest import write_metrics
-from pas.params import ParamsError, build, load
+from pas.params import ParamsError, build, load, run_stage
 
 log = logging.getLogger("pas.stages.generate")
 
@@ -86,4 +86,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

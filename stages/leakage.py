@@ -23,7 +23,7 @@ import pandas as pd
 from pas.curate.leakage import LeakageParams, leakage, resolve_evalsets, summary
 from pas.engine import EngineConfig
 from pas.io.manifest import read_parquet, write_metrics, write_parquet
-from pas.params import build, load
+from pas.params import build, load, run_stage
 
 log = logging.getLogger("leakage")
 CHUNK = 512
@@ -145,4 +145,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

@@ -15,7 +15,7 @@ import time
 from pas.io.manifest import write_metrics
 from pas.models.files import fingerprint_dir
 from pas.models.specs import FAMILIES, ModelsParams, resolve
-from pas.params import build, load
+from pas.params import build, load, run_stage
 
 log = logging.getLogger("pas.models")
 
@@ -44,4 +44,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

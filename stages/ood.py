@@ -20,7 +20,7 @@ from pas.curate.ood import (OodParams, OodScorer, Timings, derive_generalized_co
                             run_fingerprint, score_shards)
 from pas.engine import EngineConfig
 from pas.io.manifest import read_parquet, write_metrics, write_parquet
-from pas.params import ParamsError, build, load
+from pas.params import ParamsError, build, load, run_stage
 
 log = logging.getLogger("ood")
 
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
-    except (ParamsError, ValueError, FileNotFoundError) as e:   # bad input: a message, not a traceback
+        sys.exit(run_stage(main))
+    except (ValueError, FileNotFoundError) as e:   # bad input: a message, not a traceback (params: run_stage)
         logging.getLogger("ood").error("%s", e)
         sys.exit(2)

@@ -8,7 +8,7 @@ import sys
 
 from pas.data.pool import PoolParams, build_pool
 from pas.io.manifest import write_metrics
-from pas.params import build, load
+from pas.params import build, load, run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,4 +29,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

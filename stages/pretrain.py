@@ -11,7 +11,7 @@ import logging
 import sys
 
 from pas.io.manifest import write_metrics
-from pas.params import build, load
+from pas.params import build, load, run_stage
 from pas.train.pretrain import PretrainParams, pretrain
 
 log = logging.getLogger("pas.pretrain")
@@ -39,4 +39,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

@@ -18,7 +18,7 @@ from pas.curate.prune import (METRICS, PruneParams, dataset_funnel, export_datas
                               select)
 from pas.curate.prune_plots import plot_peel, sample_grid
 from pas.io.manifest import read_parquet, write_metrics, write_parquet
-from pas.params import ParamsError, build, load
+from pas.params import ParamsError, build, load, run_stage
 
 log = logging.getLogger("pas.stages.prune")
 
@@ -116,4 +116,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

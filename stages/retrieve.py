@@ -10,7 +10,7 @@ from pas.collect import load_concepts
 from pas.collect.clip_client import ServiceError
 from pas.collect.retrieve import PoolError, RetrieveParams, retrieve
 from pas.io.manifest import write_metrics
-from pas.params import ParamsError, build, load
+from pas.params import ParamsError, build, load, run_stage
 
 log = logging.getLogger("pas.stages.retrieve")
 
@@ -48,4 +48,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

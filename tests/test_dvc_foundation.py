@@ -15,7 +15,7 @@ def test_dvc_repro_models_and_pool(tmp_path, clipart_food):
         (src / f.name).write_bytes(f.read_bytes())
     repo = make_repo(tmp_path / "repo", {"pool": {"source": str(tmp_path / "imgs")}})
     out = run(["dvc", "repro", "models@clip", "pool"], repo)
-    assert ran_stages(out.stdout) == ["models@clip", "pool"]
+    assert ran_stages(out.stdout) == ["params", "models@clip", "pool"]
     m = json.loads((repo / "metrics/pool.json").read_text())
     assert m["n_indexed"] == 12 and m["n_skipped"] == 0
     assert (repo / "data/pool/faiss.index").exists()
@@ -24,8 +24,8 @@ def test_dvc_repro_models_and_pool(tmp_path, clipart_food):
     assert "up to date" in st.stdout
     again = run(["dvc", "repro", "models@clip", "pool"], repo)
     assert ran_stages(again.stdout) == []
-    # a pool param change reruns pool only, not the model
+    # a pool param change reruns pool only (after the params check), not the model
     exp = run(["dvc", "exp", "run", "-S", "pool.max_side=64", "models@clip", "pool"], repo)
-    assert ran_stages(exp.stdout) == ["pool"]
+    assert ran_stages(exp.stdout) == ["params", "pool"]
     # push / pull round trip through the default local remote
     run(["dvc", "push", "models@clip", "pool"], repo)

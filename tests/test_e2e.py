@@ -13,10 +13,10 @@ import pytest
 
 from tests.dvc_helpers import make_repo, ran_stages, run
 
-ALL = ["models@clip", "models@sscd", "models@diffusion", "models@llm", "models@text_embed",
+ALL = ["params", "models@clip", "models@sscd", "models@diffusion", "models@llm", "models@text_embed",
        "models@backbone_init", "pool", "concepts", "retrieve", "generate", "evalsets", "dedup",
        "leakage", "ood", "prune", "pretrain", "evaluate"]
-AFTER_DEDUP = ["dedup", "leakage", "ood", "prune", "pretrain", "evaluate"]
+AFTER_DEDUP = ["params", "dedup", "leakage", "ood", "prune", "pretrain", "evaluate"]   # params: the check
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -126,3 +126,5 @@ def test_full_pipeline_offline(tmp_path, s3_server):
     assert "lambda_dup" in show and "0.995" in show
     bad = run(["dvc", "exp", "run", "-S", "lamda_dup=0.5"], repo, check=False)
     assert bad.returncode != 0 and "lamda_dup" in bad.stdout + bad.stderr
+    bad = run(["dvc", "exp", "run", "-S", "+lamda_dup=0.5"], repo, check=False)   # DVC lets `+` add a key
+    assert bad.returncode != 0 and ran_stages(bad.stdout) == ["params"], bad.stdout + bad.stderr

@@ -96,3 +96,111 @@ def test_paper_presets_are_valid_and_carry_the_paper_values(preset):
     assert p["models"]["clip"] == {"kind": "open_clip", "name": "ViT-L-14", "pretrained": "openai"}
     assert p["concepts"]["validator"] == "llm" and p["llm"]["l3"]["model"] != p["llm"]["l1"]["model"]
     assert p["pretrain"]["method"] == "mocov3" and p["pretrain"]["epochs"] == 300
+
+
+def _with(base: dict, path: str, value) -> dict:
+    """A deep copy of `base` with the dotted `path` (list items as [i]) set to `value`."""
+    import copy
+    import re
+
+    out = copy.deepcopy(base)
+    parts = [int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", path)]
+    node = out
+    for p in parts[:-1]:
+        node = node[p]
+    node[parts[-1]] = value
+    return out
+
+
+@pytest.mark.parametrize("path,msg", [
+    ("lamda_dup", "lamda_dup: unknown top-level key; did you mean `lambda_dup`?"),
+    ("pool.max_pixel", "pool.max_pixel: unknown key; did you mean `pool.max_pixels`?"),
+    ("pretrain.lrr", "pretrain.lrr: unknown key; did you mean `pretrain.lr`?"),
+    ("models.clip.sed", "models.clip.sed: unknown key for kind 'tiny'; did you mean `models.clip.seed`?"),
+    ("models.clipp", "models.clipp: unknown key; did you mean `models.clip`?"),
+    ("llm.l1.temprature", "llm.l1.temprature: unknown key; did you mean `llm.l1.temperature`?"),
+    ("eval.sets[0].test_fracton",
+     "eval.sets[clipart_food].test_fracton: unknown key; did you mean `eval.sets[clipart_food].test_fraction`?"),
+    ("retrieve.service.urll", "retrieve.service.urll: unknown key; did you mean `retrieve.service.url`?"),
+])
+def test_unknown_keys_name_the_nearest_valid_key(path, msg):
+    base = load(REPO / "params.yaml")
+    with pytest.raises(ParamsError) as e:
+        validate(_with(base, path, {"kind": "tiny"} if path == "models.clipp" else 1))
+    assert str(e.value) == msg
+
+
+def test_unknown_key_without_a_near_one_lists_the_known_keys():
+    base = load(REPO / "params.yaml")
+    with pytest.raises(ParamsError, match=r"^zzz: unknown top-level key; known: concepts, dedup, "):
+        validate({**base, "zzz": 1})
+
+
+@pytest.mark.parametrize("path,value,msg", [
+    ("lambda_dup", float("nan"), "lambda_dup=nan must be a finite number"),
+    ("pretrain.lr", float("nan"), "pretrain.lr=nan must be a finite number"),
+    ("pretrain.weight_decay", float("inf"), "pretrain.weight_decay=inf must be a finite number"),
+    ("eval.knn_temperature", float("-inf"), "eval.knn_temperature=-inf must be a finite number"),
+    ("llm.l1.temperature", float("nan"), "llm.l1.temperature=nan must be a finite number"),
+    ("models.backbone_init.kwargs.drop_rate", float("nan"),
+     "models.backbone_init.kwargs.drop_rate=nan must be a finite number"),
+    ("eval.sets[0].test_fraction", float("nan"), "eval.sets[0].test_fraction=nan must be a finite number"),
+    ("seed", 2**70, "seed=1180591620717411303424 is out of range (an int param must fit in 64 bits)"),
+    ("seed", 2**32, "seed=4294967296 must be < 4294967296"),
+    ("seed", -1, "seed=-1 must be >= 0"),
+    ("eval.split_seed", 2**32, "eval.split_seed=4294967296 must be < 4294967296"),
+    ("models.clip.seed", 2**40, "models.clip.seed=1099511627776 must be < 4294967296"),
+    ("pretrain.epochs", 2**64, "pretrain.epochs=18446744073709551616 is out of range"),
+    ("pool.nlist", 0, "pool.nlist=0 must be >= 1"),
+    ("pool.min_side", 0, "pool.min_side=0 must be >= 1"),
+    ("pool.workers", -1, "pool.workers=-1 must be >= 0"),
+])
+def test_numbers_are_finite_and_bounded(path, value, msg):
+    base = load(REPO / "params.yaml")
+    with pytest.raises(ParamsError) as e:
+        validate(_with(base, path, value))
+    assert str(e.value).startswith(msg)
+
+
+def test_largest_seed_is_accepted_and_yaml_nan_is_refused(tmp_path):
+    base = load(REPO / "params.yaml")
+    validate({**base, "seed": 2**32 - 1})
+    f = tmp_path / "params.yaml"
+    f.write_text((REPO / "params.yaml").read_text().replace("lambda_dup: 0.9995", "lambda_dup: .nan"))
+    with pytest.raises(ParamsError, match=r"^lambda_dup=nan must be a finite number$"):
+        load(f)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_check_range_refuses_non_finite(value):
+    # every section's own checks go through check_range; a NaN compares False with every bound
+    with pytest.raises(ParamsError, match="must be a finite number"):
+        check_range("x", value, 0.0, 1.0)
+    with pytest.raises(ParamsError, match="must be a finite number"):
+        check_range("x", value)
+
+
+STAGE_SCRIPTS = sorted(p.stem for p in (REPO / "stages").glob("*.py") if p.stem != "concepts")
+
+
+@pytest.mark.parametrize("stage", STAGE_SCRIPTS)
+def test_stage_scripts_end_with_run_stage(stage):
+    # the one shared path for config errors (concepts.py is wt-llm's and still raises)
+    assert "sys.exit(run_stage(main))" in (REPO / "stages" / f"{stage}.py").read_text()
+
+
+def test_a_config_error_is_one_line_and_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "params.yaml"
+    bad.write_text((REPO / "params.yaml").read_text().replace("lambda_dup:", "lamda_dup:"))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    p = subprocess.run([sys.executable, str(REPO / "stages" / "pool.py"), "--params", str(bad),
+                        "--out", str(tmp_path / "pool"), "--metrics", str(tmp_path / "m.json")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        "params error: lamda_dup: unknown top-level key; did you mean `lambda_dup`?"]
+    assert not (tmp_path / "pool").exists() and not (tmp_path / "m.json").exists()

@@ -199,3 +199,27 @@ def test_dvc_pretrain_declares_no_eval_params():
     assert all(p == "seed" or p == "pretrain" or p.startswith("pretrain.") for p in declared), declared
     fields = {f.name for f in dataclasses.fields(PretrainParams)}
     assert "pretrain" in declared or fields - {"seed"} <= {p.split(".", 1)[1] for p in declared if "." in p}
+
+
+def test_a_failing_run_leaves_the_previous_dvclive_curves_untouched(tmp_path, data):
+    # dvclive/pretrain is a git-tracked persist out: only a finished run may replace it, and whole
+    cfg = _cfg(epochs=2)
+    _run(tmp_path, data, cfg)
+    live = tmp_path / "live"
+    (live / "stale.tsv").write_text("from an older run\n")
+    before = {str(p.relative_to(live)): p.read_bytes() for p in sorted(live.rglob("*")) if p.is_file()}
+    assert "plots/metrics/train/loss.tsv" in before
+
+    def boom(epoch):
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        pretrain(_cfg(epochs=2, lr=2e-3), *data, tmp_path / "out2", tmp_path / "ckpt2", live_dir=live,
+                 progress=False, on_epoch_end=boom)
+    after = {str(p.relative_to(live)): p.read_bytes() for p in sorted(live.rglob("*")) if p.is_file()}
+    assert after == before
+    # a finished run replaces the folder whole: the stale file of the older run is gone
+    pretrain(_cfg(epochs=2, lr=2e-3), *data, tmp_path / "out2", tmp_path / "ckpt2", live_dir=live, progress=False)
+    files = {str(p.relative_to(live)) for p in live.rglob("*") if p.is_file()}
+    assert "stale.tsv" not in files and "plots/metrics/train/loss.tsv" in files
+    assert not list((tmp_path / "ckpt2").glob(".*live-tmp"))

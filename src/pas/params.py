@@ -9,11 +9,14 @@ validates the whole file up front, so a typo fails before any stage spends time.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
+import math
+import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -22,13 +25,49 @@ class ParamsError(ValueError):
     """A parameter is missing, unknown, of the wrong type or out of range. The message names the key."""
 
 
+SEED_LIMIT = 2**32   # numpy's default_rng/RandomState and torch.manual_seed all take 0 <= seed < 2**32
+INT_LIMIT = 2**63    # any int param must fit an int64 (numpy, torch and faiss take nothing larger)
+
+
 def check_range(name: str, value: float, lo: float | None = None, hi: float | None = None,
                 *, lo_open: bool = True, hi_open: bool = True) -> None:
-    """Raise ParamsError unless lo < value < hi (bounds closed where `*_open=False`)."""
+    """Raise ParamsError unless lo < value < hi (bounds closed where `*_open=False`); NaN and ±inf never
+    pass (every comparison with NaN is False, so without this `lambda_dup: .nan` slips through)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParamsError(f"{name}={value!r} must be a finite number")
     if lo is not None and (value < lo or (lo_open and value == lo)):
         raise ParamsError(f"{name}={value!r} must be {'>' if lo_open else '>='} {lo}")
     if hi is not None and (value > hi or (hi_open and value == hi)):
         raise ParamsError(f"{name}={value!r} must be {'<' if hi_open else '<='} {hi}")
+
+
+def check_seed(name: str, value: int) -> None:
+    """Seeds go to numpy and torch, which agree only on 0 <= seed < 2**32."""
+    check_range(name, value, 0, SEED_LIMIT, lo_open=False)
+
+
+def unknown_key(prefix: str, key: Any, known: Iterable[Any], what: str = "unknown key") -> ParamsError:
+    """The error for a key no schema knows: names it and the nearest valid key (most unknown keys are typos).
+
+    `prefix` is the dotted path of the mapping holding it ("" for the top level, "pool.", ...)."""
+    known = sorted(str(k) for k in known)
+    near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    hint = f"did you mean `{prefix}{near[0]}`?" if near else f"known: {', '.join(known)}"
+    return ParamsError(f"{prefix}{key}: {what}; {hint}")
+
+
+def _check_numbers(where: str, value: Any) -> None:
+    """No NaN/inf and no int beyond int64 anywhere in a value (lists and nested mappings included)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParamsError(f"{where}={value!r} must be a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
+        raise ParamsError(f"{where}={value!r} is out of range (an int param must fit in 64 bits)")
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_numbers(f"{where}[{i}]", v)
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_numbers(f"{where}.{k}", v)
 
 
 def check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
@@ -57,8 +96,9 @@ class PaperParams:
             check_range(name, getattr(self, name), 0.0, 1.0)
         for name in ("k_dup", "k_leak", "k_retrieve"):
             check_range(name, getattr(self, name), 1, None, lo_open=False)
-        for name in ("n_cap", "n_synth", "seed"):
+        for name in ("n_cap", "n_synth"):
             check_range(name, getattr(self, name), 0, None, lo_open=False)
+        check_seed("seed", self.seed)
 
 
 PAPER_KEYS = tuple(f.name for f in dataclasses.fields(PaperParams))
@@ -126,12 +166,13 @@ def build(cls: type, params: Mapping[str, Any], section: str | None = None):
     if misplaced:  # one value per paper symbol: a section copy would silently diverge
         raise ParamsError(f"{section}.{misplaced[0]}: paper hyperparameters are top-level keys; "
                           f"set `{misplaced[0]}` at the top of params.yaml")
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
-        raise ParamsError(f"{section}.{unknown[0]}: unknown key (known: {sorted(fields)})")
+        raise unknown_key(f"{section}.", unknown[0], fields)
     kwargs = {}
     for name, f in fields.items():
-        where = f"{section}.{name}" if section and name in raw else name
+        # a key read from the top level is named as such; a section's own key with its section
+        where = f"{section}.{name}" if section and (name in raw or name not in PAPER_KEYS) else name
         if name in raw:
             value = raw[name]
         elif name in params and name in PAPER_KEYS:
@@ -142,6 +183,7 @@ def build(cls: type, params: Mapping[str, Any], section: str | None = None):
             raise ParamsError(f"{where}: missing")
         if not _type_ok(value, hints[name]):
             raise ParamsError(f"{where}={value!r}: expected {getattr(hints[name], '__name__', hints[name])}")
+        _check_numbers(where, value)   # here, so every section and nested spec gets it
         kwargs[name] = _coerce(value, hints[name])
     try:
         return cls(**kwargs)
@@ -167,9 +209,9 @@ def read_yaml(path: str | Path) -> dict:
 def validate(params: Mapping[str, Any]) -> None:
     """Check every key of a params mapping; raises ParamsError naming the first bad key."""
     known = set(PAPER_KEYS) | set(SECTIONS)
-    unknown = sorted(set(params) - known)
+    unknown = sorted(set(params) - known, key=str)
     if unknown:
-        raise ParamsError(f"{unknown[0]}: unknown top-level key (known: {sorted(known)})")
+        raise unknown_key("", unknown[0], known, "unknown top-level key")
     build(PaperParams, params)
     for section, target in SECTIONS.items():
         if section in params:
@@ -181,6 +223,19 @@ def load(path: str | Path = "params.yaml") -> dict:
     params = read_yaml(path)
     validate(params)
     return params
+
+
+def run_stage(main: Callable[[], Any]) -> int:
+    """The `__main__` of every stage script: `sys.exit(run_stage(main))`.
+
+    A config error is the user's to fix, not a bug: one line on stderr naming the key, exit status 2,
+    no traceback. Any other error keeps its traceback. A `main` returning None counts as success."""
+    try:
+        rc = main()
+    except ParamsError as e:
+        print(f"params error: {e}", file=sys.stderr)
+        return 2
+    return rc if isinstance(rc, int) else 0
 
 
 def paper(params: Mapping[str, Any]) -> PaperParams:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 from pas.collect.captions import Captions, derive_seed
 from pas.models.diffusion import SCHEDULERS
-from pas.params import ParamsError, check_choice, check_range
+from pas.params import ParamsError, check_choice, check_range, check_seed
 
 log = logging.getLogger(__name__)
 SHARD_PREFIX = "generated"
@@ -85,8 +85,9 @@ class GenerateParams:
     shard_size: int = 1000        # images per work shard (= output shard, ≤ 10k); the unit of resume
 
     def __post_init__(self) -> None:
-        for name in ("n_cap", "n_synth", "seed"):
+        for name in ("n_cap", "n_synth"):
             check_range(name, getattr(self, name), 0, None, lo_open=False)
+        check_seed("seed", self.seed)
         for name in ("max_attempts", "max_new_tokens", "min_words"):
             check_range(name, getattr(self, name), 1, None, lo_open=False)
         check_range("max_words", self.max_words, self.min_words, None, lo_open=False)

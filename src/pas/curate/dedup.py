@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from pas.params import check_choice, check_range
+from pas.params import check_choice, check_range, check_seed
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class DedupParams:
     def __post_init__(self) -> None:
         check_range("lambda_dup", self.lambda_dup, -1.0, 1.0, lo_open=False, hi_open=False)
         check_range("k_dup", self.k_dup, 1, None, lo_open=False)
+        check_seed("seed", self.seed)
         check_choice("index", self.index, INDEX_KINDS)
         check_range("nlist", self.nlist, 0, None, lo_open=False)
         check_range("nprobe", self.nprobe, 1, None, lo_open=False)

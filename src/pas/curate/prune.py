@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from pas.params import ParamsError, check_choice, check_range
+from pas.params import ParamsError, check_choice, check_range, check_seed
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class PruneParams:
 
     def __post_init__(self) -> None:
         check_choice("stop", self.stop, STOPS)
+        check_seed("seed", self.seed)
         if self.stop == "target_size" and self.target_size is None:
             raise ParamsError("target_size: required when stop=target_size")
         if self.stop == "max_fronts" and self.max_fronts is None:

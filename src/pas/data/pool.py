@@ -57,6 +57,10 @@ class PoolParams:
         check_range("jpeg_quality", self.jpeg_quality, 1, 100, lo_open=False, hi_open=False)
         check_range("batch_size", self.batch_size, 1, None, lo_open=False)
         check_range("max_images", self.max_images, 0, None, lo_open=False)
+        check_range("min_side", self.min_side, 1, None, lo_open=False)
+        check_range("nlist", self.nlist, 1, None, lo_open=False)
+        check_range("hnsw_m", self.hnsw_m, 2, None, lo_open=False)
+        check_range("workers", self.workers, 0, None, lo_open=False)
         if not self.source:
             raise ParamsError("source: must name a folder of images or webdataset shards")
 

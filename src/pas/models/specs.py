@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pas.params import ParamsError
+from pas.params import ParamsError, check_seed, unknown_key
 
 FAMILIES = ("clip", "sscd", "diffusion", "llm", "text_embed", "backbone_init")
 
@@ -41,9 +41,13 @@ def _check_spec(where: str, spec: Any, kinds: dict[str, tuple[set, set]]) -> Non
     missing = sorted(required - set(spec))
     if missing:
         raise ParamsError(f"{where}.{missing[0]}: missing for kind {kind!r}")
-    unknown = sorted(set(spec) - required - optional - {"kind"})
+    unknown = sorted(set(spec) - required - optional - {"kind"}, key=str)
     if unknown:
-        raise ParamsError(f"{where}.{unknown[0]}: unknown key for kind {kind!r}")
+        raise unknown_key(f"{where}.", unknown[0], required | optional | {"kind"}, f"unknown key for kind {kind!r}")
+    if "seed" in spec:
+        if not isinstance(spec["seed"], int) or isinstance(spec["seed"], bool):
+            raise ParamsError(f"{where}.seed={spec['seed']!r}: expected int")
+        check_seed(f"{where}.seed", spec["seed"])
 
 
 @dataclass(frozen=True)
@@ -59,16 +63,17 @@ class ModelsParams:
                                                          "kwargs": {"img_size": 32}})
 
     def __post_init__(self):
+        # full dotted paths, so the nearest-key hint of a typo is a path the user can paste
         for fam in FAMILIES:
             if fam == "llm":
                 if not isinstance(self.llm, dict) or not self.llm:
-                    raise ParamsError("llm: must map model names to specs")
+                    raise ParamsError("models.llm: must map model names to specs")
                 for name, spec in self.llm.items():
                     if not str(name).replace("_", "").replace("-", "").isalnum():
-                        raise ParamsError(f"llm.{name}: model names must be [A-Za-z0-9_-]")
-                    _check_spec(f"llm.{name}", spec, LLM_KINDS)
+                        raise ParamsError(f"models.llm.{name}: model names must be [A-Za-z0-9_-]")
+                    _check_spec(f"models.llm.{name}", spec, LLM_KINDS)
             else:
-                _check_spec(fam, getattr(self, fam), KINDS[fam])
+                _check_spec(f"models.{fam}", getattr(self, fam), KINDS[fam])
 
 
 def _copy_local(src: str, out: Path) -> Path:

@@ -10,7 +10,6 @@ with different seeds are scored on the same test images.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pas.data.images import BadImage, load_rgb
-from pas.params import ParamsError, check_choice, check_range
+from pas.params import ParamsError, build, check_choice, check_range, check_seed
 
 log = logging.getLogger(__name__)
 
@@ -46,36 +45,28 @@ class EvalSetSpec:
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
-            raise ParamsError(f"sets.name={self.name!r} must be [A-Za-z0-9_-]+")
-        check_choice(f"sets[{self.name}].kind", self.kind, KINDS)
-        check_range(f"sets[{self.name}].test_fraction", self.test_fraction, 0.0, 1.0)
+            raise ParamsError(f"eval.sets[{self.name}].name={self.name!r} must be [A-Za-z0-9_-]+")
+        check_choice(f"eval.sets[{self.name}].kind", self.kind, KINDS)
+        check_range(f"eval.sets[{self.name}].test_fraction", self.test_fraction, 0.0, 1.0)
         if self.n_test is not None:
-            check_range(f"sets[{self.name}].n_test", self.n_test, 1, None, lo_open=False)
-        check_range(f"sets[{self.name}].min_per_class", self.min_per_class, 2, None, lo_open=False)
+            check_range(f"eval.sets[{self.name}].n_test", self.n_test, 1, None, lo_open=False)
+        check_range(f"eval.sets[{self.name}].min_per_class", self.min_per_class, 2, None, lo_open=False)
         if self.n_test is not None and self.n_test >= self.min_per_class:
-            raise ParamsError(f"sets[{self.name}].n_test={self.n_test} must be < min_per_class="
+            raise ParamsError(f"eval.sets[{self.name}].n_test={self.n_test} must be < min_per_class="
                               f"{self.min_per_class} (every class needs a training image)")
         if self.max_per_class is not None:
-            check_range(f"sets[{self.name}].max_per_class", self.max_per_class, 1, None, lo_open=False)
+            check_range(f"eval.sets[{self.name}].max_per_class", self.max_per_class, 1, None, lo_open=False)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "EvalSetSpec":
         if not isinstance(raw, dict):
             raise ParamsError(f"sets: each item must be a mapping, got {raw!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ParamsError(f"sets[{raw.get('name')}].{unknown[0]}: unknown key (known: {sorted(known)})")
-        for key in ("name", "kind", "path"):
-            if key not in raw:
-                raise ParamsError(f"sets[{raw.get('name')}].{key}: missing")
         raw = dict(raw)
-        if raw.get("classes") is not None:
+        if isinstance(raw.get("classes"), list):
             raw["classes"] = tuple(str(c) for c in raw["classes"])
-        for key in ("test_fraction",):
-            if isinstance(raw.get(key), int):
-                raw[key] = float(raw[key])
-        return cls(**raw)
+        where = f"eval.sets[{raw.get('name')}]"
+        # build: unknown keys (with the nearest known one), missing keys, types, finite numbers
+        return build(cls, {where: raw}, section=where)
 
 
 def parse_sets(raw: list) -> tuple[EvalSetSpec, ...]:
@@ -125,6 +116,8 @@ class EvalParams:
             check_range("linear_lr", self.linear_lr, 0.0, None)
         check_range("linear_weight_decay", self.linear_weight_decay, 0.0, None, lo_open=False)
         check_range("threads", self.threads, 0, None, lo_open=False)
+        check_seed("split_seed", self.split_seed)
+        check_seed("seed", self.seed)
 
     @property
     def specs(self) -> tuple[EvalSetSpec, ...]:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pas.params import ParamsError, check_choice, check_range
+from pas.params import ParamsError, check_choice, check_range, check_seed
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class PretrainParams:
         check_range("momentum", self.momentum, 0.0, 1.0, hi_open=False)
         check_range("temperature", self.temperature, 0.0, None)
         check_range("min_scale", self.min_scale, 0.0, 1.0, hi_open=False)
+        check_seed("seed", self.seed)
 
 
 def resolve_device(name: str, threads: int = 0) -> str:
@@ -179,33 +180,40 @@ def _make_optimizer(cfg: PretrainParams, params: list, lr: float):
 
 
 class _Logger:
-    """dvclive, with the history kept so a resumed run can replay it into a fresh dvclive folder."""
+    """Loss/LR history, written as a dvclive folder only by `close`, once training has succeeded.
 
-    def __init__(self, live_dir: Path | None, history: list | None = None):
+    `live_dir` is a git-tracked `persist: true` out (dvc.yaml): a run that fails or is killed must leave
+    the previous curves untouched, so nothing is written there while training. The history also rides
+    in every checkpoint, so a resumed run writes the same curves as an uninterrupted one."""
+
+    def __init__(self, live_dir: Path | None, history: list | None = None, scratch: Path | None = None):
         self.history: list = list(history or [])
-        self.live = None
-        if live_dir is not None:
-            from dvclive import Live
-
-            self.live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
-            for row in self.history:
-                self._write(*row)
-
-    def _write(self, name: str, step: int, value: float) -> None:
-        self.live.step = step
-        self.live.log_metric(name, value)
+        self.live_dir, self.scratch = live_dir, scratch
 
     def log(self, name: str, step: int, value: float) -> None:
         self.history.append((name, int(step), float(value)))
-        if self.live is not None:
-            self._write(name, step, value)
 
     def close(self, summary: dict) -> None:
-        if self.live is not None:
-            for k, v in summary.items():
-                self.live.summary[k] = v
-            self.live.make_summary()
-            self.live.end()
+        if self.live_dir is None:
+            return
+        import shutil
+
+        from dvclive import Live
+
+        # built beside the checkpoints, then swapped in whole: no stale file of an older run survives
+        tmp = (self.scratch or self.live_dir.parent) / f".{self.live_dir.name}.live-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        live = Live(str(tmp), save_dvc_exp=False, dvcyaml=None, report=None)
+        for name, step, value in self.history:
+            live.step = step
+            live.log_metric(name, value)
+        for k, v in summary.items():
+            live.summary[k] = v
+        live.make_summary()
+        live.end()
+        shutil.rmtree(self.live_dir, ignore_errors=True)
+        self.live_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp), str(self.live_dir))
 
 
 def pretrain(cfg: PretrainParams, shard_dir: str | Path, init_dir: str | Path, out_dir: str | Path,
@@ -279,7 +287,7 @@ def _pretrain(cfg: PretrainParams, shard_dir: Path, init_dir: Path, out_dir: Pat
             log.info("pretrain: %s is from other params/data; starting from scratch", ckpt_path)
         del ckpt
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    logger = _Logger(live_dir, history)
+    logger = _Logger(live_dir, history, scratch=ckpt_dir)
 
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):

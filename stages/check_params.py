@@ -1,0 +1,52 @@
+"""DVC stage `params`: validate the whole params.yaml before any other stage runs.
+
+Every other stage depends on `--out`, so DVC runs this one first whenever params.yaml (or a validator)
+changed. A typo or a bad value anywhere, also under a key that no stage declares (which DVC alone would
+silently ignore: no stage is out of date), then stops `dvc repro` / `dvc exp run` with one line naming
+the key, before anything runs or DVC deletes any stage's outputs. The output's bytes never depend on
+the values, so a passing check reruns nothing downstream.
+
+With `--dvc-yaml` it also checks what DVC templating cannot express: the `evalsets` stage must depend
+on every eval set's folder, one `${eval.sets[i].path}` (or literal path) line per set, since a
+template cannot loop over `eval.sets`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from pas.params import ParamsError, load, run_stage
+
+OK = "params.yaml passed pas.params.validate\n"   # constant: downstream stages see no change
+
+
+def check_evalsets_deps(params: dict, dvc: dict) -> None:
+    """Raise ParamsError unless dvc.yaml's `evalsets` stage has a dep for every `eval.sets[i]` folder."""
+    deps = [str(d).strip() for d in dvc.get("stages", {}).get("evalsets", {}).get("deps", [])]
+    for i, spec in enumerate((params.get("eval") or {}).get("sets") or []):
+        if f"${{eval.sets[{i}].path}}" not in deps and str(spec.get("path")) not in deps:
+            raise ParamsError(f"eval.sets[{i}] ({spec.get('name')}): its folder is not a dep of the evalsets "
+                              f"stage; add `- ${{eval.sets[{i}].path}}` to its deps in dvc.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--out", default="data/params.ok")
+    ap.add_argument("--dvc-yaml", help="also check this dvc.yaml's evalsets deps against eval.sets")
+    args = ap.parse_args(argv)
+    params = load(args.params)
+    if args.dvc_yaml:
+        check_evalsets_deps(params, yaml.safe_load(Path(args.dvc_yaml).read_text()))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(OK)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main))
