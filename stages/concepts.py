@@ -5,6 +5,8 @@
 
 The LLMs are the `llm.l1` (generation), `llm.l2` (expansion), `llm.l3` (validation, when
 concepts.validator = llm) specs of params.yaml; their `model` folders come from the `models` stage.
+An LLM that fails (unreachable, bad key, no usable answer) or a bank with no accepted concept ends
+the stage with exit status 1 and one line saying why; nothing is written to --out then.
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ import argparse
 import gc
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
 from pas.concepts.coverage import coverage, histogram, load_reference
-from pas.concepts.discovery import Prompts, discover, load_prompt, validate_bank
+from pas.concepts.discovery import DiscoveryError, Prompts, discover, load_prompt, validate_bank
 from pas.concepts.params import ConceptsParams, DomainParams
 from pas.io.manifest import write_metrics, write_parquet
-from pas.llm import LLMSection, make_backend
+from pas.llm import LLMError, LLMSection, make_backend
 from pas.params import build, load
 
 log = logging.getLogger("pas.stages.concepts")
@@ -50,7 +53,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except (LLMError, DiscoveryError) as e:  # one line, no traceback: the message says what failed
+        log.error("concepts failed: %s", " ".join(str(e).split()))
+        raise SystemExit(1) from None
 
+
+def run(args) -> dict:
     t0 = time.perf_counter()
     params = load(args.params)
     p = build(ConceptsParams, params, section="concepts")
@@ -59,7 +69,6 @@ def main(argv=None) -> dict:
     roles = ["l1", "l2"] + (["l3"] if p.validator == "llm" else [])
     backends, distinct = _backends(llm, roles)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     found = discover(backends["l1"], backends["l2"], domain, p, Prompts.default(), progress=not args.no_progress)
     t_discover = time.perf_counter() - t0
@@ -84,6 +93,13 @@ def main(argv=None) -> dict:
         b.close()
 
     concepts = list(found.bank)
+    verdicts = validator.counts() if p.validator == "llm" else {}
+    if not any(accepted):  # downstream stages would run on nothing
+        raise DiscoveryError(f"no concept of {len(concepts)} passed {p.validator} validation "
+                             f"(threshold {p.validator_threshold}"
+                             + (f"; verdicts {dict(sorted(verdicts.items()))}" if verdicts else "")
+                             + "): refusing to write an empty bank")
+    out.mkdir(parents=True, exist_ok=True)
     bank = pd.DataFrame({
         "concept": concepts,
         "first_iteration": [found.bank[c]["first_iteration"] for c in concepts],
@@ -138,6 +154,9 @@ def main(argv=None) -> dict:
         "expansion_stop": found.expansion_stop,
         "validator": p.validator,
         "rejected": len(concepts) - len(kept),
+        "verdicts": dict(sorted(verdicts.items())),   # L3: logprobs, text (answers); unclear, unusable, error
+        "n_unclear": verdicts.get("unclear", 0),      # "Maybe, it depends": not a validation, rejected
+        "n_unusable": verdicts.get("unusable", 0) + verdicts.get("error", 0),
         "answers": dict(sorted(found.answers.items())),
         "coverage": cov_metrics,
         "seconds_discovery": t_discover,

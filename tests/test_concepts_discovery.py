@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pas.concepts.discovery import (Prompts, derive_seed, discover, history_messages, saturated,
-                                    validate_bank)
+from pas.concepts.discovery import (DiscoveryError, Prompts, derive_seed, discover, history_messages,
+                                    saturated, validate_bank)
 from pas.concepts.params import ConceptsParams, DomainParams
 from pas.llm.base import ChatBackend, ChatResult, LLMSpec
 from pas.params import ParamsError
@@ -166,9 +166,49 @@ def test_malformed_answers_counted_never_crash():
                  PROMPTS, progress=False)
     assert d.answers["generate_error"] == 1 and d.transcripts[0]["error"] == "boom"
     assert d.generation_sizes == [1] and d.generation_stop == "max_generation_samples"
-    d = discover(Scripted(gen=["", "I cannot."]), Scripted(), DOMAIN, params(max_generation_samples=2), PROMPTS,
+
+
+def test_no_usable_answer_fails_with_one_line():
+    # before: an empty bank and a "max_generation_samples" stop, i.e. a successful run
+    with pytest.raises(DiscoveryError, match=r"^L1 gave no usable answer in 3 samples: 1 empty, 1 error "
+                                             r"\(first: boom\), 1 refusal$"):
+        discover(Scripted(gen=["", "I cannot.", "x"], errors={3}), Scripted(), DOMAIN,
+                 params(max_generation_samples=3), PROMPTS, progress=False)
+    # L2 round 1 without a single list: B = B_0 would look like λ2 saturation
+    with pytest.raises(DiscoveryError, match=r"L2 round 1: none of 2 answers was usable: 2 empty"):
+        discover(Scripted(gen=["a, b", "a"]), Scripted(), DOMAIN, params(max_expansion_rounds=3), PROMPTS,
                  progress=False)
-    assert d.generation_sizes == [] and d.generation_stop == "max_generation_samples" and not d.bank
+
+
+class Failing(Scripted):
+    """L2 that answers round 1, then every request fails."""
+
+    def chat(self, requests):
+        if any(r.messages[-1]["content"] == "EXP a" for r in self.requests):
+            return [ChatResult(text="", error="HTTP 400: context too long") for _ in requests]
+        return super().chat(requests)
+
+
+def test_a_round_of_failed_requests_fails_but_an_empty_later_round_saturates():
+    with pytest.raises(DiscoveryError, match=r"L2 round 2: none of 3 answers was usable: 3 error "
+                                             r"\(first: HTTP 400: context too long\)"):
+        discover(Scripted(gen=["a, b", "a"]), Failing(expand={(1, "a"): "c"}), DOMAIN,
+                 params(max_expansion_rounds=3), PROMPTS, progress=False)
+    d = discover(Scripted(gen=["a, b", "a"]), Scripted(expand={(1, "a"): "c"}), DOMAIN,
+                 params(max_expansion_rounds=3), PROMPTS, progress=False)
+    assert d.expansion_sizes == [2, 3, 3] and d.expansion_stop == "lambda_2"
+
+
+def test_lone_surrogate_in_an_answer():
+    import hashlib
+
+    # JSON "\\udc80" decodes to a lone surrogate, which str.encode() refuses
+    plain = hashlib.sha256("0\x1fexpand\x1f1\x1fa".encode()).digest()
+    assert derive_seed(0, "expand", 1, "a") == int.from_bytes(plain[:4], "big") & 0x7FFFFFFF  # unchanged
+    assert derive_seed(0, "expand", 1, "caf\udc80") != derive_seed(0, "expand", 1, "caf\ufffd")
+    l1 = Scripted(gen=["1. caf\udc80 au lait\n2. tea", "tea"], expand={(1, "tea"): "chai"})
+    d = discover(l1, l1, DOMAIN, params(max_expansion_rounds=1), PROMPTS, progress=False)
+    assert list(d.bank) == ["caf\ufffd au lait", "tea", "chai"]  # ChatResult replaced the surrogate
 
 
 def test_validation_filters():
@@ -215,6 +255,13 @@ def _brute_force(answers: list[list[str]], lam: float, cap: int):
 def test_generation_matches_brute_force(answers, lam, batch):
     text = [", ".join(a) for a in answers]
     cap = len(answers)
+    sizes, stop = _brute_force(answers, lam, cap)
+    if not sizes:  # no answer with items: not a bank
+        with pytest.raises(DiscoveryError, match="L1 gave no usable answer"):
+            discover(Scripted(gen=text), Scripted(), DOMAIN,
+                     params(lambda_1=lam, generation_batch=batch, max_generation_samples=cap), PROMPTS,
+                     progress=False)
+        return
     d = discover(Scripted(gen=text), Scripted(), DOMAIN,
                  params(lambda_1=lam, generation_batch=batch, max_generation_samples=cap), PROMPTS, progress=False)
     sizes, stop = _brute_force(answers, lam, cap)

@@ -106,6 +106,75 @@ def test_stage_bad_params_name_the_key(tmp_path, server):
                     "--metrics", str(tmp_path / "m.json")])
 
 
+class VerdictServer(ScriptedServer):
+    """ScriptedServer whose L3 replies come from `verdict(concept)` (an answer dict)."""
+
+    def __init__(self, verdict):
+        self.verdict = verdict
+        super().__init__()
+
+    def answer(self, body):
+        if body.get("logprobs"):
+            return self.verdict(body["messages"][-1]["content"])
+        return super().answer(body)
+
+
+def run_failing(tmp_path, url, caplog):
+    import concepts as stage
+
+    write_params(tmp_path / "params.yaml", url)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        stage.main(["--params", str(tmp_path / "params.yaml"), "--out", str(out), "--metrics",
+                    str(tmp_path / "m.json"), "--no-progress"])
+    assert e.value.code == 1
+    assert not (out / "bank.parquet").exists() and not (tmp_path / "m.json").exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0]
+    return errors[0]
+
+
+def test_stage_fails_when_l3_logprobs_are_nan(tmp_path, caplog):
+    # before: every concept rejected as "no", an empty bank, rc = 0
+    nan = {"choices": [{"message": {"content": "Yes"},
+                        "logprobs": {"content": [{"top_logprobs": [{"token": "Yes", "logprob": float("nan")}]}]}}]}
+    s = VerdictServer(lambda q: nan)
+    try:
+        msg = run_failing(tmp_path, s.url, caplog)
+    finally:
+        s.close()
+    assert msg.startswith("concepts failed: L3 gave no usable verdict for 11 concepts: 11 unusable")
+
+
+def test_stage_refuses_an_empty_bank(tmp_path, caplog):
+    no = {"choices": [{"message": {"content": "No"},
+                       "logprobs": {"content": [{"top_logprobs": [{"token": "No", "logprob": -0.01}]}]}}]}
+    s = VerdictServer(lambda q: no)
+    try:
+        msg = run_failing(tmp_path, s.url, caplog)
+    finally:
+        s.close()
+    assert "no concept of 11 passed llm validation" in msg and "refusing to write an empty bank" in msg
+
+
+def test_stage_fails_at_once_on_a_bad_key(tmp_path, caplog, server):
+    server.plan = [401] * 50
+    msg = run_failing(tmp_path, server.url, caplog)
+    assert msg.startswith("concepts failed: llm.l1: ") and "HTTP 401" in msg and len(server.bodies) == 1
+
+
+def test_stage_exit_status_when_the_server_is_down(tmp_path):
+    write_params(tmp_path / "params.yaml", "http://127.0.0.1:9/v1")
+    r = subprocess.run([sys.executable, str(ROOT / "stages" / "concepts.py"), "--params", str(tmp_path / "params.yaml"),
+                        "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"), "--no-progress"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "ERROR pas.stages.concepts: concepts failed: llm.l1: cannot reach http://127.0.0.1:9/v1/chat/completions")
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
 SMOKE_CONCEPTS = {"max_generation_samples": 4, "generation_batch": 4, "generation_max_new_tokens": 96,
                   "expansion_max_new_tokens": 24, "max_expansion_rounds": 1, "max_concepts": 64,
                   "history_samples": 1, "validator": "embedding", "validator_threshold": 0.18,

@@ -8,6 +8,10 @@
 Every |·| counts normalised concepts (:func:`pas.concepts.normalize.normalize_concept`). The stopping
 rules are strict: equality continues. Caps (max samples, max rounds, max concepts) stop a loop early and
 are reported as its stop reason.
+
+An unusable answer (backend error, empty, refusal, no list) is counted and skipped. No usable L1
+sample up to the cap, no list in L2's first round, or a round of failed L2 requests raises
+:class:`DiscoveryError`: an empty or frozen bank from a dead LLM is not a result.
 """
 
 from __future__ import annotations
@@ -29,6 +33,19 @@ from pas.llm.parse import parse_list
 log = logging.getLogger(__name__)
 
 
+class DiscoveryError(RuntimeError):
+    """§3.1 cannot give a result: an LLM gave no usable answer."""
+
+
+def unusable_summary(results: Sequence[ChatResult], statuses: Sequence[str]) -> str:
+    """'3 error (first: HTTP 400 ...), 1 refusal' for the answers of a failed loop."""
+    counts = Counter(statuses)
+    first_error = next((r.error for r in results if r.error), None)
+    parts = [f"{n} {s}" + (f" (first: {first_error[:160]})" if s == "error" and first_error else "")
+             for s, n in sorted(counts.items())]
+    return ", ".join(parts)
+
+
 def load_prompt(name: str) -> str:
     """A prompt template shipped in `pas/prompts/<name>.txt`."""
     return resources.files("pas.prompts").joinpath(f"{name}.txt").read_text(encoding="utf-8").strip()
@@ -36,7 +53,8 @@ def load_prompt(name: str) -> str:
 
 def derive_seed(base: int, *parts: object) -> int:
     """A stable 31-bit seed for (base, parts...): same on every machine and Python run."""
-    h = hashlib.sha256("\x1f".join(map(str, (base, *parts))).encode()).digest()
+    # surrogatepass: a concept from an LLM answer may hold a lone surrogate; same bytes otherwise
+    h = hashlib.sha256("\x1f".join(map(str, (base, *parts))).encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
 
 
@@ -150,6 +168,11 @@ def generate_initial(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, 
             elif k >= p.max_generation_samples:
                 stop = "max_generation_samples"
     bar.close()
+    if not sizes:
+        drawn = [t for t in transcripts if t["step"] == "generate" and t["status"] is not None]
+        raise DiscoveryError(
+            f"L1 gave no usable answer in {n} samples: " + unusable_summary(
+                [ChatResult(t["text"], error=t["error"]) for t in drawn], [t["status"] for t in drawn]))
     return sizes, news, stop, conversations, n
 
 
@@ -185,14 +208,22 @@ def expand(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, prompts: P
             results += llm.chat(reqs[k:k + chunk])
         prev = len(bank)
         added: dict[str, dict] = {}
+        statuses = []
         for c, req, res in zip(targets, reqs, results):
             keys, status = _keys(res, "expand", f"L2 round {i + 1} concept {c!r}", answers)
+            statuses.append(status)
             for k in keys:
                 if k not in bank and k not in added:
                     added[k] = {"first_iteration": i + 1, "origin": c, "sample": None}
             transcripts.append({"step": "expand", "round": i + 1, "concept": c, "seed": req.seed,
                                 "prompt": req.messages[-1]["content"], "history_turns": len(history),
                                 "text": res.text, "error": res.error, "status": status})
+        # L2 down or broken would read as saturation (nothing new): fail when every request of a round
+        # failed, or when round 1 (every concept of B_0) got no list at all. Later rounds may
+        # legitimately get nothing new.
+        if all(st == "error" for st in statuses) or (i == 0 and "ok" not in statuses):
+            raise DiscoveryError(f"L2 round {i + 1}: none of {len(statuses)} answers was usable: "
+                                 + unusable_summary(results, statuses))
         room = p.max_concepts - prev
         for k in list(added)[:room]:
             bank[k] = added[k]
