@@ -222,6 +222,31 @@ def test_validation_filters():
         validate_bank(d, lambda cs: [1.0], 0.5)
 
 
+def test_unclear_l3_answers_are_not_validations():
+    """"Only concepts validated by L3 are retained in the final bank of concepts" (§3.1): an answer
+    that is neither yes nor no validates nothing. Before, "Maybe" scored P(yes) = 0.5 and was
+    accepted at the default threshold 0.5 (≥)."""
+    import math
+
+    from pas.concepts.validate import LLMValidator
+
+    class L3(Scripted):  # answers by text only: the base class reads yes/no from the answer
+        def chat(self, requests):
+            said = {"paella": "Yes.", "hammer": "No, it is a tool.", "tapas": "Maybe, it depends on the bar."}
+            return [ChatResult(text=next(a for c, a in said.items() if c in r.messages[-1]["content"]))
+                    for r in requests]
+
+    d = discover(Scripted(gen=["paella, hammer, tapas", "paella"]), Scripted(), DOMAIN, params(), PROMPTS,
+                 progress=False)
+    v = LLMValidator(L3(), DOMAIN, "Is {concept} a kind of {name}?", seed=0)
+    scores, ok = validate_bank(d, v, 0.5)
+    # paella: "Yes." → 1.0 ≥ 0.5 kept; hammer: "No" → 0.0 rejected; tapas: unclear → NaN, rejected
+    assert scores[:2] == [1.0, 0.0] and math.isnan(scores[2]) and ok == [True, False, False]
+    assert v.counts() == {"text": 2, "unclear": 1}
+    scores, ok = validate_bank(d, v, 0.0)  # not even the loosest threshold accepts it
+    assert ok == [True, True, False]
+
+
 def test_params_validation():
     with pytest.raises(ParamsError, match="lambda_1"):
         ConceptsParams(lambda_1=1.0)

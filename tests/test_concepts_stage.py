@@ -134,6 +134,30 @@ def run_failing(tmp_path, url, caplog):
     return errors[0]
 
 
+def test_stage_counts_unclear_verdicts_and_rejects_them(tmp_path):
+    import concepts as stage
+
+    def verdict(q):  # ramen: an answer without log-probs that says neither yes nor no
+        if '"ramen"' in q:
+            return {"choices": [{"message": {"content": "Maybe, it depends."}, "logprobs": {"content": []}}]}
+        yes = -0.05 if "hammer" not in q else -3.0
+        top = [{"token": "Yes", "logprob": yes}, {"token": "No", "logprob": -3.0 if yes > -1 else -0.05}]
+        return {"choices": [{"message": {"content": "Yes"}, "logprobs": {"content": [{"top_logprobs": top}]}}]}
+
+    s = VerdictServer(verdict)
+    try:
+        write_params(tmp_path / "params.yaml", s.url)
+        m = stage.main(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "o"), "--metrics",
+                        str(tmp_path / "m.json"), "--no-progress"])
+    finally:
+        s.close()
+    # 11 candidates (as in test_stage_with_scripted_server): 2 hammers say no, ramen is unclear
+    assert m["n_unclear"] == 1 and m["verdicts"] == {"logprobs": 10, "unclear": 1} and m["n_unusable"] == 0
+    assert m["B_after_validation"] == 8
+    bank = pd.read_parquet(tmp_path / "o" / "bank.parquet").set_index("concept")
+    assert not bank.loc["ramen", "accepted"] and pd.isna(bank.loc["ramen", "score"])
+
+
 def test_stage_fails_when_l3_logprobs_are_nan(tmp_path, caplog):
     # before: every concept rejected as "no", an empty bank, rc = 0
     nan = {"choices": [{"message": {"content": "Yes"},
