@@ -152,6 +152,7 @@ def run(args) -> dict:
         "expansion_rounds": len(found.expansion_new),
         "generation_stop": found.generation_stop,
         "expansion_stop": found.expansion_stop,
+        "stopped_by_cap": found.cap_stops,   # loops a concepts.max_* cap ended instead of λ1/λ2
         "validator": p.validator,
         "rejected": len(concepts) - len(kept),
         "verdicts": dict(sorted(verdicts.items())),   # L3: logprobs, text (answers); unclear, unusable, error

@@ -134,12 +134,19 @@ def test_history_limit():
     assert len(history_messages(conv, None)) == 4 and history_messages(conv, 0) == []
 
 
-def test_caps_are_stop_reasons():
+def test_caps_are_stop_reasons(caplog):
     never = [f"w{k}a, w{k}b" for k in range(10)]  # 2 new each time, never saturates at λ1 = 0.25
     d = discover(Scripted(gen=never), Scripted(), DOMAIN, params(max_generation_samples=3), PROMPTS,
                  progress=False)
     assert d.generation_sizes == [2, 4, 6] and d.generation_stop == "max_generation_samples"
     assert d.expansion_stop == "max_expansion_rounds" and d.expansion_sizes == [6]
+    assert d.cap_stops == ["generation", "expansion"]
+    assert "generation stopped at the cap concepts.max_generation_samples, not by λ1" in caplog.text
+    assert "expansion stopped at the cap concepts.max_expansion_rounds, not by λ2" in caplog.text
+    caplog.clear()
+    d = discover(Scripted(gen=["a, b", "a"]), Scripted(expand={(1, "a"): "c"}), DOMAIN,
+                 params(max_expansion_rounds=3), PROMPTS, progress=False)
+    assert d.cap_stops == [] and "stopped at the cap" not in caplog.text  # λ1 and λ2 decided
 
     d = discover(Scripted(gen=never), Scripted(), DOMAIN, params(max_concepts=5), PROMPTS, progress=False)
     assert len(d.bank) == 5 and d.generation_stop == "max_concepts" and d.expansion_stop == "max_concepts"
@@ -298,3 +305,18 @@ def test_prompts_ship_as_files():
     p = Prompts.default()
     assert "{name}" in p.generate and "{description}" in p.generate and "{concept}" in p.expand
     dataclasses.replace(p)  # plain dataclass
+
+
+@pytest.mark.parametrize("preset", ["paper-food", "paper-birds"])
+def test_paper_presets_let_lambda_decide(preset):
+    """The caps of the paper presets are safety nets far above the paper's |B0| = 248, |B| = 5014."""
+    from pathlib import Path
+
+    from pas.params import load
+
+    p = load(Path(__file__).resolve().parents[1] / "configs" / f"{preset}.yaml")
+    c = p["concepts"]
+    assert c["max_generation_samples"] >= 1000 and c["max_expansion_rounds"] >= 100
+    assert c["max_concepts"] >= 50_000  # ~10 × 5014
+    if preset == "paper-birds":  # §3.1: n_D = "birds", d_D = "bird species"
+        assert p["domain"] == {"name": "birds", "description": "bird species"}

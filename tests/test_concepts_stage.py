@@ -81,6 +81,7 @@ def test_stage_with_scripted_server(tmp_path, server):
     assert m["B0"] == 5 and m["B_before_validation"] == 11 and m["B_after_validation"] == 9
     assert m["generation_samples"] == m["generation_drawn"] == 3
     assert m["generation_stop"] == "lambda_1" and m["expansion_stop"] == "lambda_2" and m["expansion_rounds"] == 2
+    assert m["stopped_by_cap"] == []
     assert m["answers"]["expand_refusal"] == 2  # pad thai refuses in both rounds
     bank = pd.read_parquet(out / "bank.parquet")
     assert bank["concept"].tolist() == sorted(bank["concept"])

@@ -7,7 +7,8 @@
 
 Every |·| counts normalised concepts (:func:`pas.concepts.normalize.normalize_concept`). The stopping
 rules are strict: equality continues. Caps (max samples, max rounds, max concepts) stop a loop early and
-are reported as its stop reason.
+are reported as its stop reason, warned about and listed in `Discovery.cap_stops`: in the paper
+λ1 and λ2 end the loops, so a capped run is not the paper's B.
 
 An unusable answer (backend error, empty, refusal, no list) is counted and skipped. No usable L1
 sample up to the cap, no list in L2's first round, or a round of failed L2 requests raises
@@ -31,6 +32,7 @@ from pas.llm.base import ChatBackend, ChatRequest, ChatResult
 from pas.llm.parse import parse_list
 
 log = logging.getLogger(__name__)
+CAP_STOPS = ("max_generation_samples", "max_expansion_rounds", "max_concepts")
 
 
 class DiscoveryError(RuntimeError):
@@ -87,6 +89,12 @@ class Discovery:
     expansion_stop: str                    # lambda_2 | max_expansion_rounds | max_concepts | empty
     transcripts: list[dict] = field(default_factory=list)
     answers: Counter = field(default_factory=Counter)  # "<step>_<status>" -> count
+
+    @property
+    def cap_stops(self) -> list[str]:
+        """The loops ("generation", "expansion") that a cap stopped rather than their λ rule."""
+        return [loop for loop, stop in (("generation", self.generation_stop), ("expansion", self.expansion_stop))
+                if stop in CAP_STOPS]
 
     @property
     def B0_size(self) -> int:
@@ -250,7 +258,12 @@ def discover(l1: ChatBackend, l2: ChatBackend, domain: DomainParams, p: Concepts
     else:
         history = history_messages(conversations, p.history_samples)
         e_sizes, e_new, e_stop = expand(l2, domain, p, prompts, bank, history, transcripts, answers, progress)
-    return Discovery(bank, g_sizes, g_new, e_sizes, e_new, drawn, g_stop, e_stop, transcripts, answers)
+    found = Discovery(bank, g_sizes, g_new, e_sizes, e_new, drawn, g_stop, e_stop, transcripts, answers)
+    for loop in found.cap_stops:
+        stop = g_stop if loop == "generation" else e_stop
+        log.warning("§3.1 %s stopped at the cap concepts.%s, not by λ%s: raise the cap to let λ decide",
+                    loop, stop, 1 if loop == "generation" else 2)
+    return found
 
 
 def validate_bank(discovery: Discovery, score: Callable[[list[str]], list[float]], threshold: float
