@@ -32,16 +32,9 @@ log = logging.getLogger("pas.stages.concepts")
 
 
 def _backends(llm: LLMSection, roles):
-    """One backend per distinct spec (L1 = L2 loads the model once)."""
-    made: dict[str, object] = {}
-    out = {}
-    for role in roles:
-        spec = llm.spec(role)
-        key = json.dumps(spec.__dict__, sort_keys=True)
-        if key not in made:
-            made[key] = make_backend(spec, f"llm.{role}")
-        out[role] = made[key]
-    return out, list(made.values())
+    """One backend per role, each with its own sampling settings; roles whose model is loaded the
+    same way (vLLM: same engine arguments) share the loaded model (pas.llm.base.EngineSlot)."""
+    return {role: make_backend(llm.spec(role), f"llm.{role}") for role in roles}
 
 
 def main(argv=None) -> dict:
@@ -67,15 +60,15 @@ def run(args) -> dict:
     domain = build(DomainParams, params, section="domain")
     llm = build(LLMSection, params, section="llm")
     roles = ["l1", "l2"] + (["l3"] if p.validator == "llm" else [])
-    backends, distinct = _backends(llm, roles)
+    backends = _backends(llm, roles)
     out = Path(args.out)
 
     found = discover(backends["l1"], backends["l2"], domain, p, Prompts.default(), progress=not args.no_progress)
     t_discover = time.perf_counter() - t0
 
-    for b in distinct:  # free L1/L2 (e.g. a vLLM engine's GPU memory) before L3 loads
-        if p.validator != "llm" or b is not backends["l3"]:
-            b.close()
+    for role in ("l1", "l2"):  # free L1/L2 (a vLLM engine's GPU memory) unless L3 runs on the same model
+        if p.validator != "llm" or backends[role].identity() != backends["l3"].identity():
+            backends[role].close()
     gc.collect()
 
     embedder = None
@@ -89,7 +82,7 @@ def run(args) -> dict:
         from pas.concepts.validate import EmbeddingValidator
         validator = EmbeddingValidator(embedder, domain, load_prompt("concepts_embedding_anchor"))
     scores, accepted = validate_bank(found, validator, p.validator_threshold)
-    for b in distinct:
+    for b in backends.values():
         b.close()
 
     concepts = list(found.bank)

@@ -14,8 +14,10 @@ No heavy imports here: params validation imports this module.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import re
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -257,6 +259,41 @@ def error_verdict(error: str) -> YesNo:
     return YesNo(math.nan, error, "error")
 
 
+def free_memory() -> None:
+    """Give back what a dropped model held: collect it, then return CUDA's cached blocks (torch only
+    if a backend already imported it)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class EngineSlot:
+    """The one loaded model of a backend kind in this process, keyed by its identity: everything the
+    model is loaded with (folder, dtype, tensor parallel, quantisation, max length, ...) and nothing
+    it is sampled with. Backends built for different roles (L1, L2 differ in max_new_tokens only)
+    share it; asking for another identity releases the current model first, so a vLLM engine holding
+    90% of GPU memory is gone before the next one loads. Backends never keep the model themselves,
+    so releasing the slot drops the last reference."""
+
+    def __init__(self) -> None:
+        self.key: Any = None
+        self.model: Any = None
+
+    def get(self, key: Any, load) -> Any:
+        if self.model is None or self.key != key:
+            self.release()
+            self.model, self.key = load(), key
+        return self.model
+
+    def release(self, key: Any = None) -> None:
+        """Drop the model (only if it has identity `key`, when given)."""
+        if self.model is None or (key is not None and key != self.key):
+            return
+        self.model = self.key = None
+        free_memory()
+
+
 class ChatBackend(ABC):
     """A language model behind the two calls every stage uses."""
 
@@ -273,6 +310,10 @@ class ChatBackend(ABC):
         """P(yes) per request. Default: read the sampled answer (backends with log-probs override)."""
         short = [dataclasses.replace(r, max_new_tokens=4) for r in requests]
         return [text_verdict(r.text) if r.ok else error_verdict(r.error) for r in self.chat(short)]
+
+    def identity(self) -> Any:
+        """What the loaded model depends on; backends with equal identities share one model."""
+        return (type(self).__name__, id(self))
 
     def close(self) -> None:
         """Release the model (GPU memory, sessions)."""
