@@ -44,15 +44,16 @@ common = {
                "batch_size": 256, "dtype": "float16"},
         "l4": vllm("models/llm/mixtral", max_new_tokens=96, tensor_parallel_size=2),
     },
-    "concepts": {"max_generation_samples": 100, "generation_batch": 16, "generation_max_new_tokens": 1024,
-                 "expansion_max_new_tokens": 256, "max_expansion_rounds": 10, "max_concepts": 20000,
+    # caps only as safety nets far above the paper's figures (|B0| = 248, |B| = 5014): λ1/λ2 decide
+    "concepts": {"max_generation_samples": 1000, "generation_batch": 16, "generation_max_new_tokens": 1024,
+                 "expansion_max_new_tokens": 256, "max_expansion_rounds": 100, "max_concepts": 50000,
                  "history_samples": None, "validator": "llm", "validator_threshold": 0.5},
     # the paper retrieves from LAION-2B through a clip-retrieval kNN service; the pool stage still
     # indexes a local folder/shards (point pool.source at your own image collection or a LAION subset)
     "pool": {"source": "/data/pas/pool", "max_side": 512, "index": "ivf", "device": "cuda"},
     "retrieve": {"backend": "clip_service",
                  "service": {"url": "http://localhost:1234/knn-service", "indice_name": "laion5B-L-14"}},
-    "generate": {"max_attempts": 3, "max_new_tokens": 96, "shard_size": 1000},
+    "generate": {"max_attempts": 3, "max_new_tokens": 96, "max_fallback_fraction": 0.5, "shard_size": 1000},
     "diffusion": {"steps": 50, "guidance": 7.5, "resolution": 768, "scheduler": "ddim", "batch_size": 32,
                   "dtype": "float16", "device": "cuda", "cpu_threads": None},
     "ood": {"device": "cuda", "batch_size": 256},
@@ -65,7 +66,7 @@ food = merge(copy.deepcopy(base), copy.deepcopy(common))
 food["concepts"]["references"] = ["food101"]
 food["eval"]["sets"] = [{"name": "food101", "kind": "food101", "path": "/data/pas/food101"}]
 birds = merge(copy.deepcopy(base), copy.deepcopy(common))
-birds["domain"] = {"name": "birds", "description": "bird species of the world"}
+birds["domain"] = {"name": "birds", "description": "bird species"}  # n_D, d_D exactly as in §3.1
 birds["concepts"]["references"] = ["cub200"]
 birds["eval"]["sets"] = [{"name": "cub200", "kind": "imagefolder", "path": "/data/pas/CUB_200_2011/images",
                           "test_fraction": 0.5, "min_per_class": 20}]

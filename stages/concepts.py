@@ -5,6 +5,8 @@
 
 The LLMs are the `llm.l1` (generation), `llm.l2` (expansion), `llm.l3` (validation, when
 concepts.validator = llm) specs of params.yaml; their `model` folders come from the `models` stage.
+An LLM that fails (unreachable, bad key, no usable answer) or a bank with no accepted concept ends
+the stage with exit status 1 and one line saying why; nothing is written to --out then.
 """
 
 from __future__ import annotations
@@ -13,32 +15,26 @@ import argparse
 import gc
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
 from pas.concepts.coverage import coverage, histogram, load_reference
-from pas.concepts.discovery import Prompts, discover, load_prompt, validate_bank
+from pas.concepts.discovery import DiscoveryError, Prompts, discover, load_prompt, validate_bank
 from pas.concepts.params import ConceptsParams, DomainParams
 from pas.io.manifest import write_metrics, write_parquet
-from pas.llm import LLMSection, make_backend
+from pas.llm import LLMError, LLMSection, make_backend
 from pas.params import build, load
 
 log = logging.getLogger("pas.stages.concepts")
 
 
 def _backends(llm: LLMSection, roles):
-    """One backend per distinct spec (L1 = L2 loads the model once)."""
-    made: dict[str, object] = {}
-    out = {}
-    for role in roles:
-        spec = llm.spec(role)
-        key = json.dumps(spec.__dict__, sort_keys=True)
-        if key not in made:
-            made[key] = make_backend(spec, f"llm.{role}")
-        out[role] = made[key]
-    return out, list(made.values())
+    """One backend per role, each with its own sampling settings; roles whose model is loaded the
+    same way (vLLM: same engine arguments) share the loaded model (pas.llm.base.EngineSlot)."""
+    return {role: make_backend(llm.spec(role), f"llm.{role}") for role in roles}
 
 
 def main(argv=None) -> dict:
@@ -50,23 +46,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except (LLMError, DiscoveryError) as e:  # one line, no traceback: the message says what failed
+        log.error("concepts failed: %s", " ".join(str(e).split()))
+        raise SystemExit(1) from None
 
+
+def run(args) -> dict:
     t0 = time.perf_counter()
     params = load(args.params)
     p = build(ConceptsParams, params, section="concepts")
     domain = build(DomainParams, params, section="domain")
     llm = build(LLMSection, params, section="llm")
     roles = ["l1", "l2"] + (["l3"] if p.validator == "llm" else [])
-    backends, distinct = _backends(llm, roles)
+    backends = _backends(llm, roles)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     found = discover(backends["l1"], backends["l2"], domain, p, Prompts.default(), progress=not args.no_progress)
     t_discover = time.perf_counter() - t0
 
-    for b in distinct:  # free L1/L2 (e.g. a vLLM engine's GPU memory) before L3 loads
-        if p.validator != "llm" or b is not backends["l3"]:
-            b.close()
+    for role in ("l1", "l2"):  # free L1/L2 (a vLLM engine's GPU memory) unless L3 runs on the same model
+        if p.validator != "llm" or backends[role].identity() != backends["l3"].identity():
+            backends[role].close()
     gc.collect()
 
     embedder = None
@@ -80,10 +82,17 @@ def main(argv=None) -> dict:
         from pas.concepts.validate import EmbeddingValidator
         validator = EmbeddingValidator(embedder, domain, load_prompt("concepts_embedding_anchor"))
     scores, accepted = validate_bank(found, validator, p.validator_threshold)
-    for b in distinct:
+    for b in backends.values():
         b.close()
 
     concepts = list(found.bank)
+    verdicts = validator.counts() if p.validator == "llm" else {}
+    if not any(accepted):  # downstream stages would run on nothing
+        raise DiscoveryError(f"no concept of {len(concepts)} passed {p.validator} validation "
+                             f"(threshold {p.validator_threshold}"
+                             + (f"; verdicts {dict(sorted(verdicts.items()))}" if verdicts else "")
+                             + "): refusing to write an empty bank")
+    out.mkdir(parents=True, exist_ok=True)
     bank = pd.DataFrame({
         "concept": concepts,
         "first_iteration": [found.bank[c]["first_iteration"] for c in concepts],
@@ -136,8 +145,12 @@ def main(argv=None) -> dict:
         "expansion_rounds": len(found.expansion_new),
         "generation_stop": found.generation_stop,
         "expansion_stop": found.expansion_stop,
+        "stopped_by_cap": found.cap_stops,   # loops a concepts.max_* cap ended instead of λ1/λ2
         "validator": p.validator,
         "rejected": len(concepts) - len(kept),
+        "verdicts": dict(sorted(verdicts.items())),   # L3: logprobs, text (answers); unclear, unusable, error
+        "n_unclear": verdicts.get("unclear", 0),      # "Maybe, it depends": not a validation, rejected
+        "n_unusable": verdicts.get("unusable", 0) + verdicts.get("error", 0),
         "answers": dict(sorted(found.answers.items())),
         "coverage": cov_metrics,
         "seconds_discovery": t_discover,

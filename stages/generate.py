@@ -17,6 +17,7 @@ from pas.collect.generate import (DiffusionParams, GenerateParams, caption_finge
                                   generate)
 from pas.engine import EngineConfig
 from pas.io.manifest import write_metrics
+from pas.llm import LLMError
 from pas.params import ParamsError, build, load, run_stage
 
 log = logging.getLogger("pas.stages.generate")
@@ -66,7 +67,17 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     fp = caption_fingerprint(concepts, p, template, llm_spec, llm_fp)
-    captions, cached = cached_captions(args.cache, fp, make)
+    try:
+        captions, cached = cached_captions(args.cache, fp, make)
+    except LLMError as e:  # unreachable, bad key, 5xx past the retries
+        log.error("generate failed: L4 captions: %s", " ".join(str(e).split()))
+        return 1
+    if captions.fallback_fraction > p.max_fallback_fraction:
+        log.error("generate failed: %d of %d captions (%.0f%%) are template fallbacks, above "
+                  "generate.max_fallback_fraction = %g (%d L4 requests failed)", captions.n_fallback,
+                  captions.n_captions, 100 * captions.fallback_fraction, p.max_fallback_fraction,
+                  captions.n_failed_requests)
+        return 1
     t_cap = time.perf_counter() - t0
     try:
         metrics = generate(captions, args.model, args.out, args.cache, p, d, engine=EngineConfig.from_env())

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pas.concepts.discovery import (Prompts, derive_seed, discover, history_messages, saturated,
-                                    validate_bank)
+from pas.concepts.discovery import (DiscoveryError, Prompts, derive_seed, discover, history_messages,
+                                    saturated, validate_bank)
 from pas.concepts.params import ConceptsParams, DomainParams
 from pas.llm.base import ChatBackend, ChatResult, LLMSpec
 from pas.params import ParamsError
@@ -134,12 +134,19 @@ def test_history_limit():
     assert len(history_messages(conv, None)) == 4 and history_messages(conv, 0) == []
 
 
-def test_caps_are_stop_reasons():
+def test_caps_are_stop_reasons(caplog):
     never = [f"w{k}a, w{k}b" for k in range(10)]  # 2 new each time, never saturates at λ1 = 0.25
     d = discover(Scripted(gen=never), Scripted(), DOMAIN, params(max_generation_samples=3), PROMPTS,
                  progress=False)
     assert d.generation_sizes == [2, 4, 6] and d.generation_stop == "max_generation_samples"
     assert d.expansion_stop == "max_expansion_rounds" and d.expansion_sizes == [6]
+    assert d.cap_stops == ["generation", "expansion"]
+    assert "generation stopped at the cap concepts.max_generation_samples, not by λ1" in caplog.text
+    assert "expansion stopped at the cap concepts.max_expansion_rounds, not by λ2" in caplog.text
+    caplog.clear()
+    d = discover(Scripted(gen=["a, b", "a"]), Scripted(expand={(1, "a"): "c"}), DOMAIN,
+                 params(max_expansion_rounds=3), PROMPTS, progress=False)
+    assert d.cap_stops == [] and "stopped at the cap" not in caplog.text  # λ1 and λ2 decided
 
     d = discover(Scripted(gen=never), Scripted(), DOMAIN, params(max_concepts=5), PROMPTS, progress=False)
     assert len(d.bank) == 5 and d.generation_stop == "max_concepts" and d.expansion_stop == "max_concepts"
@@ -166,9 +173,49 @@ def test_malformed_answers_counted_never_crash():
                  PROMPTS, progress=False)
     assert d.answers["generate_error"] == 1 and d.transcripts[0]["error"] == "boom"
     assert d.generation_sizes == [1] and d.generation_stop == "max_generation_samples"
-    d = discover(Scripted(gen=["", "I cannot."]), Scripted(), DOMAIN, params(max_generation_samples=2), PROMPTS,
+
+
+def test_no_usable_answer_fails_with_one_line():
+    # before: an empty bank and a "max_generation_samples" stop, i.e. a successful run
+    with pytest.raises(DiscoveryError, match=r"^L1 gave no usable answer in 3 samples: 1 empty, 1 error "
+                                             r"\(first: boom\), 1 refusal$"):
+        discover(Scripted(gen=["", "I cannot.", "x"], errors={3}), Scripted(), DOMAIN,
+                 params(max_generation_samples=3), PROMPTS, progress=False)
+    # L2 round 1 without a single list: B = B_0 would look like λ2 saturation
+    with pytest.raises(DiscoveryError, match=r"L2 round 1: none of 2 answers was usable: 2 empty"):
+        discover(Scripted(gen=["a, b", "a"]), Scripted(), DOMAIN, params(max_expansion_rounds=3), PROMPTS,
                  progress=False)
-    assert d.generation_sizes == [] and d.generation_stop == "max_generation_samples" and not d.bank
+
+
+class Failing(Scripted):
+    """L2 that answers round 1, then every request fails."""
+
+    def chat(self, requests):
+        if any(r.messages[-1]["content"] == "EXP a" for r in self.requests):
+            return [ChatResult(text="", error="HTTP 400: context too long") for _ in requests]
+        return super().chat(requests)
+
+
+def test_a_round_of_failed_requests_fails_but_an_empty_later_round_saturates():
+    with pytest.raises(DiscoveryError, match=r"L2 round 2: none of 3 answers was usable: 3 error "
+                                             r"\(first: HTTP 400: context too long\)"):
+        discover(Scripted(gen=["a, b", "a"]), Failing(expand={(1, "a"): "c"}), DOMAIN,
+                 params(max_expansion_rounds=3), PROMPTS, progress=False)
+    d = discover(Scripted(gen=["a, b", "a"]), Scripted(expand={(1, "a"): "c"}), DOMAIN,
+                 params(max_expansion_rounds=3), PROMPTS, progress=False)
+    assert d.expansion_sizes == [2, 3, 3] and d.expansion_stop == "lambda_2"
+
+
+def test_lone_surrogate_in_an_answer():
+    import hashlib
+
+    # JSON "\\udc80" decodes to a lone surrogate, which str.encode() refuses
+    plain = hashlib.sha256("0\x1fexpand\x1f1\x1fa".encode()).digest()
+    assert derive_seed(0, "expand", 1, "a") == int.from_bytes(plain[:4], "big") & 0x7FFFFFFF  # unchanged
+    assert derive_seed(0, "expand", 1, "caf\udc80") != derive_seed(0, "expand", 1, "caf\ufffd")
+    l1 = Scripted(gen=["1. caf\udc80 au lait\n2. tea", "tea"], expand={(1, "tea"): "chai"})
+    d = discover(l1, l1, DOMAIN, params(max_expansion_rounds=1), PROMPTS, progress=False)
+    assert list(d.bank) == ["caf\ufffd au lait", "tea", "chai"]  # ChatResult replaced the surrogate
 
 
 def test_validation_filters():
@@ -180,6 +227,31 @@ def test_validation_filters():
     assert all(ok)
     with pytest.raises(RuntimeError, match="3 concepts"):
         validate_bank(d, lambda cs: [1.0], 0.5)
+
+
+def test_unclear_l3_answers_are_not_validations():
+    """"Only concepts validated by L3 are retained in the final bank of concepts" (§3.1): an answer
+    that is neither yes nor no validates nothing. Before, "Maybe" scored P(yes) = 0.5 and was
+    accepted at the default threshold 0.5 (≥)."""
+    import math
+
+    from pas.concepts.validate import LLMValidator
+
+    class L3(Scripted):  # answers by text only: the base class reads yes/no from the answer
+        def chat(self, requests):
+            said = {"paella": "Yes.", "hammer": "No, it is a tool.", "tapas": "Maybe, it depends on the bar."}
+            return [ChatResult(text=next(a for c, a in said.items() if c in r.messages[-1]["content"]))
+                    for r in requests]
+
+    d = discover(Scripted(gen=["paella, hammer, tapas", "paella"]), Scripted(), DOMAIN, params(), PROMPTS,
+                 progress=False)
+    v = LLMValidator(L3(), DOMAIN, "Is {concept} a kind of {name}?", seed=0)
+    scores, ok = validate_bank(d, v, 0.5)
+    # paella: "Yes." → 1.0 ≥ 0.5 kept; hammer: "No" → 0.0 rejected; tapas: unclear → NaN, rejected
+    assert scores[:2] == [1.0, 0.0] and math.isnan(scores[2]) and ok == [True, False, False]
+    assert v.counts() == {"text": 2, "unclear": 1}
+    scores, ok = validate_bank(d, v, 0.0)  # not even the loosest threshold accepts it
+    assert ok == [True, True, False]
 
 
 def test_params_validation():
@@ -215,6 +287,13 @@ def _brute_force(answers: list[list[str]], lam: float, cap: int):
 def test_generation_matches_brute_force(answers, lam, batch):
     text = [", ".join(a) for a in answers]
     cap = len(answers)
+    sizes, stop = _brute_force(answers, lam, cap)
+    if not sizes:  # no answer with items: not a bank
+        with pytest.raises(DiscoveryError, match="L1 gave no usable answer"):
+            discover(Scripted(gen=text), Scripted(), DOMAIN,
+                     params(lambda_1=lam, generation_batch=batch, max_generation_samples=cap), PROMPTS,
+                     progress=False)
+        return
     d = discover(Scripted(gen=text), Scripted(), DOMAIN,
                  params(lambda_1=lam, generation_batch=batch, max_generation_samples=cap), PROMPTS, progress=False)
     sizes, stop = _brute_force(answers, lam, cap)
@@ -226,3 +305,18 @@ def test_prompts_ship_as_files():
     p = Prompts.default()
     assert "{name}" in p.generate and "{description}" in p.generate and "{concept}" in p.expand
     dataclasses.replace(p)  # plain dataclass
+
+
+@pytest.mark.parametrize("preset", ["paper-food", "paper-birds"])
+def test_paper_presets_let_lambda_decide(preset):
+    """The caps of the paper presets are safety nets far above the paper's |B0| = 248, |B| = 5014."""
+    from pathlib import Path
+
+    from pas.params import load
+
+    p = load(Path(__file__).resolve().parents[1] / "configs" / f"{preset}.yaml")
+    c = p["concepts"]
+    assert c["max_generation_samples"] >= 1000 and c["max_expansion_rounds"] >= 100
+    assert c["max_concepts"] >= 50_000  # ~10 × 5014
+    if preset == "paper-birds":  # §3.1: n_D = "birds", d_D = "bird species"
+        assert p["domain"] == {"name": "birds", "description": "bird species"}

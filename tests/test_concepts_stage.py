@@ -81,6 +81,7 @@ def test_stage_with_scripted_server(tmp_path, server):
     assert m["B0"] == 5 and m["B_before_validation"] == 11 and m["B_after_validation"] == 9
     assert m["generation_samples"] == m["generation_drawn"] == 3
     assert m["generation_stop"] == "lambda_1" and m["expansion_stop"] == "lambda_2" and m["expansion_rounds"] == 2
+    assert m["stopped_by_cap"] == []
     assert m["answers"]["expand_refusal"] == 2  # pad thai refuses in both rounds
     bank = pd.read_parquet(out / "bank.parquet")
     assert bank["concept"].tolist() == sorted(bank["concept"])
@@ -104,6 +105,99 @@ def test_stage_bad_params_name_the_key(tmp_path, server):
     with pytest.raises(P.ParamsError, match="concepts.validator"):
         stage.main(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "o"),
                     "--metrics", str(tmp_path / "m.json")])
+
+
+class VerdictServer(ScriptedServer):
+    """ScriptedServer whose L3 replies come from `verdict(concept)` (an answer dict)."""
+
+    def __init__(self, verdict):
+        self.verdict = verdict
+        super().__init__()
+
+    def answer(self, body):
+        if body.get("logprobs"):
+            return self.verdict(body["messages"][-1]["content"])
+        return super().answer(body)
+
+
+def run_failing(tmp_path, url, caplog):
+    import concepts as stage
+
+    write_params(tmp_path / "params.yaml", url)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        stage.main(["--params", str(tmp_path / "params.yaml"), "--out", str(out), "--metrics",
+                    str(tmp_path / "m.json"), "--no-progress"])
+    assert e.value.code == 1
+    assert not (out / "bank.parquet").exists() and not (tmp_path / "m.json").exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0]
+    return errors[0]
+
+
+def test_stage_counts_unclear_verdicts_and_rejects_them(tmp_path):
+    import concepts as stage
+
+    def verdict(q):  # ramen: an answer without log-probs that says neither yes nor no
+        if '"ramen"' in q:
+            return {"choices": [{"message": {"content": "Maybe, it depends."}, "logprobs": {"content": []}}]}
+        yes = -0.05 if "hammer" not in q else -3.0
+        top = [{"token": "Yes", "logprob": yes}, {"token": "No", "logprob": -3.0 if yes > -1 else -0.05}]
+        return {"choices": [{"message": {"content": "Yes"}, "logprobs": {"content": [{"top_logprobs": top}]}}]}
+
+    s = VerdictServer(verdict)
+    try:
+        write_params(tmp_path / "params.yaml", s.url)
+        m = stage.main(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "o"), "--metrics",
+                        str(tmp_path / "m.json"), "--no-progress"])
+    finally:
+        s.close()
+    # 11 candidates (as in test_stage_with_scripted_server): 2 hammers say no, ramen is unclear
+    assert m["n_unclear"] == 1 and m["verdicts"] == {"logprobs": 10, "unclear": 1} and m["n_unusable"] == 0
+    assert m["B_after_validation"] == 8
+    bank = pd.read_parquet(tmp_path / "o" / "bank.parquet").set_index("concept")
+    assert not bank.loc["ramen", "accepted"] and pd.isna(bank.loc["ramen", "score"])
+
+
+def test_stage_fails_when_l3_logprobs_are_nan(tmp_path, caplog):
+    # before: every concept rejected as "no", an empty bank, rc = 0
+    nan = {"choices": [{"message": {"content": "Yes"},
+                        "logprobs": {"content": [{"top_logprobs": [{"token": "Yes", "logprob": float("nan")}]}]}}]}
+    s = VerdictServer(lambda q: nan)
+    try:
+        msg = run_failing(tmp_path, s.url, caplog)
+    finally:
+        s.close()
+    assert msg.startswith("concepts failed: L3 gave no usable verdict for 11 concepts: 11 unusable")
+
+
+def test_stage_refuses_an_empty_bank(tmp_path, caplog):
+    no = {"choices": [{"message": {"content": "No"},
+                       "logprobs": {"content": [{"top_logprobs": [{"token": "No", "logprob": -0.01}]}]}}]}
+    s = VerdictServer(lambda q: no)
+    try:
+        msg = run_failing(tmp_path, s.url, caplog)
+    finally:
+        s.close()
+    assert "no concept of 11 passed llm validation" in msg and "refusing to write an empty bank" in msg
+
+
+def test_stage_fails_at_once_on_a_bad_key(tmp_path, caplog, server):
+    server.plan = [401] * 50
+    msg = run_failing(tmp_path, server.url, caplog)
+    assert msg.startswith("concepts failed: llm.l1: ") and "HTTP 401" in msg and len(server.bodies) == 1
+
+
+def test_stage_exit_status_when_the_server_is_down(tmp_path):
+    write_params(tmp_path / "params.yaml", "http://127.0.0.1:9/v1")
+    r = subprocess.run([sys.executable, str(ROOT / "stages" / "concepts.py"), "--params", str(tmp_path / "params.yaml"),
+                        "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"), "--no-progress"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "ERROR pas.stages.concepts: concepts failed: llm.l1: cannot reach http://127.0.0.1:9/v1/chat/completions")
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
 
 
 SMOKE_CONCEPTS = {"max_generation_samples": 4, "generation_batch": 4, "generation_max_new_tokens": 96,

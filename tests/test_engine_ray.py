@@ -434,20 +434,67 @@ def test_ray_vllm_postprocess_reads_logprobs_and_errors():
 
 
 def _fake_vllm_processor(config, preprocess, postprocess):
-    """Stands in for `ray.data.llm.build_processor` where vLLM cannot run (no GPU): the same Ray Data
-    map → engine → map shape; the 'engine' echoes the prompt and its sampling seed, and puts all the
-    log-probability mass of the first token on "Yes" for prompts that contain 'apple'."""
+    """Stands in for `ray.data.llm.build_processor` (Ray 2.60) where vLLM cannot run (no GPU): the same
+    Ray Data map → engine → map shape; the 'engine' echoes the prompt and its sampling seed, and puts
+    all the log-probability mass of the first token on "Yes" for prompts that contain 'apple'. As in
+    Ray with `should_continue_on_error`, a row the engine fails on ('poison' in the prompt) carries
+    `__inference_error__` and skips the user's postprocess; the others get `__inference_error__` = ""."""
 
     def engine(row):
         sp, msg = row["sampling_params"], row["messages"][-1]["content"]
+        if "poison" in msg:
+            return {**row, "generated_text": "", "num_generated_tokens": 0,
+                    "__inference_error__": "ValueError: prompt too long"}
         yes = "apple" in msg
         first = {11: {"logprob": -0.05 if yes else -3.0, "decoded_token": " Yes"},
                  12: {"logprob": -3.0 if yes else -0.05, "decoded_token": " No"}}
         text = f"{msg} | seed {sp['seed']} | max {sp['max_tokens']}"
         return {**row, "generated_text": text, "generated_tokens": [11 if yes else 12],
-                "num_generated_tokens": 1, "logprobs": [first]}
+                "num_generated_tokens": 1, "logprobs": [first], "__inference_error__": ""}
 
-    return lambda ds: ds.map(preprocess).map(engine).map(postprocess)
+    def post(row):  # Ray's wrap_postprocess: error rows bypass the user's function
+        if row.get("__inference_error__", "") != "":
+            return row
+        return {**postprocess(row), "__inference_error__": ""}
+
+    assert config.should_continue_on_error
+    return lambda ds: ds.map(preprocess).map(engine).map(post)
+
+
+class _ListDataset:
+    """The two Ray Dataset calls the backend's processor chain uses, in-process."""
+
+    def __init__(self, rows):
+        self.rows = list(rows)
+
+    def map(self, fn):
+        return _ListDataset(fn(dict(r)) for r in self.rows)
+
+    def take_all(self):
+        return list(reversed(self.rows))  # Ray does not promise order either
+
+
+def test_ray_vllm_backend_error_rows_skip_postprocess(monkeypatch):
+    """Before: KeyError 'error' on the row Ray handed back without postprocess."""
+    ray = pytest.importorskip("ray")
+    ray_llm = pytest.importorskip("ray.data.llm")
+    import pas.engine
+    from pas.llm import ChatRequest, make_backend
+
+    monkeypatch.setattr(ray_llm, "build_processor", _fake_vllm_processor)
+    monkeypatch.setattr(ray.data, "from_items", _ListDataset)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0})
+    monkeypatch.setattr(pas.engine, "ensure_ray", lambda address="": None)
+    llm = make_backend({"backend": "vllm", "model": "models/llm", "max_new_tokens": 40},
+                       engine=EngineConfig("ray", actors=1))
+    reqs = [ChatRequest(messages=({"role": "user", "content": q},), seed=5)
+            for q in ("name food", "poison", "is apple pie food?")]
+    out = llm.chat(reqs)
+    assert out[0].text == "name food | seed 5 | max 40" and out[0].error is None
+    assert out[1].text == "" and out[1].error == "ValueError: prompt too long"
+    v = llm.yes_no(reqs)
+    assert [x.method for x in v] == ["logprobs", "error", "logprobs"] and v[2].p_yes > 0.9 > 0.1 > v[0].p_yes
+    assert not v[1].usable
 
 
 @pytest.mark.slow

@@ -143,6 +143,8 @@ def test_params_validation():
         GenerateParams(shard_size=20_000)
     with pytest.raises(ParamsError, match="cpu_threads"):
         DiffusionParams(cpu_threads=0)
+    with pytest.raises(ParamsError, match="max_fallback_fraction"):
+        GenerateParams(max_fallback_fraction=1.5)
 
 
 def test_plan_keys_and_seeds():
@@ -328,6 +330,70 @@ def test_stage_main_with_cached_captions(sd_dir, tmp_path, monkeypatch):
     assert len(list(iter_samples(tmp_path / "gen"))) == 8
     # missing model folder: clear message, exit 2
     assert stage.main(argv[:2] + ["--model", str(tmp_path / "nowhere")] + argv[4:]) == 2
+
+
+def test_captions_after_failed_requests_are_not_cached(tmp_path):
+    from pas.collect.generate import cached_captions
+
+    failed = Captions({"tea": [("A cup of tea on a table.", False), ("a photo of tea.", True)]},
+                      [{"concept": "tea", "attempt": 0, "answer": "", "error": "HTTP 400: bad"}])
+    calls = []
+    caps, cached = cached_captions(tmp_path, "fp", lambda: calls.append(1) or failed)
+    assert caps is failed and not cached and not (tmp_path / "captions.json").exists()
+    assert failed.n_failed_requests == 1 and failed.n_failed_fallbacks == 1
+    ok = Captions({"tea": [("A cup of tea on a table.", False)]}, [{"concept": "tea", "error": None}])
+    cached_captions(tmp_path, "fp", lambda: ok)
+    assert cached_captions(tmp_path, "fp", lambda: failed) == (ok, True)  # once good, from the cache
+
+
+def caption_server():
+    """A chat-completions server on 127.0.0.1 writing one caption naming the concept (after failing
+    with the statuses of its `plan`)."""
+    from tests.test_llm_openai import Server
+
+    class CaptionServer(Server):
+        @staticmethod
+        def answer(body):
+            prompt = body["messages"][-1]["content"]
+            c = next(c for c in ("apple pie", "ramen") if c in prompt)
+            text = f"A fresh {c} served at table {body['seed'] % 997}."  # distinct per request
+            return {"choices": [{"message": {"content": text}}]}
+    return CaptionServer()
+
+
+def test_stage_fails_on_failing_l4_and_recovers(sd_dir, tmp_path, caplog):
+    import pandas as pd
+
+    write_parquet(pd.DataFrame({"concept": ["ramen", "apple pie"], "accepted": [True, True]}),
+                  tmp_path / "bank.parquet")
+    server = caption_server()
+    l4 = {"backend": "openai", "model": "m", "base_url": server.url, "retries": 1, "retry_backoff": 0.0,
+          "batch_size": 1, "timeout": 5.0}
+    (tmp_path / "params.yaml").write_text(json.dumps({
+        "n_cap": 2, "n_synth": 1, "seed": 0, "generate": {"shard_size": 4, "max_attempts": 1},
+        "diffusion": {"steps": 2, "batch_size": 4, "guidance": 3.0, "cpu_threads": 1}, "llm": {"l4": l4}}))
+    stage = load_stage("generate")
+    argv = ["--concepts", str(tmp_path / "bank.parquet"), "--model", str(sd_dir), "--out", str(tmp_path / "gen"),
+            "--cache", str(tmp_path / "cache"), "--metrics", str(tmp_path / "m.json"),
+            "--params", str(tmp_path / "params.yaml")]
+    cache = tmp_path / "cache" / "captions.json"
+    try:
+        server.plan = [500] * 2  # before: exit 0, every caption a template, and cached
+        assert stage.main(argv) == 1 and not cache.exists() and not (tmp_path / "gen").exists()
+        assert "generate failed: L4 captions: llm.l4: " in caplog.text and "HTTP 500" in caplog.text
+        server.plan = [400] * 3  # 3 of 4 requests fail → 75 % fallbacks > 50 %
+        assert stage.main(argv) == 1 and not cache.exists()
+        assert "3 of 4 captions (75%) are template fallbacks" in caplog.text
+        server.plan = [400]      # 1 of 4 → 25 %: images are drawn, the fallback is not cached
+        assert stage.main(argv) == 0 and not cache.exists()
+        m = json.loads((tmp_path / "m.json").read_text())
+        assert m["n_fallback_captions"] == 1 and m["n_failed_caption_requests"] == 1
+        server.plan = []         # the server recovered: the rerun asks L4 again
+        assert stage.main(argv) == 0 and cache.exists()
+        m = json.loads((tmp_path / "m.json").read_text())
+        assert m["n_fallback_captions"] == 0 and m["fallback_fraction"] == 0.0 and not m["captions_cached"]
+    finally:
+        server.close()
 
 
 @pytest.mark.slow

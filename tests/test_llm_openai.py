@@ -11,16 +11,20 @@ import pytest
 
 from pas.llm import ChatRequest, make_backend
 from pas.llm.openai_backend import request_body
-from pas.llm.base import LLMSpec
+from pas.llm.base import LLMError, LLMSpec
 from pas.params import ParamsError
 
 
 class Server:
     """Answers `answer(body)`; `plan` is a list of per-call behaviours consumed in order:
-    an int = HTTP status to fail with, "sleep" = stall past the client timeout, "junk" = invalid JSON."""
+    an int = HTTP status to fail with, "sleep" = stall past the client timeout, "junk" = invalid JSON,
+    "trickle" = a valid answer sent a byte every 50 ms (each read well inside the client's timeout),
+    "trickle_headers" = the same from the status line on, bytes = this body with status 200,
+    a dict = this JSON answer."""
 
     def __init__(self):
         self.bodies, self.headers, self.plan = [], [], []
+        self.retry_after = None
         self.lock = threading.Lock()
         outer = self
 
@@ -41,13 +45,37 @@ class Server:
                     return self._send(200, json.dumps(outer.answer(body)).encode())
                 if step == "junk":
                     return self._send(200, b"not json")
+                if isinstance(step, bytes):
+                    return self._send(200, step)
+                if isinstance(step, dict):
+                    return self._send(200, json.dumps(step).encode())
+                if step in ("trickle", "trickle_headers"):
+                    return self._trickle(json.dumps(outer.answer(body)).encode(), step == "trickle_headers")
                 if isinstance(step, int):
-                    return self._send(step, b'{"error": "planned"}')
+                    return self._send(step, b'{"error": "planned"}', outer.retry_after)
                 self._send(200, json.dumps(outer.answer(body)).encode())
 
-            def _send(self, code, data):
+            def _trickle(self, data, from_status_line):
+                head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(data)}\r\n\r\n").encode()
+                slow = head + data if from_status_line else data
+                try:
+                    if not from_status_line:
+                        self.wfile.write(head)
+                        self.wfile.flush()
+                    for k in range(len(slow)):
+                        self.wfile.write(slow[k:k + 1])
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                except (BrokenPipeError, ConnectionResetError, OSError):
+                    pass
+                self.close_connection = True
+
+            def _send(self, code, data, retry_after=None):
                 try:
                     self.send_response(code)
+                    if retry_after:
+                        self.send_header("Retry-After", retry_after)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
@@ -115,17 +143,37 @@ def test_retry_fails_then_succeeds(server):
     assert len(server.bodies) == 3
 
 
-def test_gives_up_after_retries_without_raising(server):
+def test_transient_errors_past_their_retries_are_fatal(server):
     server.plan = [503, 503, 503, 503]
-    out = make_backend(spec(server, retries=2)).chat([req("hello")])
-    assert out[0].text == "" and "HTTP 503" in out[0].error
+    with pytest.raises(LLMError, match=r"llm.l1: .*gave up after 3 attempts: HTTP 503"):
+        make_backend(spec(server, retries=2), "llm.l1").chat([req("hello")])
     assert len(server.bodies) == 3
 
 
-def test_client_error_is_not_retried(server):
+def test_429_waits_retry_after_then_succeeds(server):
+    server.plan = [429]
+    server.retry_after = "0.3"
+    t0 = time.perf_counter()
+    out = make_backend(spec(server, retry_backoff=0.0)).chat([req("hello")])
+    assert out[0].text == "echo hello seed=0" and time.perf_counter() - t0 >= 0.3
+    assert len(server.bodies) == 2
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_auth_and_not_found_are_fatal_at_once(server, status):
+    server.plan = [status] * 10
+    llm = make_backend(spec(server, batch_size=1, retries=3), "llm.l3")
+    with pytest.raises(LLMError, match=rf"llm.l3: .*HTTP {status}") as e:
+        llm.chat([req(f"q{i}") for i in range(6)])
+    assert "\n" not in str(e.value)
+    assert len(server.bodies) == 1  # neither retried nor tried on the other requests
+
+
+def test_client_error_concerns_one_request(server):
     server.plan = [400]
-    out = make_backend(spec(server)).chat([req("hello")])
-    assert "HTTP 400" in out[0].error and len(server.bodies) == 1
+    out = make_backend(spec(server, batch_size=1)).chat([req("hello"), req("world")])
+    assert "HTTP 400" in out[0].error and out[0].text == ""
+    assert out[1].text == "echo world seed=0" and len(server.bodies) == 2
 
 
 def test_timeout_then_success_and_invalid_json(server):
@@ -135,19 +183,86 @@ def test_timeout_then_success_and_invalid_json(server):
     assert out[0].text == "echo slow seed=0"
     assert time.perf_counter() - t0 < 5
     assert len(server.bodies) == 3
+    # garbage past the retries concerns that request only
+    server.plan = ["junk", b'{"choices": [{"message": {"content": "trunc']
+    out = make_backend(spec(server, retries=1, batch_size=1)).chat([req("a"), req("b")])
+    assert "invalid JSON" in out[0].error and out[1].error is None and len(server.bodies) == 6
 
 
 def test_timeout_gives_up(server):
     server.plan = ["sleep", "sleep"]
-    out = make_backend(spec(server, timeout=0.2, retries=1)).chat([req("slow")])
-    assert "Timeout" in out[0].error
+    with pytest.raises(LLMError, match="timeout"):
+        make_backend(spec(server, timeout=0.2, retries=1)).chat([req("slow")])
 
 
-def test_connection_refused_is_an_error_result():
-    llm = make_backend({"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1", "retries": 1,
-                        "retry_backoff": 0.0, "timeout": 1.0})
-    out = llm.chat([req("x")])
-    assert out[0].error and "ConnectionError" in out[0].error
+@pytest.mark.parametrize("mode", ["trickle", "trickle_headers"])
+def test_trickling_server_hits_the_total_deadline(server, mode):
+    # every byte comes within 50 ms, far inside the 0.4 s per-read timeout; the answer takes > 5 s
+    server.plan = [mode, mode]
+    t0 = time.perf_counter()
+    with pytest.raises(LLMError, match="within 0.4 s"):
+        make_backend(spec(server, timeout=0.4, retries=1)).chat([req("slow")])
+    assert time.perf_counter() - t0 < 2.5
+    server.plan = [mode]
+    out = make_backend(spec(server, timeout=0.4, retries=1)).chat([req("then fast")])
+    assert out[0].text == "echo then fast seed=0"
+
+
+def test_connection_refused_is_fatal_at_once():
+    llm = make_backend({"backend": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1", "retries": 3,
+                        "retry_backoff": 5.0, "timeout": 1.0}, "llm.l1")
+    t0 = time.perf_counter()
+    with pytest.raises(LLMError, match="llm.l1: cannot reach http://127.0.0.1:9/v1/chat/completions"):
+        llm.chat([req("x"), req("y")])
+    assert time.perf_counter() - t0 < 2  # no 5 s backoff: not retried
+
+
+def choice(message, **kw):
+    return {"choices": [{"message": message, "finish_reason": "stop", **kw}]}
+
+
+def test_content_as_the_openai_format_allows_it(server):
+    server.plan = [
+        choice({"content": [{"type": "text", "text": "1. Paella"}, {"type": "text", "text": "\n2. Ramen"}]}),
+        choice({"content": None}),
+        choice({"content": None, "refusal": "I can't help with that."}),
+        choice({"content": [{"type": "refusal", "refusal": "No."}]}),
+        choice({"content": 42}),
+        choice({"content": [{"type": "image_url", "image_url": {"url": "x"}}]}),
+        {"choices": []},
+        {"choices": [{"message": "hi"}]},
+        {"error": "overloaded"},
+        choice({"content": "caf\udc80 au lait"}),
+    ]
+    out = make_backend(spec(server, batch_size=1)).chat([req(f"q{i}") for i in range(10)])
+    assert out[0].text == "1. Paella\n2. Ramen" and out[0].error is None
+    assert out[1].text == "" and out[1].error is None          # empty: the caller counts it
+    assert out[2].error == "refusal: I can't help with that." and out[3].error == "refusal: No."
+    assert "content is int '42'" in out[4].error and "content part" in out[5].error
+    assert all("malformed response" in r.error for r in out[6:9])
+    assert out[9].text == "caf\ufffd au lait"                # a lone surrogate cannot reach UTF-8 files
+    out[9].text.encode("utf-8")
+
+
+def verdict_answer(top, content="Yes"):
+    return {"choices": [{"message": {"content": content}, "logprobs": {"content": [{"top_logprobs": top}]}}]}
+
+
+def test_yes_no_malformed_logprobs_are_unusable_not_no(server):
+    import math
+
+    server.plan = [
+        verdict_answer([{"token": "Yes", "logprob": "high"}, {"token": "No", "logprob": -1.0}]),
+        verdict_answer([{"token": "Yes", "logprob": float("nan")}]),
+        verdict_answer([{"token": "Yes", "logprob": -0.1}, {"token": "No", "logprob": float("-inf")}]),
+        {"choices": []},
+        verdict_answer("lots"),
+        verdict_answer([], content=[{"type": "text", "text": "No."}]),
+    ]
+    v = make_backend(spec(server, batch_size=1)).yes_no([req(f"q{i}") for i in range(6)])
+    assert [x.method for x in v] == ["unusable", "unusable", "logprobs", "error", "error", "text"]
+    assert math.isnan(v[0].p_yes) and math.isnan(v[1].p_yes) and not v[0].usable
+    assert v[2].p_yes == 1.0 and v[5].p_yes == 0.0
 
 
 def test_yes_no_uses_logprobs(server):
@@ -164,7 +279,7 @@ def test_api_key_header(server, monkeypatch):
     make_backend(spec(server, api_key_env="PAS_TEST_KEY")).chat([req("x")])
     assert server.headers[0]["Authorization"] == "Bearer sekrit"
     monkeypatch.delenv("PAS_TEST_KEY")
-    with pytest.raises(RuntimeError, match="PAS_TEST_KEY"):
+    with pytest.raises(LLMError, match="PAS_TEST_KEY"):
         make_backend(spec(server, api_key_env="PAS_TEST_KEY")).chat([req("x")])
 
 

@@ -44,7 +44,7 @@ def test_row_sampler_top_p_and_temperature():
 
 def test_yes_no_helpers():
     assert yes_no_from_text("Yes, it is.") == 1.0 and yes_no_from_text(" no.") == 0.0
-    assert yes_no_from_text("Maybe") == 0.5 and yes_no_from_text("") == 0.5
+    assert yes_no_from_text("Maybe") is None and yes_no_from_text("") is None  # unclear: no verdict
     assert yes_no_from_logprobs({"Yes": -0.1, " no": -2.0, "The": -0.5}) == pytest.approx(
         0.904837 / (0.904837 + 0.135335), rel=1e-5)
     assert yes_no_from_logprobs({"Hello": -0.1}) is None

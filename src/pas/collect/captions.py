@@ -13,7 +13,9 @@ placeholder `{concept}`). Answers are parsed robustly (numbering, bullets, quote
 preambles, empty lines, rambling paragraphs cut to their first sentences). A concept with fewer
 than N_Cap usable captions is asked again with new seeds for what is missing, up to `max_attempts`
 times; what is still missing is filled with deterministic template captions ("a photo of {c}, ...")
-and counted in the metrics.
+and counted in the metrics. Requests the backend failed on are counted too: the fallbacks of a
+concept that had one are not cached (a rerun asks L4 again), and the `generate` stage fails when
+fallbacks exceed `generate.max_fallback_fraction` of all captions.
 """
 
 from __future__ import annotations
@@ -127,6 +129,24 @@ class Captions:
     @property
     def n_fallback(self) -> int:
         return sum(fb for lst in self.captions.values() for _, fb in lst)
+
+    @property
+    def n_captions(self) -> int:
+        return sum(len(lst) for lst in self.captions.values())
+
+    @property
+    def fallback_fraction(self) -> float:
+        return self.n_fallback / self.n_captions if self.n_captions else 0.0
+
+    @property
+    def n_failed_requests(self) -> int:
+        return sum(bool(t.get("error")) for t in self.transcripts)
+
+    @property
+    def n_failed_fallbacks(self) -> int:
+        """Fallback captions of concepts with a failed L4 request (they may stand in for a failure)."""
+        failed = {t["concept"] for t in self.transcripts if t.get("error")}
+        return sum(fb for c in failed for _, fb in self.captions.get(c, []))
 
     def rows(self) -> list[dict]:
         return [{"concept": c, "caption_idx": i, "caption": cap, "fallback": fb}

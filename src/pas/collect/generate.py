@@ -82,6 +82,8 @@ class GenerateParams:
     require_concept: bool = True  # drop captions that do not name the concept
     min_words: int = 4            # drop shorter captions
     max_words: int = 60           # drop longer captions (SD's text encoder reads 77 tokens)
+    max_fallback_fraction: float = 0.5  # fail when more template fallbacks than this fraction of all
+                                        # captions: L4 is broken or unfit, not just unlucky
     shard_size: int = 1000        # images per work shard (= output shard, ≤ 10k); the unit of resume
 
     def __post_init__(self) -> None:
@@ -91,6 +93,7 @@ class GenerateParams:
         for name in ("max_attempts", "max_new_tokens", "min_words"):
             check_range(name, getattr(self, name), 1, None, lo_open=False)
         check_range("max_words", self.max_words, self.min_words, None, lo_open=False)
+        check_range("max_fallback_fraction", self.max_fallback_fraction, 0.0, 1.0, lo_open=False, hi_open=False)
         check_range("shard_size", self.shard_size, 1, 10_000, lo_open=False, hi_open=False)
 
 
@@ -346,7 +349,8 @@ def caption_fingerprint(concepts: Sequence[str], p: GenerateParams, template: st
 
 
 def cached_captions(cache_dir: str | Path, fingerprint: str, make: Callable[[], Captions]) -> tuple[Captions, bool]:
-    """Captions from `cache_dir/captions.json` if written for `fingerprint`, else `make()` and store."""
+    """Captions from `cache_dir/captions.json` if written for `fingerprint`, else `make()` and store,
+    unless a failed L4 request left fallbacks: those would outlive the outage (a rerun asks again)."""
     path = Path(cache_dir) / "captions.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -356,6 +360,11 @@ def cached_captions(cache_dir: str | Path, fingerprint: str, make: Callable[[], 
     except (OSError, ValueError, KeyError, TypeError):
         pass
     caps = make()
+    if caps.n_failed_fallbacks:
+        log.warning("captions not cached: %d L4 requests failed, %d fallback captions may stand in for them",
+                    caps.n_failed_requests, caps.n_failed_fallbacks)
+        path.unlink(missing_ok=True)
+        return caps, False
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(path, {"fingerprint": fingerprint, "transcripts": caps.transcripts,
                               "captions": {c: [[t, fb] for t, fb in lst] for c, lst in caps.captions.items()}})
@@ -376,5 +385,6 @@ def generate(captions: Captions, model_dir: str | Path, out_dir: str | Path, cac
                for s in range(stats["n_shards"]))
     n_cap_total = sum(len(v) for v in captions.captions.values())
     return {"n_concepts": len(captions.captions), "n_captions": n_cap_total,
-            "n_fallback_captions": captions.n_fallback, "n_images": len(items),
+            "n_fallback_captions": captions.n_fallback, "fallback_fraction": captions.fallback_fraction,
+            "n_failed_caption_requests": captions.n_failed_requests, "n_images": len(items),
             "seconds_per_image": secs / len(items) if items else 0.0, **stats}

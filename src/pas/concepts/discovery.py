@@ -7,7 +7,12 @@
 
 Every |·| counts normalised concepts (:func:`pas.concepts.normalize.normalize_concept`). The stopping
 rules are strict: equality continues. Caps (max samples, max rounds, max concepts) stop a loop early and
-are reported as its stop reason.
+are reported as its stop reason, warned about and listed in `Discovery.cap_stops`: in the paper
+λ1 and λ2 end the loops, so a capped run is not the paper's B.
+
+An unusable answer (backend error, empty, refusal, no list) is counted and skipped. No usable L1
+sample up to the cap, no list in L2's first round, or a round of failed L2 requests raises
+:class:`DiscoveryError`: an empty or frozen bank from a dead LLM is not a result.
 """
 
 from __future__ import annotations
@@ -27,6 +32,20 @@ from pas.llm.base import ChatBackend, ChatRequest, ChatResult
 from pas.llm.parse import parse_list
 
 log = logging.getLogger(__name__)
+CAP_STOPS = ("max_generation_samples", "max_expansion_rounds", "max_concepts")
+
+
+class DiscoveryError(RuntimeError):
+    """§3.1 cannot give a result: an LLM gave no usable answer."""
+
+
+def unusable_summary(results: Sequence[ChatResult], statuses: Sequence[str]) -> str:
+    """'3 error (first: HTTP 400 ...), 1 refusal' for the answers of a failed loop."""
+    counts = Counter(statuses)
+    first_error = next((r.error for r in results if r.error), None)
+    parts = [f"{n} {s}" + (f" (first: {first_error[:160]})" if s == "error" and first_error else "")
+             for s, n in sorted(counts.items())]
+    return ", ".join(parts)
 
 
 def load_prompt(name: str) -> str:
@@ -36,7 +55,8 @@ def load_prompt(name: str) -> str:
 
 def derive_seed(base: int, *parts: object) -> int:
     """A stable 31-bit seed for (base, parts...): same on every machine and Python run."""
-    h = hashlib.sha256("\x1f".join(map(str, (base, *parts))).encode()).digest()
+    # surrogatepass: a concept from an LLM answer may hold a lone surrogate; same bytes otherwise
+    h = hashlib.sha256("\x1f".join(map(str, (base, *parts))).encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
 
 
@@ -69,6 +89,12 @@ class Discovery:
     expansion_stop: str                    # lambda_2 | max_expansion_rounds | max_concepts | empty
     transcripts: list[dict] = field(default_factory=list)
     answers: Counter = field(default_factory=Counter)  # "<step>_<status>" -> count
+
+    @property
+    def cap_stops(self) -> list[str]:
+        """The loops ("generation", "expansion") that a cap stopped rather than their λ rule."""
+        return [loop for loop, stop in (("generation", self.generation_stop), ("expansion", self.expansion_stop))
+                if stop in CAP_STOPS]
 
     @property
     def B0_size(self) -> int:
@@ -150,6 +176,11 @@ def generate_initial(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, 
             elif k >= p.max_generation_samples:
                 stop = "max_generation_samples"
     bar.close()
+    if not sizes:
+        drawn = [t for t in transcripts if t["step"] == "generate" and t["status"] is not None]
+        raise DiscoveryError(
+            f"L1 gave no usable answer in {n} samples: " + unusable_summary(
+                [ChatResult(t["text"], error=t["error"]) for t in drawn], [t["status"] for t in drawn]))
     return sizes, news, stop, conversations, n
 
 
@@ -185,14 +216,22 @@ def expand(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, prompts: P
             results += llm.chat(reqs[k:k + chunk])
         prev = len(bank)
         added: dict[str, dict] = {}
+        statuses = []
         for c, req, res in zip(targets, reqs, results):
             keys, status = _keys(res, "expand", f"L2 round {i + 1} concept {c!r}", answers)
+            statuses.append(status)
             for k in keys:
                 if k not in bank and k not in added:
                     added[k] = {"first_iteration": i + 1, "origin": c, "sample": None}
             transcripts.append({"step": "expand", "round": i + 1, "concept": c, "seed": req.seed,
                                 "prompt": req.messages[-1]["content"], "history_turns": len(history),
                                 "text": res.text, "error": res.error, "status": status})
+        # L2 down or broken would read as saturation (nothing new): fail when every request of a round
+        # failed, or when round 1 (every concept of B_0) got no list at all. Later rounds may
+        # legitimately get nothing new.
+        if all(st == "error" for st in statuses) or (i == 0 and "ok" not in statuses):
+            raise DiscoveryError(f"L2 round {i + 1}: none of {len(statuses)} answers was usable: "
+                                 + unusable_summary(results, statuses))
         room = p.max_concepts - prev
         for k in list(added)[:room]:
             bank[k] = added[k]
@@ -219,7 +258,12 @@ def discover(l1: ChatBackend, l2: ChatBackend, domain: DomainParams, p: Concepts
     else:
         history = history_messages(conversations, p.history_samples)
         e_sizes, e_new, e_stop = expand(l2, domain, p, prompts, bank, history, transcripts, answers, progress)
-    return Discovery(bank, g_sizes, g_new, e_sizes, e_new, drawn, g_stop, e_stop, transcripts, answers)
+    found = Discovery(bank, g_sizes, g_new, e_sizes, e_new, drawn, g_stop, e_stop, transcripts, answers)
+    for loop in found.cap_stops:
+        stop = g_stop if loop == "generation" else e_stop
+        log.warning("§3.1 %s stopped at the cap concepts.%s, not by λ%s: raise the cap to let λ decide",
+                    loop, stop, 1 if loop == "generation" else 2)
+    return found
 
 
 def validate_bank(discovery: Discovery, score: Callable[[list[str]], list[float]], threshold: float

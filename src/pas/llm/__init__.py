@@ -18,7 +18,11 @@ How to call it (e.g. for L4 captions)::
 - Each request carries its own seed: same (messages, seed, spec) → same answer (vllm: per-request
   SamplingParams.seed; transformers: one torch.Generator per row; openai: the `seed` field).
 - `llm.yes_no(requests)` → list[YesNo(p_yes, text, method)]: first-token log-probs where available.
-- A request that fails for good comes back with `error` set and empty text; nothing raises mid-batch.
+- A request that fails for good comes back with `error` set and empty text (callers count these and
+  fail a run that got no usable answer). A backend that cannot serve at all (bad key, server
+  unreachable, 429/5xx/timeouts past their retries) raises `LLMError`, fatal for the stage.
+- `yes_no` verdicts that answer neither yes nor no ("unclear"), or come from a malformed reply
+  ("unusable") or a failed request ("error") have p_yes = NaN and `usable` False.
 - Models load lazily on the first call; torch/vllm are imported only inside the backends.
 - `backend: vllm` with PAS_ENGINE=ray runs each call as a `ray.data.llm` job (vLLM replicas on the
   cluster's GPUs; `pas.llm.ray_vllm_backend`).
@@ -28,10 +32,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, LLMSection, LLMSpec, YesNo,
+from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, LLMError, LLMSection, LLMSpec, YesNo,
                           spec_from_dict)
 
-__all__ = ["ChatBackend", "ChatRequest", "ChatResult", "LLMSection", "LLMSpec", "YesNo",
+__all__ = ["ChatBackend", "ChatRequest", "ChatResult", "LLMError", "LLMSection", "LLMSpec", "YesNo",
            "make_backend", "spec_from_dict"]
 
 
@@ -40,7 +44,12 @@ def make_backend(spec: Mapping[str, Any] | LLMSpec, where: str = "llm", engine: 
 
     `backend: vllm` runs in-process on the local engine and through `ray.data.llm` under
     PAS_ENGINE=ray (`engine`: a `pas.engine.EngineConfig`, default from the environment)."""
-    spec = spec_from_dict(spec, where)
+    backend = _make(spec_from_dict(spec, where), engine)
+    backend.where = where
+    return backend
+
+
+def _make(spec: LLMSpec, engine: Any) -> ChatBackend:
     if spec.backend == "transformers":
         from pas.llm.transformers_backend import TransformersBackend
         return TransformersBackend(spec)

@@ -14,8 +14,10 @@ No heavy imports here: params validation imports this module.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import re
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -24,6 +26,18 @@ from pas.params import ParamsError, build, check_choice, check_range
 
 BACKENDS = ("transformers", "vllm", "openai")
 Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class LLMError(RuntimeError):
+    """The model cannot serve this run at all (bad key, server unreachable, transient errors that
+    outlived their retries): fatal for the stage. Per-request problems come back as `ChatResult.error`."""
+
+
+def clean_text(text: str) -> str:
+    """`text` with lone UTF-16 surrogates (valid in a JSON string, not encodable as UTF-8) replaced by
+    U+FFFD, so an answer can be hashed, written to parquet and JSON lines."""
+    return SURROGATE.sub("\ufffd", text)
 
 
 @dataclass(frozen=True)
@@ -39,14 +53,18 @@ class LLMSpec:
     batch_size: int = 8               # requests per forward batch (transformers) / per HTTP wave (openai)
     base_url: str | None = None       # openai: e.g. http://127.0.0.1:8000/v1
     api_key_env: str | None = None    # openai: name of the environment variable holding the key
-    timeout: float = 120.0            # openai: seconds per HTTP request
-    retries: int = 3                  # openai: extra attempts after a failed request (5xx, 429, timeout)
+    timeout: float = 120.0            # openai: seconds per HTTP attempt, in total (connect, wait, read):
+                                      # a server trickling bytes cannot stretch it
+    retries: int = 3                  # openai: extra attempts after a transient failure (5xx, 429,
+                                      # timeout); when they run out the stage fails
     retry_backoff: float = 1.0        # openai: seconds before the first retry, doubled for each next one
+                                      # (each wait capped at 60 s)
     device: str = "cpu"               # transformers: torch device
     cpu_threads: int | None = None    # transformers on CPU: torch threads (None = torch default). On a
                                       # shared, loaded CPU 1 thread ran SmolLM2 10x faster than 2 (measured)
     dtype: str = "float32"            # transformers/vllm: float32 | float16 | bfloat16 | auto
     max_model_len: int | None = None  # vllm: context length cap
+    quantization: str | None = None   # vllm: e.g. awq, gptq, fp8 (None = what the model folder says)
     gpu_memory_utilization: float = 0.9  # vllm
     tensor_parallel_size: int = 1     # vllm
 
@@ -134,37 +152,74 @@ class ChatResult:
     n_tokens: int | None = None
     error: str | None = None
 
+    def __post_init__(self) -> None:
+        self.text = clean_text(self.text)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# How a verdict was obtained. Only the first two are answers to the question; the others carry
+# p_yes = NaN, which no threshold accepts, and are counted by the caller.
+USABLE = ("logprobs", "text")
+NOT_USABLE = ("unclear",   # the answer says neither yes nor no ("Maybe, it depends...")
+              "unusable",  # malformed reply: non-numeric / NaN / +inf log-probs, non-text content
+              "error")     # the backend gave up on this request
+
 
 @dataclass
 class YesNo:
-    """A yes/no verdict: P(yes) and how it was obtained ("logprobs" or "text")."""
+    """A yes/no verdict: P(yes) and how it was obtained (one of USABLE or NOT_USABLE)."""
 
     p_yes: float
     text: str
     method: str
+
+    def __post_init__(self) -> None:
+        self.text = clean_text(self.text or "")
+
+    @property
+    def usable(self) -> bool:
+        return self.method in USABLE
 
 
 YES_WORDS = ("yes", "y", "true", "correct")
 NO_WORDS = ("no", "n", "false", "incorrect")
 
 
-def yes_no_from_text(text: str) -> float:
-    """1.0 if the answer starts with yes, 0.0 with no, 0.5 when it says neither."""
+def yes_no_from_text(text: str) -> float | None:
+    """1.0 if the answer starts with yes, 0.0 with no, None when it says neither (unclear: not a
+    validation, and not a "no" either)."""
     m = re.match(r"\W*([A-Za-z]+)", text or "")
     word = m.group(1).lower() if m else ""
     if word in YES_WORDS:
         return 1.0
     if word in NO_WORDS:
         return 0.0
-    return 0.5
+    return None
+
+
+def text_verdict(text: str) -> YesNo:
+    p = yes_no_from_text(text)
+    return YesNo(math.nan, text, "unclear") if p is None else YesNo(p, text, "text")
+
+
+def as_logprob(value: Any) -> float | None:
+    """A reported log-probability as a float, or None when it is not one: not a number ("high", None,
+    True), NaN or +inf. -inf is a valid log-probability (p = 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return None if math.isnan(value) or value == math.inf else value
 
 
 def add_logprob(top: dict[str, float], token: str, logprob: float) -> None:
     """top[token] += probability of another candidate that reads `token` (log-space sum)."""
     prev = top.get(token)
-    if prev is None:
+    if prev is None or prev == -math.inf:
         top[token] = logprob
-    else:
+    elif logprob > -math.inf:
         hi = max(prev, logprob)
         top[token] = hi + math.log(math.exp(prev - hi) + math.exp(logprob - hi))
 
@@ -185,18 +240,64 @@ def yes_no_from_logprobs(top: Mapping[str, float]) -> float | None:
     return p_yes / (p_yes + p_no)
 
 
-def yes_no_verdict(candidates: Iterable[tuple[str, float]], text: str) -> YesNo:
+def yes_no_verdict(candidates: Iterable[tuple[Any, Any]], text: str) -> YesNo:
     """The verdict every backend gives: P(yes) from the first token's (token, log-prob) candidates
-    (candidates that read alike add up), or, when neither yes nor no is among them, from `text`."""
+    (candidates that read alike add up), or, when neither yes nor no is among them, from `text`.
+    A candidate that is not (str, log-probability) makes the whole reply unusable: its numbers
+    cannot be trusted, and reading it as "no" would silently reject the concept."""
     top: dict[str, float] = {}
     for token, logprob in candidates:
-        add_logprob(top, token, logprob)
+        lp = as_logprob(logprob)
+        if lp is None or not isinstance(token, str):
+            return YesNo(math.nan, f"unusable log-prob {logprob!r} for token {token!r}", "unusable")
+        add_logprob(top, token, lp)
     p = yes_no_from_logprobs(top)
-    return YesNo(p, text, "logprobs") if p is not None else YesNo(yes_no_from_text(text), text, "text")
+    return YesNo(p, text, "logprobs") if p is not None else text_verdict(text)
+
+
+def error_verdict(error: str) -> YesNo:
+    return YesNo(math.nan, error, "error")
+
+
+def free_memory() -> None:
+    """Give back what a dropped model held: collect it, then return CUDA's cached blocks (torch only
+    if a backend already imported it)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class EngineSlot:
+    """The one loaded model of a backend kind in this process, keyed by its identity: everything the
+    model is loaded with (folder, dtype, tensor parallel, quantisation, max length, ...) and nothing
+    it is sampled with. Backends built for different roles (L1, L2 differ in max_new_tokens only)
+    share it; asking for another identity releases the current model first, so a vLLM engine holding
+    90% of GPU memory is gone before the next one loads. Backends never keep the model themselves,
+    so releasing the slot drops the last reference."""
+
+    def __init__(self) -> None:
+        self.key: Any = None
+        self.model: Any = None
+
+    def get(self, key: Any, load) -> Any:
+        if self.model is None or self.key != key:
+            self.release()
+            self.model, self.key = load(), key
+        return self.model
+
+    def release(self, key: Any = None) -> None:
+        """Drop the model (only if it has identity `key`, when given)."""
+        if self.model is None or (key is not None and key != self.key):
+            return
+        self.model = self.key = None
+        free_memory()
 
 
 class ChatBackend(ABC):
     """A language model behind the two calls every stage uses."""
+
+    where = "llm"  # the params key it was built from (llm.l1, ...), for error messages
 
     def __init__(self, spec: LLMSpec):
         self.spec = spec
@@ -208,7 +309,11 @@ class ChatBackend(ABC):
     def yes_no(self, requests: Sequence[ChatRequest]) -> list[YesNo]:
         """P(yes) per request. Default: read the sampled answer (backends with log-probs override)."""
         short = [dataclasses.replace(r, max_new_tokens=4) for r in requests]
-        return [YesNo(yes_no_from_text(r.text), r.text, "text") for r in self.chat(short)]
+        return [text_verdict(r.text) if r.ok else error_verdict(r.error) for r in self.chat(short)]
+
+    def identity(self) -> Any:
+        """What the loaded model depends on; backends with equal identities share one model."""
+        return (type(self).__name__, id(self))
 
     def close(self) -> None:
         """Release the model (GPU memory, sessions)."""

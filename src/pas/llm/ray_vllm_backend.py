@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Sequence
 
-from pas.llm.base import ChatBackend, ChatRequest, ChatResult, LLMSpec, YesNo, yes_no_verdict
+from pas.llm.base import ChatBackend, ChatRequest, ChatResult, LLMSpec, YesNo, error_verdict, yes_no_verdict
 from pas.llm.vllm_backend import engine_kwargs, sampling_kwargs
 
 
@@ -72,6 +72,16 @@ def _postprocess(row: dict, yes_no: bool) -> dict:
             "has_logprobs": steps is not None, "error": str(err)}
 
 
+def _result_row(o: dict) -> dict:
+    """An output row in `_postprocess`'s shape. With should_continue_on_error, Ray (≥ 2.60) hands a
+    failed row back without running postprocess: the processor's own columns plus a non-empty
+    `__inference_error__`, and none of ours."""
+    if "has_logprobs" in o:
+        return o
+    err = str(o.get("__inference_error__") or "") or f"ray.data.llm row without output: {sorted(o)[:8]}"
+    return {"i": int(o["i"]), "text": "", "n_tokens": 0, "logprobs": [], "has_logprobs": False, "error": err}
+
+
 class RayVLLMBackend(ChatBackend):
     def __init__(self, spec: LLMSpec, engine=None):
         super().__init__(spec)
@@ -94,7 +104,7 @@ class RayVLLMBackend(ChatBackend):
         rows = [{"i": i, "messages": [dict(m) for m in r.messages], "seed": int(r.seed),
                  "max_new_tokens": int(r.max_new_tokens or 0)} for i, r in enumerate(requests)]
         out = processor(ray.data.from_items(rows)).take_all()
-        by_i = {int(o["i"]): o for o in out}
+        by_i = {int(o["i"]): _result_row(o) for o in out}
         missing = [i for i in range(len(rows)) if i not in by_i]
         if missing:
             raise RuntimeError(f"ray.data.llm returned no row for requests {missing[:5]}")
@@ -117,5 +127,8 @@ class RayVLLMBackend(ChatBackend):
             return []
         verdicts = []
         for o in self._run(requests, yes_no=True):
-            verdicts.append(yes_no_verdict(((str(t), float(lp)) for t, lp in o["logprobs"]), o["text"]))
+            if o["error"]:
+                verdicts.append(error_verdict(o["error"]))
+                continue
+            verdicts.append(yes_no_verdict(((str(t), lp) for t, lp in o["logprobs"]), o["text"]))
         return verdicts

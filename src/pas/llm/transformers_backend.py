@@ -10,9 +10,10 @@ not from the batch's shared RNG. Greedy answers of small models degenerate into 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
-from pas.llm.base import ChatBackend, ChatRequest, ChatResult, LLMSpec, YesNo, yes_no_verdict
+from pas.llm.base import ChatBackend, ChatRequest, ChatResult, EngineSlot, YesNo, yes_no_verdict
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,38 @@ class _RowSampler:
         return out
 
 
+@dataclass
+class _Loaded:
+    tok: Any
+    model: Any
+    stop_ids: list[int]
+
+
+MODEL = EngineSlot()  # the process's transformers model, shared by roles of the same identity
+
+
 class TransformersBackend(ChatBackend):
-    def __init__(self, spec: LLMSpec):
-        super().__init__(spec)
-        self._model = None
-        self._tok = None
+    def identity(self) -> tuple:
+        s = self.spec
+        return ("transformers", s.model, s.dtype, s.device, s.cpu_threads)
 
     # -- loading -------------------------------------------------------------------------------
-    def _load(self):
-        if self._model is not None:
-            return
+    def _load(self) -> _Loaded:
+        return MODEL.get(self.identity(), self._build)
+
+    @property
+    def _tok(self):
+        return self._load().tok
+
+    @property
+    def _model(self):
+        return self._load().model
+
+    @property
+    def _stop_ids(self):
+        return self._load().stop_ids
+
+    def _build(self) -> _Loaded:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,12 +94,11 @@ class TransformersBackend(ChatBackend):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         model.to(self.spec.device).eval()
-        self._tok, self._model = tok, model
         stops = {tok.eos_token_id}
         im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
         if im_end is not None:
             stops.add(im_end)
-        self._stop_ids = sorted(s for s in stops if s is not None)
+        return _Loaded(tok, model, sorted(s for s in stops if s is not None))
 
     def render(self, request: ChatRequest) -> str:
         """The prompt text the model sees (chat template + generation prompt)."""
@@ -167,5 +189,4 @@ class TransformersBackend(ChatBackend):
         return verdicts  # type: ignore[return-value]
 
     def close(self) -> None:
-        self._model = None
-        self._tok = None
+        MODEL.release(self.identity())

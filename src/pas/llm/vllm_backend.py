@@ -1,14 +1,21 @@
 """GPU backend: vLLM offline batch inference (`LLM.generate`), one `SamplingParams` per request so each
 request carries its own seed. vLLM is CUDA-only and pins its own torch: it is imported lazily and
-runs inside the `llm` container (`stages/run-in llm -- ...`). The prompt is the model's chat template
-applied by vLLM's tokenizer; `model` is the folder the `models` stage wrote (or any id vLLM accepts).
+runs inside the `llm` container (`stages/run-in llm -- ...`). `model` is the folder the `models`
+stage wrote (or any id vLLM accepts).
+
+The prompt is the model's chat template rendered by vLLM's tokenizer and tokenised *without* adding
+special tokens, passed as token ids: the template already starts with BOS, and a string prompt
+would get a second one from `generate` (Llama-2, Mixtral).
+
+One engine per process (:class:`pas.llm.base.EngineSlot`), keyed by :func:`engine_kwargs`: L1 and
+L2 of the same model share it whatever their sampling settings; another model releases it first.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from pas.llm.base import ChatBackend, ChatRequest, ChatResult, LLMSpec, YesNo, yes_no_verdict
+from pas.llm.base import ChatBackend, ChatRequest, ChatResult, EngineSlot, LLMSpec, YesNo, yes_no_verdict
 
 YES_NO_TOP_LOGPROBS = 20
 
@@ -20,7 +27,17 @@ def engine_kwargs(spec: LLMSpec) -> dict[str, Any]:
                           "tensor_parallel_size": spec.tensor_parallel_size}
     if spec.max_model_len is not None:
         kw["max_model_len"] = spec.max_model_len
+    if spec.quantization is not None:
+        kw["quantization"] = spec.quantization
     return kw
+
+
+def engine_identity(spec: LLMSpec) -> tuple:
+    """What a vLLM engine is built from: equal for specs that differ only in sampling settings."""
+    return tuple(sorted(engine_kwargs(spec).items()))
+
+
+ENGINE = EngineSlot()  # the process's vLLM engine
 
 
 def sampling_kwargs(spec: LLMSpec, request: ChatRequest, yes_no: bool = False) -> dict[str, Any]:
@@ -35,24 +52,25 @@ def sampling_kwargs(spec: LLMSpec, request: ChatRequest, yes_no: bool = False) -
 
 
 class VLLMBackend(ChatBackend):
-    def __init__(self, spec: LLMSpec):
-        super().__init__(spec)
-        self._llm = None
+    def identity(self) -> tuple:
+        return ("vllm", engine_identity(self.spec))
 
     def _load(self):
-        if self._llm is None:
+        def build():
             try:
                 from vllm import LLM
             except ImportError as e:
                 raise ImportError("backend vllm needs the `vllm` package (GPU; run the stage with "
                                   "`stages/run-in llm -- ...` or `pip install pas[gpu]` in its own env)") from e
-            self._llm = LLM(**engine_kwargs(self.spec))
-        return self._llm
+            return LLM(**engine_kwargs(self.spec))
+        return ENGINE.get(engine_identity(self.spec), build)
 
-    def prompts(self, requests: Sequence[ChatRequest]) -> list[str]:
+    def prompts(self, requests: Sequence[ChatRequest]) -> list[dict]:
+        """Token-id prompts (vLLM's TokensPrompt): the chat template's own BOS, no second one."""
         tok = self._load().get_tokenizer()
-        return [tok.apply_chat_template(list(r.messages), add_generation_prompt=True, tokenize=False)
-                for r in requests]
+        texts = [tok.apply_chat_template(list(r.messages), add_generation_prompt=True, tokenize=False)
+                 for r in requests]
+        return [{"prompt_token_ids": list(tok.encode(t, add_special_tokens=False))} for t in texts]
 
     def _generate(self, requests: Sequence[ChatRequest], yes_no: bool):
         llm = self._load()
@@ -86,15 +104,5 @@ class VLLMBackend(ChatBackend):
         return verdicts
 
     def close(self) -> None:
-        """Drop the engine and give its GPU memory back (best effort: vLLM holds it until collected)."""
-        if self._llm is None:
-            return
-        self._llm = None
-        import gc
-        gc.collect()
-        try:
-            import torch
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        """Release this spec's engine and its GPU memory (best effort: del + gc + empty_cache)."""
+        ENGINE.release(engine_identity(self.spec))
