@@ -26,7 +26,7 @@ from pas.concepts.discovery import DiscoveryError, Prompts, discover, load_promp
 from pas.concepts.params import ConceptsParams, DomainParams
 from pas.io.manifest import write_metrics, write_parquet
 from pas.llm import LLMError, LLMSection, make_backend
-from pas.params import build, load
+from pas.params import build, load, run_stage
 
 log = logging.getLogger("pas.stages.concepts")
 
@@ -165,4 +165,4 @@ def run(args) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_stage(main))
