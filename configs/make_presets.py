@@ -56,6 +56,8 @@ common = {
     "diffusion": {"steps": 50, "guidance": 7.5, "resolution": 768, "scheduler": "ddim", "batch_size": 32,
                   "dtype": "float16", "device": "cuda", "cpu_threads": None},
     "ood": {"device": "cuda", "batch_size": 256},
+    # paper §3.3: kneedle on the mean score of the i-th front vs images removed, i.e. no binning
+    "prune": {"knee_bins": 0},
     "pretrain": {"method": "mocov3", "image_size": 224, "epochs": 300, "batch_size": 4096, "lr": 1.5e-4,
                  "warmup_epochs": 40, "hidden_dim": 4096, "pred_hidden_dim": 4096, "min_scale": 0.08,
                  "num_workers": 8, "device": "cuda", "threads": 0},
