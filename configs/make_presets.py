@@ -63,6 +63,8 @@ common = {
                  "num_workers": 8, "device": "cuda", "threads": 0},
     "eval": {"max_side": 512, "linear_epochs": 100, "device": "cuda", "threads": 0, "batch_size": 256},
 }
+# paper §4.2: "we compute the CLIP ViT-L/14 lexical embeddings" (models/clip's text tower) for coverage
+common["concepts"]["coverage_embedder"] = "clip"
 food = merge(copy.deepcopy(base), copy.deepcopy(common))
 food["concepts"]["references"] = ["food101"]
 # the paper's eval/leakage sets in their official layouts under one root (the evalsets stage's DVC dep);
