@@ -57,24 +57,44 @@ common = {
     "diffusion": {"steps": 50, "guidance": 7.5, "resolution": 768, "scheduler": "ddim", "batch_size": 32,
                   "dtype": "float16", "device": "cuda", "cpu_threads": None},
     "ood": {"device": "cuda", "batch_size": 256},
+    # paper §3.3: kneedle on the mean score of the i-th front vs images removed, i.e. no binning
+    "prune": {"knee_bins": 0},
     "pretrain": {"method": "mocov3", "image_size": 224, "epochs": 300, "batch_size": 4096, "lr": 1.5e-4,
                  "warmup_epochs": 40, "hidden_dim": 4096, "pred_hidden_dim": 4096, "min_scale": 0.08,
                  "num_workers": 8, "device": "cuda", "threads": 0},
     "eval": {"max_side": 512, "linear_epochs": 100, "device": "cuda", "threads": 0, "batch_size": 256},
 }
+# paper §4.2: "we compute the CLIP ViT-L/14 lexical embeddings" (models/clip's text tower) for coverage
+common["concepts"]["coverage_embedder"] = "clip"
 food = merge(copy.deepcopy(base), copy.deepcopy(common))
 food["concepts"]["references"] = ["food101"]
-food["eval"]["sets"] = [{"name": "food101", "kind": "food101", "path": "/data/pas/food101"}]
+# the paper's eval/leakage sets in their official layouts under one root (the evalsets stage's DVC dep);
+# "eliminates images resembling any in the test sets of the traditional domain-specific datasets":
+# all three are leakage sets; Food-2K and iNat birds are the paper's pretraining baselines, so they are
+# leakage-only (evaluate: false, test split only). min_per_class 2: the official splits keep every class.
+EVAL_ROOT = "/data/pas/evalsets"
+food["eval"]["root"] = EVAL_ROOT
+food["eval"]["sets"] = [
+    {"name": "food101", "kind": "food101", "path": "food-101", "min_per_class": 2},
+    {"name": "foodx251", "kind": "foodx251", "path": "foodx251", "min_per_class": 2},
+    {"name": "food2k", "kind": "food2k", "path": "Food2k_complete", "min_per_class": 2, "evaluate": False},
+]
 birds = merge(copy.deepcopy(base), copy.deepcopy(common))
 birds["domain"] = {"name": "birds", "description": "bird species"}  # n_D, d_D exactly as in §3.1
 birds["concepts"]["references"] = ["cub200"]
-birds["eval"]["sets"] = [{"name": "cub200", "kind": "imagefolder", "path": "/data/pas/CUB_200_2011/images",
-                          "test_fraction": 0.5, "min_per_class": 20}]
+birds["eval"]["root"] = EVAL_ROOT
+birds["eval"]["sets"] = [
+    {"name": "cub200", "kind": "cub200", "path": "CUB_200_2011", "min_per_class": 2},
+    {"name": "nabirds", "kind": "nabirds", "path": "nabirds", "min_per_class": 2},
+    {"name": "inat_birds", "kind": "inat", "path": "inat2021", "supercategory": "Aves", "min_per_class": 2,
+     "evaluate": False},
+]
 hdr = """# pas profile: the paper's settings for the {d} domain (Estepa et al. 2024, §4.1, App. D).
 # Needs GPUs and internet (real models are downloaded once by the `models` stage).
 # Use it:  cp configs/paper-{f}.yaml params.yaml && dvc repro
-# Edit the data paths (/data/pas/...) and retrieve.service.url (a clip-retrieval kNN service over
-# LAION-5B, as in the paper) for your cluster first. Generated from params.yaml + the paper's values.
+# Edit the data paths (/data/pas/...; eval.root holds the eval sets as released) and retrieve.service.url
+# (a clip-retrieval kNN service over LAION-5B, as in the paper) for your cluster first.
+# Generated from params.yaml + the paper's values (configs/make_presets.py).
 """
 for name, cfg, d in (("food", food, "food"), ("birds", birds, "birds")):
     with open(f"configs/paper-{name}.yaml", "w") as f:

@@ -7,13 +7,16 @@ the key, before anything runs or DVC deletes any stage's outputs. The output's b
 the values, so a passing check reruns nothing downstream.
 
 With `--dvc-yaml` it also checks what DVC templating cannot express: the `evalsets` stage must depend
-on every eval set's folder, one `${eval.sets[i].path}` (or literal path) line per set, since a
-template cannot loop over `eval.sets`.
+on every eval set's folder. dvc.yaml lists `${eval.root}`, the folder holding the sets, so a profile may
+have any number of them (a template cannot loop over `eval.sets`); a set outside it needs its own
+`${eval.sets[i].path}` (or literal path) line.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -24,13 +27,42 @@ from pas.params import ParamsError, load, run_stage
 OK = "params.yaml passed pas.params.validate\n"   # constant: downstream stages see no change
 
 
-def check_evalsets_deps(params: dict, dvc: dict) -> None:
-    """Raise ParamsError unless dvc.yaml's `evalsets` stage has a dep for every `eval.sets[i]` folder."""
+def _interpolate(dep: str, params: dict) -> str:
+    """`${a.b[i].c}` in a dvc.yaml dep replaced by its params value (as DVC does); unknown keys stay."""
+    def value(m: re.Match) -> str:
+        v = params
+        for part in re.findall(r"[^.\[\]]+", m.group(1)):
+            try:
+                v = v[int(part)] if isinstance(v, list) else v[part]
+            except (KeyError, IndexError, ValueError, TypeError):
+                return m.group(0)
+        return str(v)
+    return re.sub(r"\$\{([^}]+)\}", value, dep)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_evalsets_deps(params: dict, dvc: dict, base: str | Path = ".") -> None:
+    """Raise ParamsError unless every `eval.sets[i]` folder is, or is inside, a dep of dvc.yaml's
+    `evalsets` stage: `${eval.root}` (one dep for any number of sets; relative set paths are under
+    it), `${eval.sets[i].path}` or a literal folder. Relative deps are relative to `base` (dvc.yaml's
+    folder)."""
     deps = [str(d).strip() for d in dvc.get("stages", {}).get("evalsets", {}).get("deps", [])]
-    for i, spec in enumerate((params.get("eval") or {}).get("sets") or []):
-        if f"${{eval.sets[{i}].path}}" not in deps and str(spec.get("path")) not in deps:
-            raise ParamsError(f"eval.sets[{i}] ({spec.get('name')}): its folder is not a dep of the evalsets "
-                              f"stage; add `- ${{eval.sets[{i}].path}}` to its deps in dvc.yaml")
+    ev = params.get("eval") or {}
+    root = ev.get("root")
+    folders = [os.path.normpath(os.path.join(base, _interpolate(d, params))) for d in deps]
+    for i, spec in enumerate(ev.get("sets") or []):
+        path = str(spec.get("path"))
+        if root is not None and not os.path.isabs(path):
+            path = os.path.join(str(root), path)
+        path = os.path.normpath(os.path.join(base, path))
+        if f"${{eval.sets[{i}].path}}" in deps or any(_inside(path, f) for f in folders):
+            continue
+        raise ParamsError(f"eval.sets[{i}] ({spec.get('name')}): its folder {path} is not a dep of the evalsets "
+                          f"stage; put it under eval.root ({root}) or add `- ${{eval.sets[{i}].path}}` to its "
+                          "deps in dvc.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     params = load(args.params)
     if args.dvc_yaml:
-        check_evalsets_deps(params, yaml.safe_load(Path(args.dvc_yaml).read_text()))
+        check_evalsets_deps(params, yaml.safe_load(Path(args.dvc_yaml).read_text()),
+                            base=Path(args.dvc_yaml).resolve().parent)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(OK)

@@ -23,6 +23,7 @@ import pandas as pd
 
 from pas.concepts.coverage import coverage, histogram, load_reference
 from pas.concepts.discovery import DiscoveryError, Prompts, discover, load_prompt, validate_bank
+from pas.concepts.lexical import text_encoder
 from pas.concepts.params import ConceptsParams, DomainParams
 from pas.io.manifest import write_metrics, write_parquet
 from pas.llm import LLMError, LLMSection, make_backend
@@ -41,6 +42,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--text-embed", default="models/text_embed", help="sentence-transformers folder")
+    ap.add_argument("--clip", default="models/clip", help="CLIP folder (coverage_embedder: clip)")
     ap.add_argument("--out", default="data/concepts")
     ap.add_argument("--metrics", default="metrics/concepts.json")
     ap.add_argument("--no-progress", action="store_true")
@@ -72,8 +74,8 @@ def run(args) -> dict:
     gc.collect()
 
     embedder = None
-    if p.validator == "embedding" or p.references:
-        from pas.models.text_embed import embed_texts, load_text_embed
+    if p.validator == "embedding" or (p.references and p.coverage_embedder == "text_embed"):
+        from pas.models.text_embed import load_text_embed
         embedder = load_text_embed(args.text_embed)
     if p.validator == "llm":
         from pas.concepts.validate import LLMValidator
@@ -118,10 +120,11 @@ def run(args) -> dict:
     kept = [c for c, ok in zip(concepts, accepted) if ok]
     cov_metrics, rows, hist = {}, [], {}
     if p.references:
-        concept_emb = embed_texts(embedder, kept)
+        embed = text_encoder(p.coverage_embedder, text_embed=embedder, clip_dir=args.clip)
+        concept_emb = embed(kept)
         for ref in p.references:
             names = load_reference(ref)
-            cov = coverage(embed_texts(embedder, names), concept_emb, p.coverage_threshold)
+            cov = coverage(embed(names), concept_emb, p.coverage_threshold)
             cov_metrics[ref] = {"classes": len(names), "covered": cov.covered,
                                 "mean_max_similarity": cov.mean_max_similarity}
             rows += [{"reference": ref, "class_name": y, "nearest_concept": kept[j] if j >= 0 else None,

@@ -3,9 +3,12 @@
 Reads the dedup output (keep-manifest + the SSCD descriptors it stored, so dataset images are not
 embedded twice), the eval sets' test images (`<evalsets>/<name>/test/` shards written by the `evalsets`
 stage, or any ImageFolder given with `--evalset NAME=DIR`) and the SSCD model folder; writes
-`<out>/manifest.parquet` (key, kept, reason, score, nearest_key, evalset, n_matches — one row per
-image dedup kept), `<out>/test_descriptors.npy` + `<out>/test_keys.parquet`, and `metrics/leakage.json`
-(n_in, n_out, n_dropped, dropped per eval set, test images per set).
+`<out>/manifest.parquet` (key, kept, reason, score, nearest_key, evalset, n_matches, via, component,
+component_leaks — one row per image dedup kept), `<out>/checked.parquet` (every dedup input against the
+test sets), `<out>/test_descriptors.npy` + `<out>/test_keys.parquet`, and `metrics/leakage.json` (n_in,
+n_out, n_dropped, dropped per eval set, test images per set, what the image and component scopes drop).
+Every dedup input is checked; `leakage.scope: component` drops whole dedup components with a leaking
+member, `image` only kept images that leak themselves.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pas.curate.leakage import LeakageParams, leakage, resolve_evalsets, summary
+from pas.curate.leakage import LeakageParams, by_component, leakage, resolve_evalsets, summary
 from pas.engine import EngineConfig
 from pas.io.manifest import read_parquet, write_metrics, write_parquet
 from pas.params import build, load, run_stage
@@ -29,9 +32,9 @@ log = logging.getLogger("leakage")
 CHUNK = 512
 
 
-def load_dedup(dedup_dir: Path) -> tuple[list[str], list[str], np.ndarray, dict]:
-    """Keys, sources and descriptors of the images dedup kept (sorted by key), and the descriptors'
-    provenance (descriptors.json)."""
+def load_dedup(dedup_dir: Path) -> tuple[list[str], list[str], np.ndarray, dict, np.ndarray, np.ndarray]:
+    """Every dedup input (sorted by key): keys, sources, descriptors, the descriptors' provenance
+    (descriptors.json), dedup component ids and dedup's kept flags."""
     for name in ("manifest.parquet", "keys.parquet", "descriptors.npy", "descriptors.json"):
         if not (dedup_dir / name).is_file():
             raise FileNotFoundError(f"{dedup_dir / name}: missing (run the dedup stage first)")
@@ -41,12 +44,20 @@ def load_dedup(dedup_dir: Path) -> tuple[list[str], list[str], np.ndarray, dict]
     info = json.loads((dedup_dir / "descriptors.json").read_text())
     if len(order) != len(x):
         raise ValueError(f"{dedup_dir}: keys.parquet has {len(order)} rows but descriptors.npy {len(x)}")
-    kept = set(manifest.loc[manifest["kept"].astype(bool), "key"].astype(str))
+    if "component" not in manifest.columns:
+        raise ValueError(f"{dedup_dir}/manifest.parquet has no 'component' column: rerun dedup")
+    m = manifest.assign(key=manifest["key"].astype(str)).set_index("key")
     src = order["source"] if "source" in order.columns else ["real"] * len(order)
-    rows = sorted((str(k), int(r), str(s)) for r, k, s in zip(order["row"], order["key"], src) if str(k) in kept)
+    rows = sorted((str(k), int(r), str(s)) for r, k, s in zip(order["row"], order["key"], src))
     keys = [k for k, _, _ in rows]
+    missing = [k for k in keys if k not in m.index]
+    if missing:
+        raise ValueError(f"{dedup_dir}: {len(missing)} descriptor key(s) not in manifest.parquet, e.g. {missing[0]!r}")
     sources = [s for _, _, s in rows]
-    return keys, sources, x[[r for _, r, _ in rows]] if rows else x[:0], info
+    xs = x[[r for _, r, _ in rows]] if rows else x[:0]
+    comp = m.loc[keys, "component"].to_numpy(np.int64) if rows else np.zeros(0, np.int64)
+    kept = m.loc[keys, "kept"].to_numpy(bool) if rows else np.zeros(0, bool)
+    return keys, sources, xs, info, comp, kept
 
 
 def test_descriptors(sets: dict[str, Path], model, resize, p: LeakageParams, device: str, sscd_dir: str = "",
@@ -106,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     from pas.models.sscd import fingerprint, load_sscd, resolve_device
 
     t0 = time.time()
-    keys, sources, x, info = load_dedup(Path(args.dedup))
+    # every collected image is checked, not only dedup's kept ones: a leak in a removed duplicate
+    # reaches the dataset through its kept representative (leakage.scope)
+    keys, sources, x, info, component, dedup_kept = load_dedup(Path(args.dedup))
     sha = fingerprint(args.sscd)
     if info.get("model_sha256") != sha:
         raise ValueError(f"{args.dedup}/descriptors.json was made by SSCD model {info.get('model_sha256')}, "
@@ -128,19 +141,22 @@ def main(argv: list[str] | None = None) -> int:
     if xt is None:
         xt = np.zeros((0, x.shape[1] if x.ndim == 2 and x.shape[1] else 512), np.float32)
 
-    manifest = leakage(keys, x, tkeys, tnames, xt, p.lambda_leak, p.k_leak, use_gpu=p.use_gpu)
-    metrics = summary(manifest, n_test, sources)
+    checked = leakage(keys, x, tkeys, tnames, xt, p.lambda_leak, p.k_leak, use_gpu=p.use_gpu)
+    manifest = by_component(checked, component, dedup_kept, p.scope)
+    metrics = summary(manifest, n_test, [s for s, k in zip(sources, dedup_kept) if k], checked=checked)
+    metrics["scope"] = p.scope
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_parquet(manifest, out / "manifest.parquet")
+    write_parquet(checked.assign(component=component, dedup_kept=dedup_kept), out / "checked.parquet")
     np.save(out / "test_descriptors.npy", xt)
     write_parquet(pd.DataFrame({"row": np.arange(len(tkeys), dtype=np.int64), "key": tkeys, "evalset": tnames}),
                   out / "test_keys.parquet", sort_by=None)
     write_metrics(args.metrics, metrics)
-    log.info("leakage: %d in, %d kept, %d dropped (%s) against %d test images of %d sets in %.1fs",
-             metrics["n_in"], metrics["n_out"], metrics["n_dropped"],
+    log.info("leakage (%s scope): %d in, %d kept, %d dropped (%s; %d via a duplicate) against %d test "
+             "images of %d sets in %.1fs", p.scope, metrics["n_in"], metrics["n_out"], metrics["n_dropped"],
              ", ".join(f"{k} {v}" for k, v in metrics["dropped_per_evalset"].items()) or "-",
-             len(tkeys), len(sets), time.time() - t0)
+             metrics["dropped_leak_component"], len(tkeys), len(sets), time.time() - t0)
     return 0
 
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pas.concepts.coverage import clean_class_name, coverage, histogram, load_reference
+from pas.concepts.lexical import text_encoder
 
 
 def test_reference_lists_shipped():
@@ -76,3 +77,18 @@ def test_histogram():
     centres, counts = histogram(np.array([-0.2, 0.0, 0.24, 0.25, 0.99, 1.0]), bins=4)
     np.testing.assert_allclose(centres, [0.125, 0.375, 0.625, 0.875])
     assert counts.tolist() == [3, 1, 0, 2]
+
+
+def test_text_encoder_choices(tiny_clip_dir):
+    from pas.concepts.params import ConceptsParams
+    from pas.models.clip import load_clip
+    from pas.params import ParamsError
+
+    e = text_encoder("clip", clip_dir=str(tiny_clip_dir))("apple pie ramen".split())
+    np.testing.assert_allclose(e, load_clip(tiny_clip_dir).encode_texts(["apple", "pie", "ramen"]), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="models/clip"):
+        text_encoder("clip")
+    assert ConceptsParams(validator="embedding").coverage_embedder == "text_embed"   # offline default
+    with pytest.raises(ParamsError, match="coverage_embedder"):
+        ConceptsParams(coverage_embedder="bert")

@@ -98,6 +98,30 @@ def test_stage_with_scripted_server(tmp_path, server):
     assert (out / "coverage.csv").exists() and (out / "coverage_hist.csv").exists()
 
 
+def test_stage_coverage_with_clip_text_tower(tmp_path, server, tiny_clip_dir):
+    """Paper §4.2: "we compute the CLIP ViT-L/14 lexical embeddings"; coverage_embedder clip uses the
+    text tower of models/clip (here the tiny offline CLIP) and never loads the sentence embedder."""
+    import numpy as np
+
+    import concepts as stage
+    from pas.concepts.coverage import load_reference
+    from pas.models.clip import load_clip
+
+    write_params(tmp_path / "params.yaml", server.url, references=["food101"], coverage_embedder="clip")
+    out = tmp_path / "data" / "concepts"
+    m = stage.main(["--params", str(tmp_path / "params.yaml"), "--out", str(out), "--metrics",
+                    str(tmp_path / "m.json"), "--no-progress", "--clip", str(tiny_clip_dir),
+                    "--text-embed", str(tmp_path / "absent")])
+    cov = pd.read_csv(out / "coverage.csv")
+    names, kept = load_reference("food101"), load_bank(out)
+    clip = load_clip(tiny_clip_dir)
+    s = clip.encode_texts(names) @ clip.encode_texts(kept).T          # (101, |B|) cosine
+    assert cov["class_name"].tolist() == names
+    assert cov["nearest_concept"].tolist() == [kept[j] for j in s.argmax(1)]
+    np.testing.assert_allclose(cov["similarity"], s.max(1), atol=1e-5)
+    assert m["coverage"]["food101"]["mean_max_similarity"] == pytest.approx(float(s.max(1).mean()), abs=1e-5)
+
+
 def test_stage_bad_params_name_the_key(tmp_path, server):
     import concepts as stage
 

@@ -82,8 +82,9 @@ def test_every_eval_set_folder_must_be_an_evalsets_dep(tmp_path, capsys):
     params.write_text(yaml.safe_dump(two))
     argv = ["--params", str(params), "--out", str(tmp_path / "ok"), "--dvc-yaml", str(ROOT / "dvc.yaml")]
     assert check.run_stage(lambda: check.main(argv)) == 2
-    assert capsys.readouterr().err == ("params error: eval.sets[1] (second): its folder is not a dep of the "
-                                       "evalsets stage; add `- ${eval.sets[1].path}` to its deps in dvc.yaml\n")
+    assert capsys.readouterr().err == (
+        f"params error: eval.sets[1] (second): its folder {tmp_path} is not a dep of the evalsets stage; put "
+        f"it under eval.root ({base['eval']['root']}) or add `- ${{eval.sets[1].path}}` to its deps in dvc.yaml\n")
     assert not (tmp_path / "ok").exists()
     # with the line added (templated, or the literal folder) the check passes
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -95,6 +96,24 @@ def test_every_eval_set_folder_must_be_an_evalsets_dep(tmp_path, capsys):
         dvc["stages"]["evalsets"]["deps"].pop()
     # the repo's own params.yaml passes with the repo's dvc.yaml
     assert check.main(["--params", str(ROOT / "params.yaml"), "--out", str(tmp_path / "ok2"),
+                       "--dvc-yaml", str(ROOT / "dvc.yaml")]) == 0
+    # a set inside eval.root (relative path) needs no line of its own
+    under = {**two, "eval": {**two["eval"], "root": str(tmp_path)}}
+    under["eval"]["sets"] = [{**s, "path": "sub"} if s["name"] == "second" else s for s in under["eval"]["sets"]]
+    under["eval"]["sets"][0] = {**under["eval"]["sets"][0], "path": str(tmp_path / "first")}
+    params.write_text(yaml.safe_dump(under))
+    assert check.main(argv) == 0
+
+
+@pytest.mark.parametrize("preset", ["paper-food", "paper-birds"])
+def test_paper_presets_eval_sets_are_all_evalsets_deps(tmp_path, preset):
+    """The presets have three eval sets each (the paper's test sets for leakage) and one dvc.yaml."""
+    from tests.stage_helpers import load_stage
+
+    check = load_stage("check_params")
+    cfg = yaml.safe_load((ROOT / "configs" / f"{preset}.yaml").read_text())
+    assert len(cfg["eval"]["sets"]) == 3
+    assert check.main(["--params", str(ROOT / "configs" / f"{preset}.yaml"), "--out", str(tmp_path / "ok"),
                        "--dvc-yaml", str(ROOT / "dvc.yaml")]) == 0
 
 

@@ -140,6 +140,140 @@ def test_food101_only_from_disk(tmp_path):
     assert sorted(Path(p).stem for p in test_paths) == ["3", "3", "4", "4"]   # the official split
 
 
+def _jpg(path: Path, seed: int) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _written(tmp_path: Path, spec: EvalSetSpec) -> dict[str, list[tuple[str, str]]]:
+    """(file name, class) per split as write_evalset stored them."""
+    write_evalset(spec, tmp_path / "out", progress=False)
+    out = {}
+    for split in ("train", "test"):
+        idx = read_parquet(tmp_path / "out" / spec.name / split / "index.parquet")
+        out[split] = sorted((Path(p).name, c) for p, c in zip(idx.source_path, idx.label_name))
+    return out
+
+
+def test_food101_official_txt_layout(tmp_path):
+    """food-101/meta/{train,test}.txt (`class/id` lines) + images/<class>/<id>.jpg, official split."""
+    base = tmp_path / "food-101"
+    for i, rel in enumerate(["ramen/10", "ramen/11", "ramen/12", "pho/20", "pho/21", "pho/22"]):
+        _jpg(base / "images" / f"{rel}.jpg", i)
+    _write(base / "meta" / "train.txt", "ramen/10\nramen/11\npho/20\npho/21\n")
+    _write(base / "meta" / "test.txt", "ramen/12\npho/22\n")
+    spec = EvalSetSpec(name="f", kind="food101", path=str(base), min_per_class=2)   # the food-101 folder
+    got = _written(tmp_path, spec)
+    assert got["test"] == [("12.jpg", "ramen"), ("22.jpg", "pho")]
+    assert len(got["train"]) == 4
+
+
+def test_cub200_and_nabirds_official_layout(tmp_path):
+    """images.txt + train_test_split.txt + image_class_labels.txt + classes.txt (shared layout)."""
+    for kind, top, classes in (("cub200", "CUB_200_2011", {"1": "001.Black_footed_Albatross", "2": "002.Laysan_Albatross"}),
+                               ("nabirds", "nabirds", {"295": "Common Eider (Adult male)", "296": "Ruddy Duck (Breeding male)"})):
+        base = tmp_path / kind / top
+        rows, split, labels = [], [], []
+        for n, cid in enumerate(classes):
+            for j in range(3):
+                img_id = f"{kind}{n}{j}"
+                rel = f"{cid.zfill(4)}/{img_id}.jpg"
+                _jpg(base / "images" / rel, n * 3 + j)
+                rows.append(f"{img_id} {rel}")
+                split.append(f"{img_id} {0 if j == 0 else 1}")       # the first of each class is test
+                labels.append(f"{img_id} {cid}")
+        _write(base / "images.txt", "\n".join(rows) + "\n")
+        _write(base / "train_test_split.txt", "\n".join(split) + "\n")
+        _write(base / "image_class_labels.txt", "\n".join(labels) + "\n")
+        _write(base / "classes.txt", "".join(f"{k} {v}\n" for k, v in classes.items()))
+        # path = the dataset's parent folder (as extracted): the top folder is found
+        got = _written(tmp_path, EvalSetSpec(name=kind, kind=kind, path=str(tmp_path / kind), min_per_class=2))
+        names = list(classes.values())
+        assert got["test"] == sorted([(f"{kind}00.jpg", names[0]), (f"{kind}10.jpg", names[1])])
+        assert len(got["train"]) == 4 and {c for _, c in got["train"]} == set(names)
+    with pytest.raises(FileNotFoundError, match="CUB-200-2011 not found"):
+        write_evalset(EvalSetSpec(name="x", kind="cub200", path=str(tmp_path / "nope")), tmp_path / "o",
+                      progress=False)
+
+
+def test_foodx251_official_layout(tmp_path):
+    """annot/{train,val}_info.csv (`file,class id`) + annot/class_list.txt; val is the test split."""
+    base = tmp_path / "ifood"
+    train, val = [], []
+    for i in range(6):
+        _jpg(base / "train_set" / f"train_{i:06d}.jpg", i)
+        train.append(f"train_{i:06d}.jpg,{i % 2}")
+    for i in range(2):
+        _jpg(base / "val_set" / f"val_{i:06d}.jpg", 10 + i)
+        val.append(f"val_{i:06d}.jpg,{i}")
+    _write(base / "annot" / "train_info.csv", "\n".join(train) + "\n")
+    _write(base / "annot" / "val_info.csv", "\n".join(val) + "\n")
+    _write(base / "annot" / "class_list.txt", "0 macaron\n1 beignet\n")
+    got = _written(tmp_path, EvalSetSpec(name="x", kind="foodx251", path=str(base), min_per_class=2))
+    assert got["test"] == [("val_000000.jpg", "macaron"), ("val_000001.jpg", "beignet")]
+    assert len(got["train"]) == 6
+
+
+def test_food2k_official_layout(tmp_path):
+    """Food2k_complete/<class id>/*.jpg + meta_data/{train,test}_finetune.txt (`/<id>/<file> <id>`)."""
+    base = tmp_path / "Food2k_complete"
+    train, test = [], []
+    for c in range(2):
+        for j in range(3):
+            _jpg(base / str(c) / f"{j}.jpg", c * 3 + j)
+            (test if j == 0 else train).append(f"/{c}/{j}.jpg {c}")
+    _write(base / "meta_data" / "train_finetune.txt", "\n".join(train) + "\n")
+    _write(base / "meta_data" / "test_finetune.txt", "\n".join(test) + "\n")
+    _write(base / "food2k_label2name_en.txt", "0000--Jiaozi\n0001--Mapo tofu\n")
+    got = _written(tmp_path, EvalSetSpec(name="x", kind="food2k", path=str(tmp_path), min_per_class=2))
+    assert got["test"] == [("0.jpg", "Jiaozi"), ("0.jpg", "Mapo tofu")]
+    assert len(got["train"]) == 4
+    # a leakage-only set: the test split only
+    lo = _written(tmp_path, EvalSetSpec(name="y", kind="food2k", path=str(base), min_per_class=2, evaluate=False))
+    assert lo["test"] == got["test"] and lo["train"] == []
+
+
+def test_inat_birds_from_coco_json(tmp_path):
+    """val.json / train_mini.json (COCO style); supercategory Aves keeps the bird categories
+    (iNat 2021 spells supercategory "Birds", class "Aves"; iNat 2017 supercategory "Aves")."""
+    cats = [{"id": 0, "name": "Corvus corax", "supercategory": "Birds", "class": "Aves"},
+            {"id": 1, "name": "Pica pica", "supercategory": "Aves"},
+            {"id": 2, "name": "Vulpes vulpes", "supercategory": "Mammals", "class": "Mammalia"}]
+    for split, per in (("train_mini", 3), ("val", 1)):
+        images, anns = [], []
+        for c in range(3):
+            for j in range(per):
+                i = len(images)
+                rel = f"{split}/{c:05d}/{split}{c}{j}.jpg"
+                _jpg(tmp_path / "inat" / rel, 100 * c + j + (50 if split == "val" else 0))
+                images.append({"id": i, "file_name": rel})
+                anns.append({"id": i, "image_id": i, "category_id": c})
+        _write(tmp_path / "inat" / f"{split}.json", json.dumps({"images": images, "annotations": anns,
+                                                                  "categories": cats}))
+    spec = EvalSetSpec(name="inat_birds", kind="inat", path=str(tmp_path / "inat"), supercategory="Aves",
+                       min_per_class=2)
+    got = _written(tmp_path, spec)
+    assert got["test"] == [("val00.jpg", "Corvus corax"), ("val10.jpg", "Pica pica")]
+    assert len(got["train"]) == 6 and "Vulpes vulpes" not in {c for _, c in got["train"]}
+    (tmp_path / "inat" / "train_mini.json").unlink()
+    with pytest.raises(FileNotFoundError, match="train_mini.json"):
+        write_evalset(spec, tmp_path / "out", progress=False)
+
+
+def test_eval_root_resolves_relative_set_paths():
+    p = build(EvalParams, {"eval": {"root": "/data/sets", "sets": [
+        {"name": "a", "kind": "cub200", "path": "CUB_200_2011"},
+        {"name": "b", "kind": "imagefolder", "path": "/elsewhere/b"}]}}, "eval")
+    assert [s.path for s in p.specs] == ["/data/sets/CUB_200_2011", "/elsewhere/b"]
+
+
 def test_stage_main_on_real_clipart(tmp_path):
     params = write_params(tmp_path / "params.yaml", eval={"sets": [CLIPART_FOOD], "max_side": 64})
     out = tmp_path / "evalsets"

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pas.curate.leakage import LeakageParams, leakage, resolve_evalsets, summary
+from pas.curate.leakage import LeakageParams, by_component, leakage, resolve_evalsets, summary
 from pas.params import ParamsError, build
 from tests.stage_helpers import load_stage
 
@@ -43,6 +43,46 @@ def test_hand_computed():
     s = summary(m, {"s1": 2, "s2": 1})
     assert s == {"n_in": 4, "n_out": 2, "n_dropped": 2, "dropped_per_evalset": {"s1": 1, "s2": 1},
                  "n_test": {"s1": 2, "s2": 1}}
+
+
+def test_by_component_hand_computed():
+    """Every dedup input is checked; a leak drops its whole dedup component (scope "component").
+
+    Paper: SSCD filtering "eliminates images resembling any in the test sets"; a kept image whose
+    removed duplicate resembles a test image carries that image's content, so it goes too.
+    Inputs a, b (one component, dedup kept a), c alone, d, e (one component, dedup kept d);
+    tests t0 = e1, t1 = e2. Cosines: a·t0 = 0.3, b·t0 = 0.9, c = 0, d·t1 = 1, e·t1 = 0.2.
+    """
+    x = unit([0.3, 0, 0.954], [0.9, 0, 0.436], [0, 0, 1], [0, 1, 0], [0, 0.2, 0.98])
+    checked = leakage(list("abcde"), x, ["t0", "t1"], ["s0", "s1"], unit([1, 0, 0], [0, 1, 0]),
+                      lambda_leak=0.45, k_leak=2)
+    assert checked["kept"].tolist() == [True, False, True, False, True]       # b and d leak
+    comp, dedup_kept = [0, 0, 1, 2, 2], [True, False, True, True, False]
+
+    m = by_component(checked, comp, dedup_kept, "component").set_index("key")
+    assert list(m.index) == ["a", "c", "d"]                                   # rows: dedup's kept images
+    assert m["kept"].tolist() == [False, True, False]
+    assert m["reason"].tolist() == ["leak_component", "", "leak"]
+    # a is dropped for b: the row names b, its score 0.9 and b's nearest test image t0
+    assert (m.loc["a", "via"], m.loc["a", "nearest_key"], m.loc["a", "evalset"]) == ("b", "t0", "s0")
+    np.testing.assert_allclose(m.loc["a", "score"], 0.9, atol=1e-3)
+    assert m.loc["d", "via"] == "d" and m["component_leaks"].tolist() == [True, False, True]
+    s = summary(m.reset_index(), {"s0": 1, "s1": 1}, ["real", "real", "synthetic"], checked=checked)
+    assert s == {"n_in": 3, "n_out": 1, "n_dropped": 2, "dropped_per_evalset": {"s0": 1, "s1": 1},
+                 "n_test": {"s0": 1, "s1": 1}, "dropped_leak": 1, "dropped_leak_component": 1,
+                 "dropped_if_image_scope": 1, "dropped_if_component_scope": 2,
+                 "dropped_real": 1, "n_out_real": 1, "dropped_synthetic": 1, "n_out_synthetic": 0,
+                 "n_checked": 5, "n_checked_leaking": 2}
+
+    img = by_component(checked, comp, dedup_kept, "image").set_index("key")
+    assert img["kept"].tolist() == [True, True, False] and img["reason"].tolist() == ["", "", "leak"]
+    assert img.loc["a", "via"] == "a" and img.loc["a", "component_leaks"]     # a's own score, 0.3
+    np.testing.assert_allclose(img.loc["a", "score"], 0.3, atol=1e-3)
+    s = summary(img.reset_index(), {"s0": 1, "s1": 1}, checked=checked)
+    assert (s["n_dropped"], s["dropped_if_image_scope"], s["dropped_if_component_scope"]) == (1, 1, 2)
+    assert len(by_component(checked.iloc[:0], [], [], "component")) == 0
+    with pytest.raises(ValueError, match="components"):
+        by_component(checked, comp[:4], dedup_kept, "image")
 
 
 def test_k_leak_bounds_n_matches():
@@ -75,7 +115,9 @@ def test_dims_mismatch_refused():
 
 def test_params():
     p = build(LeakageParams, {"lambda_leak": 0.3, "k_leak": 4, "leakage": {"evalsets": ["fruit"]}}, "leakage")
-    assert (p.lambda_leak, p.k_leak, p.evalsets) == (0.3, 4, ["fruit"])
+    assert (p.lambda_leak, p.k_leak, p.evalsets, p.scope) == (0.3, 4, ["fruit"], "component")
+    with pytest.raises(ParamsError, match="scope"):
+        build(LeakageParams, {"leakage": {"scope": "set"}}, "leakage")
     with pytest.raises(ParamsError, match="evalsets"):
         build(LeakageParams, {"leakage": {"evalsets": ["../etc"]}}, "leakage")
 
@@ -137,7 +179,7 @@ def stage_inputs(tmp_path: Path, clipart_food) -> dict:
         im.save(folder / f"class{i % 2}" / f"img{i}.png")
 
     # the dataset: unrelated clipart + a JPEG re-encoded, resized copy of t2 + an exact copy of img1,
-    # + a copy of t0 that dedup already removed (must not appear)
+    # + a copy of t0 that dedup removed as a duplicate of p000 (must not appear, but takes p000 along)
     sscd_dir = build_tiny_sscd(tmp_path / "sscd", seed=0)
     model = load_sscd(sscd_dir)
     data = [(f"p{i:03d}", im) for i, im in enumerate(dataset)]
@@ -149,7 +191,9 @@ def stage_inputs(tmp_path: Path, clipart_food) -> dict:
     np.save(d / "descriptors.npy", x)
     write_parquet(pd.DataFrame({"row": np.arange(len(keys)), "key": keys, "source": "real"}), d / "keys.parquet",
                   sort_by=None)
-    write_parquet(pd.DataFrame({"key": keys, "kept": [k != "p902" for k in keys]}), d / "manifest.parquet")
+    comp = [0 if k == "p902" else i for i, k in enumerate(keys)]          # p902's component is p000's
+    write_parquet(pd.DataFrame({"key": keys, "kept": [k != "p902" for k in keys], "component": comp}),
+                  d / "manifest.parquet")
     write_json(d / "descriptors.json", {"model_sha256": fingerprint(sscd_dir), "resize": 160, "dims": 512,
                                         "n": len(keys)})
 
@@ -182,14 +226,29 @@ def test_stage_finds_planted_copies(tmp_path, clipart_food, monkeypatch):
     assert stage.main(args) == 0
     m = pd.read_parquet(out / "manifest.parquet").set_index("key")
     assert "p902" not in m.index and len(m) == len(keys) - 1
-    assert sorted(m.index[~m["kept"]]) == ["p900", "p901"]
+    # p000 goes with its removed duplicate p902, a copy of t0 (default scope: component)
+    assert sorted(m.index[~m["kept"]]) == ["p000", "p900", "p901"]
+    assert (m.loc["p000", "reason"], m.loc["p000", "via"], m.loc["p000", "nearest_key"]) == \
+        ("leak_component", "p902", "t0")
     assert (m.loc["p900", "nearest_key"], m.loc["p900", "evalset"]) == ("t2", "food")
     assert (m.loc["p901", "nearest_key"], m.loc["p901", "evalset"]) == ("class1/img1.png", "mine")
+    assert len(pd.read_parquet(out / "checked.parquet")) == len(keys)      # every dedup input
     met = json.loads(metrics.read_text())
-    assert met == {"n_in": len(keys) - 1, "n_out": len(keys) - 3, "n_dropped": 2,
-                   "dropped_per_evalset": {"food": 1, "mine": 1}, "n_test": {"food": 5, "mine": 3},
-                   "dropped_real": 2, "n_out_real": len(keys) - 3, "dropped_synthetic": 0,
-                   "n_out_synthetic": 0}
+    assert met == {"n_in": len(keys) - 1, "n_out": len(keys) - 4, "n_dropped": 3,
+                   "dropped_per_evalset": {"food": 2, "mine": 1}, "n_test": {"food": 5, "mine": 3},
+                   "dropped_leak": 2, "dropped_leak_component": 1, "dropped_if_image_scope": 2,
+                   "dropped_if_component_scope": 3, "n_checked": len(keys), "n_checked_leaking": 3,
+                   "dropped_real": 3, "n_out_real": len(keys) - 4, "dropped_synthetic": 0,
+                   "n_out_synthetic": 0, "scope": "component"}
+    # scope image: only the kept images that leak themselves
+    params = yaml.safe_load(Path(args[args.index("--params") + 1]).read_text())
+    params["leakage"]["scope"] = "image"
+    (tmp_path / "image.yaml").write_text(yaml.safe_dump(params))
+    img_args = [*args, "--params", str(tmp_path / "image.yaml"), "--out", str(tmp_path / "leak_img")]
+    assert stage.main(img_args) == 0
+    mi = pd.read_parquet(tmp_path / "leak_img" / "manifest.parquet").set_index("key")
+    assert sorted(mi.index[~mi["kept"]]) == ["p900", "p901"] and mi.loc["p000", "component_leaks"]
+    assert json.loads(metrics.read_text())["dropped_if_component_scope"] == 3
     # descriptors made by another model are refused
     write_json(d / "descriptors.json", {"model_sha256": "0" * 64, "resize": 160, "dims": 512, "n": len(keys)})
     with pytest.raises(ValueError, match="rerun dedup"):

@@ -57,6 +57,43 @@ def _noisy_knee_curve(seed: int, sigma: float = 0.03):
     return n, x, y + sigma * rng.standard_normal(len(x)), x0, N
 
 
+def _corner_scores():
+    """200 images, each its own front (all three scores equal and strictly decreasing): x_k = k.
+
+    y falls linearly 1 -> 0.1 over fronts 1..22, then 0.1 -> 0 over 23..200. kneedle (convex,
+    decreasing) maximises D_k = (1 - y_n) - x_n with y_n = y, x_n = (k - 1)/199: for k <= 22,
+    D_k = (k - 1)(0.9/21 - 1/199) rises; after it, each step adds 0.1/178 - 1/199 < 0, so the
+    maximum is D_22 = 0.9 - 21/199 = 0.7945 and the knee is x = 22 images removed.
+    """
+    k = np.arange(1, 201)
+    y = np.where(k <= 22, 1 - (k - 1) * 0.9 / 21, 0.1 - (k - 22) * 0.1 / 178)
+    return pd.DataFrame({"key": [f"k{i:03d}" for i in k], "ood_b": y, "ood_bprime": y,
+                         "ood_blur_delta": y})
+
+
+def test_knee_on_the_per_front_curve_hand_computed():
+    """Paper §3.3: kneedle on "a curve that represents the relationship between the average value of
+    each metric at the i-th Pareto-front (Y-axis) and the cumulative number of images removed up to
+    that point (X-axis)"; the default (knee_bins = 0) is that curve, and the stop is x = 22."""
+    res = select(_corner_scores(), PruneParams())
+    assert res.summary["fronts"] == 200 and res.summary["knee_bins"] == 0
+    assert res.binned["removed"].tolist() == list(range(1, 201))      # kneedle saw every front
+    assert res.summary["knee_x"] == {m: 22 for m in METRICS} and res.summary["stop_x"] == 22
+    # 50 bins of 4 fronts: the corner falls inside bin 21..24, so binning moves the stop
+    assert select(_corner_scores(), PruneParams(knee_bins=50)).summary["stop_x"] == 24
+
+
+@pytest.mark.parametrize("preset", ["paper-food", "paper-birds"])
+def test_paper_presets_stop_on_the_per_front_curve(preset):
+    """The paper presets use "the average value of each metric at the i-th Pareto-front" unbinned."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / f"{preset}.yaml").read_text())
+    p = pas_params.build(PruneParams, cfg, "prune")
+    assert p.stop == "knee" and p.knee_bins == 0
+    assert select(_corner_scores(), p).summary["stop_x"] == 22
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_binning_finds_the_known_knee_where_raw_kneedle_fails(seed):
     n, x, y, x0, N = _noisy_knee_curve(seed)

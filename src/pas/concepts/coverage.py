@@ -1,9 +1,11 @@
 """Concept coverage of reference label sets (the paper's Figures 3–4 as numbers).
 
-For each class name y of a reference dataset: s(y) = max_{c ∈ B} cos(E(y), E(c)) with sentence
+For each class name y of a reference dataset: s(y) = max_{c ∈ B} cos(E(y), E(c)) with text
 embeddings E; the set's coverage is the fraction of classes with s(y) ≥ threshold, reported with the
-mean of s(y). (The paper plots CLIP ViT-L/14 lexical embeddings; we use the sentence embedder of the
-`models` stage so the number is cheap and model-stable.)
+mean of s(y). E is `concepts.coverage_embedder`: "clip" is the paper's ("we compute the CLIP ViT-L/14
+lexical embeddings": the text tower of `models/clip`, the paper presets), "text_embed" the sentence
+embedder of `models/text_embed` (MiniLM offline: cheap, and meaningful where the offline CLIP is a
+random-init tiny model). Cosines of the two are not comparable, so neither are their thresholds.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ REFERENCES = {
     "food101": ("food101_classes.txt", "Food-101"),
     "cub200": ("cub200_classes.txt", "CUB-200-2011"),
 }
+
+
+EMBEDDERS = ("text_embed", "clip")   # E: pas.concepts.lexical.text_encoder
 
 
 def clean_class_name(raw: str) -> str:

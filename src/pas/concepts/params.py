@@ -41,9 +41,11 @@ class ConceptsParams:
     references: tuple[str, ...] = ()  # reference label sets for coverage: food101, cub200 (resources/)
     coverage_threshold: float = 0.7   # a class is covered if its nearest concept has cosine ≥ this
     coverage_bins: int = 20           # histogram bins over [0, 1] of nearest-concept cosine (dvc plots)
+    coverage_embedder: str = "text_embed"  # E of the coverage cosines: text_embed (MiniLM offline) | clip
+                                           # (models/clip text tower: the paper's CLIP ViT-L/14)
 
     def __post_init__(self) -> None:
-        from pas.concepts.coverage import REFERENCES
+        from pas.concepts.coverage import EMBEDDERS, REFERENCES
 
         check_range("lambda_1", self.lambda_1, 0.0, 1.0)
         check_range("lambda_2", self.lambda_2, 0.0, 1.0)
@@ -60,3 +62,4 @@ class ConceptsParams:
         check_range("coverage_threshold", self.coverage_threshold, -1.0, 1.0, lo_open=False, hi_open=False)
         for ref in self.references:
             check_choice("references", ref, sorted(REFERENCES))
+        check_choice("coverage_embedder", self.coverage_embedder, EMBEDDERS)

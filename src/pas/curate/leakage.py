@@ -4,10 +4,17 @@
 the test sets of the traditional domain-specific datasets, using a lower similarity threshold of 0.45
 to minimize false negatives." — "Regarding the data leak detection, we use k=32."
 
-For every dataset image (the images `dedup` kept) we search its k_leak nearest test images (faiss,
-inner product on L2-normalised SSCD descriptors) and drop it when any similarity is > λ_leak. The
-decision depends only on the nearest test image; k_leak bounds `n_matches`, the number of test images
-above λ_leak reported per dataset image.
+For every collected image (every dedup input, not only the images dedup kept) we search its k_leak
+nearest test images (faiss, inner product on L2-normalised SSCD descriptors); an image leaks when its
+nearest test image has similarity > λ_leak. k_leak bounds `n_matches`, the number of test images above
+λ_leak reported per image.
+
+`scope` (`leakage.scope`) decides what a leak removes:
+- "component" (default): the whole dedup component of a leaking image. If a and b are duplicates,
+  dedup keeps a and b is close to a test image, a carries b's content into the dataset, so a goes too
+  (DINOv2's retrieval curation, where the 0.45 threshold comes from, discards such components whole).
+- "image": only the kept images whose own descriptor leaks (the earlier behaviour).
+The manifest has one row per image dedup kept; the metrics count what either scope would drop.
 """
 
 from __future__ import annotations
@@ -25,7 +32,10 @@ from pas.params import ParamsError, check_choice, check_range
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["key", "kept", "reason", "score", "nearest_key", "evalset", "n_matches"]
+# the stage's manifest (`by_component`); `leakage` returns the first seven
+MANIFEST_COLUMNS = ["key", "kept", "reason", "score", "nearest_key", "evalset", "n_matches", "via",
+                    "component", "component_leaks"]
+SCOPES = ("component", "image")
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,7 @@ class LeakageParams:
     use_gpu: bool = True           # faiss-gpu when installed and a GPU is visible
     max_side: int = 512            # ImageFolder test images are downscaled to this longer side on load
     resize: int | list[int] | None = None   # must equal the dedup descriptors' resize; null = take theirs
+    scope: str = "component"       # a leak drops its whole dedup component | only the leaking kept image
 
     def __post_init__(self) -> None:
         check_range("lambda_leak", self.lambda_leak, -1.0, 1.0, lo_open=False, hi_open=False)
@@ -54,6 +65,7 @@ class LeakageParams:
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         check_range("max_side", self.max_side, 16, None, lo_open=False)
         check_resize("resize", self.resize)
+        check_choice("scope", self.scope, SCOPES)
 
 
 # ------------------------------------------------------------------------------- test images
@@ -150,15 +162,76 @@ def leakage(keys: Sequence[str], x: np.ndarray, test_keys: Sequence[str], test_s
     })
 
 
-def summary(manifest: pd.DataFrame, n_test: dict[str, int], source: Sequence[str] | None = None) -> dict:
+def by_component(checked: pd.DataFrame, component: Sequence[int], dedup_kept: Sequence[bool],
+                 scope: str = "component") -> pd.DataFrame:
+    """Keep-manifest of the images dedup kept, from `checked` = `leakage(...)` over every dedup input.
+
+    `component[i]` / `dedup_kept[i]`: row i's dedup component id and whether dedup kept it.
+    `component_leaks`: some member of the image's component (itself included) leaks. scope "image"
+    drops a kept image that leaks itself (reason "leak"); scope "component" drops every kept image
+    with `component_leaks` (reason "leak", or "leak_component" when only another member leaks).
+    score, nearest_key, evalset and n_matches describe `via`: the image itself in scope "image", the
+    component member most similar to a test image in scope "component" (ties: first row).
+    Rows keep the order of `checked`.
+    """
+    check_choice("scope", scope, SCOPES)
+    comp = np.asarray(component, dtype=np.int64)
+    kept_d = np.asarray(dedup_kept, dtype=bool)
+    if not (len(checked) == len(comp) == len(kept_d)):
+        raise ValueError(f"{len(checked)} checked rows, {len(comp)} components, {len(kept_d)} dedup flags")
+    if len(checked) == 0:
+        return empty_manifest().assign(via=pd.Series([], dtype=str), component=pd.Series([], dtype=np.int64),
+                                       component_leaks=pd.Series([], dtype=bool))
+    leaks = ~checked["kept"].to_numpy(bool)
+    _, c = np.unique(comp, return_inverse=True)            # dense component index per row
+    comp_leaks = (np.bincount(c, weights=leaks) > 0)[c]
+    if scope == "image":
+        best = np.arange(len(checked))
+        drop = leaks
+    else:
+        # per component, the row with the highest score (NaN = no test images: lowest), first on ties
+        score = np.nan_to_num(checked["score"].to_numpy(np.float64), nan=-np.inf)
+        order = np.lexsort((np.arange(len(c)), -score, c))
+        first = np.r_[True, c[order][1:] != c[order][:-1]]
+        best = order[first][c]                               # c[order][first] = 0, 1, 2, ... in order
+        drop = comp_leaks
+    reason = np.where(leaks, "leak", np.where(drop, "leak_component", ""))
+    out = pd.DataFrame({
+        "key": checked["key"].astype(str).to_numpy(),
+        "kept": ~drop,
+        "reason": reason,
+        "score": checked["score"].to_numpy(np.float32)[best],
+        "nearest_key": checked["nearest_key"].astype(str).to_numpy()[best],
+        "evalset": checked["evalset"].astype(str).to_numpy()[best],
+        "n_matches": checked["n_matches"].to_numpy(np.int64)[best],
+        "via": checked["key"].astype(str).to_numpy()[best],
+        "component": comp,
+        "component_leaks": comp_leaks,
+    })
+    return out.loc[kept_d].reset_index(drop=True)
+
+
+def summary(manifest: pd.DataFrame, n_test: dict[str, int], source: Sequence[str] | None = None,
+            checked: pd.DataFrame | None = None) -> dict:
     """Counters for metrics/leakage.json: n_in, n_out, n_dropped, dropped per eval set (by nearest
     test image), test images per set; with `source` (per manifest row) also n_out_/dropped_ real and
-    synthetic."""
+    synthetic. A `by_component` manifest adds dropped_leak / dropped_leak_component (by reason) and
+    what either scope drops (dropped_if_image_scope, dropped_if_component_scope); `checked` (every
+    dedup input) adds n_checked and n_checked_leaking."""
     n_in = len(manifest)
     dropped = manifest.loc[~manifest["kept"]] if n_in else manifest
     per = {name: int((dropped["evalset"] == name).sum()) for name in sorted(n_test)}
     out = {"n_in": n_in, "n_out": int(n_in - len(dropped)), "n_dropped": int(len(dropped)),
            "dropped_per_evalset": per, "n_test": {k: int(v) for k, v in sorted(n_test.items())}}
+    if "component_leaks" in manifest.columns:
+        reason = manifest["reason"].astype(str)
+        out["dropped_leak"] = int((reason == "leak").sum())
+        out["dropped_leak_component"] = int((reason == "leak_component").sum())
+        out["dropped_if_image_scope"] = out["dropped_leak"]
+        out["dropped_if_component_scope"] = int(manifest["component_leaks"].astype(bool).sum())
+    if checked is not None:
+        out["n_checked"] = int(len(checked))
+        out["n_checked_leaking"] = int((~checked["kept"].astype(bool)).sum())
     if source is not None:
         src = np.asarray(source, dtype=object)
         kept = manifest["kept"].to_numpy(bool) if n_in else np.zeros(0, bool)

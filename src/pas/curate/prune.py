@@ -50,7 +50,7 @@ class PruneParams:
     stop: str = "knee"                  # knee (paper) | target_size | max_fronts
     target_size: int | None = None      # images kept when stop = target_size
     max_fronts: int | None = None       # worst fronts removed when stop = max_fronts; a cap otherwise
-    knee_bins: int = 50                 # equal-image-count bins of each peel curve for kneedle; 0 = per front
+    knee_bins: int = 0                  # 0 = the paper's per-front curve; else equal-image-count bins
     knee_interp: str = "interp1d"       # kneed interp_method: interp1d | polynomial
     knee_poly_degree: int = 7           # polynomial degree when knee_interp = polynomial
     knee_sensitivity: float = 1.0       # kneedle's S (higher = more conservative knees)

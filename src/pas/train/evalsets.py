@@ -14,7 +14,7 @@ import io
 import json
 import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from pas.params import ParamsError, build, check_choice, check_range, check_seed
 
 log = logging.getLogger(__name__)
 
-KINDS = ("imagefolder", "wds", "food101")
+KINDS = ("imagefolder", "wds", "food101", "cub200", "nabirds", "foodx251", "food2k", "inat")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 SPLITS = ("train", "test")
 
@@ -34,14 +34,18 @@ class EvalSetSpec:
     """One evaluation dataset (an item of `eval.sets`)."""
 
     name: str                          # output folder name, [A-Za-z0-9_-]
-    kind: str                          # imagefolder | wds | food101
-    path: str                          # folder of class folders / folder of shards / Food-101 root
+    kind: str                          # imagefolder | wds | an official layout: food101 | foodx251 | food2k |
+                                       # cub200 | nabirds | inat (see the _list_<kind> functions)
+    path: str                          # the set's folder; relative = under eval.root
     classes: tuple[str, ...] | None = None  # subset of class names (None: every class with >= min_per_class)
-    test_fraction: float = 0.3         # share of each class held out for test (ignored by food101)
+    test_fraction: float = 0.3         # share of each class held out for test (not for official splits)
     n_test: int | None = None          # fixed test images per class instead of test_fraction
     min_per_class: int = 20            # classes with fewer images are left out (and counted)
     max_per_class: int | None = None   # seeded cap per class and split (None: all)
     label_key: str = "label"           # wds: JSON field holding the class (int or name)
+    supercategory: str | None = None   # inat: keep categories with this supercategory or class (Aves)
+    evaluate: bool = True              # false: a leakage-only set (test split written, train not,
+                                       # evaluate skips it), e.g. Food-2K / iNat birds in the presets
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
@@ -87,6 +91,8 @@ class EvalParams:
     """
 
     sets: tuple[dict, ...] = ()            # eval sets, see pas.train.evalsets.EvalSetSpec
+    root: str | None = None                # folder holding the sets: the evalsets stage's one DVC dep
+                                           # for them (any number of sets); relative set paths are under it
     split_seed: int = 0                    # train/test split seed, fixed across experiments
     max_side: int = 256                    # stored eval images: longer side <= max_side
     max_pixels: int = 50_000_000           # images larger than this (from the header) are skipped
@@ -106,6 +112,8 @@ class EvalParams:
 
     def __post_init__(self) -> None:
         parse_sets(list(self.sets))
+        if self.root is not None and not self.root:
+            raise ParamsError("eval.root: must be a folder path or null")
         check_choice("knn_weighting", self.knn_weighting, ("uniform", "dino"))
         check_choice("linear_optimizer", self.linear_optimizer, ("auto", "adamw", "sgd"))
         check_choice("device", self.device, ("cpu", "cuda", "auto"))
@@ -121,7 +129,12 @@ class EvalParams:
 
     @property
     def specs(self) -> tuple[EvalSetSpec, ...]:
-        return parse_sets(list(self.sets))
+        """The sets, with relative paths taken under `root`."""
+        specs = parse_sets(list(self.sets))
+        if self.root is None:
+            return specs
+        return tuple(replace(s, path=str(Path(self.root) / s.path)) if not Path(s.path).is_absolute() else s
+                     for s in specs)
 
 
 @dataclass
@@ -168,26 +181,145 @@ def _list_wds(spec: EvalSetSpec) -> list[Item]:
     return items
 
 
-def _list_food101(spec: EvalSetSpec) -> list[Item]:
-    """Food-101 through torchvision (download=False: only when already on disk), official split."""
-    try:
-        from torchvision.datasets import Food101
+def _dataset_root(spec: EvalSetSpec, marker: str, subdirs: tuple[str, ...], what: str) -> Path:
+    """The folder holding `marker`: spec.path itself or one of its `subdirs` (the archive's top folder)."""
+    root = Path(spec.path)
+    for d in (root, *(root / s for s in subdirs)):
+        if (d / marker).exists():
+            return d
+    raise FileNotFoundError(f"eval set {spec.name!r}: {what} not found under {root} (no {marker} in it or in "
+                            f"{', '.join(subdirs) or 'a sub-folder'}); kind {spec.kind} reads the official layout")
 
-        Food101(spec.path, split="test", download=False)   # checks the files are there
-    except RuntimeError as e:
-        raise FileNotFoundError(f"eval set {spec.name!r}: Food-101 not found under {spec.path} ({e}); "
-                                "download it once with torchvision.datasets.Food101(root, download=True)") from None
-    base = Path(spec.path) / "food-101"
+
+def _lines(path: Path) -> list[str]:
+    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def _list_food101(spec: EvalSetSpec) -> list[Item]:
+    """Food-101 (Bossard et al. 2014) as released: `food-101/meta/{train,test}.txt` (`class/id` lines;
+    the `.json` twins are read when the `.txt` are missing) and `food-101/images/<class>/<id>.jpg`.
+    `path` = the `food-101` folder or its parent (torchvision's Food101 root). Official split."""
+    base = _dataset_root(spec, "meta", ("food-101",), "Food-101")
     items = []
     for split in SPLITS:
-        meta = json.loads((base / "meta" / f"{split}.json").read_text())
-        for cls in sorted(meta):
-            for rel in sorted(meta[cls]):
-                items.append(Item(str(base / "images" / f"{rel}.jpg"), cls, split))
+        txt, js = base / "meta" / f"{split}.txt", base / "meta" / f"{split}.json"
+        if txt.is_file():
+            rels = _lines(txt)
+        elif js.is_file():
+            meta = json.loads(js.read_text())
+            rels = [r for c in sorted(meta) for r in meta[c]]
+        else:
+            raise FileNotFoundError(f"eval set {spec.name!r}: Food-101 not found: no {txt}")
+        for rel in sorted(rels):
+            items.append(Item(str(base / "images" / f"{rel}.jpg"), rel.split("/")[0], split))
     return items
 
 
-LISTERS = {"imagefolder": _list_imagefolder, "wds": _list_wds, "food101": _list_food101}
+def _list_cub_style(spec: EvalSetSpec) -> list[Item]:
+    """CUB-200-2011 (`cub200`) and NABirds (`nabirds`), which share a layout: `images.txt`
+    (`<image id> <path under images/>`), `train_test_split.txt` (`<image id> <1 = train, 0 = test>`),
+    `image_class_labels.txt` (`<image id> <class id>`), `classes.txt` (`<class id> <name>`). `path` =
+    that folder or its parent (`CUB_200_2011/`, `nabirds/`). Official split; label = the class name."""
+    what, sub = {"cub200": ("CUB-200-2011", ("CUB_200_2011",)), "nabirds": ("NABirds", ("nabirds",))}[spec.kind]
+    base = _dataset_root(spec, "images.txt", sub, what)
+
+    def table(name: str) -> dict[str, str]:
+        f = base / name
+        if not f.is_file():
+            raise FileNotFoundError(f"eval set {spec.name!r}: {what}: {f} missing")
+        return dict(ln.split(maxsplit=1) for ln in _lines(f))
+
+    paths, is_train = table("images.txt"), table("train_test_split.txt")
+    labels, names = table("image_class_labels.txt"), table("classes.txt")
+    items = []
+    for img_id, rel in paths.items():
+        if img_id not in is_train or img_id not in labels:
+            raise ValueError(f"eval set {spec.name!r}: image {img_id} has no split or class in {base}")
+        split = "train" if is_train[img_id].strip() == "1" else "test"
+        items.append(Item(str(base / "images" / rel), names[labels[img_id].strip()], split))
+    return items
+
+
+def _list_foodx251(spec: EvalSetSpec) -> list[Item]:
+    """FoodX-251 (iFood 2019) as released: `annot/{train,val}_info.csv` (`<file>,<class id>`, no header),
+    `annot/class_list.txt` (`<class id> <name>`), images in `train_set/` and `val_set/`. The test set's
+    labels are not public, so `val` is the test split (as in the paper's evaluations)."""
+    base = _dataset_root(spec, "annot", ("foodx251", "ifood2019"), "FoodX-251")
+    cl = base / "annot" / "class_list.txt"
+    names = dict(ln.split(maxsplit=1) for ln in _lines(cl)) if cl.is_file() else {}
+    items = []
+    for split, csv_name, folder in (("train", "train_info.csv", "train_set"), ("test", "val_info.csv", "val_set")):
+        f = base / "annot" / csv_name
+        if not f.is_file():
+            raise FileNotFoundError(f"eval set {spec.name!r}: FoodX-251: {f} missing")
+        for ln in _lines(f):
+            fname, label = (v.strip() for v in ln.split(","))
+            items.append(Item(str(base / folder / fname), names.get(label, label), split))
+    return items
+
+
+def _list_food2k(spec: EvalSetSpec) -> list[Item]:
+    """Food2K (Min et al. 2023) as released: class folders `<class id>/` under the image root
+    `Food2k_complete/`, split lists `{train,test}_finetune.txt` (`<path under the image root> <class
+    id>`, the path may start with `/`) in `meta_data/` or `Food2k_label/`, and class names in
+    `food2k_label2name_en.txt` (`<class id>--<name>`, optional). `path` = the image root or its parent;
+    the lists are looked up in both, never outside `path` (it is the DVC dependency)."""
+    root = Path(spec.path)
+    bases = [d for d in (root / "Food2k_complete", root) if d.is_dir()]
+    metas = [m for d in (root, *bases) for m in (d / "meta_data", d / "Food2k_label", d)]
+    meta = next((m for m in metas if (m / "test_finetune.txt").is_file()), None)
+    if not bases or meta is None:
+        raise FileNotFoundError(f"eval set {spec.name!r}: Food2K not found under {root} (no "
+                                "meta_data/test_finetune.txt or Food2k_label/test_finetune.txt)")
+    base = bases[0]
+    names = {}
+    for f in (base / "food2k_label2name_en.txt", meta / "food2k_label2name_en.txt"):
+        if f.is_file():
+            names = {str(int(a)): b.strip() for a, _, b in (ln.partition("--") for ln in _lines(f))}
+            break
+    items = []
+    for split in SPLITS:
+        f = meta / f"{split}_finetune.txt"
+        if not f.is_file():
+            raise FileNotFoundError(f"eval set {spec.name!r}: Food2K: {f} missing")
+        for ln in _lines(f):
+            rel, label = ln.rsplit(maxsplit=1)
+            label = str(int(label))
+            items.append(Item(str(base / rel.lstrip("/")), names.get(label, label), split))
+    return items
+
+
+def _list_inat(spec: EvalSetSpec) -> list[Item]:
+    """iNaturalist 2021 (also 2017/2018) as released: COCO-style `val.json` (test) and `train_mini.json`
+    (train; `train.json` when mini is absent) with `images` (id, file_name under the root),
+    `annotations` (image_id, category_id) and `categories`; `supercategory` keeps the categories whose
+    `supercategory` or `class` field equals it ("Aves": iNat birds; 2021 names the supercategory
+    "Birds" and the class "Aves"). Label = the category's `name`. A leakage-only set
+    (`evaluate: false`) needs only val.json."""
+    base = _dataset_root(spec, "val.json", (), "iNaturalist")
+    train = next((base / f for f in ("train_mini.json", "train.json") if (base / f).is_file()), None)
+    if train is None and spec.evaluate:
+        raise FileNotFoundError(f"eval set {spec.name!r}: iNaturalist: no train_mini.json or train.json in {base}")
+    items = []
+    for split, f in (("train", train), ("test", base / "val.json")):
+        if f is None or (split == "train" and not spec.evaluate):
+            continue
+        coco = json.loads(f.read_text())
+        cats = {c["id"]: c for c in coco["categories"]
+                if spec.supercategory is None or spec.supercategory in (c.get("supercategory"), c.get("class"))}
+        files = {im["id"]: im["file_name"] for im in coco["images"]}
+        for a in coco["annotations"]:
+            if a["category_id"] in cats:
+                items.append(Item(str(base / files[a["image_id"]]), str(cats[a["category_id"]]["name"]), split))
+    if not items:
+        raise ValueError(f"eval set {spec.name!r}: no iNaturalist category has supercategory or class "
+                         f"{spec.supercategory!r}")
+    return items
+
+
+LISTERS = {"imagefolder": _list_imagefolder, "wds": _list_wds, "food101": _list_food101,
+           "cub200": _list_cub_style, "nabirds": _list_cub_style, "foodx251": _list_foodx251,
+           "food2k": _list_food2k, "inat": _list_inat}
 
 
 def split_items(spec: EvalSetSpec, items: list[Item], split_seed: int) -> tuple[dict[str, list[Item]], list[str], dict]:
@@ -211,7 +343,7 @@ def split_items(spec: EvalSetSpec, items: list[Item], split_seed: int) -> tuple[
     out: dict[str, list[Item]] = {s: [] for s in SPLITS}
     for cls in sorted(by_class):
         its = sorted(by_class[cls], key=lambda i: i.source_path)
-        if len(its) < spec.min_per_class:
+        if len(its) < spec.min_per_class and spec.evaluate:    # leakage-only: every test image counts
             stats["dropped_classes_small"] += 1
             continue
         classes.append(cls)
@@ -248,7 +380,11 @@ def write_evalset(spec: EvalSetSpec, out_dir: str | Path, split_seed: int = 0, m
     import pandas as pd
 
     items = LISTERS[spec.kind](spec)
+    if not spec.evaluate:                 # leakage compares against test only: skip decoding train
+        items = [it for it in items if it.split != "train"]
     splits, classes, stats = split_items(spec, items, split_seed)
+    if not spec.evaluate:
+        splits["train"] = []
     label_of = {c: i for i, c in enumerate(classes)}
     root = Path(out_dir) / spec.name
     root.mkdir(parents=True, exist_ok=True)

@@ -188,6 +188,8 @@ def evaluate(cfg: EvalParams, backbone_dir: str | Path, init_dir: str | Path, ev
     train_info = json.loads(train_info_path.read_text()) if train_info_path.is_file() else {}
     sets: dict[str, Any] = {}
     for spec in cfg.specs:
+        if not spec.evaluate:             # a leakage-only set (no train split)
+            continue
         set_dir = evalsets_dir / spec.name
         if not (set_dir / "classes.json").is_file():
             raise FileNotFoundError(f"eval set {spec.name!r}: {set_dir} not written (run the `evalsets` stage)")
