@@ -44,6 +44,8 @@ common = {
                "batch_size": 256, "dtype": "float16"},
         "l4": vllm("models/llm/mixtral", max_new_tokens=96, tensor_parallel_size=2),
     },
+    # domain precision needs pool categories (openclipart's folders); a LAION pool has none
+    "precision": {"domain_categories": []},
     # caps only as safety nets far above the paper's figures (|B0| = 248, |B| = 5014): λ1/λ2 decide
     "concepts": {"max_generation_samples": 1000, "generation_batch": 16, "generation_max_new_tokens": 1024,
                  "expansion_max_new_tokens": 256, "max_expansion_rounds": 100, "max_concepts": 50000,

@@ -1,6 +1,7 @@
 """DVC stage `models@<family>`: resolve the family's spec in params.yaml to `models/<family>/`.
 
-Real specs download once (network); tiny specs are built offline from a seed. Either way the
+Real specs download once (network); tiny specs are built offline from a seed; `trained` specs (the
+offline CLIP and SSCD) are trained on the image pool of `pool.source`. Either way the
 folder is then loaded by the real loaders (open_clip, TorchScript, diffusers, transformers, timm).
 """
 
@@ -14,7 +15,8 @@ import time
 
 from pas.io.manifest import write_metrics
 from pas.models.files import fingerprint_dir
-from pas.models.specs import FAMILIES, ModelsParams, resolve
+from pas.data.pool import PoolParams
+from pas.models.specs import FAMILIES, TRAINED_ON_POOL, ModelsParams, resolve
 from pas.params import build, load, run_stage
 
 log = logging.getLogger("pas.models")
@@ -29,10 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "0")
-    p = build(ModelsParams, load(args.params), "models")
+    params = load(args.params)
+    p = build(ModelsParams, params, "models")
     spec = getattr(p, args.family)
+    # `trained` specs learn from the image pool (the offline CLIP and SSCD)
+    pool = build(PoolParams, params, "pool") if args.family in TRAINED_ON_POOL else None
     t0 = time.time()
-    out = resolve(args.family, spec, args.out)
+    out = resolve(args.family, spec, args.out, pool=pool)
     secs = time.time() - t0
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     log.info("models: %s (%s) -> %s, %.1f MB in %.1fs", args.family,

@@ -94,6 +94,7 @@ class _Item:
     height: int
     image: object         # PIL RGB, as stored (decoded from `jpeg`)
     jpeg: bytes | None = None  # the stored bytes, when already encoded
+    caption: str = ""     # the source's alt text (webdataset pools), "" for image folders
 
 
 def _load_one(args: tuple[str, str, PoolParams]) -> tuple:
@@ -184,10 +185,21 @@ def _iter_shards(src: Path, p: PoolParams, skipped: list[dict]) -> Iterator[_Ite
         key = s.key if KEY_RE.match(s.key) and s.key.startswith("p") else make_key("p", ref)
         # embed the stored JPEG, as for folder input: the embedding describes the bytes retrieve serves
         jpeg = encode_image(img, "jpg", p.jpeg_quality)
-        yield _Item(key, ref, cat, w, h, decode_image(jpeg), jpeg)
+        yield _Item(key, ref, cat, w, h, decode_image(jpeg), jpeg, str(s.meta.get("caption") or ""))
         n += 1
         if p.max_images and n >= p.max_images:
             return
+
+
+def iter_pool(p: PoolParams, skipped: list[dict]) -> Iterator[_Item]:
+    """The pool's images in stored order, decoded as the pool stage stores them; bad files are
+    appended to `skipped` ({path, reason, detail}). Also read by the offline model training."""
+    src = Path(p.source)
+    if not src.exists():
+        raise FileNotFoundError(f"pool.source={p.source!r} does not exist "
+                                "(offline default: `apt-get install openclipart-png`)")
+    shard_input = src.suffix == ".tar" or (src.is_dir() and any(src.glob("*.tar")))
+    return _iter_shards(src, p, skipped) if shard_input else _iter_folder(src, p, skipped)
 
 
 def build_faiss_index(emb: np.ndarray, p: PoolParams):
@@ -267,17 +279,12 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
 
         clip = load_clip(clip_dir, device=p.device)
     t0 = time.time()
-    src = Path(p.source)
-    if not src.exists():
-        raise FileNotFoundError(f"pool.source={p.source!r} does not exist "
-                                "(offline default: `apt-get install openclipart-png`)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # an index left by an earlier run would fail the check of the shards embedded before it is rewritten
     (out / "index.parquet").unlink(missing_ok=True)
     skipped: list[dict] = []
-    shard_input = src.suffix == ".tar" or (src.is_dir() and any(src.glob("*.tar")))
-    items = _iter_shards(src, p, skipped) if shard_input else _iter_folder(src, p, skipped)
+    items = iter_pool(p, skipped)
 
     rows, embs, batch = [], [], []
     batch_shard = None

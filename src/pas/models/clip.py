@@ -8,6 +8,7 @@ downloads once) or from a tiny seeded random init (`build_tiny_clip`, offline).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -91,8 +92,8 @@ class Clip:
 
     @property
     def dim(self) -> int:
-        return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") \
-            else int(self.encode_texts(["x"]).shape[1])
+        proj = getattr(self.model, "text_projection", None)
+        return int(proj.shape[1]) if proj is not None else int(self.encode_texts(["x"]).shape[1])
 
     def encode_images(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
         """PIL images → (N, D) float32, L2-normalised."""
@@ -121,9 +122,7 @@ class Clip:
 def _stack(chunks: list[np.ndarray], clip: Clip) -> np.ndarray:
     if chunks:
         return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
-    dim = int(clip.model.text_projection.shape[1]) if getattr(clip.model, "text_projection", None) is not None \
-        else 0
-    return np.zeros((0, dim), np.float32)
+    return np.zeros((0, clip.dim), np.float32)
 
 
 def load_clip(model_dir: str | Path, device: str = "cpu") -> Clip:
@@ -134,7 +133,14 @@ def load_clip(model_dir: str | Path, device: str = "cpu") -> Clip:
     if not (model_dir / CONFIG).is_file():
         raise FileNotFoundError(f"{model_dir}: not a CLIP model folder (no {CONFIG}); run `dvc repro models`")
     name = f"local-dir:{model_dir.resolve()}"
-    model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+    kwargs = {}
+    text_cfg = json.loads((model_dir / CONFIG).read_text())["model_cfg"].get("text_cfg", {})
+    if "hf_model_name" in text_cfg:
+        # an HF text tower (the offline trained CLIP) keeps its config in the folder itself; the saved
+        # name is a placeholder, so the folder is relocatable. Its weights are in the CLIP checkpoint.
+        kwargs["text_cfg"] = {**text_cfg, "hf_model_name": str(model_dir.resolve()),
+                              "hf_tokenizer_name": str(model_dir.resolve()), "hf_model_pretrained": False}
+    model, _, preprocess = open_clip.create_model_and_transforms(name, device=device, **kwargs)
     model.eval()
     tokenizer = open_clip.get_tokenizer(name)
     return Clip(model=model, preprocess=preprocess, tokenizer=tokenizer,

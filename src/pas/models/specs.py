@@ -18,11 +18,21 @@ from pas.params import ParamsError, check_seed, unknown_key
 
 FAMILIES = ("clip", "sscd", "diffusion", "llm", "text_embed", "backbone_init")
 
+# `trained`: small models trained on the image pool by the `models` stage (the offline default;
+# pas.models.clip_train / sscd_train), optional keys = their spec dataclasses' fields
+TRAINED_CLIP_KEYS = {"seed", "image_size", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+                     "min_scale", "context_length", "threads", "vision", "text_tower"}
+TRAINED_SSCD_KEYS = {"seed", "resize", "train_size", "widths", "dims", "epochs", "batch_size", "lr", "weight_decay",
+                     "temperature", "koleo_weight", "threads"}
+# families whose `trained` kind reads the pool (pool.source and its decoding params)
+TRAINED_ON_POOL = ("clip", "sscd")
+
 # kind -> keys a spec of that kind must/may have, per family
 KINDS: dict[str, dict[str, tuple[set, set]]] = {
     "clip": {"tiny": (set(), {"seed"}), "open_clip": ({"name", "pretrained"}, set()),
-             "local": ({"path"}, set())},
-    "sscd": {"tiny": (set(), {"seed"}), "url": ({"url"}, {"sha256"}), "local": ({"path"}, set())},
+             "local": ({"path"}, set()), "trained": (set(), TRAINED_CLIP_KEYS)},
+    "sscd": {"tiny": (set(), {"seed"}), "url": ({"url"}, {"sha256"}), "local": ({"path"}, set()),
+             "trained": (set(), TRAINED_SSCD_KEYS)},
     "diffusion": {"tiny": (set(), {"seed"}), "hub": ({"repo"}, {"revision"}), "local": ({"path"}, set())},
     "text_embed": {"package": (set(), set()), "hub": ({"repo"}, {"revision"}), "local": ({"path"}, set())},
     "backbone_init": {"timm": ({"name"}, {"kwargs", "seed", "weights"})},
@@ -100,8 +110,37 @@ def _source(spec: dict, packaged_default: str) -> str:
     return str(spec["path"])
 
 
-def resolve(family: str, spec: dict, out_dir: str | Path) -> Path:
-    """Materialise one model spec as a local folder `out_dir` (created fresh)."""
+def _train(family: str, spec: dict, out: Path, pool) -> Path:
+    """Train the offline CLIP or SSCD on the pool's images (pas.models.pool_pairs)."""
+    import json
+
+    from pas.models.files import write_json
+    from pas.models.pool_pairs import load_pool_pairs
+
+    if pool is None:
+        raise ValueError(f"models.{family}: kind 'trained' needs the pool params (pool.source)")
+    if family == "clip":
+        from pas.models import clip_train
+
+        s = clip_train.ClipTrainSpec.from_spec(spec)
+        from pas.models.llm import resolve_llm_source
+
+        text = resolve_llm_source(s.text_tower)
+        if text.kind != "dir":
+            raise ValueError(f"models.clip.text_tower={s.text_tower!r}: must be a local or packaged folder")
+        stats = clip_train.train_clip(load_pool_pairs(pool, s.image_size), s, text.path, out)
+    else:
+        from pas.models import sscd_train
+
+        s = sscd_train.SscdTrainSpec.from_spec(spec)
+        stats = sscd_train.train_sscd(load_pool_pairs(pool, s.train_size), s, out)
+    write_json(out / "train_stats.json", json.loads(json.dumps(stats)))
+    return out
+
+
+def resolve(family: str, spec: dict, out_dir: str | Path, pool=None) -> Path:
+    """Materialise one model spec as a local folder `out_dir` (created fresh). `pool`: the
+    `pas.data.pool.PoolParams` that `trained` specs learn from."""
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -115,6 +154,8 @@ def resolve(family: str, spec: dict, out_dir: str | Path) -> Path:
             return clip.build_tiny_clip(out, seed=seed)
         if kind == "open_clip":
             return clip.save_pretrained_clip(spec["name"], spec["pretrained"], out)
+        if kind == "trained":
+            return _train(family, spec, out, pool)
         return _copy_local(spec["path"], out)
     if family == "sscd":
         from pas.models import sscd
@@ -123,6 +164,8 @@ def resolve(family: str, spec: dict, out_dir: str | Path) -> Path:
             return sscd.build_tiny_sscd(out, seed=seed)
         if kind == "url":
             return sscd.download_sscd(spec["url"], out, sha256=spec.get("sha256"))
+        if kind == "trained":
+            return _train(family, spec, out, pool)
         return _copy_local(spec["path"], out)
     if family == "diffusion":
         from pas.models import diffusion

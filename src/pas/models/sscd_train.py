@@ -1,0 +1,310 @@
+"""The offline SSCD: a small copy-detection descriptor trained on the pool with SSCD's recipe.
+
+SSCD (Pizzi et al., CVPR 2022) trains a descriptor so that an image and its edited copies map close
+together and different images far apart: "a contrastive self-supervised loss (InfoNCE) on strong
+augmentations" plus "an entropy regularization term [KoLeo] that promotes consistent separation
+between descriptor vectors". We follow it on the pool's images: two copy-style views per image (crops,
+resizes, flips, colour jitter, greyscale, blur, JPEG re-encodes, text and patch overlays), InfoNCE
+over the batch at SSCD's temperature, plus λ_KoLeo·KoLeo. The trunk is a narrow ResNet of the same
+shape as `pas.models.sscd`'s (BasicBlocks → GeM p=3 → Linear → L2 norm), scripted to TorchScript
+like the released models, so `load_sscd` / `descriptors` / dedup / leakage use it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pas.models.files import seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SscdTrainSpec:
+    """`models.sscd` with `kind: trained`."""
+
+    seed: int = 0
+    resize: int = 64                  # training view size = the inference preset's short side
+    train_size: int = 96              # pool images are centre-cropped to this before the copy edits
+    widths: list = field(default_factory=lambda: [32, 64, 128, 256])
+    dims: int = 256
+    epochs: int = 6
+    batch_size: int = 128             # images per step (2 views each)
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.05         # SSCD's InfoNCE temperature
+    koleo_weight: float = 30.0        # SSCD's entropy weight λ
+    threads: int = 2
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "SscdTrainSpec":
+        from pas.params import ParamsError
+
+        known = set(cls.__dataclass_fields__)
+        extra = sorted(set(spec) - known - {"kind"})
+        if extra:
+            raise ParamsError(f"sscd.{extra[0]}: unknown key for kind 'trained' (known: {sorted(known)})")
+        return cls(**{k: v for k, v in spec.items() if k != "kind"})
+
+
+def copy_augment(size: int, rng: np.random.Generator):
+    """One SSCD-style copy edit as a function PIL → PIL (size × size), drawn from `rng`: the planted
+    copies of the calibration benchmark and tests (training uses the batched `augment_batch`)."""
+    import io
+
+    from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+
+    def edit(img: Image.Image) -> Image.Image:
+        w, h = img.size
+        area = rng.uniform(0.25, 1.0) * w * h
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw = int(min(w, max(8, round(math.sqrt(area * ratio)))))
+        ch = int(min(h, max(8, round(math.sqrt(area / ratio)))))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        img = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((size, size), Image.Resampling.BILINEAR)
+        if rng.random() < 0.5:
+            img = ImageOps.mirror(img)
+        if rng.random() < 0.8:
+            for enh in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+                img = enh(img).enhance(float(rng.uniform(0.6, 1.4)))
+        if rng.random() < 0.2:
+            img = ImageOps.grayscale(img).convert("RGB")
+        if rng.random() < 0.3:
+            img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.1, 1.5))))
+        if rng.random() < 0.3:                       # overlay: a caption or a patch, as edited copies carry
+            d = ImageDraw.Draw(img)
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            if rng.random() < 0.5:
+                text = "".join(chr(int(c)) for c in rng.integers(65, 91, int(rng.integers(3, 9))))
+                d.text((int(rng.integers(0, size // 2)), int(rng.integers(0, size - 12))), text, fill=colour)
+            else:
+                s = int(rng.integers(size // 8, size // 3))
+                px, py = int(rng.integers(0, size - s)), int(rng.integers(0, size - s))
+                d.rectangle((px, py, px + s, py + s), fill=colour)
+        if rng.random() < 0.5:
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=int(rng.integers(20, 96)))
+            buf.seek(0)
+            img = Image.open(buf).convert("RGB")
+        return img
+
+    return edit
+
+
+def _small_module(widths, dims: int):
+    """The trained trunk: stem → one BasicBlock per stage at `widths` → GeM(3) → Linear → L2."""
+    import torch
+    from torch import nn
+    from torchvision.models.resnet import BasicBlock
+
+    from pas.models.sscd import _tiny_classes
+
+    GeM, _ = _tiny_classes()
+    # ResNet's stem (stride-2 conv + max pool): the blocks then run at 1/4 resolution
+    layers = [nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True),
+              nn.MaxPool2d(3, 2, 1)]
+    c = widths[0]
+    for i, w in enumerate(widths):
+        stride = 1 if i == 0 else 2
+        down = None if stride == 1 and c == w else nn.Sequential(nn.Conv2d(c, w, 1, stride, bias=False),
+                                                                 nn.BatchNorm2d(w))
+        layers.append(BasicBlock(c, w, stride, down))
+        c = w
+    return _SmallSSCD(nn.Sequential(*layers), nn.Sequential(GeM(3.0), nn.Linear(c, dims)))
+
+
+def _small_class():
+    from torch import nn
+
+    class SmallSSCD(nn.Module):
+        """SSCD-shaped: trunk → GeM(p=3) → Linear → L2 normalise."""
+
+        def __init__(self, backbone, embeddings):
+            super().__init__()
+            self.backbone, self.embeddings = backbone, embeddings
+
+        def forward(self, x):
+            return nn.functional.normalize(self.embeddings(self.backbone(x)), p=2.0, dim=1)
+
+    SmallSSCD.__module__, SmallSSCD.__qualname__ = __name__, "SmallSSCD"
+    return SmallSSCD
+
+
+_CLS: dict = {}
+
+
+def _SmallSSCD(backbone, embeddings):
+    if "c" not in _CLS:
+        _CLS["c"] = _small_class()
+    return _CLS["c"](backbone, embeddings)
+
+
+def koleo(z):
+    """KoLeo entropy estimate's loss (Sablayrolles et al. 2019, used by SSCD): −mean log min_j≠i ‖z_i − z_j‖."""
+    import torch
+
+    with torch.no_grad():
+        sim = z @ z.T
+        sim.fill_diagonal_(-2.0)
+        nn_idx = sim.argmax(dim=1)
+    dist = (z - z[nn_idx]).norm(dim=1)
+    return -torch.log(dist + 1e-8).mean()
+
+
+def info_nce(z1, z2, temperature: float):
+    """InfoNCE over 2B views: each view's positive is the other view of its image (SimCLR form)."""
+    import torch
+    import torch.nn.functional as F
+
+    z = torch.cat([z1, z2])
+    b = z1.shape[0]
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)])
+    return F.cross_entropy(logits, target)
+
+
+def augment_batch(x, gen, size: int):
+    """Copy-style views of a uint8 batch (B, S, S, 3) → normalised float (B, 3, size, size), batched
+    tensor ops (PIL per view was the bottleneck): random resized crop (area 0.25–1), flip, brightness /
+    contrast / saturation jitter, greyscale, box blur, a coloured patch overlay, JPEG re-encode."""
+    import io
+
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from pas.models.sscd import IMAGENET_MEAN, IMAGENET_STD
+
+    b, s = x.shape[0], x.shape[1]
+    src = x.permute(0, 3, 1, 2).float().div_(255.0)
+    u = lambda *shape: torch.rand(*shape, generator=gen)          # noqa: E731
+    out = torch.empty(b, 3, size, size)
+    area, logr = u(b) * 0.75 + 0.25, (u(b) - 0.5) * 2 * math.log(4 / 3)
+    for i in range(b):
+        cw = int(min(s, max(8, round(s * math.sqrt(float(area[i]) * math.exp(float(logr[i])))))))
+        ch = int(min(s, max(8, round(s * math.sqrt(float(area[i]) / math.exp(float(logr[i])))))))
+        y0 = int(u(1) * (s - ch + 1))
+        x0 = int(u(1) * (s - cw + 1))
+        out[i] = F.interpolate(src[i:i + 1, :, y0:y0 + ch, x0:x0 + cw], size=(size, size), mode="bilinear",
+                               align_corners=False)[0]
+    flip = u(b) < 0.5
+    out[flip] = out[flip].flip(-1)
+    jitter = (u(b) < 0.8).float().view(b, 1, 1, 1)
+    f = lambda: 1 + jitter * (u(b).view(b, 1, 1, 1) * 0.8 - 0.4)  # noqa: E731 - factors 0.6..1.4
+    out = out * f()
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = (out - mean) * f() + mean
+    grey = (0.299 * out[:, 0:1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:3])
+    out = grey + (out - grey) * f()
+    to_grey = u(b) < 0.2
+    out[to_grey] = grey[to_grey].expand(-1, 3, -1, -1)
+    blur = u(b) < 0.3
+    if blur.any():
+        out[blur] = F.avg_pool2d(F.pad(out[blur], (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    for i in torch.nonzero(u(b) < 0.3).flatten().tolist():       # overlay: a coloured patch
+        p = int(size // 8 + u(1) * (size // 3 - size // 8))
+        py, px = int(u(1) * (size - p)), int(u(1) * (size - p))
+        out[i, :, py:py + p, px:px + p] = u(3).view(3, 1, 1)
+    out = out.clamp_(0, 1)
+    for i in torch.nonzero(u(b) < 0.3).flatten().tolist():       # JPEG re-encode
+        a = (out[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="JPEG", quality=int(20 + u(1) * 75))
+        buf.seek(0)
+        out[i] = torch.from_numpy(np.asarray(Image.open(buf).convert("RGB"), np.float32) / 255.0).permute(2, 0, 1)
+    m = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    sd = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (out - m) / sd
+
+
+def train_sscd(pairs, spec: SscdTrainSpec, out_dir: str | Path) -> dict:
+    """Train on the pool crops of `pairs` (`PoolPairs`), script and save `out_dir` like `build_tiny_sscd`."""
+    import torch
+
+    torch.set_num_threads(spec.threads)
+    seed_everything(spec.seed)
+    model = _small_module(spec.widths, spec.dims)
+    rng = np.random.default_rng(spec.seed)
+    gen = torch.Generator().manual_seed(spec.seed)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
+    n = len(pairs.keys)
+    bs = min(spec.batch_size, n)
+    steps_per_epoch = max(1, n // bs)
+    total = steps_per_epoch * spec.epochs
+    warmup = max(1, steps_per_epoch // 2)
+    images = torch.from_numpy(pairs.images)
+    losses, step = [], 0
+    model.train()
+    for epoch in range(spec.epochs):
+        perm = rng.permutation(n)
+        run = 0.0
+        for b in range(steps_per_epoch):
+            idx = perm[b * bs:(b + 1) * bs]
+            lr = spec.lr * (step + 1) / warmup if step < warmup else \
+                spec.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            v1 = augment_batch(images[idx], gen, spec.resize)
+            v2 = augment_batch(images[idx], gen, spec.resize)
+            z1, z2 = model(v1), model(v2)
+            loss = info_nce(z1, z2, spec.temperature) + spec.koleo_weight * koleo(torch.cat([z1, z2]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            run += loss.item()
+            step += 1
+        losses.append(run / steps_per_epoch)
+        log.info("sscd: epoch %d/%d loss %.4f", epoch + 1, spec.epochs, losses[-1])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = out / ".trained_state.pt"
+    torch.save(model.state_dict(), state)
+    try:
+        _script_in_child(out, state, spec)
+    finally:
+        state.unlink(missing_ok=True)
+    return {"n_images": n, "epochs": spec.epochs, "loss_first_epoch": round(losses[0], 6),
+            "loss_last_epoch": round(losses[-1], 6)}
+
+
+def _script_here(out: Path, state: Path, widths, dims: int) -> None:
+    import torch
+
+    from pas.models.sscd import TORCHSCRIPT, _write_reproducible
+
+    model = _small_module(list(widths), int(dims)).eval()
+    model.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
+    with torch.no_grad():
+        scripted = torch.jit.script(model)
+    _write_reproducible(scripted, out / TORCHSCRIPT)
+
+
+def _script_in_child(out: Path, state: Path, spec: SscdTrainSpec) -> None:
+    """Script with PYTHONHASHSEED=0 in a child process, for byte-reproducible TorchScript (see
+    `pas.models.sscd._write_reproducible`); then write the preset."""
+    import os
+    import subprocess
+    import sys
+
+    from pas.models.files import sha256_file, write_json
+    from pas.models.sscd import PRESET, TORCHSCRIPT
+
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    code = (f"from pathlib import Path; from pas.models.sscd_train import _script_here; "
+            f"_script_here(Path({str(out.resolve())!r}), Path({str(state.resolve())!r}), "
+            f"{list(spec.widths)!r}, {int(spec.dims)})")
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"scripting the trained SSCD model failed:\n{r.stderr[-2000:]}")
+    write_json(out / PRESET, {"kind": "trained", "seed": spec.seed, "arch": f"basic{list(spec.widths)}+gem3+linear",
+                              "resize": spec.resize, "dims": spec.dims, "file": TORCHSCRIPT,
+                              "sha256": sha256_file(out / TORCHSCRIPT)})

