@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics.update(captions_cached=cached, seconds_captions=t_cap, seconds=time.perf_counter() - t0)
     if args.prune_cache:
         shutil.rmtree(Path(args.cache) / "shards", ignore_errors=True)
-    write_metrics(args.metrics, metrics)
+    # a resumed run draws fewer shards than an uninterrupted one: run log, not a tracked result
+    write_metrics(args.metrics, metrics, run_keys=("n_shards_generated", "images_generated"))
     log.info("generate: %d concepts → %d captions (%d fallback%s) → %d images in %d shards "
              "(%d resumed), captions %.1f s, %.3f s/img, total %.1f s", metrics["n_concepts"],
              metrics["n_captions"], metrics["n_fallback_captions"], ", cached" if cached else "",

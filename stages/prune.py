@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_rank_and_stop": t_rank,
         "seconds": time.perf_counter() - t0,
     })
-    write_metrics(args.metrics, metrics)
+    # sorted runs follow prune.sort_buffer_mb, a machine knob that is no DVC param: run log only
+    write_metrics(args.metrics, metrics, run_keys=("n_sort_runs",))
     funnel = dataset_funnel(args.metrics_dir, rep.sources_in, rep.sources_scored, rep.sources_kept)
     write_metrics(args.dataset_metrics, funnel)
     # the same funnel as rows, for `dvc plots` (a bar per stage)

@@ -145,7 +145,7 @@ def test_a_machine_knob_leaves_the_outputs_byte_identical(tmp_path):
 
     import numpy as np
 
-    from pas.io.manifest import write_parquet
+    from pas.io.manifest import read_run, write_parquet
     from pas.io.shards import ShardWriter, encode_image
     from tests.stage_helpers import load_stage, outputs
     from tests.test_prune import _scores_for
@@ -175,12 +175,13 @@ def test_a_machine_knob_leaves_the_outputs_byte_identical(tmp_path):
                            "--prune-dir", str(out / "prune"), "--metrics", str(out / "prune.json"),
                            "--dataset-metrics", str(out / "dataset.json"), "--params", str(tmp_path / "params.yaml"),
                            "--no-progress"]) == 0
-        runs[mb] = json.loads((out / "prune.json").read_text())["n_sort_runs"]
+        runs[mb] = read_run(out / "prune.json")["n_sort_runs"]
         assert outputs(out / "dataset") and outputs(out / "prune")
     assert runs[1] > 0 and runs[1024] == 0          # the knob did change how the stage ran
     for d in ("dataset", "prune"):                  # ... and none of the DVC outs
         assert outputs(tmp_path / "mb1" / d) == outputs(tmp_path / "mb1024" / d), d
-    assert outputs(tmp_path / "mb1")["dataset.json"] == outputs(tmp_path / "mb1024")["dataset.json"]
+    for m in ("dataset.json", "prune.json"):        # ... nor any tracked metric
+        assert outputs(tmp_path / "mb1")[m] == outputs(tmp_path / "mb1024")[m], m
 
 
 def test_dvc_plots_output_is_git_ignored():

@@ -15,8 +15,8 @@ from tests.dvc_helpers import make_repo, ran_stages, run
 
 ALL = ["params", "models@clip", "models@sscd", "models@diffusion", "models@llm", "models@text_embed",
        "models@backbone_init", "pool", "concepts", "retrieve", "generate", "evalsets", "dedup",
-       "leakage", "ood", "prune", "pretrain", "evaluate"]
-AFTER_DEDUP = ["params", "dedup", "leakage", "ood", "prune", "pretrain", "evaluate"]   # params: the check
+       "leakage", "ood", "prune", "pretrain", "evaluate", "summary"]
+AFTER_DEDUP = ["params", "dedup", "leakage", "ood", "prune", "pretrain", "evaluate", "summary"]   # params: the check
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -78,6 +78,9 @@ def test_full_pipeline_offline(tmp_path, s3_server):
         for model in ("pretrained", "baseline"):
             for proto in ("knn_top1", "linear_top1"):
                 assert 0.0 <= res[model][proto] <= 1.0, (name, model, proto)
+    summary = _metrics(repo, "summary")
+    assert summary["funnel"] == n and summary["size"]["total"] == n["prune"]
+    assert summary["top1"].keys() == ev["sets"].keys()
 
     # 2. nothing changed: clean status, a second repro runs nothing
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo).stdout

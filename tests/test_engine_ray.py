@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from pas.engine import EngineConfig, _pool_shape, _pool_size, map_shards
+from pas.io.manifest import read_run
 from tests.stage_helpers import load_stage, outputs
 
 
@@ -202,7 +203,8 @@ def _run_stage(tmp_path: Path, out: str, monkeypatch, engine: str, address: str 
                      "--concepts", str(tmp_path / "bank.parquet"), "--clip", str(tmp_path / "clip"),
                      "--out", str(tmp_path / out), "--params", str(tmp_path / "params.yaml"),
                      "--metrics", str(tmp_path / f"{out}.json")]) == 0
-    return json.loads((tmp_path / f"{out}.json").read_text())
+    # tracked results and the run log (timings, resume counters) together
+    return {**json.loads((tmp_path / f"{out}.json").read_text()), **read_run(tmp_path / f"{out}.json")}
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from pas.collect.captions import (Captions, clean_captions, derive_seed, fallbac
                                   render, write_captions)
 from pas.collect.generate import (DiffusionParams, GenerateParams, caption_fingerprint, generate,
                                   generate_images, plan)
-from pas.io.manifest import read_parquet, write_parquet
+from pas.io.manifest import read_parquet, read_run, write_parquet
 from pas.io.shards import decode_image, encode_image, iter_samples
 from pas.llm import ChatResult
 from pas.params import ParamsError
@@ -321,11 +321,15 @@ def test_stage_main_with_cached_captions(sd_dir, tmp_path, monkeypatch):
             "--params", str(tmp_path / "params.yaml")]
     assert stage.main(argv) == 0
     m = json.loads((tmp_path / "m.json").read_text())
-    assert m["captions_cached"] is True and m["n_images"] == 8 and m["n_shards"] == 3
+    assert m["n_images"] == 8 and m["n_shards"] == 3
+    assert read_run(tmp_path / "m.json")["captions_cached"] is True
     assert len(read_parquet(tmp_path / "gen" / "index.parquet")) == 8
+    tracked = (tmp_path / "m.json").read_bytes()
     # a finished run with --prune-cache: out assembled from the scratch shards, which are then dropped
     assert stage.main(argv + ["--prune-cache"]) == 0
-    assert json.loads((tmp_path / "m.json").read_text())["n_shards_resumed"] == 3
+    run = read_run(tmp_path / "m.json")
+    assert run["n_shards_resumed"] == 3 and run["n_shards_generated"] == 0 and run["images_generated"] == 0
+    assert (tmp_path / "m.json").read_bytes() == tracked    # resuming changes no tracked metric
     assert not (tmp_path / "cache" / "shards").exists() and (tmp_path / "cache" / "captions.json").is_file()
     assert len(list(iter_samples(tmp_path / "gen"))) == 8
     # missing model folder: clear message, exit 2
@@ -391,7 +395,8 @@ def test_stage_fails_on_failing_l4_and_recovers(sd_dir, tmp_path, caplog):
         server.plan = []         # the server recovered: the rerun asks L4 again
         assert stage.main(argv) == 0 and cache.exists()
         m = json.loads((tmp_path / "m.json").read_text())
-        assert m["n_fallback_captions"] == 0 and m["fallback_fraction"] == 0.0 and not m["captions_cached"]
+        assert m["n_fallback_captions"] == 0 and m["fallback_fraction"] == 0.0
+        assert not read_run(tmp_path / "m.json")["captions_cached"]
     finally:
         server.close()
 

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pas.curate.ood import (OodParams, Timings, TextSets, derive_generalized_concepts, ensemble,
                             ood_scores, ood_scores_dense, score_images, three_scores)
+from pas.io.manifest import read_run
 from pas.params import ParamsError, build
 from tests.stage_helpers import load_stage
 
@@ -240,18 +241,21 @@ def test_stage_main_scores_kept_images_and_resumes(tmp_path, monkeypatch, tiny_c
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["n_scored"] == 4 and m["mode"] == "negative_prompts" and m["n_concepts"] == 3
     assert m["generalized_concepts"] == ["food", "dishes and drinks", "dishes", "drinks"]
-    assert m["n_with_text"] >= 1 and m["seconds_per_image"]["clip"] > 0
-    # rerun: every shard resumes from its marker, scores are identical
+    assert m["n_with_text"] >= 1 and read_run(tmp_path / "metrics.json")["seconds_per_image"]["clip"] > 0
+    # rerun: every shard resumes from its marker, scores and tracked metrics are identical
     before = (tmp_path / "ood" / "scores.parquet").read_bytes()
+    tracked = (tmp_path / "metrics.json").read_bytes()
     assert _run(tmp_path) == 0
-    m2 = json.loads((tmp_path / "metrics.json").read_text())
-    assert m2["n_shards_resumed"] == 3 and m2["n_timed"] == 0
+    run2 = read_run(tmp_path / "metrics.json")
+    assert run2["n_shards_resumed"] == 3 and run2["n_timed"] == 0
     assert (tmp_path / "ood" / "scores.parquet").read_bytes() == before
+    assert (tmp_path / "metrics.json").read_bytes() == tracked
     # the leakage stage now drops ga2: only the shard holding it is scored again
     pd.DataFrame({"key": ["pa1", "pa3", "ga1"], "kept": True}).to_parquet(tmp_path / "manifest.parquet")
     assert _run(tmp_path) == 0
     m3 = json.loads((tmp_path / "metrics.json").read_text())
-    assert m3["n_shards_resumed"] == 2 and m3["n_timed"] == 1 and m3["n_scored"] == 3
+    run3 = read_run(tmp_path / "metrics.json")
+    assert run3["n_shards_resumed"] == 2 and run3["n_timed"] == 1 and m3["n_scored"] == 3
     df3 = pd.read_parquet(tmp_path / "ood" / "scores.parquet")
     pd.testing.assert_frame_equal(df3, df[df["key"] != "ga2"].reset_index(drop=True))
 
@@ -270,14 +274,14 @@ def test_stage_main_rescores_shards_whose_resume_files_are_torn(tmp_path, monkey
     torn_part.write_bytes(torn_part.read_bytes()[:100])
     with caplog.at_level(logging.WARNING):
         assert _run(tmp_path) == 0
-    m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["n_shards_resumed"] == 0 and m["n_timed"] == 4
+    run = read_run(tmp_path / "metrics.json")
+    assert run["n_shards_resumed"] == 0 and run["n_timed"] == 4
     assert (tmp_path / "ood" / "scores.parquet").read_bytes() == before
     for f in (empty, cut, torn_part):
         assert str(f) in caplog.text
     assert not list(parts.glob(".tmp-*"))
     assert _run(tmp_path) == 0                        # the rewritten files resume again
-    assert json.loads((tmp_path / "metrics.json").read_text())["n_shards_resumed"] == 3
+    assert read_run(tmp_path / "metrics.json")["n_shards_resumed"] == 3
 
 
 def test_stage_main_refuses_missing_kept_keys(tmp_path, monkeypatch, tiny_clip_dir):

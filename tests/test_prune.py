@@ -17,7 +17,7 @@ from pas import params as pas_params
 from pas.curate.knee import bin_curve, find_knee, front_curve, knee_stop
 from pas.curate.prune import (METRICS, PruneParams, dataset_funnel, export_dataset,
                               sample_grid_keys, select)
-from pas.io.manifest import read_metrics, read_parquet, write_parquet
+from pas.io.manifest import read_metrics, read_parquet, read_run, write_parquet
 from pas.io.shards import ShardWriter, encode_image, iter_samples
 from pas.params import ParamsError
 
@@ -383,8 +383,11 @@ def test_stage_main_end_to_end(tmp_path, monkeypatch):
     f = read_metrics(a / "dataset.json")
     assert f["retrieve"]["n"] == 40 and f["generate"]["n"] == 30 and f["dedup"]["n"] == 67
     assert f["ood"]["n"] == 66 and f["prune"]["n"] == m["n_kept"]
-    # same inputs and params -> same bytes
+    # same inputs and params -> same bytes, tracked metrics included (timings go to the run log)
     b = tmp_path / "b"
+    for f in ("prune.json", "dataset.json"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert read_run(a / "prune.json")["seconds"] > 0
     assert _dir_bytes(a / "dataset") == _dir_bytes(b / "dataset")
     assert _dir_bytes(a / "prune") == _dir_bytes(b / "prune")
 

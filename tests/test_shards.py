@@ -1,10 +1,11 @@
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from pas.io.manifest import read_metrics, write_metrics
+from pas.io.manifest import read_metrics, read_run, run_path, write_metrics
 from pas.io.shards import ShardWriter, encode_image, iter_samples, make_key
 
 
@@ -60,6 +61,35 @@ def test_metrics_are_stable(tmp_path):
     write_metrics(tmp_path / "m.json", {"b": np.float32(0.1234567891), "a": np.int64(3), "c": float("nan")})
     assert read_metrics(tmp_path / "m.json") == {"a": 3, "b": 0.123457, "c": None}
     assert (tmp_path / "m.json").read_text().startswith('{\n  "a": 3')
+
+
+def test_run_dependent_entries_go_to_the_untracked_run_log(tmp_path):
+    m = tmp_path / "m.json"
+
+    def run(secs: float, resumed: int) -> bytes:
+        write_metrics(m, {"n_out": 5, "seconds": secs, "images_per_second": 5 / secs, "fingerprint": "ab12",
+                          "n_shards_resumed": resumed, "n_drawn": 3 - resumed, "captions_cached": bool(resumed),
+                          "by_set": {"food": {"top1": 0.5, "seconds_per_image": secs / 5}}}, run_keys=("n_drawn",))
+        return m.read_bytes()
+
+    first = run(2.0, 0)
+    assert read_metrics(m) == {"n_out": 5, "by_set": {"food": {"top1": 0.5}}}
+    assert read_run(m) == {"seconds": 2.0, "images_per_second": 2.5, "fingerprint": "ab12", "n_shards_resumed": 0,
+                           "n_drawn": 3, "captions_cached": False, "by_set": {"food": {"seconds_per_image": 0.4}}}
+    assert run_path(m) == tmp_path / "m.run.json"
+    assert run(7.5, 3) == first                      # a slower, resumed rerun: the same tracked bytes
+    assert read_run(m)["n_shards_resumed"] == 3
+    write_metrics(m, {"n_out": 5})                   # nothing run-dependent: no stale run log survives
+    assert read_run(m) == {} and not run_path(m).exists()
+
+
+def test_run_logs_are_git_ignored():
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    for f in ("metrics/pool.run.json", "metrics/models/clip.run.json"):
+        assert subprocess.run(["git", "check-ignore", "-q", f], cwd=root).returncode == 0, f
+    assert subprocess.run(["git", "check-ignore", "-q", "metrics/pool.json"], cwd=root).returncode == 1
 
 
 def _mixed_shard(path, n):

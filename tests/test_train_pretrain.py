@@ -17,6 +17,7 @@ import timm
 import torch
 import yaml
 
+from pas.io.manifest import read_run
 from pas.params import ParamsError, build
 from pas.train.pretrain import CKPT_NAME, PretrainParams, lr_factor, pretrain
 from tests.stage_helpers import load_stage
@@ -32,6 +33,7 @@ def _cfg(**kw) -> PretrainParams:
 def _outputs(d: Path) -> dict[str, bytes]:
     files = [d / "out" / "model.safetensors", d / "out" / "config.json", d / "out" / "pretrain.json"]
     files += sorted((d / "live" / "plots").rglob("*.tsv"))
+    files.append(d / "live" / "metrics.json")   # tracked: a resumed run must not differ from a full one
     return {str(f.relative_to(d)): f.read_bytes() for f in files}
 
 
@@ -62,7 +64,7 @@ def test_resume_after_a_stop_is_byte_identical(tmp_path, data, method):
     assert resumed["resumed_from_epoch"] == 1
     a, b = _outputs(tmp_path / "full"), _outputs(tmp_path / "cut")
     assert a.keys() == b.keys() and len(a) >= 6
-    for name in a:   # weights, config, summary and the dvclive curves (replayed history)
+    for name in a:   # weights, config, summary, the dvclive curves (replayed history) and metrics
         assert a[name] == b[name], name
     # rerunning a finished run (same fingerprint) trains nothing and rewrites the same weights
     again = _run(tmp_path / "cut", data, cfg)
@@ -147,7 +149,10 @@ def test_stage_main(tmp_path, data):
             "--live", str(tmp_path / "live"), "--params", str(params), "--metrics", str(tmp_path / "m.json")]
     assert load_stage("pretrain").main(argv) == 0
     m = json.loads((tmp_path / "m.json").read_text())
-    assert {"method", "backbone", "n_images", "epochs", "forward_passes", "loss_last_epoch", "seconds"} <= set(m)
+    assert {"method", "backbone", "n_images", "epochs", "forward_passes", "loss_last_epoch"} <= set(m)
+    # wall time and resume point go to the untracked run log beside the metrics
+    assert "seconds" not in m and "resumed_from_epoch" not in m
+    assert set(read_run(tmp_path / "m.json")) == {"seconds", "resumed_from_epoch"}
     model = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 192)
 

@@ -1,11 +1,23 @@
-"""Parquet manifests and JSON metrics, written reproducibly (sorted rows, sorted keys)."""
+"""Parquet manifests and JSON metrics, written reproducibly (sorted rows, sorted keys).
+
+Tracked metrics hold results only, so `dvc metrics diff` after a rerun with identical inputs is empty:
+what differs between two such runs (wall times, throughput, fingerprints, resume and cache counters)
+goes to the stage's run log `<metrics stem>.run.json` beside it, git-ignored and not a DVC out.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
+
+log = logging.getLogger("pas.metrics")
+
+# snake_case words that mark a key as run-dependent: `seconds_per_image`, `images_per_second`,
+# `fingerprint`, `n_shards_resumed`, `resumed_from_epoch`, `captions_cached`, `n_timed`
+RUN_WORDS = frozenset({"seconds", "second", "fingerprint", "resumed", "cached", "timed"})
 
 import pandas as pd
 import pyarrow as pa
@@ -39,13 +51,58 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> Path:
-    """One JSON dict per stage (metrics/<stage>.json), floats rounded to 6 digits for stable diffs."""
+def is_run_key(key: str) -> bool:
+    return not RUN_WORDS.isdisjoint(str(key).split("_"))
+
+
+def split_run(metrics: Mapping[str, Any], run_keys: Iterable[str] = ()) -> tuple[dict, dict]:
+    """(results, run info): entries whose key `is_run_key`, at any depth, or is named in `run_keys`
+    (top level: counters such as `n_shards_generated` that a resume changes) go to run info, which
+    keeps their nesting."""
+    extra = set(run_keys)
+    results: dict = {}
+    run: dict = {}
+    for k, v in metrics.items():
+        if is_run_key(k) or k in extra:
+            run[k] = v
+        elif isinstance(v, Mapping):
+            results[k], sub = split_run(v)
+            if sub:
+                run[k] = sub
+        else:
+            results[k] = v
+    return results, run
+
+
+def run_path(metrics_path: str | Path) -> Path:
+    """metrics/pool.json -> metrics/pool.run.json (git-ignored by `*.run.json`, not a DVC out)."""
+    p = Path(metrics_path)
+    return p.with_name(f"{p.stem}.run.json")
+
+
+def write_metrics(path: str | Path, metrics: Mapping[str, Any], run_keys: Iterable[str] = ()) -> Path:
+    """One JSON dict per stage (metrics/<stage>.json), floats rounded to 6 digits for stable diffs.
+
+    Run-dependent entries (see `split_run`) are logged and written to `run_path(path)` instead."""
     path = Path(path)
+    results, run = split_run(metrics, run_keys)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(metrics), indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(_clean(results), indent=2, sort_keys=True) + "\n")
+    rp = run_path(path)
+    if run:
+        text = json.dumps(_clean(run), sort_keys=True)
+        log.info("%s: %s", rp, text)
+        rp.write_text(text + "\n")
+    else:
+        rp.unlink(missing_ok=True)   # no stale timings of an older run beside these results
     return path
 
 
 def read_metrics(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def read_run(metrics_path: str | Path) -> dict:
+    """The run log written beside `metrics_path` ({} when the last run had nothing run-dependent)."""
+    rp = run_path(metrics_path)
+    return json.loads(rp.read_text()) if rp.is_file() else {}

@@ -337,6 +337,7 @@ def _pretrain(cfg: PretrainParams, shard_dir: Path, init_dir: Path, out_dir: Pat
     save_backbone(model.backbone.to("cpu"), out_dir, image_size=cfg.image_size)
     train_info = {k: v for k, v in summary.items() if k != "resumed_from_epoch"}
     (out_dir / "pretrain.json").write_text(json.dumps(train_info, indent=2, sort_keys=True) + "\n")
-    logger.close({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
+    # not resumed_from_epoch: dvclive's metrics.json is tracked, and a resumed run must write the same bytes
+    logger.close({k: v for k, v in train_info.items() if isinstance(v, (int, float)) and v is not None})
     summary["seconds"] = round(time.time() - t0, 1)
     return summary
