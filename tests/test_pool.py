@@ -152,7 +152,7 @@ def test_missing_source_is_clear(tmp_path, tiny_clip):
         build_pool(PoolParams(source=str(tmp_path / "nope")), tiny_clip, tmp_path / "o")
 
 
-# --- issue 23: explicit format, empty pools, odd folder entries ---
+# --- issue 23: explicit format, empty pools, odd folder entries, EXIF orientation ---
 
 def test_stray_tar_does_not_switch_a_folder_to_shards(folder, tmp_path, tiny_clip):
     import tarfile
@@ -237,6 +237,43 @@ def test_pool_check_lists_what_stops_dvc(odd_folder, folder, tmp_path, capsys):
     assert "not_a_file\ta/pipe.png\n" in out and "dangling_link\ta/dangling.png\t-> missing.png\n" in out
     assert "symlink_outside\ta/outside.png" in out and "good.png" not in out
     assert "5 entries skipped for what they are, 3 of them stop DVC" in out
+
+
+def _sideways_jpeg(path, orientation=6):
+    """A 60×30 photo stored sideways: red left half, blue right; EXIF says turn it (6 = 90° clockwise)."""
+    im = Image.new("RGB", (60, 30), (255, 0, 0))
+    im.paste((0, 0, 255), (30, 0, 60, 30))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im.save(path, exif=exif, quality=95)
+
+
+def test_exif_orientation_is_applied(tmp_path, tiny_clip):
+    root = tmp_path / "photos"
+    root.mkdir()
+    _sideways_jpeg(root / "turned.jpg")
+    Image.new("RGB", (40, 20), (0, 255, 0)).save(root / "plain.png")
+    im = load_rgb(root / "turned.jpg")
+    assert im.size == (30, 60) and im.info["exif_orientation"] == 6
+    r, g, b = im.getpixel((15, 5))          # turned clockwise: the red left half is now on top
+    assert r > 200 and b < 60
+    m = build_pool(PoolParams(source=str(root), workers=1), tiny_clip, tmp_path / "o")
+    assert m["n_indexed"] == 2 and m["n_exif_rotated"] == 1
+    idx = pd.read_parquet(tmp_path / "o" / "index.parquet").set_index("path")
+    assert tuple(idx.loc["turned.jpg", ["width", "height", "stored_width", "stored_height"]]) == (30, 60, 30, 60)
+    # shard input is turned upright the same way
+    import io
+    import tarfile
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "s.tar", "w") as tar:
+        for name, data in [("x1.jpg", (root / "turned.jpg").read_bytes()), ("x1.json", b"{}"),
+                           ("x2.jpg", b"not an image"), ("x2.json", b"{}")]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    m = build_pool(PoolParams(source=str(shards), format="shards", workers=1), tiny_clip, tmp_path / "o3")
+    assert (m["n_indexed"], m["n_exif_rotated"], m["skipped_unreadable"]) == (1, 1, 1)
 
 
 def test_shard_member_with_non_utf8_name_is_skipped(tmp_path, tiny_clip, clipart_food):

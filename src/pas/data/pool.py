@@ -183,6 +183,7 @@ class _Item:
     height: int
     image: object         # PIL RGB, as stored (decoded from `jpeg`)
     jpeg: bytes | None = None  # the stored bytes, when already encoded
+    rotated: bool = False  # turned upright by its EXIF orientation (width/height are the upright ones)
 
 
 def _load_one(args: tuple[str, str, PoolParams]) -> tuple:
@@ -202,7 +203,10 @@ def _load_one(args: tuple[str, str, PoolParams]) -> tuple:
         img = load_rgb(path, max_pixels=p.max_pixels, max_side=p.max_side, min_side=p.min_side)
     except BadImage as e:
         return rel, None, e.reason, e.detail
-    return rel, (w, h, img.width, img.height, encode_image(img, "jpg", p.jpeg_quality)), None, None
+    orientation = img.info.get("exif_orientation", 1)
+    if orientation >= 5:  # EXIF 5-8 turn by 90°: the header's size is the sideways one
+        w, h = h, w
+    return rel, (w, h, orientation != 1, encode_image(img, "jpg", p.jpeg_quality)), None, None
 
 
 def _iter_folder(root: Path, p: PoolParams, skipped: list[dict]) -> Iterator[_Item]:
@@ -223,8 +227,9 @@ def _iter_folder(root: Path, p: PoolParams, skipped: list[dict]) -> Iterator[_It
             if ok is None:
                 skipped.append({"path": rel, "reason": reason, "detail": detail})
                 continue
-            w, h, sw, sh, jpeg = ok
-            yield _Item(make_key("p", rel), rel, category_of(Path(rel)), w, h, decode_image(jpeg), jpeg)
+            w, h, rotated, jpeg = ok
+            yield _Item(make_key("p", rel), rel, category_of(Path(rel)), w, h, decode_image(jpeg), jpeg,
+                        rotated=rotated)
 
 
 class _Inline:
@@ -243,7 +248,7 @@ def _iter_shards(src: Path, p: PoolParams, skipped: list[dict]) -> Iterator[_Ite
 
     from PIL import Image
 
-    from pas.data.images import BadImage, to_rgb_on_white
+    from pas.data.images import BadImage, to_rgb_on_white, upright
     from pas.io.shards import KEY_RE, decode_image, encode_image, iter_samples, make_key
 
     n = 0
@@ -266,12 +271,15 @@ def _iter_shards(src: Path, p: PoolParams, skipped: list[dict]) -> Iterator[_Ite
                 raise BadImage("too_small", f"{ref}: {w}x{h}")
             try:
                 im.load()
+                im, orientation = upright(im)
                 img = to_rgb_on_white(im)
             except Exception as e:  # noqa: BLE001
                 raise BadImage("corrupt", f"{ref}: {e}") from None
         except BadImage as e:
             skipped.append({"path": shown(ref), "reason": e.reason, "detail": e.detail})
             continue
+        if orientation >= 5:  # EXIF 5-8 turn by 90°
+            w, h = h, w
         if max(img.size) > p.max_side:
             img.thumbnail((p.max_side, p.max_side))
         if not _keep_category(cat, p.include, p.exclude):
@@ -279,7 +287,7 @@ def _iter_shards(src: Path, p: PoolParams, skipped: list[dict]) -> Iterator[_Ite
         key = s.key if KEY_RE.match(s.key) and s.key.startswith("p") else make_key("p", ref)
         # embed the stored JPEG, as for folder input: the embedding describes the bytes retrieve serves
         jpeg = encode_image(img, "jpg", p.jpeg_quality)
-        yield _Item(key, ref, cat, w, h, decode_image(jpeg), jpeg)
+        yield _Item(key, ref, cat, w, h, decode_image(jpeg), jpeg, rotated=orientation != 1)
         n += 1
         if p.max_images and n >= p.max_images:
             return
@@ -400,6 +408,7 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
     (out / "index.parquet").unlink(missing_ok=True)
 
     rows, embs, batch = [], [], []
+    n_rotated = 0
     batch_shard = None
 
     def flush():
@@ -414,6 +423,7 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
                 skipped.append({"path": it.path, "reason": "duplicate_key", "detail": it.key})
                 continue
             seen.add(it.key)
+            n_rotated += it.rotated
             jpeg = it.jpeg if it.jpeg is not None else encode_image(it.image, "jpg", p.jpeg_quality)
             shard = w.write(it.key, jpeg,
                             {"source": "pool", "path": it.path, "category": it.category})
@@ -454,7 +464,7 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
     secs = time.time() - t0
     reasons = Counter(s["reason"] for s in skipped)
     metrics = {"n_files": len(rows) + len(skipped), "n_indexed": len(rows), "n_skipped": len(skipped),
-               **{f"skipped_{r}": n for r, n in sorted(reasons.items())},
+               **{f"skipped_{r}": n for r, n in sorted(reasons.items())}, "n_exif_rotated": n_rotated,
                "n_shards": len({r["shard"] for r in rows}), "dim": dim,
                "categories": len({r["category"] for r in rows}),
                "seconds": round(secs, 1), "images_per_second": round(len(rows) / max(secs, 1e-9), 1)}
