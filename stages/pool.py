@@ -1,4 +1,8 @@
-"""DVC stage `pool`: index a folder of images (or webdataset shards) into the pool `retrieve` searches."""
+"""DVC stage `pool`: index a folder of images (or webdataset shards) into the pool `retrieve` searches.
+
+`--check` only lists the entries of pool.source the pool would skip for what they are (FIFOs,
+dangling links, link loops, links out of the folder, non-UTF-8 names) and exits 1 if any of them
+would stop DVC hashing the folder; run it before `dvc repro` on a new pool."""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from pas.data.pool import PoolParams, build_pool
+from pas.data.pool import DVC_BLOCKERS, PoolParams, build_pool, check_source
 from pas.io.manifest import write_metrics
 from pas.params import build, load, run_stage
 
@@ -17,15 +21,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="data/pool")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--metrics", default="metrics/pool.json")
+    ap.add_argument("--check", action="store_true", help="list odd entries of pool.source; build nothing")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = build(PoolParams, load(args.params), "pool")
+    if args.check:
+        return check(p)
 
     from pas.engine import EngineConfig
 
     # PAS_ENGINE=ray: CLIP is loaded by the Ray actors that embed the shards, not here
     write_metrics(args.metrics, build_pool(p, None, args.out, clip_dir=args.clip, engine=EngineConfig.from_env()))
     return 0
+
+
+def check(p: PoolParams) -> int:
+    bad = check_source(p)
+    for b in bad:
+        print(f"{b['reason']}\t{b['path']}\t{b['detail']}".rstrip())
+    blockers = [b for b in bad if b["reason"] in DVC_BLOCKERS]
+    print(f"pool.source={p.source!r}: {len(bad)} entries skipped for what they are, "
+          f"{len(blockers)} of them stop DVC hashing it ({', '.join(DVC_BLOCKERS)})")
+    return 1 if blockers else 0
 
 
 if __name__ == "__main__":

@@ -126,7 +126,8 @@ def test_pool_include_exclude_and_reindex_shards(folder, tmp_path, tiny_clip):
     m = build_pool(PoolParams(source=str(folder), exclude=["fruit"], workers=1), tiny_clip, tmp_path / "b")
     assert m["n_indexed"] == 4
     # a pool can be built from existing webdataset shards (keys kept)
-    m2 = build_pool(PoolParams(source=str(tmp_path / "a"), workers=1), tiny_clip, tmp_path / "c")
+    m2 = build_pool(PoolParams(source=str(tmp_path / "a"), format="shards", workers=1), tiny_clip,
+                    tmp_path / "c")
     assert m2["n_indexed"] == 5
     a = pd.read_parquet(tmp_path / "a" / "index.parquet")
     c = pd.read_parquet(tmp_path / "c" / "index.parquet")
@@ -147,5 +148,144 @@ def test_pool_params_validation():
 
 
 def test_missing_source_is_clear(tmp_path, tiny_clip):
-    with pytest.raises(FileNotFoundError, match="pool.source"):
+    with pytest.raises(ParamsError, match="pool.source"):
         build_pool(PoolParams(source=str(tmp_path / "nope")), tiny_clip, tmp_path / "o")
+
+
+# --- issue 23: explicit format, empty pools, odd folder entries, EXIF orientation ---
+
+def test_stray_tar_does_not_switch_a_folder_to_shards(folder, tmp_path, tiny_clip):
+    import tarfile
+    with tarfile.open(folder / "backup.tar", "w"):      # an empty archive left beside the images
+        pass
+    m = build_pool(PoolParams(source=str(folder), workers=1), tiny_clip, tmp_path / "o")
+    assert m["n_indexed"] == 9 and m["n_skipped"] == 4
+
+
+def test_pool_format_is_validated():
+    with pytest.raises(ParamsError, match="format"):
+        PoolParams(format="auto")
+
+
+def test_empty_pool_is_an_error(tmp_path, tiny_clip):
+    import tarfile
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ParamsError, match=r"pool.source=.*empty.*0 images") as e:
+        build_pool(PoolParams(source=str(empty), workers=1), tiny_clip, tmp_path / "o")
+    assert "\n" not in str(e.value)
+    # only shards there, read as a folder: the error says which format reads them
+    with tarfile.open(empty / "a.tar", "w"):
+        pass
+    with pytest.raises(ParamsError, match="pool.format: shards"):
+        build_pool(PoolParams(source=str(empty), workers=1), tiny_clip, tmp_path / "o")
+    # every file skipped is no pool either
+    Image.new("RGB", (4, 4)).save(empty / "tiny.png")
+    with pytest.raises(ParamsError, match="1 too_small"):
+        build_pool(PoolParams(source=str(empty), workers=1), tiny_clip, tmp_path / "o")
+    # shards asked for where there are none
+    with pytest.raises(ParamsError, match="no .tar shards"):
+        build_pool(PoolParams(source=str(tmp_path / "o"), format="shards"), tiny_clip, tmp_path / "o2")
+
+
+@pytest.fixture()
+def odd_folder(tmp_path, clipart_food):
+    """Good images plus every kind of folder entry that is not a readable image file."""
+    import os
+    root = tmp_path / "odd"
+    (root / "a").mkdir(parents=True)
+    good = clipart_food[0].read_bytes()
+    (root / "a" / "good.png").write_bytes(good)
+    (root / "a" / "inside.png").symlink_to("good.png")              # a link within the pool: read
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(clipart_food[1].read_bytes())
+    (root / "a" / "outside.png").symlink_to(outside)                # a link out of the pool
+    os.mkfifo(root / "a" / "pipe.png")                              # would block any reader forever
+    (root / "a" / "dangling.png").symlink_to("missing.png")
+    (root / "a" / "loop.png").symlink_to("loop.png")
+    bad = os.path.join(os.fsencode(root / "a"), b"caf\xe9.png")      # Latin-1 name, not UTF-8
+    with open(bad, "wb") as f:
+        f.write(clipart_food[2].read_bytes())
+    return root
+
+
+def test_odd_folder_entries_are_skipped_and_counted(odd_folder, tmp_path, tiny_clip):
+    m = build_pool(PoolParams(source=str(odd_folder), workers=1), tiny_clip, tmp_path / "o")
+    assert m["n_indexed"] == 2 and m["n_skipped"] == 5
+    assert {k: v for k, v in m.items() if k.startswith("skipped_")} == {
+        "skipped_bad_filename": 1, "skipped_dangling_link": 1, "skipped_not_a_file": 1,
+        "skipped_symlink_loop": 1, "skipped_symlink_outside": 1}
+    skipped = pd.read_parquet(tmp_path / "o" / "skipped.parquet")
+    assert dict(zip(skipped.path, skipped.reason))["a/caf\\xe9.png"] == "bad_filename"
+    assert sorted(pd.read_parquet(tmp_path / "o" / "index.parquet").path) == ["a/good.png", "a/inside.png"]
+    # following links out of the pool is a choice
+    m = build_pool(PoolParams(source=str(odd_folder), follow_symlinks_outside=True, workers=1), tiny_clip,
+                   tmp_path / "o2")
+    assert m["n_indexed"] == 3 and "skipped_symlink_outside" not in m
+
+
+def test_pool_check_lists_what_stops_dvc(odd_folder, folder, tmp_path, capsys):
+    import yaml
+
+    from tests.stage_helpers import load_stage
+    stage = load_stage("pool")
+    params = tmp_path / "params.yaml"
+    for src, rc in [(odd_folder, 1), (folder, 0)]:
+        params.write_text(yaml.safe_dump({"pool": {"source": str(src)}}))
+        assert stage.main(["--check", "--params", str(params)]) == rc
+    out = capsys.readouterr().out
+    assert "not_a_file\ta/pipe.png\n" in out and "dangling_link\ta/dangling.png\t-> missing.png\n" in out
+    assert "symlink_outside\ta/outside.png" in out and "good.png" not in out
+    assert "5 entries skipped for what they are, 3 of them stop DVC" in out
+
+
+def _sideways_jpeg(path, orientation=6):
+    """A 60×30 photo stored sideways: red left half, blue right; EXIF says turn it (6 = 90° clockwise)."""
+    im = Image.new("RGB", (60, 30), (255, 0, 0))
+    im.paste((0, 0, 255), (30, 0, 60, 30))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im.save(path, exif=exif, quality=95)
+
+
+def test_exif_orientation_is_applied(tmp_path, tiny_clip):
+    root = tmp_path / "photos"
+    root.mkdir()
+    _sideways_jpeg(root / "turned.jpg")
+    Image.new("RGB", (40, 20), (0, 255, 0)).save(root / "plain.png")
+    im = load_rgb(root / "turned.jpg")
+    assert im.size == (30, 60) and im.info["exif_orientation"] == 6
+    r, g, b = im.getpixel((15, 5))          # turned clockwise: the red left half is now on top
+    assert r > 200 and b < 60
+    m = build_pool(PoolParams(source=str(root), workers=1), tiny_clip, tmp_path / "o")
+    assert m["n_indexed"] == 2 and m["n_exif_rotated"] == 1
+    idx = pd.read_parquet(tmp_path / "o" / "index.parquet").set_index("path")
+    assert tuple(idx.loc["turned.jpg", ["width", "height", "stored_width", "stored_height"]]) == (30, 60, 30, 60)
+    # shard input is turned upright the same way
+    import io
+    import tarfile
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "s.tar", "w") as tar:
+        for name, data in [("x1.jpg", (root / "turned.jpg").read_bytes()), ("x1.json", b"{}"),
+                           ("x2.jpg", b"not an image"), ("x2.json", b"{}")]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    m = build_pool(PoolParams(source=str(shards), format="shards", workers=1), tiny_clip, tmp_path / "o3")
+    assert (m["n_indexed"], m["n_exif_rotated"], m["skipped_unreadable"]) == (1, 1, 1)
+
+
+def test_shard_member_with_non_utf8_name_is_skipped(tmp_path, tiny_clip, clipart_food):
+    import io
+    import tarfile
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    img = clipart_food[0].read_bytes()
+    with tarfile.open(shards / "s.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in [("caf\udce9.png", img), ("caf\udce9.json", b"{}"), ("ok.png", img), ("ok.json", b"{}")]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    m = build_pool(PoolParams(source=str(shards), format="shards", workers=1), tiny_clip, tmp_path / "o")
+    assert m["n_indexed"] == 1 and m["skipped_bad_filename"] == 1

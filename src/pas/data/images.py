@@ -1,9 +1,10 @@
 """Safe decoding of untrusted image files.
 
 Real collections contain decompression bombs (openclipart-png has a 623-Mpix PNG that needs 13 GB to
-decode), transparency in every flavour (RGBA, LA, palette with tRNS) and truncated files. We read the
-header size before decoding, let Pillow downscale JPEGs while decoding (`draft`), composite anything
-transparent on white, and turn every failure into a `BadImage` with a short reason the caller counts.
+decode), transparency in every flavour (RGBA, LA, palette with tRNS), truncated files and photos stored
+sideways with an EXIF orientation tag. We read the header size before decoding, let Pillow downscale
+JPEGs while decoding (`draft`), turn images upright, composite anything transparent on white, and turn
+every failure into a `BadImage` with a short reason the caller counts.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Pillow's own bomb check would still decode up to ~179 Mpix; we apply our limit from the header.
 Image.MAX_IMAGE_PIXELS = None
@@ -40,13 +41,32 @@ def to_rgb_on_white(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+ORIENTATION = 0x0112   # EXIF tag: how the stored pixels must be turned to be upright (1 = as stored)
+
+
+def upright(img: Image.Image) -> tuple[Image.Image, int]:
+    """`img` turned as its EXIF (or XMP) orientation says, and that orientation (1 = none applied).
+
+    Cameras store the sensor's pixels and a tag saying how to turn them; ignoring it stores photos
+    sideways. Call after `load()` (a PNG's eXIf chunk may follow its pixel data). Unreadable EXIF
+    leaves the pixels as stored."""
+    try:
+        o = int(img.getexif().get(ORIENTATION, 1))
+        if 2 <= o <= 8:
+            return ImageOps.exif_transpose(img), o
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not cost a good image
+        pass
+    return img, 1
+
+
 def load_rgb(path: str | Path, max_pixels: int = 50_000_000, max_side: int | None = 512,
              min_side: int = 8) -> Image.Image:
     """Decode `path` into an RGB image whose longer side is ≤ `max_side`.
 
     Raises BadImage("too_large") when the header says more than `max_pixels` (checked before any
     pixel is decoded), "too_small", "unreadable" (not an image / unknown format) or "corrupt"
-    (truncated or broken data).
+    (truncated or broken data). An image with an EXIF orientation is turned upright and carries the
+    original orientation (2-8) in `info["exif_orientation"]`.
     """
     try:
         img = Image.open(path)
@@ -66,9 +86,12 @@ def load_rgb(path: str | Path, max_pixels: int = 50_000_000, max_side: int | Non
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 img.load()
-            out = to_rgb_on_white(img)
+            turned, orientation = upright(img)
+            out = to_rgb_on_white(turned)
         except Exception as e:  # noqa: BLE001
             raise BadImage("corrupt", f"{path}: {e}") from None
     if max_side and max(out.size) > max_side:
         out.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    if orientation != 1:
+        out.info["exif_orientation"] = orientation
     return out

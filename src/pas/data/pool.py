@@ -1,6 +1,7 @@
 """The image pool that `retrieve` searches (the paper's LAION-2B + clip-retrieval, here any folder).
 
-`build_pool` turns a folder of images (or existing webdataset shards) into
+`build_pool` turns a folder of images (`pool.format: folder`) or existing webdataset shards
+(`pool.format: shards`) into
   pool-*.tar        webdataset shards of RGB JPEGs (+ json: key, source, path, category)
   index.parquet     key, shard, path, category, width, height (original), stored_width, stored_height
   embeddings.npy    CLIP image embeddings, float32, L2-normalised, rows in index order
@@ -8,11 +9,16 @@
   skipped.parquet   path, reason, detail — every file that did not make it in
   pool.json         the CLIP fingerprint (retrieve refuses a pool made with another CLIP), sizes
 It streams: images are decoded, written and embedded batch by batch, never all held in memory.
+A folder entry that is not a usable file (FIFO, dangling link, link loop, link out of the folder,
+a name that is not UTF-8) is skipped with its reason; a pool of 0 images is an error.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import stat
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,13 +33,21 @@ from pas.params import ParamsError, check_choice, check_range
 
 log = logging.getLogger(__name__)
 
+FORMATS = ("folder", "shards")
+
+
+class PoolError(ParamsError):
+    """`pool.source` holds nothing to index (missing, empty, or in the other format): one line, exit 2."""
 
 
 @dataclass(frozen=True)
 class PoolParams:
     """params.yaml `pool:` section."""
 
-    source: str = "/usr/share/openclipart/png"  # a folder of images, or a folder / list of .tar shards
+    source: str = "/usr/share/openclipart/png"  # a folder of images, or a folder of .tar shards / one .tar
+    # explicit, never guessed: one stray .tar must not turn an image folder into an empty shard pool
+    format: str = "folder"          # folder: image files, category = sub-folder | shards: webdataset .tar
+    follow_symlinks_outside: bool = False  # read links whose target lies outside `source` (else skipped)
     include: list[str] = field(default_factory=list)  # category prefixes to keep ([] = all)
     exclude: list[str] = field(default_factory=list)  # category prefixes to drop
     max_images: int = 0             # 0 = no limit (first N in sorted path order)
@@ -51,6 +65,7 @@ class PoolParams:
 
     def __post_init__(self):
         check_choice("index", self.index, ("flat", "ivf", "hnsw"))
+        check_choice("format", self.format, FORMATS)
         check_range("max_pixels", self.max_pixels, 1, None, lo_open=False)
         check_range("max_side", self.max_side, 16, None, lo_open=False)
         check_range("shard_maxcount", self.shard_maxcount, 1, 10_000, lo_open=False, hi_open=False)
@@ -79,10 +94,84 @@ def _keep_category(cat: str, include: list[str], exclude: list[str]) -> bool:
     return not any(under(p) for p in exclude)
 
 
-def list_image_files(root: Path, p: PoolParams) -> list[Path]:
-    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-    files = [f for f in files if _keep_category(category_of(f.relative_to(root)), p.include, p.exclude)]
-    return files[: p.max_images] if p.max_images else files
+def shown(rel: str) -> str:
+    """A path as text that can be written anywhere: undecodable bytes of a file name as `\\xNN`."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def entry_problem(f: Path, root_real: Path, follow_outside: bool) -> str | None:
+    """Why folder entry `f` cannot be read as an image file: None for a regular file (or a link to one
+    inside the pool), "" for a directory (not an entry), else the skip reason. Never opens `f`: a FIFO
+    would block the read forever."""
+    try:
+        str(f).encode("utf-8")
+    except UnicodeEncodeError:  # a name that is not UTF-8 cannot go into shard JSON or parquet
+        return "bad_filename"
+    try:
+        st = f.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                st = f.stat()
+            except FileNotFoundError:
+                return "dangling_link"
+            except OSError as e:
+                return "symlink_loop" if e.errno == errno.ELOOP else "unreadable"
+            if not follow_outside and not f.resolve().is_relative_to(root_real):
+                return "symlink_outside"
+    except OSError:
+        return "unreadable"
+    if stat.S_ISDIR(st.st_mode):
+        return ""
+    return None if stat.S_ISREG(st.st_mode) else "not_a_file"   # FIFO, socket, device
+
+
+def list_image_files(root: Path, p: PoolParams, skipped: list[dict] | None = None) -> list[Path]:
+    """Image files under `root` in sorted path order, filtered by category and cut at `max_images`.
+    Entries named like images that are not readable files are appended to `skipped` instead."""
+    root_real = root.resolve()
+    files: list[Path] = []
+    for f in sorted(root.rglob("*")):
+        if f.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        rel = f.relative_to(root)
+        if not _keep_category(category_of(rel), p.include, p.exclude):
+            continue
+        reason = entry_problem(f, root_real, p.follow_symlinks_outside)
+        if reason is None:
+            files.append(f)
+            if p.max_images and len(files) >= p.max_images:
+                break
+        elif reason and skipped is not None:
+            skipped.append({"path": shown(rel.as_posix()), "reason": reason, "detail": _link_detail(f)})
+    return files
+
+
+# entries DVC itself cannot hash when `pool.source` is a stage dep: a FIFO blocks it forever, a
+# dangling link or a loop fails it, all before pas runs (see README, "When things fail")
+DVC_BLOCKERS = ("not_a_file", "dangling_link", "symlink_loop")
+
+
+def check_source(p: PoolParams) -> list[dict]:
+    """Every entry under a folder `p.source` (any name, not only images) that the pool would skip
+    for what it is rather than for its pixels: {path, reason, detail}, in path order. Opens nothing."""
+    root = Path(p.source)
+    if not root.is_dir():
+        return []
+    root_real = root.resolve()
+    out = []
+    for f in sorted(root.rglob("*")):
+        reason = entry_problem(f, root_real, p.follow_symlinks_outside)
+        if reason:
+            out.append({"path": shown(f.relative_to(root).as_posix()), "reason": reason,
+                        "detail": _link_detail(f)})
+    return out
+
+
+def _link_detail(f: Path) -> str:
+    try:
+        return shown(f"-> {os.readlink(f)}") if f.is_symlink() else ""
+    except OSError:
+        return ""
 
 
 @dataclass
@@ -95,6 +184,7 @@ class _Item:
     image: object         # PIL RGB, as stored (decoded from `jpeg`)
     jpeg: bytes | None = None  # the stored bytes, when already encoded
     caption: str = ""     # the source's alt text (webdataset pools), "" for image folders
+    rotated: bool = False  # turned upright by its EXIF orientation (width/height are the upright ones)
 
 
 def _load_one(args: tuple[str, str, PoolParams]) -> tuple:
@@ -114,18 +204,20 @@ def _load_one(args: tuple[str, str, PoolParams]) -> tuple:
         img = load_rgb(path, max_pixels=p.max_pixels, max_side=p.max_side, min_side=p.min_side)
     except BadImage as e:
         return rel, None, e.reason, e.detail
-    return rel, (w, h, img.width, img.height, encode_image(img, "jpg", p.jpeg_quality)), None, None
+    orientation = img.info.get("exif_orientation", 1)
+    if orientation >= 5:  # EXIF 5-8 turn by 90°: the header's size is the sideways one
+        w, h = h, w
+    return rel, (w, h, orientation != 1, encode_image(img, "jpg", p.jpeg_quality)), None, None
 
 
 def _iter_folder(root: Path, p: PoolParams, skipped: list[dict]) -> Iterator[_Item]:
-    import os
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
 
     from pas.io.shards import decode_image, make_key
 
-    files = list_image_files(root, p)
+    files = list_image_files(root, p, skipped)
     log.info("pool: %d image files under %s", len(files), root)
     jobs = [(str(f), f.relative_to(root).as_posix(), p) for f in files]
     workers = p.workers or os.cpu_count() or 1
@@ -136,8 +228,9 @@ def _iter_folder(root: Path, p: PoolParams, skipped: list[dict]) -> Iterator[_It
             if ok is None:
                 skipped.append({"path": rel, "reason": reason, "detail": detail})
                 continue
-            w, h, sw, sh, jpeg = ok
-            yield _Item(make_key("p", rel), rel, category_of(Path(rel)), w, h, decode_image(jpeg), jpeg)
+            w, h, rotated, jpeg = ok
+            yield _Item(make_key("p", rel), rel, category_of(Path(rel)), w, h, decode_image(jpeg), jpeg,
+                        rotated=rotated)
 
 
 class _Inline:
@@ -152,18 +245,26 @@ def _iter_shards(src: Path, p: PoolParams, skipped: list[dict]) -> Iterator[_Ite
     """Re-index existing webdataset shards (e.g. a LAION subset written by img2dataset)."""
     from tqdm import tqdm
 
-    from pas.data.images import BadImage, to_rgb_on_white
+    import io
+
+    from PIL import Image
+
+    from pas.data.images import BadImage, to_rgb_on_white, upright
     from pas.io.shards import KEY_RE, decode_image, encode_image, iter_samples, make_key
 
     n = 0
     for s in tqdm(iter_samples(src), desc="pool", unit="img", mininterval=2):
         ref = f"{s.shard}/{s.key}"
+        cat = str(s.meta.get("category", ""))
         try:
-            import io
-
-            from PIL import Image
-
-            im = Image.open(io.BytesIO(s.image))
+            try:  # tar member names decode with surrogateescape; the JSON may hold lone surrogates
+                ref.encode("utf-8"), cat.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadImage("bad_filename", shown(ref)) from None
+            try:
+                im = Image.open(io.BytesIO(s.image))
+            except Exception as e:  # noqa: BLE001 - Pillow raises many types for non-images
+                raise BadImage("unreadable", f"{ref}: {e}") from None
             w, h = im.size
             if w * h > p.max_pixels:
                 raise BadImage("too_large", f"{ref}: {w}x{h}")
@@ -171,21 +272,24 @@ def _iter_shards(src: Path, p: PoolParams, skipped: list[dict]) -> Iterator[_Ite
                 raise BadImage("too_small", f"{ref}: {w}x{h}")
             try:
                 im.load()
+                im, orientation = upright(im)
                 img = to_rgb_on_white(im)
             except Exception as e:  # noqa: BLE001
                 raise BadImage("corrupt", f"{ref}: {e}") from None
         except BadImage as e:
-            skipped.append({"path": ref, "reason": e.reason, "detail": e.detail})
+            skipped.append({"path": shown(ref), "reason": e.reason, "detail": e.detail})
             continue
+        if orientation >= 5:  # EXIF 5-8 turn by 90°
+            w, h = h, w
         if max(img.size) > p.max_side:
             img.thumbnail((p.max_side, p.max_side))
-        cat = str(s.meta.get("category", ""))
         if not _keep_category(cat, p.include, p.exclude):
             continue
         key = s.key if KEY_RE.match(s.key) and s.key.startswith("p") else make_key("p", ref)
         # embed the stored JPEG, as for folder input: the embedding describes the bytes retrieve serves
         jpeg = encode_image(img, "jpg", p.jpeg_quality)
-        yield _Item(key, ref, cat, w, h, decode_image(jpeg), jpeg, str(s.meta.get("caption") or ""))
+        yield _Item(key, ref, cat, w, h, decode_image(jpeg), jpeg, str(s.meta.get("caption") or ""),
+                    rotated=orientation != 1)
         n += 1
         if p.max_images and n >= p.max_images:
             return
@@ -196,10 +300,29 @@ def iter_pool(p: PoolParams, skipped: list[dict]) -> Iterator[_Item]:
     appended to `skipped` ({path, reason, detail}). Also read by the offline model training."""
     src = Path(p.source)
     if not src.exists():
-        raise FileNotFoundError(f"pool.source={p.source!r} does not exist "
-                                "(offline default: `apt-get install openclipart-png`)")
-    shard_input = src.suffix == ".tar" or (src.is_dir() and any(src.glob("*.tar")))
-    return _iter_shards(src, p, skipped) if shard_input else _iter_folder(src, p, skipped)
+        raise PoolError(f"pool.source={p.source!r} does not exist "
+                        "(offline default: `apt-get install openclipart-png`)")
+    if p.format == "shards":
+        if not (src.suffix == ".tar" and src.is_file()) and not (src.is_dir() and any(src.glob("*.tar"))):
+            raise PoolError(f"pool.source={p.source!r}: no .tar shards there (pool.format: shards)")
+        return _iter_shards(src, p, skipped)
+    if not src.is_dir():
+        raise PoolError(f"pool.source={p.source!r} is not a folder (pool.format: folder; "
+                        "a .tar needs pool.format: shards)")
+    return _iter_folder(src, p, skipped)
+
+
+def _no_images(p: PoolParams, skipped: list[dict]) -> PoolError:
+    """The error for a pool that came out empty, saying what was there instead."""
+    src = Path(p.source)
+    why = [f"{n} {r}" for r, n in sorted(Counter(s["reason"] for s in skipped).items())]
+    tars = len(list(src.glob("*.tar"))) if p.format == "folder" and src.is_dir() else 0
+    if tars:
+        why.append(f"{tars} .tar files there: set pool.format: shards to read them")
+    elif p.include or p.exclude:
+        why.append(f"include={p.include} exclude={p.exclude}")
+    return PoolError(f"pool.source={p.source!r} (format {p.format}): 0 images to index"
+                     + (f" ({'; '.join(why)})" if why else " (no image files)"))
 
 
 def build_faiss_index(emb: np.ndarray, p: PoolParams):
@@ -279,14 +402,15 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
 
         clip = load_clip(clip_dir, device=p.device)
     t0 = time.time()
+    skipped: list[dict] = []
+    items = iter_pool(p, skipped)   # checks the source before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # an index left by an earlier run would fail the check of the shards embedded before it is rewritten
     (out / "index.parquet").unlink(missing_ok=True)
-    skipped: list[dict] = []
-    items = iter_pool(p, skipped)
 
     rows, embs, batch = [], [], []
+    n_rotated = 0
     batch_shard = None
 
     def flush():
@@ -301,6 +425,7 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
                 skipped.append({"path": it.path, "reason": "duplicate_key", "detail": it.key})
                 continue
             seen.add(it.key)
+            n_rotated += it.rotated
             jpeg = it.jpeg if it.jpeg is not None else encode_image(it.image, "jpg", p.jpeg_quality)
             shard = w.write(it.key, jpeg,
                             {"source": "pool", "path": it.path, "category": it.category})
@@ -316,21 +441,16 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
             if len(batch) >= p.batch_size:
                 flush()
         flush()
+    if not rows:
+        raise _no_images(p, skipped)
 
     if on_ray and rows:
         shards = list(dict.fromkeys(r["shard"] for r in rows))
         embs = map_shards(ShardEmbeddings(clip_dir, p.device, p.batch_size), [str(out / s) for s in shards],
                           config=engine, desc="pool embeddings")
     fp = clip.fingerprint if clip is not None else fingerprint_dir(clip_dir)
-    if embs:
-        dim = int(embs[0].shape[1])
-    else:
-        if clip is None:
-            from pas.models.clip import load_clip
-
-            clip = load_clip(clip_dir, device=p.device)
-        dim = clip.encode_texts(["x"]).shape[1]
-    emb = np.concatenate(embs) if embs else np.zeros((0, dim), np.float32)
+    emb = np.concatenate(embs)      # rows is not empty, so neither is embs
+    dim = int(emb.shape[1])
     if len(emb) != len(rows):
         raise RuntimeError(f"pool: {len(emb)} embeddings for {len(rows)} stored images")
     np.save(out / "embeddings.npy", emb.astype(np.float32))
@@ -346,7 +466,7 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
     secs = time.time() - t0
     reasons = Counter(s["reason"] for s in skipped)
     metrics = {"n_files": len(rows) + len(skipped), "n_indexed": len(rows), "n_skipped": len(skipped),
-               **{f"skipped_{r}": n for r, n in sorted(reasons.items())},
+               **{f"skipped_{r}": n for r, n in sorted(reasons.items())}, "n_exif_rotated": n_rotated,
                "n_shards": len({r["shard"] for r in rows}), "dim": dim,
                "categories": len({r["category"] for r in rows}),
                "seconds": round(secs, 1), "images_per_second": round(len(rows) / max(secs, 1e-9), 1)}
