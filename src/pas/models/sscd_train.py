@@ -38,7 +38,9 @@ class SscdTrainSpec:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     temperature: float = 0.05         # SSCD's InfoNCE temperature
-    koleo_weight: float = 30.0        # SSCD's entropy weight λ
+    # SSCD's entropy weight is 30; on this small model and pool 30 (and 5) spread the descriptors so much
+    # that copies were no closer than other images (benchmarks/RESULTS-offline-models.md)
+    koleo_weight: float = 1.0
     threads: int = 2
 
     @classmethod
@@ -52,7 +54,7 @@ class SscdTrainSpec:
         return cls(**{k: v for k, v in spec.items() if k != "kind"})
 
 
-def copy_augment(size: int, rng: np.random.Generator):
+def copy_augment(size: int, rng: np.random.Generator, min_area: float = 0.25):
     """One SSCD-style copy edit as a function PIL → PIL (size × size), drawn from `rng`: the planted
     copies of the calibration benchmark and tests (training uses the batched `augment_batch`)."""
     import io
@@ -61,7 +63,7 @@ def copy_augment(size: int, rng: np.random.Generator):
 
     def edit(img: Image.Image) -> Image.Image:
         w, h = img.size
-        area = rng.uniform(0.25, 1.0) * w * h
+        area = rng.uniform(min_area, 1.0) * w * h
         ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         cw = int(min(w, max(8, round(math.sqrt(area * ratio)))))
         ch = int(min(h, max(8, round(math.sqrt(area / ratio)))))
