@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pas.models.files import seed_everything
+from pas.train.schedule import lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,6 @@ class ClipTrainSpec:
     # width 32 trained 3x slower and 48 px retrieved worse (benchmarks/RESULTS-offline-models.md)
     vision: dict = field(default_factory=lambda: {"layers": [1, 1, 1, 1], "width": 16, "head_width": 32})
 
-    @classmethod
-    def from_spec(cls, spec: dict) -> "ClipTrainSpec":
-        from pas.params import ParamsError
-
-        known = set(cls.__dataclass_fields__)
-        extra = sorted(set(spec) - known - {"kind"})
-        if extra:
-            raise ParamsError(f"clip.{extra[0]}: unknown key for kind 'trained' (known: {sorted(known)})")
-        return cls(**{k: v for k, v in spec.items() if k != "kind"})
 
 
 def model_cfg(spec: ClipTrainSpec, text_dir: str, text_width: int) -> dict:
@@ -122,7 +114,14 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
     width = int(json.loads((src / "config.json").read_text())["hidden_size"])
     cfg = model_cfg(spec, str(src.resolve()), width)
     build_cfg = {k: v for k, v in cfg.items() if k != "custom_text"}
-    model = open_clip.CustomTextCLIP(**build_cfg)           # MiniLM weights from text_embed_dir
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()     # its load report lists MiniLM's unused pooler: expected, not news
+    try:
+        model = open_clip.CustomTextCLIP(**build_cfg)       # MiniLM weights from text_embed_dir
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model.text.lock(unlocked_layers=0, freeze_layer_norm=True)
     tokenizer = HFTokenizer(str(src), context_length=spec.context_length)
 
@@ -144,8 +143,6 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
     n = len(pairs.keys)
     bs = min(spec.batch_size, n)
     steps_per_epoch = max(1, n // bs)
-    total = steps_per_epoch * spec.epochs
-    warmup = int(spec.warmup_epochs * steps_per_epoch)
     images = torch.from_numpy(pairs.images)
     gen = torch.Generator().manual_seed(spec.seed)
     losses = []
@@ -156,8 +153,7 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
         run = 0.0
         for b in range(steps_per_epoch):
             idx = perm[b * bs:(b + 1) * bs]
-            lr = spec.lr * (step + 1) / max(1, warmup) if step < warmup else \
-                spec.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            lr = spec.lr * lr_factor(step, steps_per_epoch, spec.epochs, spec.warmup_epochs, "cosine")
             for g in opt.param_groups:
                 g["lr"] = lr
             x = _normalize(_augment(images[idx], gen, spec.image_size, spec.min_scale))

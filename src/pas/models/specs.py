@@ -9,21 +9,22 @@ Downstream stages load only from `models/<family>/`, through the same loader wha
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pas.models.clip_train import ClipTrainSpec
+from pas.models.sscd_train import SscdTrainSpec
 from pas.params import ParamsError, check_seed, unknown_key
 
 FAMILIES = ("clip", "sscd", "diffusion", "llm", "text_embed", "backbone_init")
 
-# `trained`: small models trained on the image pool by the `models` stage (the offline default;
-# pas.models.clip_train / sscd_train), optional keys = their spec dataclasses' fields
-TRAINED_CLIP_KEYS = {"seed", "image_size", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
-                     "min_scale", "context_length", "threads", "vision", "text_tower"}
-TRAINED_SSCD_KEYS = {"seed", "resize", "train_size", "widths", "dims", "epochs", "batch_size", "lr", "weight_decay",
-                     "temperature", "koleo_weight", "threads"}
+# `trained`: small models trained on the image pool by the `models` stage (the offline default);
+# their optional keys are the fields of the spec dataclasses (light modules: torch loads lazily)
+TRAINED_CLIP_KEYS = {f.name for f in dataclasses.fields(ClipTrainSpec)}
+TRAINED_SSCD_KEYS = {f.name for f in dataclasses.fields(SscdTrainSpec)}
 # families whose `trained` kind reads the pool (pool.source and its decoding params)
 TRAINED_ON_POOL = ("clip", "sscd")
 
@@ -122,7 +123,7 @@ def _train(family: str, spec: dict, out: Path, pool) -> Path:
     if family == "clip":
         from pas.models import clip_train
 
-        s = clip_train.ClipTrainSpec.from_spec(spec)
+        s = ClipTrainSpec(**{k: v for k, v in spec.items() if k != "kind"})
         from pas.models.llm import resolve_llm_source
 
         text = resolve_llm_source(s.text_tower)
@@ -132,7 +133,7 @@ def _train(family: str, spec: dict, out: Path, pool) -> Path:
     else:
         from pas.models import sscd_train
 
-        s = sscd_train.SscdTrainSpec.from_spec(spec)
+        s = SscdTrainSpec(**{k: v for k, v in spec.items() if k != "kind"})
         stats = sscd_train.train_sscd(load_pool_pairs(pool, s.train_size), s, out)
     write_json(out / "train_stats.json", json.loads(json.dumps(stats)))
     return out

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pas.models.files import seed_everything
+from pas.train.schedule import lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,6 @@ class SscdTrainSpec:
     koleo_weight: float = 1.0
     threads: int = 2
 
-    @classmethod
-    def from_spec(cls, spec: dict) -> "SscdTrainSpec":
-        from pas.params import ParamsError
-
-        known = set(cls.__dataclass_fields__)
-        extra = sorted(set(spec) - known - {"kind"})
-        if extra:
-            raise ParamsError(f"sscd.{extra[0]}: unknown key for kind 'trained' (known: {sorted(known)})")
-        return cls(**{k: v for k, v in spec.items() if k != "kind"})
 
 
 def copy_augment(size: int, rng: np.random.Generator, min_area: float = 0.25):
@@ -241,8 +233,6 @@ def train_sscd(pairs, spec: SscdTrainSpec, out_dir: str | Path) -> dict:
     n = len(pairs.keys)
     bs = min(spec.batch_size, n)
     steps_per_epoch = max(1, n // bs)
-    total = steps_per_epoch * spec.epochs
-    warmup = max(1, steps_per_epoch // 2)
     images = torch.from_numpy(pairs.images)
     losses, step = [], 0
     model.train()
@@ -251,8 +241,7 @@ def train_sscd(pairs, spec: SscdTrainSpec, out_dir: str | Path) -> dict:
         run = 0.0
         for b in range(steps_per_epoch):
             idx = perm[b * bs:(b + 1) * bs]
-            lr = spec.lr * (step + 1) / warmup if step < warmup else \
-                spec.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            lr = spec.lr * lr_factor(step, steps_per_epoch, spec.epochs, 0.5, "cosine")
             for g in opt.param_groups:
                 g["lr"] = lr
             v1 = augment_batch(images[idx], gen, spec.resize)

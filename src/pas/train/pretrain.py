@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pas.params import ParamsError, check_choice, check_range, check_seed
+from pas.train.schedule import lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +92,6 @@ def resolve_device(name: str, threads: int = 0) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise ParamsError("device='cuda' but no CUDA device is available (use cpu or auto)")
     return name
-
-
-def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: int, schedule: str) -> float:
-    """Per-step LR multiplier: linear warmup over warmup_epochs, then cosine to 0 (or constant)."""
-    import math
-
-    warm = warmup_epochs * steps_per_epoch
-    total = epochs * steps_per_epoch
-    if step < warm:
-        return (step + 1) / warm
-    if schedule == "constant":
-        return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
 def _fingerprint(cfg: PretrainParams, shard_dir: Path, init_dir: Path) -> str:
