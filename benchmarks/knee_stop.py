@@ -24,25 +24,21 @@ import numpy as np
 
 from pas.curate.knee import front_curve, knee_stop
 from pas.curate.pareto import worst_first_ranks
+from pareto import make as pareto_make   # benchmarks/pareto.py, beside this script
 
 SHAPES = ("uniform", "correlated", "ood_tail", "rounded")
 NAMES = ("ood_b", "ood_bprime", "ood_blur_delta")
 
 
 def make(shape: str, n: int, seed: int) -> np.ndarray:
+    """benchmarks/pareto.py's score sets, plus `ood_tail`: 10% of the images clearly out of domain."""
+    if shape != "ood_tail":
+        return pareto_make(shape, n, seed)
     rng = np.random.default_rng(seed)
-    if shape == "uniform":
-        return rng.random((n, 3))
-    if shape == "correlated":
-        return rng.random((n, 1)) + 0.05 * rng.standard_normal((n, 3))
-    if shape == "ood_tail":
-        v = rng.beta(2, 8, (n, 3))
-        ood = rng.random(n) < 0.1
-        v[ood] = rng.beta(8, 2, (int(ood.sum()), 3))
-        return v
-    if shape == "rounded":
-        return np.round(rng.random((n, 3)), 2)
-    raise ValueError(shape)
+    v = rng.beta(2, 8, (n, 3))
+    ood = rng.random(n) < 0.1
+    v[ood] = rng.beta(8, 2, (int(ood.sum()), 3))
+    return v
 
 
 def row(shape: str, n: int, seed: int, bins: int) -> dict:

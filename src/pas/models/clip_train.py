@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pas.models.files import seed_everything
-from pas.train.schedule import lr_factor
+from pas.train.schedule import adamw, lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,8 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
     text_ids = torch.from_numpy(text_ids.astype(np.int64))
 
     visual = model.visual
-    params = [p for p in visual.parameters() if p.requires_grad] + [model.logit_scale]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
+    opt = adamw([p for p in visual.parameters() if p.requires_grad] + [model.logit_scale], spec.lr,
+                spec.weight_decay)
     n = len(pairs.keys)
     bs = min(spec.batch_size, n)
     steps_per_epoch = max(1, n // bs)

@@ -78,15 +78,11 @@ def square_crop(img, size: int):
     return img.crop((x0, y0, x0 + size, y0 + size))
 
 
-def load_pool_pairs(pool_params, size: int, max_side: int | None = None) -> PoolPairs:
-    """Decode the pool as the pool stage does (same files, same skips) into `size`² crops + alt text."""
-    import dataclasses
-
+def load_pool_pairs(p, size: int) -> PoolPairs:
+    """Decode the pool (`pas.data.pool.PoolParams` `p`) as the pool stage does (same files, same skips)
+    into `size`² crops + alt text."""
     from pas.data.pool import iter_pool
 
-    p = pool_params
-    if max_side is not None:
-        p = dataclasses.replace(p, max_side=max_side)
     skipped: list[dict] = []
     keys, crops, paths, captions = [], [], [], []
     for it in iter_pool(p, skipped):

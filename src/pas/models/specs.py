@@ -113,8 +113,6 @@ def _source(spec: dict, packaged_default: str) -> str:
 
 def _train(family: str, spec: dict, out: Path, pool) -> Path:
     """Train the offline CLIP or SSCD on the pool's images (pas.models.pool_pairs)."""
-    import json
-
     from pas.models.files import write_json
     from pas.models.pool_pairs import load_pool_pairs
 
@@ -135,7 +133,7 @@ def _train(family: str, spec: dict, out: Path, pool) -> Path:
 
         s = SscdTrainSpec(**{k: v for k, v in spec.items() if k != "kind"})
         stats = sscd_train.train_sscd(load_pool_pairs(pool, s.train_size), s, out)
-    write_json(out / "train_stats.json", json.loads(json.dumps(stats)))
+    write_json(out / "train_stats.json", stats)
     return out
 
 

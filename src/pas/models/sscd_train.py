@@ -4,8 +4,8 @@ SSCD (Pizzi et al., CVPR 2022) trains a descriptor so that an image and its edit
 together and different images far apart: "a contrastive self-supervised loss (InfoNCE) on strong
 augmentations" plus "an entropy regularization term [KoLeo] that promotes consistent separation
 between descriptor vectors". We follow it on the pool's images: two copy-style views per image (crops,
-resizes, flips, colour jitter, greyscale, blur, JPEG re-encodes, text and patch overlays), InfoNCE
-over the batch at SSCD's temperature, plus λ_KoLeo·KoLeo. The trunk is a narrow ResNet of the same
+resizes, flips, colour jitter, greyscale, blur, patch overlays, JPEG re-encodes), InfoNCE over the
+batch at SSCD's temperature plus λ_KoLeo·KoLeo (lightly's NTXentLoss and KoLeoLoss). The trunk is a narrow ResNet of the same
 shape as `pas.models.sscd`'s (BasicBlocks → GeM p=3 → Linear → L2 norm), scripted to TorchScript
 like the released models, so `load_sscd` / `descriptors` / dedup / leakage use it unchanged.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pas.models.files import seed_everything
-from pas.train.schedule import lr_factor
+from pas.train.schedule import adamw, lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,6 @@ def copy_augment(size: int, rng: np.random.Generator, min_area: float = 0.25):
 
 def _small_module(widths, dims: int):
     """The trained trunk: stem → one BasicBlock per stage at `widths` → GeM(3) → Linear → L2."""
-    import torch
     from torch import nn
     from torchvision.models.resnet import BasicBlock
 
@@ -109,10 +108,14 @@ def _small_module(widths, dims: int):
                                                                  nn.BatchNorm2d(w))
         layers.append(BasicBlock(c, w, stride, down))
         c = w
-    return _SmallSSCD(nn.Sequential(*layers), nn.Sequential(GeM(3.0), nn.Linear(c, dims)))
+    return _small_class()(nn.Sequential(*layers), nn.Sequential(GeM(3.0), nn.Linear(c, dims)))
 
 
 def _small_class():
+    """The SmallSSCD class, created once per process (TorchScript caches compiled types by class, as
+    `pas.models.sscd._tiny_classes` explains), and only once torch is needed."""
+    if "SmallSSCD" in _CLASSES:
+        return _CLASSES["SmallSSCD"]
     from torch import nn
 
     class SmallSSCD(nn.Module):
@@ -126,41 +129,11 @@ def _small_class():
             return nn.functional.normalize(self.embeddings(self.backbone(x)), p=2.0, dim=1)
 
     SmallSSCD.__module__, SmallSSCD.__qualname__ = __name__, "SmallSSCD"
+    _CLASSES["SmallSSCD"] = SmallSSCD
     return SmallSSCD
 
 
-_CLS: dict = {}
-
-
-def _SmallSSCD(backbone, embeddings):
-    if "c" not in _CLS:
-        _CLS["c"] = _small_class()
-    return _CLS["c"](backbone, embeddings)
-
-
-def koleo(z):
-    """KoLeo entropy estimate's loss (Sablayrolles et al. 2019, used by SSCD): −mean log min_j≠i ‖z_i − z_j‖."""
-    import torch
-
-    with torch.no_grad():
-        sim = z @ z.T
-        sim.fill_diagonal_(-2.0)
-        nn_idx = sim.argmax(dim=1)
-    dist = (z - z[nn_idx]).norm(dim=1)
-    return -torch.log(dist + 1e-8).mean()
-
-
-def info_nce(z1, z2, temperature: float):
-    """InfoNCE over 2B views: each view's positive is the other view of its image (SimCLR form)."""
-    import torch
-    import torch.nn.functional as F
-
-    z = torch.cat([z1, z2])
-    b = z1.shape[0]
-    logits = z @ z.T / temperature
-    logits.fill_diagonal_(float("-inf"))
-    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)])
-    return F.cross_entropy(logits, target)
+_CLASSES: dict = {}
 
 
 def augment_batch(x, gen, size: int):
@@ -220,16 +193,15 @@ def augment_batch(x, gen, size: int):
 def train_sscd(pairs, spec: SscdTrainSpec, out_dir: str | Path) -> dict:
     """Train on the pool crops of `pairs` (`PoolPairs`), script and save `out_dir` like `build_tiny_sscd`."""
     import torch
+    from lightly.loss import KoLeoLoss, NTXentLoss
 
     torch.set_num_threads(spec.threads)
     seed_everything(spec.seed)
     model = _small_module(spec.widths, spec.dims)
     rng = np.random.default_rng(spec.seed)
     gen = torch.Generator().manual_seed(spec.seed)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
+    opt = adamw(model.parameters(), spec.lr, spec.weight_decay)
+    info_nce, koleo = NTXentLoss(temperature=spec.temperature), KoLeoLoss()
     n = len(pairs.keys)
     bs = min(spec.batch_size, n)
     steps_per_epoch = max(1, n // bs)
@@ -247,7 +219,7 @@ def train_sscd(pairs, spec: SscdTrainSpec, out_dir: str | Path) -> dict:
             v1 = augment_batch(images[idx], gen, spec.resize)
             v2 = augment_batch(images[idx], gen, spec.resize)
             z1, z2 = model(v1), model(v2)
-            loss = info_nce(z1, z2, spec.temperature) + spec.koleo_weight * koleo(torch.cat([z1, z2]))
+            loss = info_nce(z1, z2) + spec.koleo_weight * koleo(torch.cat([z1, z2]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,4 +1,5 @@
-"""Learning-rate schedules shared by every training loop (pretrain, the offline CLIP and SSCD)."""
+"""Learning-rate schedules and optimiser set-up shared by the training loops (pretrain, the offline
+CLIP and SSCD)."""
 
 from __future__ import annotations
 
@@ -14,3 +15,12 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float
     if schedule == "constant":
         return 1.0
     return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def adamw(params, lr: float, weight_decay: float):
+    """AdamW that decays weight matrices and kernels (ndim >= 2) only, not biases, norms or scales."""
+    import torch
+
+    params = list(params)
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
