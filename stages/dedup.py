@@ -28,7 +28,7 @@ from pas.io.manifest import write_metrics, write_parquet
 from pas.models.files import write_json
 from pas.params import build, load, run_stage
 
-log = logging.getLogger("dedup")
+log = logging.getLogger("pas.stages.dedup")
 CHUNK = 512          # images decoded at a time (descriptors run in batch_size batches inside)
 
 

@@ -22,7 +22,7 @@ from pas.engine import EngineConfig
 from pas.io.manifest import read_parquet, write_metrics, write_parquet
 from pas.params import ParamsError, build, load, run_stage
 
-log = logging.getLogger("ood")
+log = logging.getLogger("pas.stages.ood")
 
 
 def _kept_keys(path: str) -> set[str]:
@@ -146,5 +146,5 @@ if __name__ == "__main__":
     try:
         sys.exit(run_stage(main))
     except (ValueError, FileNotFoundError) as e:   # bad input: a message, not a traceback (params: run_stage)
-        logging.getLogger("ood").error("%s", e)
+        logging.getLogger("pas.stages.ood").error("%s", e)
         sys.exit(2)

@@ -225,12 +225,31 @@ def load(path: str | Path = "params.yaml") -> dict:
     return params
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging() -> None:
+    """One log format for every stage; pas at INFO, third-party libraries (open_clip, faiss's loader,
+    diffusers, httpx, …) at WARNING. `PAS_LOG_LEVEL=DEBUG` (or INFO, …) sets every logger's level."""
+    import logging
+    import os
+
+    level = os.environ.get("PAS_LOG_LEVEL", "").strip().upper()
+    if level and not isinstance(logging.getLevelName(level), int):
+        raise ParamsError(f"PAS_LOG_LEVEL={level!r}: expected DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(level=level or "WARNING", format=LOG_FORMAT, datefmt="%H:%M:%S")
+    logging.getLogger("pas").setLevel(level or "INFO")
+    logging.getLogger("pas").propagate = True
+
+
 def run_stage(main: Callable[[], Any]) -> int:
     """The `__main__` of every stage script: `sys.exit(run_stage(main))`.
 
+    Sets up logging (`setup_logging`: the stages' own `basicConfig` calls then change nothing).
     A config error is the user's to fix, not a bug: one line on stderr naming the key, exit status 2,
     no traceback. Any other error keeps its traceback. A `main` returning None counts as success."""
     try:
+        setup_logging()
         rc = main()
     except ParamsError as e:
         print(f"params error: {e}", file=sys.stderr)
