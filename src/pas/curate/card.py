@@ -14,8 +14,7 @@ from typing import Any, Mapping
 import yaml
 
 from pas.curate.prune import SAMPLE_FIELDS
-
-FUNNEL_ORDER = ("retrieve", "generate", "dedup", "leakage", "ood", "prune")
+from pas.summary import FUNNEL
 
 
 def hf_features(image_ext: str = "jpg") -> list[dict]:
@@ -59,7 +58,7 @@ def dataset_card(*, domain: Mapping[str, Any], funnel: Mapping[str, Any], prune:
         "dataset_info": {"features": hf_features(image_ext)},
     }
     funnel_rows = [(s, funnel[s].get("n"), funnel[s].get("real"), funnel[s].get("synthetic"))
-                   for s in FUNNEL_ORDER if s in funnel]
+                   for s in FUNNEL if s in funnel]
     schema_rows = [(f"`{k}`", f"list of {t[0]}" if isinstance(t, list) else t)
                    for k, t in SAMPLE_FIELDS.items()]
     b = (concepts or {}).get("B_after_validation")
