@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.dvc_helpers import make_repo, ran_stages, run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ALL = ["params", "models@clip", "models@sscd", "models@diffusion", "models@llm", "models@text_embed",
        "models@backbone_init", "pool", "concepts", "retrieve", "generate", "evalsets", "dedup",
@@ -26,6 +29,33 @@ def _hashes(root: Path) -> dict[str, str]:
 
 def _metrics(repo: Path, name: str) -> dict:
     return json.loads((repo / "metrics" / f"{name}.json").read_text())
+
+
+def lock_mismatches(committed: dict, fresh: dict) -> tuple[list[str], list[str]]:
+    """(stale, differing) between two dvc.lock mappings: `stale` = stages whose deps or params differ
+    (the committed lock predates a change, so their outs may differ); `differing` = outs of the other
+    stages whose hash differs: same params + same inputs gave other bytes."""
+    stale, differing = [], []
+    for name, st in sorted(fresh.get("stages", {}).items()):
+        old = committed.get("stages", {}).get(name)
+        key = lambda s: (s.get("cmd"), [(d["path"], d.get("md5")) for d in s.get("deps", [])], s.get("params"))
+        if old is None or key(old) != key(st):
+            stale.append(name)
+            continue
+        was = {o["path"]: o.get("md5") for o in old.get("outs", [])}
+        differing += [f"{name}: {o['path']}" for o in st.get("outs", []) if was.get(o["path"]) != o.get("md5")]
+    return stale, differing
+
+
+def test_lock_mismatches_tells_stale_from_differing():
+    lock = {"stages": {"a": {"cmd": "x", "deps": [{"path": "p", "md5": "1"}], "outs": [{"path": "o", "md5": "9"}]},
+                       "b": {"cmd": "y", "deps": [{"path": "o", "md5": "9"}], "outs": [{"path": "q", "md5": "8"}]}}}
+    same = json.loads(json.dumps(lock))
+    assert lock_mismatches(lock, same) == ([], [])
+    same["stages"]["b"]["outs"][0]["md5"] = "7"
+    assert lock_mismatches(lock, same) == ([], ["b: q"])
+    same["stages"]["b"]["deps"][0]["md5"] = "6"
+    assert lock_mismatches(lock, same) == (["b"], [])
 
 
 def _free_port() -> int:
@@ -63,6 +93,16 @@ def test_full_pipeline_offline(tmp_path, s3_server):
     wall = time.time() - t0
     assert sorted(ran_stages(out.stdout)) == sorted(ALL)
     print(f"full dvc repro: {wall:.0f}s")
+    # same params + same inputs -> the bytes of the committed dvc.lock, in any fresh clone: every stage
+    # whose deps and params match the committed lock must have produced the same outs (in CI, where the
+    # tree is a clean clone of main, that is every stage: a stale committed lock fails too)
+    import yaml
+
+    committed = yaml.safe_load((ROOT / "dvc.lock").read_text())
+    stale, differing = lock_mismatches(committed, yaml.safe_load((repo / "dvc.lock").read_text()))
+    assert not differing, f"outs differ from the committed dvc.lock with the same deps and params: {differing}"
+    if os.environ.get("CI"):
+        assert not stale, f"the committed dvc.lock is stale for {stale}: run `dvc repro` and commit dvc.lock"
 
     pool, concepts, dataset, ev, leak = (_metrics(repo, n) for n in ("pool", "concepts", "dataset", "eval",
                                                                      "leakage"))
