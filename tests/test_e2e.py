@@ -161,6 +161,19 @@ def test_full_pipeline_offline(tmp_path, s3_server):
     assert _hashes(clone / "data/dataset") == _hashes(repo / "data/dataset")
     st = run(["dvc", "status", "-c", "-r", "s3", "data/dataset"], clone, env=aws_env)
     assert "in sync" in st.stdout, st.stdout
+    # `dvc get` / `dvc import` of a published version from the git repo, data from its S3 remote (the
+    # default remote is a folder relative to the repo, which DVC's temporary clone does not have)
+    remote = ["--remote", "s3", "--remote-config", f"endpointurl={endpoint}"]
+    run(["dvc", "get", str(repo), "data/dataset", "--rev", "HEAD", "-o", str(tmp_path / "got"), *remote],
+        tmp_path, env=aws_env)
+    assert _hashes(tmp_path / "got") == _hashes(repo / "data/dataset")
+    user = tmp_path / "user"
+    user.mkdir()
+    run(["git", "init", "-q"], user)
+    run(["dvc", "init", "-q"], user)
+    run(["dvc", "import", str(repo), "data/dataset", "--rev", "HEAD", "-o", "food", *remote], user, env=aws_env)
+    assert _hashes(user / "food") == _hashes(repo / "data/dataset")
+    assert "repo:" in (user / "food.dvc").read_text()
     # then everything, and a repro that reruns nothing
     run(["dvc", "pull", "-r", "s3"], clone, env=aws_env)
     assert ran_stages(run(["dvc", "repro"], clone).stdout) == []
