@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ALL = ["params", "models@clip", "models@sscd", "models@diffusion", "models@llm", "models@text_embed",
        "models@backbone_init", "pool", "concepts", "retrieve", "generate", "evalsets", "dedup",
-       "leakage", "ood", "prune", "pretrain", "evaluate", "summary", "precision"]
-AFTER_DEDUP = ["params", "dedup", "leakage", "ood", "prune", "pretrain", "evaluate", "summary", "precision"]   # params: the check
+       "leakage", "ood", "prune", "pretrain", "evaluate", "summary", "precision", "report"]
+AFTER_DEDUP = ["params", "dedup", "leakage", "ood", "prune", "pretrain", "evaluate", "summary", "precision",
+               "report"]   # params: the check
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -125,6 +126,8 @@ def test_full_pipeline_offline(tmp_path, s3_server):
     summary = _metrics(repo, "summary")
     assert summary["funnel"] == n and summary["size"]["total"] == n["prune"]
     assert summary["top1"].keys() == ev["sets"].keys()
+    page = (repo / "data/report/index.html").read_text()      # the run report, every section filled
+    assert "Not available" not in page and (repo / "data/report/funnel.png").is_file()
 
     # 2. nothing changed: clean status, a second repro runs nothing
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo).stdout
