@@ -335,7 +335,8 @@ def _section_summary(run: _Run) -> str:
             *((f"{ref} classes covered", f"{v:.1%}") for ref, v in s.get("covered", {}).items()),
             *((f"{name} top-1", f"kNN {v['knn']:.3f} (baseline {v['knn_baseline']:.3f}), linear "
                                 f"{v['linear']:.3f} (baseline {v['linear_baseline']:.3f})")
-              for name, v in s.get("top1", {}).items())]
+              for name, v in s.get("top1", {}).items()),
+            *((f"domain precision ({k})", f"{v:.3f}") for k, v in (s.get("domain_precision") or {}).items())]
     return table(("", "value"), rows)
 
 
