@@ -18,7 +18,7 @@ from PIL import Image
 from pas.io.manifest import write_metrics, write_parquet
 from pas.io.shards import ShardWriter, encode_image, write_index
 from pas.params import ParamsError, build
-from pas.report import ReportParams, build_report, near_misses, read_images
+from pas.report import Inputs, ReportParams, build_report, near_misses, read_images
 from pas.summary import summarize
 from tests.stage_helpers import load_stage, outputs
 
@@ -171,6 +171,20 @@ def test_every_section_and_same_bytes_twice(run_root, tmp_path, no_detector):
     assert res.n_images == page.count("data:image/jpeg;base64,")
     build_report(run_root, tmp_path / "b")
     assert outputs(tmp_path / "a") == outputs(tmp_path / "b")
+
+
+def test_the_stage_deps_are_exactly_what_it_reads(run_root, tmp_path, no_detector):
+    deps = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]["report"]["deps"]
+    data_deps = [d for d in deps if d.startswith(("data/", "metrics/")) and d != "data/params.ok"]
+    assert sorted(data_deps) == sorted(Inputs().files())
+    # a root holding only those paths (and params.yaml) gives the whole report
+    only = tmp_path / "only"
+    for rel in Inputs().files() + ["params.yaml"]:
+        src, dst = run_root / rel, only / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    a, b = build_report(only, tmp_path / "a"), build_report(run_root, tmp_path / "b")
+    assert a.missing == {} and outputs(tmp_path / "a") == outputs(tmp_path / "b")
 
 
 def test_sections_with_missing_inputs_say_so(run_root, tmp_path, no_detector):

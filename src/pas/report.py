@@ -25,7 +25,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -83,8 +83,16 @@ class Inputs:
     dataset: str = "data/dataset"
     metrics: str = "metrics"                   # the METRICS files below
 
-    METRICS = ("summary", "dataset", "concepts", "dedup", "leakage", "ood", "prune", "precision",
-               "pretrain", "eval")
+    METRICS: ClassVar[tuple[str, ...]] = ("summary", "dataset", "concepts", "dedup", "leakage", "ood", "prune",
+                                          "precision", "pretrain", "eval")
+
+    def files(self) -> list[str]:
+        """Every path the report reads (files, or folders of shards): the `report` stage's data deps."""
+        return [f"{self.concepts}/bank.parquet", f"{self.concepts}/history.json", self.retrieved, self.generated,
+                f"{self.dedup}/manifest.parquet", f"{self.dedup}/keys.parquet", f"{self.dedup}/descriptors.npy",
+                f"{self.leakage}/checked.parquet", f"{self.leakage}/manifest.parquet", self.evalsets, self.ood,
+                f"{self.prune}/ranks.parquet", f"{self.prune}/knees.csv", f"{self.prune}/peel.png", self.dataset,
+                *(f"{self.metrics}/{m}.json" for m in self.METRICS)]
 
 
 @dataclass
@@ -266,25 +274,29 @@ class _Run:
     def fate(self, key: str) -> str:
         """What became of a collected image: final | dedup | leakage | prune | takedown | "" (unknown)."""
         if self._fates is None:
-            self._fates = {}
+            fates: dict[str, str] = {}
             steps = ((self.path(self.i.dedup, "manifest.parquet"), "kept", "dedup", False),
                      (self.path(self.i.leakage, "manifest.parquet"), "kept", "leakage", False),
                      (self.path(self.i.prune, "ranks.parquet"), "removed", "prune", True))
+            pruned_kept: list[str] = []
             for path, col, stage, flag in steps:
                 try:
                     df = _parquet(path, ["key", col])
                 except _Missing:
                     continue
                 for k in df.loc[df[col].astype(bool) == flag, "key"]:
-                    self._fates.setdefault(k, stage)
+                    fates.setdefault(k, stage)
                 if stage == "prune":
-                    for k in df.loc[~df[col].astype(bool), "key"]:
-                        self._fates.setdefault(k, "takedown")   # kept by prune, not exported: below
+                    pruned_kept = list(df.loc[~df[col].astype(bool), "key"])
             try:
-                for k in _parquet(self.path(self.i.dataset, "index.parquet"), ["key"])["key"]:
-                    self._fates[k] = "final"
+                final = set(_parquet(self.path(self.i.dataset, "index.parquet"), ["key"])["key"])
+                for k in pruned_kept:          # kept by prune but not exported: the takedown list
+                    fates.setdefault(k, "final" if k in final else "takedown")
+                for k in final:
+                    fates[k] = "final"
             except _Missing:
                 pass
+            self._fates = fates
         return self._fates.get(key, "")
 
     def figure(self, key: str, data: bytes | None, lines: Sequence[str] = (), fate: str | None = None,
