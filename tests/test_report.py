@@ -257,6 +257,7 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.mark.slow    # a browser start: 3-5 s here, 25 s on a loaded machine
 @pytest.mark.skipif(_chromium() is None, reason="no Chromium on PATH (CI has none; see README 'Run report')")
 def test_renders_in_headless_chromium(run_root, tmp_path, no_detector):
     res = build_report(run_root, tmp_path / "report")
