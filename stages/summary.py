@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("summary failed: %s (run the stage that writes it)", e)
         return 2
     write_metrics(args.out, s)
-    print(summary_text(s, args.dataset_dir, report=None), flush=True)   # the run's last words
+    print(summary_text(s, args.dataset_dir), flush=True)   # the run's last words
     return 0
 
 

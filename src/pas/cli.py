@@ -2,6 +2,7 @@
 
   pas check    validate params.yaml, the model specs and the inputs a run reads; one line per problem
   pas summary  the run's headline figures (metrics/summary.json) as the run printed them
+  pas report   (re)write the run report, one offline HTML page (default data/report/index.html)
 
 Run from the project root (where params.yaml and dvc.yaml are). Exit status: 0 fine, 2 a problem the
 user fixes (params, missing inputs), 1 a pool entry that stops DVC from hashing the pool.
@@ -83,6 +84,19 @@ def summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def report(args: argparse.Namespace) -> int:
+    from pas.report import build_report
+
+    try:
+        res = build_report(".", args.out, params=load(args.params))
+    except (ParamsError, ValueError, OSError) as e:
+        print(f"report error: {e}", file=sys.stderr)
+        return 2
+    missing = f" (missing inputs: {', '.join(sorted(res.missing))})" if res.missing else ""
+    print(f"{res.index}: {res.n_images} thumbnails, {len(res.figures)} figures{missing}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pas", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -95,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dataset", default="data/dataset")
     s.add_argument("--report", default="data/report/index.html")
     s.set_defaults(func=summary)
+    r = sub.add_parser("report", help="write the run report (an offline HTML page) from the run's outputs")
+    r.add_argument("--params", default="params.yaml")
+    r.add_argument("--out", default="data/report")
+    r.set_defaults(func=report)
     args = ap.parse_args(argv)
     os.environ.setdefault("PAS_LOG_LEVEL", "WARNING")
     setup_logging()
