@@ -290,6 +290,19 @@ def test_calibrated_nprobe_finds_the_near_threshold_pairs_a_constant_one_misses(
     assert got <= set(zip(ei.tolist(), ej.tolist()))
 
 
+def test_auto_falls_back_to_exact_when_calibration_needs_most_lists(monkeypatch):
+    import pas.curate.dedup as dd
+
+    x, a, b = _planted(n=2000, pairs=200, seed=2)
+    monkeypatch.setattr(dd, "AUTO_FLAT_MAX", 1000)                 # 2000 rows count as "large"
+    info = {}
+    sims, ids = knn_self(x, 8, index="auto", nprobe=0, lambda_=0.6, use_gpu=False, info=info)
+    # random 32-d data: no cluster structure, the near-λ pairs need far more than 5% of the lists
+    assert info["index"] == "flat" and info["ivf_nprobe"] > 0.05 * info["nlist"] and "nprobe" not in info
+    e_sims, e_ids = knn_self(x, 8, index="flat", use_gpu=False)
+    np.testing.assert_array_equal(ids, e_ids)
+
+
 def test_calibrated_nprobe_is_deterministic_and_thread_independent():
     import faiss
 

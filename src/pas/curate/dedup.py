@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 INDEX_KINDS = ("flat", "ivf", "hnsw", "auto")
 IVF_CODES = ("sq8", "flat")   # what an IVF list stores per vector: 8-bit scalar codes or float32
 AUTO_FLAT_MAX = 200_000       # `auto`: exact search up to this many images, IVF above
+AUTO_IVF_MAX_PROBE = 0.05     # `auto`: back to exact search when calibrated IVF must scan more of the lists
 IVF_TRAIN_PER_LIST = 39       # IVF k-means training points per inverted list (faiss: ≥ 39)
 IVF_TRAIN_ITERS = 8           # IVF k-means iterations
 CALIB_BAND = 0.05             # calibration: nprobe must reach the target in each band (λ, λ+0.05], …
@@ -44,7 +45,8 @@ class DedupParams:
     lambda_dup: float = 0.6        # λ_dup: SSCD cosine above which two images are duplicates
     k_dup: int = 64                # neighbours searched per image (paper App. D.1.4)
     seed: int = 0                  # picks each component's kept image
-    index: str = "flat"            # faiss index: flat (exact) | ivf | hnsw | auto (flat ≤ 200k, else ivf)
+    index: str = "flat"            # faiss index: flat (exact) | ivf | hnsw | auto (flat ≤ 200k, else
+                                   # ivf, or flat again when calibrated ivf would scan > 5% of lists)
     nlist: int = 0                 # ivf: inverted lists; 0 = 4·sqrt(n)
     nprobe: int = 0                # ivf: lists visited per query; 0 = calibrated to target_recall
     target_recall: float = 0.995   # ivf, nprobe 0: λ-edge recall to reach in every 0.05 band above λ
@@ -139,8 +141,10 @@ def build_index(xb: np.ndarray, index: str = "flat", nlist: int = 0, nprobe: int
     query with the float32 vectors (faiss IndexRefineFlat, k_factor 1): every similarity returned is
     exact, so the λ tests downstream never see quantisation error; only recall is approximate.
     `ivf` with `nprobe=0` picks nprobe from the data (`calibrate_nprobe`: the λ-edges of a seeded
-    sample of queries, `lambda_` required; `xq` = the queries, None = a self-join of `xb`). `info`, if
-    given, receives the IVF settings used and the calibration's estimates.
+    sample of queries, `lambda_` required; `xq` = the queries, None = a self-join of `xb`); `auto` above
+    AUTO_FLAT_MAX rows calibrates too and falls back to exact search when nprobe would exceed
+    AUTO_IVF_MAX_PROBE of the lists. `info`, if given, receives the IVF settings used and the
+    calibration's estimates.
     """
     faiss = _faiss()
     n, d = xb.shape
@@ -166,7 +170,8 @@ def build_index(xb: np.ndarray, index: str = "flat", nlist: int = 0, nprobe: int
         sample = np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False)) if n_train < n else None
         base.train(xb if sample is None else xb[sample])
         stats = {"index": "ivf", "nlist": nl}
-        if nprobe == 0:
+        calibrated = nprobe == 0
+        if calibrated:
             if lambda_ is None:
                 raise ValueError("ivf with nprobe 0 (calibrated) needs lambda_")
             centroids = quantizer.reconstruct_n(0, nl)
@@ -174,8 +179,14 @@ def build_index(xb: np.ndarray, index: str = "flat", nlist: int = 0, nprobe: int
             stats.update(cal)
         nprobe = min(nprobe, nl, GPU_MAX_NPROBE) if gpu else min(nprobe, nl)
         stats["nprobe"] = nprobe
+        if index == "auto" and calibrated and nprobe > AUTO_IVF_MAX_PROBE * nl:
+            # no cluster structure to exploit (random-like data): the scan would cost about as much as
+            # exact search (benchmarks/RESULTS-dedup.md)
+            kind = "flat"
+            stats["index"], stats["ivf_nprobe"] = "flat", stats.pop("nprobe")
         if info is not None:
             info.update(stats)
+    if kind == "ivf":
         base.nprobe = nprobe
         if gpu:
             base = _to_gpu(faiss, base)
