@@ -297,8 +297,8 @@ def test_auto_falls_back_to_exact_when_calibration_needs_most_lists(monkeypatch)
     monkeypatch.setattr(dd, "AUTO_FLAT_MAX", 1000)                 # 2000 rows count as "large"
     info = {}
     sims, ids = knn_self(x, 8, index="auto", nprobe=0, lambda_=0.6, use_gpu=False, info=info)
-    # random 32-d data: no cluster structure, the near-λ pairs need far more than 5% of the lists
-    assert info["index"] == "flat" and info["ivf_nprobe"] > 0.05 * info["nlist"] and "nprobe" not in info
+    # random 32-d data: no cluster structure, the near-λ pairs need more than 20% of the lists
+    assert info["index"] == "flat" and info["ivf_nprobe"] > 0.2 * info["nlist"] and "nprobe" not in info
     e_sims, e_ids = knn_self(x, 8, index="flat", use_gpu=False)
     np.testing.assert_array_equal(ids, e_ids)
 

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 INDEX_KINDS = ("flat", "ivf", "hnsw", "auto")
 IVF_CODES = ("sq8", "flat")   # what an IVF list stores per vector: 8-bit scalar codes or float32
 AUTO_FLAT_MAX = 200_000       # `auto`: exact search up to this many images, IVF above
-AUTO_IVF_MAX_PROBE = 0.05     # `auto`: back to exact search when calibrated IVF must scan more of the lists
+AUTO_IVF_MAX_PROBE = 0.2      # `auto`: back to exact search when calibrated IVF must scan more of the lists
 IVF_TRAIN_PER_LIST = 39       # IVF k-means training points per inverted list (faiss: ≥ 39)
 IVF_TRAIN_ITERS = 8           # IVF k-means iterations
 CALIB_BAND = 0.05             # calibration: nprobe must reach the target in each band (λ, λ+0.05], …
@@ -46,7 +46,7 @@ class DedupParams:
     k_dup: int = 64                # neighbours searched per image (paper App. D.1.4)
     seed: int = 0                  # picks each component's kept image
     index: str = "flat"            # faiss index: flat (exact) | ivf | hnsw | auto (flat ≤ 200k, else
-                                   # ivf, or flat again when calibrated ivf would scan > 5% of lists)
+                                   # ivf, or flat again when calibrated ivf would scan > 20% of lists)
     nlist: int = 0                 # ivf: inverted lists; 0 = 4·sqrt(n)
     nprobe: int = 0                # ivf: lists visited per query; 0 = calibrated to target_recall
     target_recall: float = 0.995   # ivf, nprobe 0: λ-edge recall to reach in every 0.05 band above λ
