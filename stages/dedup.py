@@ -152,11 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         cache.prune()                       # chunks of earlier inputs or settings
     t_desc = time.time() - t0
 
+    knn_info: dict = {}
     manifest = dedup(keys, x, p.lambda_dup, p.k_dup, p.seed, progress=len(keys) > 50_000, index=p.index,
                      nlist=p.nlist, nprobe=p.nprobe, ivf_codes=p.ivf_codes, hnsw_m=p.hnsw_m,
-                     ef_search=p.ef_search, use_gpu=p.use_gpu)
+                     ef_search=p.ef_search, use_gpu=p.use_gpu, target_recall=p.target_recall,
+                     calib_queries=p.calib_queries, info=knn_info)
     manifest.insert(1, "source", sources)
     metrics = summary(manifest, sources)
+    if knn_info:                        # ivf only: lists, nprobe, the calibration's recall estimates
+        metrics["knn"] = knn_info
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
