@@ -14,7 +14,7 @@ import pytest
 from tests.dvc_helpers import make_repo, ran_stages, run
 
 ALL = ["params", "models@clip", "models@sscd", "models@diffusion", "models@llm", "models@text_embed",
-       "models@backbone_init", "pool", "concepts", "retrieve", "generate", "evalsets", "dedup",
+       "models@backbone_init", "pool", "concepts", "retrieve", "captions", "generate", "evalsets", "dedup",
        "leakage", "ood", "prune", "pretrain", "evaluate", "summary", "precision"]
 AFTER_DEDUP = ["params", "dedup", "leakage", "ood", "prune", "pretrain", "evaluate", "summary", "precision"]   # params: the check
 
