@@ -56,7 +56,8 @@ common = {
     # paper §3.2: t_c = TE(c), the bare concept; OOD with the plain prompt ensemble (no domain word)
     "retrieve": {"backend": "clip_service", "prompt_template": "{c}",
                  "service": {"url": "http://localhost:1234/knn-service", "indice_name": "laion5B-L-14"}},
-    "generate": {"max_attempts": 3, "max_new_tokens": 96, "max_fallback_fraction": 0.5, "shard_size": 1000},
+    "captions": {"max_attempts": 3, "max_new_tokens": 96, "max_fallback_fraction": 0.5},
+    "generate": {"shard_size": 1000},
     "diffusion": {"steps": 50, "guidance": 7.5, "resolution": 768, "scheduler": "ddim", "batch_size": 32,
                   "dtype": "float16", "device": "cuda", "cpu_threads": None},
     "ood": {"device": "cuda", "batch_size": 256,
