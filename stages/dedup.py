@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         cache = ChunkCache(args.cache, run_fp)
     keys, sources, x = compute_descriptors(args.images, model, resize, p.batch_size, device,
                                            sscd_dir=args.sscd, engine=engine, cache=cache)
+    if not keys:                        # nothing to deduplicate is an upstream failure, not a result
+        log.error("dedup failed: no images in %s (retrieve and generate wrote none)", " ".join(args.images))
+        return 2
     if cache is not None:
         cache.prune()                       # chunks of earlier inputs or settings
     t_desc = time.time() - t0

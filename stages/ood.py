@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         p = dataclasses.replace(p, clipn_checkpoint=args.clipn)
     generalized, b_prime_from = _generalized(p, params)
     kept = _kept_keys(args.manifest)
+    if not kept:                        # leakage dropped everything: nothing to score is not a result
+        log.error("ood failed: %s keeps no image (dedup/leakage removed them all)", args.manifest)
+        return 2
     concepts = _accepted_concepts(args.concepts)
 
     from pas.curate.textblur import default_det_model

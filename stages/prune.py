@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             if not Path(d).exists():
                 raise FileNotFoundError(f"{d}: no such image folder")
         scores = read_parquet(args.scores)
+        if not len(scores):             # nothing to prune is an upstream failure, not an empty dataset
+            raise ValueError(f"{args.scores}: no scored images (the ood stage scored none)")
         try:
             result = select(scores, p)
         except ValueError as e:

@@ -402,13 +402,13 @@ def test_stage_end_to_end(tmp_path, clipart_food, monkeypatch):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
     assert stage.main([*args[:-1], ""]) == 0                   # --cache '': computed afresh, same bytes
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
-    # no images at all: empty but valid outputs
+    # no images at all: an upstream failure, refused in one line (exit 2), nothing written
     empty = _write_images(tmp_path, "empty", [])
     out2 = tmp_path / "dedup_empty"
+    before = metrics.read_bytes()
     assert stage.main(["--images", str(empty), "--sscd", str(sscd_dir), "--out", str(out2), "--params", str(params),
-                       "--metrics", str(metrics), "--cache", str(tmp_path / "cache_empty")]) == 0
-    assert json.loads(metrics.read_text())["n_in"] == 0
-    assert np.load(out2 / "descriptors.npy").shape == (0, 512) and len(pd.read_parquet(out2 / "manifest.parquet")) == 0
+                       "--metrics", str(metrics), "--cache", str(tmp_path / "cache_empty")]) == 2
+    assert metrics.read_bytes() == before and not out2.exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         stage.main(["--images", str(tmp_path / "nope"), "--sscd", str(sscd_dir), "--out", str(out2),
                     "--params", str(params), "--metrics", str(metrics), "--cache", ""])
