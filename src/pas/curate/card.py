@@ -25,7 +25,7 @@ def hf_features(image_ext: str = "jpg") -> list[dict]:
             {"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"}]
 
 
-def _size_category(n: int) -> str:
+def _size_class(n: int) -> str:
     for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
                         (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
         if n < bound:
@@ -53,7 +53,7 @@ def dataset_card(*, domain: Mapping[str, Any], funnel: Mapping[str, Any], prune:
         "license": license,
         "task_categories": ["image-classification"],
         "tags": ["precision-at-scale", "self-supervised-pretraining", "synthetic", "webdataset"],
-        "size_categories": [_size_category(n)],
+        "size_categories": [_size_class(n)],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": shard_glob}]}],
         "dataset_info": {"features": hf_features(image_ext)},
     }
