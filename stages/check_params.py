@@ -9,7 +9,9 @@ the values, so a passing check reruns nothing downstream.
 With `--dvc-yaml` it also checks what DVC templating cannot express: the `evalsets` stage must depend
 on every eval set's folder. dvc.yaml lists `${eval.root}`, the folder holding the sets, so a profile may
 have any number of them (a template cannot loop over `eval.sets`); a set outside it needs its own
-`${eval.sets[i].path}` (or literal path) line.
+`${eval.sets[i].path}` (or literal path) line. And with `retrieve.backend: clip_service` nothing reads
+`pool.source`, yet dvc.yaml's pool stage (and models@clip/@sscd) depend on it: it must exist, or DVC
+stops on a missing dep; the presets name the placeholder `configs/no-pool`.
 """
 
 from __future__ import annotations
@@ -65,6 +67,17 @@ def check_evalsets_deps(params: dict, dvc: dict, base: str | Path = ".") -> None
                           "deps in dvc.yaml")
 
 
+def check_pool_source(params: dict, base: str | Path = ".") -> None:
+    """Raise ParamsError when retrieval uses a service and `pool.source` (a DVC dep all the same:
+    deps cannot be conditional) does not exist, naming the placeholder to use instead."""
+    backend = (params.get("retrieve") or {}).get("backend", "pool")
+    src = (params.get("pool") or {}).get("source")
+    if backend == "pool" or src is None or os.path.exists(os.path.join(base, str(src))):
+        return
+    raise ParamsError(f"pool.source={src!r} does not exist: with retrieve.backend {backend} nothing reads it, "
+                      "but dvc.yaml's pool stage depends on it; set pool.source: configs/no-pool (a placeholder)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
@@ -73,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     params = load(args.params)
     if args.dvc_yaml:
-        check_evalsets_deps(params, yaml.safe_load(Path(args.dvc_yaml).read_text()),
-                            base=Path(args.dvc_yaml).resolve().parent)
+        base = Path(args.dvc_yaml).resolve().parent
+        check_evalsets_deps(params, yaml.safe_load(Path(args.dvc_yaml).read_text()), base=base)
+        check_pool_source(params, base)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(OK)
