@@ -1,9 +1,10 @@
 """Memory of retrieve.backend clip_service at LAION scale (issue 17): RSS at 10 %, 50 %, 100 % of a run.
 
 The kNN service and the image web are tests/knn_standin.py in their own process (tiny 8×8 JPEGs).
-The measured run is a child process; a sampler here reads its RSS (psutil, summed with its children:
-img2dataset's download and logger processes) every 0.1 s and notes it when 10 %, 50 % and 100 % of the
-query batches (`hits/*.done.json`) and of the download shards (`download/*_stats.json`) are done.
+The measured run is a child process; a sampler here reads its memory every 0.2 s (psutil: the pas
+process's RSS, and RSS and PSS summed with its children, img2dataset's download and logger processes)
+and notes it when 10 %, 50 % and 100 % of the query batches (`hits/*.done.json`) and of the download
+shards (`download/*_stats.json`) are done, and the peak of each phase (query, download, write).
 
     python benchmarks/retrieve_scale.py --mode query --concepts 5000      # steps 1-2 at 5k × 500
     python benchmarks/retrieve_scale.py --mode full --concepts 400        # + img2dataset + shards
@@ -27,16 +28,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tree_rss(p) -> int:
+def tree_mem(p) -> tuple[int, int, int]:
+    """(RSS of the pas process, RSS summed over it and its children, PSS summed likewise). The RSS sum
+    counts the shared pages of libraries (torch, imported by webdataset in each img2dataset process)
+    once per process; PSS splits them among the processes that share them."""
     import psutil
 
-    total = 0
+    own = rss = pss = 0
     for q in [p] + p.children(recursive=True):
         try:
-            total += q.memory_info().rss
+            m = q.memory_full_info()
         except psutil.Error:
-            pass
-    return total
+            continue
+        own = own or m.rss
+        rss += m.rss
+        pss += m.pss
+    return own, rss, pss
 
 
 def worker(args) -> None:
@@ -93,34 +100,33 @@ def main() -> None:
                                       str(args.concepts), "--k", str(args.k), "--work", work,
                                       "--base-file", str(base_file)], stdout=subprocess.DEVNULL)
             p = psutil.Process(child.pid)
-            marks: dict[str, int] = {}
-            peak = {"query": 0, "rest": 0}
+            marks: dict[str, tuple] = {}
+            peak: dict[str, list] = {ph: [0, 0, 0] for ph in ("query", "download", "write")}
             cache = Path(work) / "cache"
             stop = threading.Event()
+            n_dl: list[int] = []
+
+            def count(d: str, pattern: str) -> int:
+                return len(list((cache / d).glob(pattern))) if (cache / d).exists() else 0
 
             def sample() -> None:
                 while not stop.is_set():
-                    rss = tree_rss(p)
-                    q_done = len(list((cache / "hits").glob("*.done.json"))) if (cache / "hits").exists() else 0
-                    phase = "query" if q_done < n_batches else "rest"
-                    peak[phase] = max(peak[phase], rss)
-                    for f in (0.1, 0.5, 1.0):
-                        if q_done >= f * n_batches and f"query_{f:.0%}" not in marks:
-                            marks[f"query_{f:.0%}"] = rss
-                    stats = list((cache / "download").glob("*_stats.json")) if (cache / "download").exists() else []
-                    urls = list((cache / "urls").glob("*.parquet")) if (cache / "urls").exists() else []
-                    if urls and "n_dl_shards" not in marks:
+                    mem = tree_mem(p)
+                    q_done = count("hits", "*.done.json")
+                    if not n_dl and (cache / "download.json").exists():
                         import pyarrow.parquet as pq
-                        try:
-                            marks["n_dl_shards"] = sum(-(-pq.ParquetFile(u).metadata.num_rows // 10_000)
-                                                       for u in urls)
-                        except Exception:   # noqa: BLE001 — a part still being written
-                            pass
-                    n = marks.get("n_dl_shards")
+                        n_dl.append(sum(-(-pq.ParquetFile(u).metadata.num_rows // 10_000)
+                                        for u in sorted((cache / "urls").glob("*.parquet"))))
+                    d_done = count("download", "*_stats.json")
+                    phase = "query" if q_done < n_batches else "download" if not n_dl or d_done < n_dl[0] \
+                        else "write"
+                    peak[phase] = [max(a, b) for a, b in zip(peak[phase], mem)]
                     for f in (0.1, 0.5, 1.0):
-                        if n and len(stats) >= f * n and f"download_{f:.0%}" not in marks:
-                            marks[f"download_{f:.0%}"] = rss
-                    stop.wait(0.1)
+                        if q_done >= f * n_batches:
+                            marks.setdefault(f"query_{f:.0%}", mem)
+                        if n_dl and d_done >= f * n_dl[0]:
+                            marks.setdefault(f"download_{f:.0%}", mem)
+                    stop.wait(0.2)
 
             t = threading.Thread(target=sample, daemon=True)
             t.start()
@@ -134,9 +140,9 @@ def main() -> None:
             server.terminate()
             server.wait()
     mb = lambda b: round(b / 2**20)   # noqa: E731
-    line = {"mode": args.mode, "concepts": args.concepts, "k": args.k, **res,
-            **{f"rss_mb_{k}": mb(v) for k, v in marks.items() if k != "n_dl_shards"},
-            "rss_mb_peak_query": mb(peak["query"]), "rss_mb_peak_after_query": mb(peak["rest"])}
+    line = {"mode": args.mode, "concepts": args.concepts, "k": args.k, **res}
+    for k, (own, rss, pss) in [*marks.items(), *((f"peak_{ph}", v) for ph, v in peak.items() if v[0])]:
+        line[k] = {"pas_rss_mb": mb(own), "tree_rss_mb": mb(rss), "tree_pss_mb": mb(pss)}
     print(json.dumps(line))
     if args.json:
         with open(args.json, "a") as f:

@@ -71,6 +71,9 @@ def test_group_part_stores_each_url_once_with_its_concepts_best_first():
     assert sorted_hits.num_rows == 5
     empty, _ = group_part(hits.slice(0, 0))
     assert empty.num_rows == 0 and empty.schema == table.schema
+    forged = hits.set_column(6, "key", pa.array([hits["key"][0].as_py()] * hits.num_rows))
+    with pytest.raises(ValueError, match="two URLs share the key"):   # a sha1-prefix collision is loud
+        group_part(forged)
 
 
 def test_key_ranges_are_monotone_and_even():

@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,7 +40,7 @@ from pas.io.resume import read_json, write_atomic
 
 log = logging.getLogger(__name__)
 
-PART_HITS = 200_000     # hits per dedupe part: what step 2 holds in memory at once
+PART_HITS = 100_000     # hits per dedupe part: what steps 2 and 4 hold in memory at once
 OOM_SHARDS = 5          # img2dataset's oom_shard_count: download shards are named 00000..99999
 # the query settings that change what the service answers (not timeouts, retries or workers)
 QUERY_KEYS = ("url", "indice_name", "query", "modality", "deduplicate", "use_safety_model",
@@ -173,15 +172,19 @@ def group_part(hits):
     order = pc.sort_indices(hits, sort_keys=[("key", "ascending"), ("similarity", "descending"),
                                              ("concept", "ascending")])
     hits = hits.take(order).combine_chunks()
-    keys = np.asarray(hits["key"].to_pylist(), dtype=object)
-    n = len(keys)
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if n else np.zeros(0, np.int64)
-    urls = np.asarray(hits["url"].to_pylist(), dtype=object)
-    lengths = np.diff(np.r_[starts, n])
-    clash = np.flatnonzero(np.repeat(urls[starts], lengths) != urls) if n else []
-    if len(clash):
-        i = int(clash[0])
-        raise ValueError(f"two URLs share the key {keys[i]!r} (a sha1 prefix collision): {urls[i]!r}")
+    n = hits.num_rows
+    starts = np.zeros(0, np.int64)
+    if n:                                   # a URL's run of hits starts where the key changes
+        keys = hits["key"].chunk(0)
+        change = pc.not_equal(keys.slice(1), keys.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+        starts = np.flatnonzero(np.r_[True, change])
+        urls = hits["url"].chunk(0)
+        lead = urls.take(pa.array(np.repeat(starts, np.diff(np.r_[starts, n]))))
+        clash = np.flatnonzero(pc.not_equal(lead, urls).to_numpy(zero_copy_only=False))
+        if len(clash):
+            i = int(clash[0])
+            raise ValueError(f"two URLs share the key {keys[i].as_py()!r} (a sha1 prefix collision): "
+                             f"{urls[i].as_py()!r}")
     offsets = pa.array(np.r_[starts, n].astype(np.int32))
     first = hits.take(pa.array(starts, type=pa.int64()))
     table = pa.table({"sample_key": first["key"], "url": first["url"], "caption": first["caption"],
@@ -249,27 +252,36 @@ def _shard_name(sid: int) -> str:
     return f"{sid:0{OOM_SHARDS}d}"
 
 
+# img2dataset runs in a child process: importing it imports torch (through webdataset), ~0.5 GB that
+# this process then never holds, and its SIGINT handler (which exits 0 mid-run) stays out of ours
+_RUN_IMG2DATASET = "import json, sys; from img2dataset import download; download(**json.loads(sys.argv[1]))"
+
+
+def download_kwargs(urls_dir: Path, dl_dir: Path, sp: ServiceParams) -> dict:
+    """img2dataset.download arguments: our URL parts in, webdataset shards + per-shard parquet/stats out."""
+    return dict(
+        url_list=str(urls_dir), input_format="parquet", url_col="url", caption_col="caption",
+        save_additional_columns=["sample_key"], output_format="webdataset", output_folder=str(dl_dir),
+        processes_count=sp.processes, thread_count=sp.workers, number_sample_per_shard=sp.shard_size,
+        oom_shard_count=OOM_SHARDS, image_size=sp.max_side or 256,
+        resize_mode="keep_ratio_largest" if sp.max_side else "no", resize_only_if_bigger=True,
+        encode_format="jpg", encode_quality=95, max_image_area=sp.max_pixels, timeout=sp.image_timeout,
+        retries=sp.retries, extract_exif=False, compute_hash=None, incremental_mode="incremental",
+        enable_wandb=False, user_agent_token=sp.user_agent_token,
+        disallowed_header_directives=list(sp.opt_out))
+
+
 def download(urls_dir: Path, dl_dir: Path, sp: ServiceParams) -> None:
     """Step 3: img2dataset over every URL part; shards it already finished are skipped."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")   # its import would ask PyPI for a release
-    from img2dataset import download as img2dataset_download
+    import subprocess
+    import sys
 
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        img2dataset_download(
-            url_list=str(urls_dir), input_format="parquet", url_col="url", caption_col="caption",
-            save_additional_columns=["sample_key"], output_format="webdataset",
-            output_folder=str(dl_dir), processes_count=sp.processes, thread_count=sp.workers,
-            number_sample_per_shard=sp.shard_size, oom_shard_count=OOM_SHARDS,
-            image_size=sp.max_side or 256, resize_mode="keep_ratio_largest" if sp.max_side else "no",
-            resize_only_if_bigger=True, encode_format="jpg", encode_quality=95,
-            max_image_area=sp.max_pixels, timeout=sp.image_timeout, retries=sp.retries,
-            extract_exif=False, compute_hash=None, incremental_mode="incremental", enable_wandb=False,
-            user_agent_token=sp.user_agent_token, disallowed_header_directives=list(sp.opt_out))
-    except SystemExit as e:     # its SIGINT handler calls sys.exit(0) mid-run: not a success
-        raise KeyboardInterrupt("img2dataset interrupted") from e
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    # NO_ALBUMENTATIONS_UPDATE: albumentations' import would otherwise ask PyPI for a newer release
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    rc = subprocess.run([sys.executable, "-c", _RUN_IMG2DATASET, json.dumps(download_kwargs(urls_dir, dl_dir, sp))],
+                        env=env).returncode
+    if rc:
+        log.warning("img2dataset exited with status %d", rc)
 
 
 # -------------------------------------------------------------------------------------- 4. write
