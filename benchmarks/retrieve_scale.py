@@ -4,7 +4,8 @@ The kNN service and the image web are tests/knn_standin.py in their own process 
 The measured run is a child process; a sampler here reads its memory every 0.2 s (psutil: the pas
 process's RSS, and RSS and PSS summed with its children, img2dataset's download and logger processes)
 and notes it when 10 %, 50 % and 100 % of the query batches (`hits/*.done.json`) and of the download
-shards (`download/*_stats.json`) are done, and the peak of each phase (query, download, write).
+shards (`download/*_stats.json`) are done, and the peak of each phase (query; dedupe + download;
+write).
 
     python benchmarks/retrieve_scale.py --mode query --concepts 5000      # steps 1-2 at 5k × 500
     python benchmarks/retrieve_scale.py --mode full --concepts 400        # + img2dataset + shards
@@ -101,7 +102,8 @@ def main() -> None:
                                       "--base-file", str(base_file)], stdout=subprocess.DEVNULL)
             p = psutil.Process(child.pid)
             marks: dict[str, tuple] = {}
-            peak: dict[str, list] = {ph: [0, 0, 0] for ph in ("query", "download", "write")}
+            # phases: query (step 1), dedupe (step 2) + download (step 3, full mode), write (step 4)
+            peak: dict[str, list] = {ph: [0, 0, 0] for ph in ("query", "dedupe_download", "write")}
             cache = Path(work) / "cache"
             stop = threading.Event()
             n_dl: list[int] = []
@@ -118,7 +120,7 @@ def main() -> None:
                         n_dl.append(sum(-(-pq.ParquetFile(u).metadata.num_rows // 10_000)
                                         for u in sorted((cache / "urls").glob("*.parquet"))))
                     d_done = count("download", "*_stats.json")
-                    phase = "query" if q_done < n_batches else "download" if not n_dl or d_done < n_dl[0] \
+                    phase = "query" if q_done < n_batches else "dedupe_download" if not n_dl or d_done < n_dl[0] \
                         else "write"
                     peak[phase] = [max(a, b) for a, b in zip(peak[phase], mem)]
                     for f in (0.1, 0.5, 1.0):

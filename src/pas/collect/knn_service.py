@@ -108,7 +108,7 @@ def query_batches(concepts: Sequence[str], prompts: Sequence[str], client: KnnCl
     stats = {"n_batches": len(starts), "n_query_batches_resumed": 0, "n_hits": 0}
     for b, s in enumerate(tqdm(starts, desc="knn-service batches", unit="batch", disable=not progress)):
         path, marker = hits_dir / f"batch-{b:06d}.parquet", hits_dir / f"batch-{b:06d}.done.json"
-        fp = _digest([run_fp, list(prompts[s:s + batch_size])])
+        fp = _digest([run_fp, list(concepts[s:s + batch_size]), list(prompts[s:s + batch_size])])
         done = read_json(marker)
         if isinstance(done, dict) and done.get("fingerprint") == fp and path.is_file():
             stats["n_query_batches_resumed"] += 1
