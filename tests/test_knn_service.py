@@ -228,3 +228,25 @@ def test_sigkill_resumes_without_downloading_finished_shards(service, tmp_path):
     assert sum(1 for _ in iter_samples(out)) == 12
     m = json.loads((tmp_path / "m.run.json").read_text())
     assert m["n_download_shards_resumed"] == len(done) and m["n_query_batches_resumed"] == 2
+
+
+def test_unfinished_download_is_an_error_not_a_smaller_set(service, tmp_path, monkeypatch):
+    """img2dataset ending with shards missing (a shard failed past max_shard_retry, or Ctrl-C, which
+    it turns into exit 0) fails the stage with exit 1 and writes no data/retrieved."""
+    import pas.collect.knn_service as ks
+    from pas.collect.knn_service import DownloadError
+    from tests.stage_helpers import load_stage
+
+    monkeypatch.setattr(ks, "download", lambda urls_dir, dl_dir, sp: None)
+    service.table = {"a photo of fig.": [("red.jpg", 0.3)]}
+    with pytest.raises(DownloadError, match="finished 0 of 1 download shards.*rerun to resume"):
+        retrieve(["fig"], tmp_path / "out", params(service.url), cache_dir=tmp_path / "cache", progress=False)
+    assert not (tmp_path / "out").exists()
+    write_parquet(pd.DataFrame({"concept": ["fig"], "accepted": True}), tmp_path / "bank.parquet")
+    (tmp_path / "params.yaml").write_text(json.dumps({"retrieve": {"backend": "clip_service",
+                                                                   "service": {"url": service.url}}}))
+    stage = load_stage("retrieve")
+    assert stage.main(["--concepts", str(tmp_path / "bank.parquet"), "--out", str(tmp_path / "out"),
+                       "--cache", str(tmp_path / "cache"), "--metrics", str(tmp_path / "m.json"),
+                       "--params", str(tmp_path / "params.yaml")]) == 1
+    assert not (tmp_path / "m.json").exists()
