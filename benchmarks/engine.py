@@ -3,9 +3,9 @@
     python benchmarks/engine.py [--repeats 2] [--stages ood dedup leakage generate pool] [--json out.json]
 
 Runs `python stages/<stage>.py` on the inputs of the last `dvc repro` (data/, models/), outputs to a
-temp dir (never data/), as a fresh process each time: `ood`, `dedup`, `leakage`, `generate` (its image
-part: the cached L4 captions of data/.cache/generate/captions.json are copied into a fresh scratch
-folder, so every run draws all shards and no LLM runs) and `pool` (8k clipart; slow, not by default).
+temp dir (never data/), as a fresh process each time: `ood`, `dedup`, `leakage`, `generate` (from the
+captions stage's out data/captions/, into a fresh scratch folder, so every run draws all shards; no
+LLM runs) and `pool` (8k clipart; slow, not by default).
 Modes:
 
 - local:        PAS_ENGINE unset (the default, in-process loop);
@@ -62,11 +62,8 @@ STAGES = ("ood", "dedup", "leakage", "generate", "pool")
 def run_stage(stage: str, out: Path, env: dict) -> float:
     cmd = [sys.executable, f"stages/{stage}.py", "--out", str(out), "--metrics", str(out) + ".json",
            "--params", "params.yaml"]
-    if stage == "generate":      # a fresh scratch folder holding only the captions: every shard is drawn
-        cache = Path(str(out) + "-cache")
-        cache.mkdir(parents=True)
-        shutil.copy(ROOT / "data" / ".cache" / "generate" / "captions.json", cache / "captions.json")
-        cmd += ["--cache", str(cache)]
+    if stage == "generate":      # a fresh scratch folder: every shard is drawn
+        cmd += ["--cache", str(out) + "-cache"]
     if stage == "dedup":         # compute every descriptor chunk (the scratch cache would resume them)
         cmd += ["--cache", ""]
     t = time.perf_counter()

@@ -54,12 +54,18 @@ common = {
     # the pool stage writes an empty one and pool.source names a placeholder that exists (configs/no-pool);
     # to search your own images set retrieve.backend: pool and pool.source to their folder
     "pool": {"source": "configs/no-pool", "max_side": 512, "index": "ivf", "device": "cuda"},
-    "retrieve": {"backend": "clip_service",
+    # paper §3.2: t_c = TE(c), the bare concept; OOD with the plain prompt ensemble (no domain word)
+    "retrieve": {"backend": "clip_service", "prompt_template": "{c}",
                  "service": {"url": "http://localhost:1234/knn-service", "indice_name": "laion5B-L-14"}},
-    "generate": {"max_attempts": 3, "max_new_tokens": 96, "max_fallback_fraction": 0.5, "shard_size": 1000},
+    "captions": {"max_attempts": 3, "max_new_tokens": 96, "max_fallback_fraction": 0.5},
+    "generate": {"shard_size": 1000},
     "diffusion": {"steps": 50, "guidance": 7.5, "resolution": 768, "scheduler": "ddim", "batch_size": 32,
                   "dtype": "float16", "device": "cuda", "cpu_threads": None},
-    "ood": {"device": "cuda", "batch_size": 256},
+    "ood": {"device": "cuda", "batch_size": 256,
+            "yes_templates": ["a photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.",
+                              "a good photo of the {}."],
+            "no_templates": ["a photo of no {}.", "a photo without a {}.", "a close-up photo of no {}.",
+                             "a good photo without the {}."]},
     # paper §3.3: kneedle on the mean score of the i-th front vs images removed, i.e. no binning
     "prune": {"knee_bins": 0},
     "pretrain": {"method": "mocov3", "image_size": 224, "epochs": 300, "batch_size": 4096, "lr": 1.5e-4,

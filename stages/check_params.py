@@ -17,65 +17,14 @@ stops on a missing dep; the presets name the placeholder `configs/no-pool`.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 from pathlib import Path
 
 import yaml
 
-from pas.params import ParamsError, load, run_stage
+from pas.params import check_evalsets_deps, check_pool_source, load, run_stage
 
 OK = "params.yaml passed pas.params.validate\n"   # constant: downstream stages see no change
-
-
-def _interpolate(dep: str, params: dict) -> str:
-    """`${a.b[i].c}` in a dvc.yaml dep replaced by its params value (as DVC does); unknown keys stay."""
-    def value(m: re.Match) -> str:
-        v = params
-        for part in re.findall(r"[^.\[\]]+", m.group(1)):
-            try:
-                v = v[int(part)] if isinstance(v, list) else v[part]
-            except (KeyError, IndexError, ValueError, TypeError):
-                return m.group(0)
-        return str(v)
-    return re.sub(r"\$\{([^}]+)\}", value, dep)
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def check_evalsets_deps(params: dict, dvc: dict, base: str | Path = ".") -> None:
-    """Raise ParamsError unless every `eval.sets[i]` folder is, or is inside, a dep of dvc.yaml's
-    `evalsets` stage: `${eval.root}` (one dep for any number of sets; relative set paths are under
-    it), `${eval.sets[i].path}` or a literal folder. Relative deps are relative to `base` (dvc.yaml's
-    folder)."""
-    deps = [str(d).strip() for d in dvc.get("stages", {}).get("evalsets", {}).get("deps", [])]
-    ev = params.get("eval") or {}
-    root = ev.get("root")
-    folders = [os.path.normpath(os.path.join(base, _interpolate(d, params))) for d in deps]
-    for i, spec in enumerate(ev.get("sets") or []):
-        path = str(spec.get("path"))
-        if root is not None and not os.path.isabs(path):
-            path = os.path.join(str(root), path)
-        path = os.path.normpath(os.path.join(base, path))
-        if f"${{eval.sets[{i}].path}}" in deps or any(_inside(path, f) for f in folders):
-            continue
-        raise ParamsError(f"eval.sets[{i}] ({spec.get('name')}): its folder {path} is not a dep of the evalsets "
-                          f"stage; put it under eval.root ({root}) or add `- ${{eval.sets[{i}].path}}` to its "
-                          "deps in dvc.yaml")
-
-
-def check_pool_source(params: dict, base: str | Path = ".") -> None:
-    """Raise ParamsError when retrieval uses a service and `pool.source` (a DVC dep all the same:
-    deps cannot be conditional) does not exist, naming the placeholder to use instead."""
-    backend = (params.get("retrieve") or {}).get("backend", "pool")
-    src = (params.get("pool") or {}).get("source")
-    if backend == "pool" or src is None or os.path.exists(os.path.join(base, str(src))):
-        return
-    raise ParamsError(f"pool.source={src!r} does not exist: with retrieve.backend {backend} nothing reads it, "
-                      "but dvc.yaml's pool stage depends on it; set pool.source: configs/no-pool (a placeholder)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,6 +146,10 @@ def run(args) -> dict:
         "generation_samples": len(found.generation_sizes),
         "generation_drawn": found.generation_drawn,
         "expansion_rounds": len(found.expansion_new),
+        # L1 samples in L2's history per expansion round, and those cut to fit L2's context
+        "history_samples_kept": found.history_kept,
+        "history_samples_dropped": found.history_dropped,
+        "history_context_tokens": found.history_context,
         "generation_stop": found.generation_stop,
         "expansion_stop": found.expansion_stop,
         "stopped_by_cap": found.cap_stops,   # loops a concepts.max_* cap ended instead of λ1/λ2

@@ -28,7 +28,7 @@ from pas.io.manifest import write_metrics, write_parquet
 from pas.models.files import write_json
 from pas.params import build, load, run_stage
 
-log = logging.getLogger("dedup")
+log = logging.getLogger("pas.stages.dedup")
 CHUNK = 512          # images decoded at a time (descriptors run in batch_size batches inside)
 
 
@@ -148,15 +148,22 @@ def main(argv: list[str] | None = None) -> int:
         cache = ChunkCache(args.cache, run_fp)
     keys, sources, x = compute_descriptors(args.images, model, resize, p.batch_size, device,
                                            sscd_dir=args.sscd, engine=engine, cache=cache)
+    if not keys:                        # nothing to deduplicate is an upstream failure, not a result
+        log.error("dedup failed: no images in %s (retrieve and generate wrote none)", " ".join(args.images))
+        return 2
     if cache is not None:
         cache.prune()                       # chunks of earlier inputs or settings
     t_desc = time.time() - t0
 
+    knn_info: dict = {}
     manifest = dedup(keys, x, p.lambda_dup, p.k_dup, p.seed, progress=len(keys) > 50_000, index=p.index,
                      nlist=p.nlist, nprobe=p.nprobe, ivf_codes=p.ivf_codes, hnsw_m=p.hnsw_m,
-                     ef_search=p.ef_search, use_gpu=p.use_gpu)
+                     ef_search=p.ef_search, use_gpu=p.use_gpu, target_recall=p.target_recall,
+                     calib_queries=p.calib_queries, info=knn_info)
     manifest.insert(1, "source", sources)
     metrics = summary(manifest, sources)
+    if knn_info:                        # ivf only: lists, nprobe, the calibration's recall estimates
+        metrics["knn"] = knn_info
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

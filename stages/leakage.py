@@ -28,7 +28,7 @@ from pas.engine import EngineConfig
 from pas.io.manifest import read_parquet, write_metrics, write_parquet
 from pas.params import build, load, run_stage
 
-log = logging.getLogger("leakage")
+log = logging.getLogger("pas.stages.leakage")
 CHUNK = 512
 
 

@@ -22,7 +22,7 @@ from pas.engine import EngineConfig
 from pas.io.manifest import read_parquet, write_metrics, write_parquet
 from pas.params import ParamsError, build, load, run_stage
 
-log = logging.getLogger("ood")
+log = logging.getLogger("pas.stages.ood")
 
 
 def _kept_keys(path: str) -> set[str]:
@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         p = dataclasses.replace(p, clipn_checkpoint=args.clipn)
     generalized, b_prime_from = _generalized(p, params)
     kept = _kept_keys(args.manifest)
+    if not kept:                        # leakage dropped everything: nothing to score is not a result
+        log.error("ood failed: %s keeps no image (dedup/leakage removed them all)", args.manifest)
+        return 2
     concepts = _accepted_concepts(args.concepts)
 
     from pas.curate.textblur import default_det_model
@@ -146,5 +149,5 @@ if __name__ == "__main__":
     try:
         sys.exit(run_stage(main))
     except (ValueError, FileNotFoundError) as e:   # bad input: a message, not a traceback (params: run_stage)
-        logging.getLogger("ood").error("%s", e)
+        logging.getLogger("pas.stages.ood").error("%s", e)
         sys.exit(2)

@@ -14,10 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from pas.curate.prune import (METRICS, PruneParams, dataset_funnel, export_dataset, sample_grid_keys,
-                              select)
+from pas.curate.card import dataset_card
+from pas.curate.prune import (METRICS, PruneParams, dataset_funnel, export_dataset, read_takedown,
+                              sample_grid_keys, select)
 from pas.curate.prune_plots import plot_peel, sample_grid
-from pas.io.manifest import read_parquet, write_metrics, write_parquet
+from pas.io.manifest import read_metrics, read_parquet, write_metrics, write_parquet
 from pas.params import ParamsError, build, load, run_stage
 
 log = logging.getLogger("pas.stages.prune")
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prune-dir", default="data/prune", help="ranks, peel curves and figures")
     ap.add_argument("--metrics", default="metrics/prune.json")
     ap.add_argument("--dataset-metrics", default="metrics/dataset.json")
+    ap.add_argument("--concepts-metrics", default="metrics/concepts.json",
+                    help="|B| and coverage for the dataset card (concepts stage)")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = ap.parse_args(argv)
@@ -46,13 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     pdir = Path(args.prune_dir)
     try:
-        p = build(PruneParams, load(args.params), section="prune")
+        params = load(args.params)
+        p = build(PruneParams, params, section="prune")
+        takedown = read_takedown(p.takedown)
         if not Path(args.scores).is_file():
             raise FileNotFoundError(f"{args.scores}: no such scores file (run the ood stage)")
         for d in args.images:
             if not Path(d).exists():
                 raise FileNotFoundError(f"{d}: no such image folder")
         scores = read_parquet(args.scores)
+        if not len(scores):             # nothing to prune is an upstream failure, not an empty dataset
+            raise ValueError(f"{args.scores}: no scored images (the ood stage scored none)")
         try:
             result = select(scores, p)
         except ValueError as e:
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         rep = export_dataset(args.images, result.table, args.out, maxcount=p.shard_maxcount,
                              buffer_bytes=p.sort_buffer_mb << 20,
                              sample_keys=[k for ks in grid.values() for k in ks],
-                             progress=not args.no_progress)
+                             takedown=takedown, progress=not args.no_progress)
     except (ParamsError, ValueError, FileNotFoundError) as e:
         log.error("prune failed: %s", e)
         return 2
@@ -97,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "kept_by_source": dict(sorted(rep.sources_kept.items())),
         "removed_by_source": {src: n - rep.sources_kept.get(src, 0)
                               for src, n in sorted(rep.sources_scored.items())},
+        "dropped_takedown": rep.n_takedown,
         "seconds_rank_and_stop": t_rank,
         "seconds": time.perf_counter() - t0,
     })
@@ -104,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     write_metrics(args.metrics, metrics, run_keys=("n_sort_runs",))
     funnel = dataset_funnel(args.metrics_dir, rep.sources_in, rep.sources_scored, rep.sources_kept)
     write_metrics(args.dataset_metrics, funnel)
+    concepts = read_metrics(args.concepts_metrics) if Path(args.concepts_metrics).is_file() else None
+    (Path(args.out) / "README.md").write_text(dataset_card(
+        domain=params.get("domain") or {}, funnel=funnel, prune=s, concepts=concepts, license=p.license))
     # the same funnel as rows, for `dvc plots` (a bar per stage)
     order = [s for s in ("retrieve", "generate", "dedup", "leakage", "ood", "prune") if s in funnel]
     _write_csv(pd.DataFrame([{"step": i, "stage": s, "images": funnel[s]["n"],

@@ -8,7 +8,7 @@ import sys
 
 from pas.io.manifest import read_metrics, write_metrics
 from pas.params import run_stage
-from pas.summary import summarize
+from pas.summary import summarize, summary_text
 
 log = logging.getLogger("pas.summary")
 
@@ -18,19 +18,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", default="metrics/dataset.json", help="funnel and final size (prune stage)")
     ap.add_argument("--eval", default="metrics/eval.json", help="top-1 per eval set (evaluate stage)")
     ap.add_argument("--concepts", default="metrics/concepts.json", help="|B| and coverage (concepts stage)")
+    ap.add_argument("--precision", default=None, help="domain precision per stage (precision stage), if any")
+    ap.add_argument("--dataset-dir", default="data/dataset", help="named in the printed summary")
     ap.add_argument("--out", default="metrics/summary.json")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        s = summarize(read_metrics(args.dataset), read_metrics(args.eval), read_metrics(args.concepts))
+        s = summarize(read_metrics(args.dataset), read_metrics(args.eval), read_metrics(args.concepts),
+                      read_metrics(args.precision) if args.precision else None)
     except FileNotFoundError as e:
         log.error("summary failed: %s (run the stage that writes it)", e)
         return 2
     write_metrics(args.out, s)
-    log.info("summary: %d images (%d real, %d synthetic); %s", s["size"]["total"], s["size"]["real"],
-             s["size"]["synthetic"], "; ".join(
-                 f"{k}: kNN {v['knn']:.3f} (baseline {v['knn_baseline']:.3f}), linear {v['linear']:.3f} "
-                 f"(baseline {v['linear_baseline']:.3f})" for k, v in s["top1"].items()) or "no eval sets")
+    print(summary_text(s, args.dataset_dir), flush=True)   # the run's last words
     return 0
 
 

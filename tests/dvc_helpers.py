@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-COPY = ["dvc.yaml", "params.yaml", "stages", "src", "configs", ".dvc/config", ".dvcignore", "containers"]
+COPY = ["dvc.yaml", "params.yaml", "stages", "src", "configs", ".dvc/config", ".dvc/plots", ".dvcignore",
+        "containers"]
 
 
 def run(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:

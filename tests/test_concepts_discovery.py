@@ -320,3 +320,64 @@ def test_paper_presets_let_lambda_decide(preset):
     assert c["max_concepts"] >= 50_000  # ~10 × 5014
     if preset == "paper-birds":  # §3.1: n_D = "birds", d_D = "bird species"
         assert p["domain"] == {"name": "birds", "description": "bird species"}
+
+
+class Budgeted(Scripted):
+    """Scripted, with a context of `context` tokens counted as whitespace words + 2 per message (a
+    stand-in tokenizer: what matters is that discovery counts with the backend's own)."""
+
+    def __init__(self, context, **kw):
+        super().__init__(**kw)
+        self.spec = dataclasses.replace(self.spec, max_context_tokens=context)
+        self.counted = 0
+
+    def count_tokens(self, messages):
+        self.counted += 1
+        return sum(len(m["content"].split()) + 2 for m in messages)
+
+
+def test_history_is_budgeted_to_l2s_context():
+    """The paper preset's failure: history_samples null and many L1 samples overflow L2's context.
+    Samples are kept by how much of B_0 they show (each that still fits), in their original order;
+    every L2 prompt and its answer fit; what was cut is counted per round."""
+    from pas.concepts.discovery import coverage_order, fit_history
+
+    # new concepts per sample: 1: a b c d; 2: j; 3: e f g; 4: h; 5: i
+    gen = ["a, b, c, d", "a, b, j", "e, f, g", "a, e, h", "i"]
+    assert coverage_order([g.split(", ") for g in gen]) == [0, 2, 1, 3, 4]
+    cost = [6 + len(g.split()) + 2 for g in gen]           # prompt turn (4 words + 2) + answer turn
+    assert cost == [12, 11, 11, 11, 9]
+    final, max_new = 2 + 2, 10                             # "EXP a": every concept is one word
+    context = 12 + 11 + 11 + 9 + final + max_new           # samples 1-3 fit, 4 not, then 5 still does
+    l2 = Budgeted(context, expand={(1, "a"): "z"})
+    p = params(lambda_1=0.01, max_generation_samples=5, max_expansion_rounds=2, expansion_max_new_tokens=max_new)
+    d = discover(Scripted(gen=gen), l2, DOMAIN, p, PROMPTS, progress=False)
+    assert d.generation_sizes == [4, 5, 8, 9, 10] and d.expansion_sizes == [10, 11]
+    assert d.history_kept == [4] and d.history_dropped == [1] and d.history_context == context
+    for r in l2.requests:
+        assert l2.count_tokens(r.messages) + max_new <= context
+        answers = [m["content"] for m in r.messages if m["role"] == "assistant"]
+        assert answers == ["a, b, c, d", "a, b, j", "e, f, g", "i"]          # original order
+    # an unknown context budgets nothing; a large one keeps everything after one count
+    conv = [(({"role": "user", "content": "GEN food | dishes"},), g, g.split(", ")) for g in gen]
+    fin = {"role": "user", "content": "EXP a"}
+    assert fit_history(Scripted(), conv, fin, max_new)[1] == 0
+    big = Budgeted(10_000)
+    hist, dropped = fit_history(big, conv, fin, max_new)
+    assert dropped == 0 and len(hist) == 10 and big.counted == 1
+    assert fit_history(Budgeted(final + max_new - 1), conv, fin, max_new) == ([], 5)   # no room at all
+
+
+def test_history_budget_uses_the_rounds_longest_prompt():
+    """The prompt of the longest concept of the round must fit too: a longer concept in round 2 makes
+    round 2 keep fewer samples than round 1."""
+    gen = ["a, b, c, d", "e, f, g"]                         # costs 12, 11
+    long_name = "w1 w2 w3 w4 w5 w6 w7 w8"                   # "EXP <8 words>": 11 tokens, "EXP a": 4
+    context = 12 + 11 + 4 + 5
+    l2 = Budgeted(context, expand={(1, "a"): long_name})
+    p = params(lambda_1=0.01, lambda_2=0.01, max_generation_samples=2, max_expansion_rounds=2,
+               expansion_max_new_tokens=5)
+    d = discover(Scripted(gen=gen), l2, DOMAIN, p, PROMPTS, progress=False)
+    assert d.expansion_sizes == [7, 8, 8]
+    assert d.history_kept == [2, 1] and d.history_dropped == [0, 1]
+    assert all(l2.count_tokens(r.messages) + 5 <= context for r in l2.requests)

@@ -83,6 +83,9 @@ def test_stage_with_scripted_server(tmp_path, server):
     assert m["generation_stop"] == "lambda_1" and m["expansion_stop"] == "lambda_2" and m["expansion_rounds"] == 2
     assert m["stopped_by_cap"] == []
     assert m["answers"]["expand_refusal"] == 2  # pad thai refuses in both rounds
+    # the server reports no context length (no GET /v1/models): the whole L1 conversation is history
+    assert m["history_samples_kept"] == [3, 3] and m["history_samples_dropped"] == [0, 0]
+    assert m["history_context_tokens"] is None
     bank = pd.read_parquet(out / "bank.parquet")
     assert bank["concept"].tolist() == sorted(bank["concept"])
     row = bank.set_index("concept").loc["sledgehammer"]
@@ -96,6 +99,33 @@ def test_stage_with_scripted_server(tmp_path, server):
     assert sum(r["step"] == "expand" for r in lines) == 5 + 11
     assert json.loads(met.read_text())["B0"] == 5
     assert (out / "coverage.csv").exists() and (out / "coverage_hist.csv").exists()
+
+
+def test_stage_budgets_l2_history_to_the_servers_context(tmp_path, server):
+    """`vllm serve` reports max_model_len: with one token less than the longest L2 request needs, the
+    history loses an L1 sample, every L2 request then fits (openai backend: the documented estimate),
+    and metrics/concepts.json says what was cut."""
+    import concepts as stage
+
+    from pas.llm.base import estimate_tokens
+
+    write_params(tmp_path / "params.yaml", server.url)
+    args = ["--params", str(tmp_path / "params.yaml"), "--no-progress"]
+
+    def expand_bodies():
+        return [b for b in server.bodies if "similar to" in b["messages"][-1]["content"]]
+
+    stage.main(args + ["--out", str(tmp_path / "a"), "--metrics", str(tmp_path / "a.json")])
+    need = max(estimate_tokens(b["messages"]) + b["max_tokens"] for b in expand_bodies())
+    server.bodies.clear()
+    server.n_gen = 0
+    server.models = [{"id": "scripted", "object": "model", "max_model_len": need - 1}]
+    m = stage.main(args + ["--out", str(tmp_path / "b"), "--metrics", str(tmp_path / "b.json")])
+    assert m["history_context_tokens"] == need - 1
+    assert all(k + d == 3 for k, d in zip(m["history_samples_kept"], m["history_samples_dropped"]))
+    assert max(m["history_samples_dropped"]) >= 1                 # the round of the longest prompt
+    assert all(estimate_tokens(b["messages"]) + b["max_tokens"] <= need - 1 for b in expand_bodies())
+    assert json.loads((tmp_path / "b.json").read_text())["history_samples_dropped"] == m["history_samples_dropped"]
 
 
 def test_stage_coverage_with_clip_text_tower(tmp_path, server, tiny_clip_dir):

@@ -208,6 +208,123 @@ def test_ivf_sq8_returns_exact_similarities():
         knn_self(x, 10, index="ivf", ivf_codes="pq", use_gpu=False)
 
 
+# ------------------------------------------------------------------------- calibrated IVF nprobe
+
+def _circle(deg) -> np.ndarray:
+    t = np.deg2rad(np.asarray(deg, np.float64))
+    return np.stack([np.cos(t), np.sin(t)], 1).astype(np.float32)
+
+
+def test_probe_ranks_hand_checked_and_as_faiss_scans():
+    # 8 centroids every 45°; a at 20° is in list 0° (20° away; 45° is 25° away), b at 68° in list 90°
+    # (22° vs 23°), cos(a, b) = cos 48° = 0.669 > λ 0.6. a's centroids by angle: 0°, 45°, 315°, 90° →
+    # b's list is the 4th; b's: 90°, 45°, 135°, 0° → a's is the 4th too: the edge needs nprobe 4.
+    # c at 200°, d at 201° (cos 0.9998): the same list, nprobe 1.
+    from pas.curate.dedup import calibrate_nprobe, probe_ranks
+
+    cents = _circle(np.arange(8) * 45)
+    xb = _circle([20, 68, 200, 201])
+    sims, need = probe_ranks(xb, cents, 0.6, np.array([0, 2]))
+    np.testing.assert_allclose(sims, [np.cos(np.deg2rad(48)), np.cos(np.deg2rad(1))], rtol=1e-6)
+    assert need.tolist() == [4, 1]
+    # faiss agrees: an IVF over these centroids finds b from a at nprobe 4, not 3
+    import faiss
+
+    q = faiss.IndexFlatIP(2)
+    q.add(cents)
+    ivf = faiss.IndexIVFFlat(q, 2, 8, faiss.METRIC_INNER_PRODUCT)
+    ivf.add(xb)
+    for nprobe, want in ((3, False), (4, True)):
+        ivf.nprobe = nprobe
+        D, I = ivf.search(xb[:1], 4)
+        assert (1 in I[0]) is want
+    # fewer than CALIB_MIN_EDGES edges in every band: pooled, quantile 4, × 1.25 → 5
+    p, st = calibrate_nprobe(xb, cents, 0.6, 0.995, 4)
+    assert p == 5 and st["calib_edges"] == 4 and st["est_recall"] == 1.0
+    # no edge in (λ, λ + 0.05]: a–b is at 0.669
+    assert st["calib_edges_near"] == 0 and st["est_recall_near"] is None
+
+
+def _planted(n=3000, d=32, pairs=300, seed=0):
+    """Random unit vectors + planted pairs with cosine uniform over λ+0.01 … 0.95 (exact by construction)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ends = rng.choice(n, 2 * pairs, replace=False)
+    a, b = ends[:pairs], ends[pairs:]
+    c = rng.uniform(0.61, 0.95, pairs)
+    u = rng.standard_normal((pairs, d))
+    u -= (u * x[a]).sum(1, keepdims=True) * x[a]
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    y = c[:, None] * x[a] + np.sqrt(1 - c[:, None] ** 2) * u
+    x[b] = y / np.linalg.norm(y, axis=1, keepdims=True)
+    return x, a, b
+
+
+def _edge_found(sims, ids, a, b, lam=0.6):
+    hit = sims > np.float32(lam)
+    return ((ids[a] == b[:, None]) & hit[a]).any(1) | ((ids[b] == a[:, None]) & hit[b]).any(1)
+
+
+def test_calibrated_nprobe_finds_the_near_threshold_pairs_a_constant_one_misses():
+    x, a, b = _planted()
+    cos = (x[a] * x[b]).sum(1)
+    # brute force: every λ-edge of the data (the planted ones and any chance ones)
+    g = x @ x.T
+    np.fill_diagonal(g, -1)
+    ei, ej = np.nonzero(np.triu(g > np.float32(0.6)))
+    ecos = g[ei, ej]
+    fixed = knn_self(x, 16, index="ivf", nprobe=1, use_gpu=False)
+    assert not _edge_found(*fixed, a, b)[cos < 0.65].all()          # nprobe 1 loses near-λ pairs
+    info = {}
+    sims, ids = knn_self(x, 16, index="ivf", nprobe=0, lambda_=0.6, calib_queries=1000, use_gpu=False,
+                         info=info)
+    assert 1 < info["nprobe"] < info["nlist"] and info["calib_queries"] == 1000
+    ok = _edge_found(sims, ids, ei, ej)
+    for lo in np.arange(0.6, 0.95, 0.05):                            # recall ≥ target in every band
+        m = (ecos > lo) & (ecos <= lo + 0.05)
+        assert m.sum() >= 20 and ok[m].mean() >= 0.99, (lo, ok[m].mean())
+    # what it finds is exact: its edges are brute force's
+    hit = sims > np.float32(0.6)
+    got = {(min(i, j), max(i, j)) for i, j in zip(np.nonzero(hit)[0], ids[hit])}
+    assert got <= set(zip(ei.tolist(), ej.tolist()))
+
+
+def test_auto_falls_back_to_exact_when_calibration_needs_most_lists(monkeypatch):
+    import pas.curate.dedup as dd
+
+    x, a, b = _planted(n=2000, pairs=200, seed=2)
+    monkeypatch.setattr(dd, "AUTO_FLAT_MAX", 1000)                 # 2000 rows count as "large"
+    info = {}
+    sims, ids = knn_self(x, 8, index="auto", nprobe=0, lambda_=0.6, use_gpu=False, info=info)
+    # random 32-d data: no cluster structure, the near-λ pairs need more than 20% of the lists
+    assert info["index"] == "flat" and info["ivf_nprobe"] > 0.2 * info["nlist"] and "nprobe" not in info
+    e_sims, e_ids = knn_self(x, 8, index="flat", use_gpu=False)
+    np.testing.assert_array_equal(ids, e_ids)
+
+
+def test_calibrated_nprobe_is_deterministic_and_thread_independent():
+    import faiss
+
+    x, _, _ = _planted(n=2000, pairs=200, seed=1)
+    runs = []
+    threads = faiss.omp_get_max_threads()
+    try:
+        for t in (threads, threads, 1):
+            faiss.omp_set_num_threads(t)
+            info = {}
+            runs.append((*knn_self(x, 8, index="ivf", nprobe=0, lambda_=0.6, seed=3, calib_queries=500,
+                                   use_gpu=False, info=info), info))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    for sims, ids, info in runs[1:]:
+        np.testing.assert_array_equal(ids, runs[0][1])
+        np.testing.assert_array_equal(sims, runs[0][0])
+        assert info == runs[0][2]
+    with pytest.raises(ValueError, match="lambda_"):
+        knn_self(x, 8, index="ivf", nprobe=0, use_gpu=False)
+
+
 def test_params_from_yaml_sections():
     p = build(DedupParams, {"lambda_dup": 0.5, "k_dup": 8, "seed": 3, "dedup": {"index": "ivf", "resize": [320, 320]}},
               "dedup")
@@ -218,6 +335,10 @@ def test_params_from_yaml_sections():
         build(DedupParams, {"dedup": {"resize": [320]}}, "dedup")
     with pytest.raises(ParamsError, match="ivf_codes"):
         build(DedupParams, {"dedup": {"ivf_codes": "pq"}}, "dedup")
+    assert DedupParams().nprobe == 0                      # calibrated by default
+    for bad in ({"target_recall": 0.0}, {"target_recall": 1.01}, {"calib_queries": 0}, {"nprobe": -1}):
+        with pytest.raises(ParamsError, match=next(iter(bad))):
+            build(DedupParams, {"dedup": bad}, "dedup")
 
 
 # ------------------------------------------------------------------------------------ the stage
@@ -281,13 +402,13 @@ def test_stage_end_to_end(tmp_path, clipart_food, monkeypatch):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
     assert stage.main([*args[:-1], ""]) == 0                   # --cache '': computed afresh, same bytes
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
-    # no images at all: empty but valid outputs
+    # no images at all: an upstream failure, refused in one line (exit 2), nothing written
     empty = _write_images(tmp_path, "empty", [])
     out2 = tmp_path / "dedup_empty"
+    before = metrics.read_bytes()
     assert stage.main(["--images", str(empty), "--sscd", str(sscd_dir), "--out", str(out2), "--params", str(params),
-                       "--metrics", str(metrics), "--cache", str(tmp_path / "cache_empty")]) == 0
-    assert json.loads(metrics.read_text())["n_in"] == 0
-    assert np.load(out2 / "descriptors.npy").shape == (0, 512) and len(pd.read_parquet(out2 / "manifest.parquet")) == 0
+                       "--metrics", str(metrics), "--cache", str(tmp_path / "cache_empty")]) == 2
+    assert metrics.read_bytes() == before and not out2.exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         stage.main(["--images", str(tmp_path / "nope"), "--sscd", str(sscd_dir), "--out", str(out2),
                     "--params", str(params), "--metrics", str(metrics), "--cache", ""])

@@ -133,7 +133,8 @@ def test_prune_declares_every_param_but_its_machine_knob_by_exact_key():
 
     declared = set(_stages()["prune"]["params"])
     fields = {f.name for f in dataclasses.fields(PruneParams)}
-    assert declared == {f if f in PAPER_KEYS else f"prune.{f}" for f in fields - KNOBS["prune"]}
+    # + `domain`: the dataset card names the domain
+    assert declared == {f if f in PAPER_KEYS else f"prune.{f}" for f in fields - KNOBS["prune"]} | {"domain"}
     for preset in ("params.yaml", "configs/paper-food.yaml", "configs/paper-birds.yaml"):
         p = yaml.safe_load((ROOT / preset).read_text())   # DVC needs every declared key in the file
         assert {k for k in declared if k.startswith("prune.")} <= {f"prune.{k}" for k in p["prune"]}, preset
@@ -196,14 +197,13 @@ def test_dvc_plots_output_is_git_ignored():
 def test_service_presets_depend_on_no_missing_pool_folder(preset):
     """The presets retrieve through a kNN service: every `${pool.source}` dep in dvc.yaml (pool,
     models@clip, models@sscd) names a path that exists in the checkout, the configs/no-pool placeholder."""
-    from tests.stage_helpers import load_stage
+    from pas.params import _interpolate
 
-    check = load_stage("check_params")
     cfg = yaml.safe_load((ROOT / "configs" / f"{preset}.yaml").read_text())
     assert cfg["retrieve"]["backend"] == "clip_service"
     text = (ROOT / "dvc.yaml").read_text()
     assert text.count("${pool.source}") == 3
-    path = ROOT / check._interpolate("${pool.source}", cfg)
+    path = ROOT / _interpolate("${pool.source}", cfg)
     assert path == ROOT / "configs" / "no-pool" and path.is_dir()
 
 

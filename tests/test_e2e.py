@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -13,10 +14,13 @@ import pytest
 
 from tests.dvc_helpers import make_repo, ran_stages, run
 
+ROOT = Path(__file__).resolve().parents[1]
+
 ALL = ["params", "models@clip", "models@sscd", "models@diffusion", "models@llm", "models@text_embed",
-       "models@backbone_init", "pool", "concepts", "retrieve", "generate", "evalsets", "dedup",
-       "leakage", "ood", "prune", "pretrain", "evaluate", "summary", "precision"]
-AFTER_DEDUP = ["params", "dedup", "leakage", "ood", "prune", "pretrain", "evaluate", "summary", "precision"]   # params: the check
+       "models@backbone_init", "pool", "concepts", "retrieve", "captions", "generate", "evalsets", "dedup",
+       "leakage", "ood", "prune", "pretrain", "evaluate", "summary", "precision", "report"]
+AFTER_DEDUP = ["params", "dedup", "leakage", "ood", "prune", "pretrain", "evaluate", "summary", "precision",
+               "report"]   # params: the check
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -26,6 +30,33 @@ def _hashes(root: Path) -> dict[str, str]:
 
 def _metrics(repo: Path, name: str) -> dict:
     return json.loads((repo / "metrics" / f"{name}.json").read_text())
+
+
+def lock_mismatches(committed: dict, fresh: dict) -> tuple[list[str], list[str]]:
+    """(stale, differing) between two dvc.lock mappings: `stale` = stages whose deps or params differ
+    (the committed lock predates a change, so their outs may differ); `differing` = outs of the other
+    stages whose hash differs: same params + same inputs gave other bytes."""
+    stale, differing = [], []
+    for name, st in sorted(fresh.get("stages", {}).items()):
+        old = committed.get("stages", {}).get(name)
+        key = lambda s: (s.get("cmd"), [(d["path"], d.get("md5")) for d in s.get("deps", [])], s.get("params"))
+        if old is None or key(old) != key(st):
+            stale.append(name)
+            continue
+        was = {o["path"]: o.get("md5") for o in old.get("outs", [])}
+        differing += [f"{name}: {o['path']}" for o in st.get("outs", []) if was.get(o["path"]) != o.get("md5")]
+    return stale, differing
+
+
+def test_lock_mismatches_tells_stale_from_differing():
+    lock = {"stages": {"a": {"cmd": "x", "deps": [{"path": "p", "md5": "1"}], "outs": [{"path": "o", "md5": "9"}]},
+                       "b": {"cmd": "y", "deps": [{"path": "o", "md5": "9"}], "outs": [{"path": "q", "md5": "8"}]}}}
+    same = json.loads(json.dumps(lock))
+    assert lock_mismatches(lock, same) == ([], [])
+    same["stages"]["b"]["outs"][0]["md5"] = "7"
+    assert lock_mismatches(lock, same) == ([], ["b: q"])
+    same["stages"]["b"]["deps"][0]["md5"] = "6"
+    assert lock_mismatches(lock, same) == (["b"], [])
 
 
 def _free_port() -> int:
@@ -63,6 +94,16 @@ def test_full_pipeline_offline(tmp_path, s3_server):
     wall = time.time() - t0
     assert sorted(ran_stages(out.stdout)) == sorted(ALL)
     print(f"full dvc repro: {wall:.0f}s")
+    # same params + same inputs -> the bytes of the committed dvc.lock, in any fresh clone: every stage
+    # whose deps and params match the committed lock must have produced the same outs (in CI, where the
+    # tree is a clean clone of main, that is every stage: a stale committed lock fails too)
+    import yaml
+
+    committed = yaml.safe_load((ROOT / "dvc.lock").read_text())
+    stale, differing = lock_mismatches(committed, yaml.safe_load((repo / "dvc.lock").read_text()))
+    assert not differing, f"outs differ from the committed dvc.lock with the same deps and params: {differing}"
+    if os.environ.get("CI"):
+        assert not stale, f"the committed dvc.lock is stale for {stale}: run `dvc repro` and commit dvc.lock"
 
     pool, concepts, dataset, ev, leak = (_metrics(repo, n) for n in ("pool", "concepts", "dataset", "eval",
                                                                      "leakage"))
@@ -85,6 +126,8 @@ def test_full_pipeline_offline(tmp_path, s3_server):
     summary = _metrics(repo, "summary")
     assert summary["funnel"] == n and summary["size"]["total"] == n["prune"]
     assert summary["top1"].keys() == ev["sets"].keys()
+    page = (repo / "data/report/index.html").read_text()      # the run report, every section filled
+    assert "Not available" not in page and (repo / "data/report/funnel.png").is_file()
 
     # 2. nothing changed: clean status, a second repro runs nothing
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo).stdout
@@ -121,6 +164,19 @@ def test_full_pipeline_offline(tmp_path, s3_server):
     assert _hashes(clone / "data/dataset") == _hashes(repo / "data/dataset")
     st = run(["dvc", "status", "-c", "-r", "s3", "data/dataset"], clone, env=aws_env)
     assert "in sync" in st.stdout, st.stdout
+    # `dvc get` / `dvc import` of a published version from the git repo, data from its S3 remote (the
+    # default remote is a folder relative to the repo, which DVC's temporary clone does not have)
+    remote = ["--remote", "s3", "--remote-config", f"endpointurl={endpoint}"]
+    run(["dvc", "get", str(repo), "data/dataset", "--rev", "HEAD", "-o", str(tmp_path / "got"), *remote],
+        tmp_path, env=aws_env)
+    assert _hashes(tmp_path / "got") == _hashes(repo / "data/dataset")
+    user = tmp_path / "user"
+    user.mkdir()
+    run(["git", "init", "-q"], user)
+    run(["dvc", "init", "-q"], user)
+    run(["dvc", "import", str(repo), "data/dataset", "--rev", "HEAD", "-o", "food", *remote], user, env=aws_env)
+    assert _hashes(user / "food") == _hashes(repo / "data/dataset")
+    assert "repo:" in (user / "food.dvc").read_text()
     # then everything, and a repro that reruns nothing
     run(["dvc", "pull", "-r", "s3"], clone, env=aws_env)
     assert ran_stages(run(["dvc", "repro"], clone).stdout) == []

@@ -419,6 +419,7 @@ def test_ray_vllm_backend_is_chosen_and_configured():
                                    "tensor_parallel_size": 2, "max_model_len": 4096}
     cfg = vLLMEngineProcessorConfig(**kw)                  # Ray's own validation accepts them
     assert cfg.concurrency == 4 and cfg.should_continue_on_error
+    assert cfg.chat_template_stage is False and cfg.tokenize_stage is False   # token ids come from us
 
 
 def test_ray_vllm_postprocess_reads_logprobs_and_errors():
@@ -438,14 +439,36 @@ def test_ray_vllm_postprocess_reads_logprobs_and_errors():
 
 
 def _fake_vllm_processor(config, preprocess, postprocess):
-    """Stands in for `ray.data.llm.build_processor` (Ray 2.60) where vLLM cannot run (no GPU): the same
-    Ray Data map → engine → map shape; the 'engine' echoes the prompt and its sampling seed, and puts
-    all the log-probability mass of the first token on "Yes" for prompts that contain 'apple'. As in
-    Ray with `should_continue_on_error`, a row the engine fails on ('poison' in the prompt) carries
+    """Stands in for `ray.data.llm.build_processor` (Ray 2.60) where vLLM cannot run (no GPU), with the
+    stages Ray builds from `config`: preprocess (its output merged into the row, as wrap_preprocess
+    does) → chat template (when `chat_template_stage`: the model folder's template, as text) →
+    tokenize (when `tokenize_stage`: `tokenizer(prompts)`, i.e. *with* special tokens, as Ray's
+    TokenizeUDF does) → engine (a `tokenized_prompt` as is, else the `prompt` string tokenised with
+    special tokens, as vLLM does) → postprocess. The 'engine' records the token ids it was fed, echoes
+    the decoded prompt's last user line and its sampling seed, and puts all the log-probability mass
+    of the first token on "Yes" for prompts that contain 'apple'. As in Ray with
+    `should_continue_on_error`, a row the engine fails on ('poison' in the prompt) carries
     `__inference_error__` and skips the user's postprocess; the others get `__inference_error__` = ""."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(config.model_source)
+    assert config.should_continue_on_error
+
+    def pre(row):
+        return {**row, **preprocess(row)}
+
+    def template(row):
+        text = tok.apply_chat_template(list(row["messages"]), add_generation_prompt=True, tokenize=False)
+        return {**row, "prompt": text}
+
+    def tokenize(row):
+        return {**row, "tokenized_prompt": tok(row["prompt"])["input_ids"]}
 
     def engine(row):
-        sp, msg = row["sampling_params"], row["messages"][-1]["content"]
+        ids = list(row["tokenized_prompt"]) if "tokenized_prompt" in row else tok(row["prompt"])["input_ids"]
+        _fake_vllm_processor.fed.append(ids)
+        sp = row["sampling_params"]
+        msg = tok.decode(ids, skip_special_tokens=True).rsplit("<|user|>", 1)[-1].split("\n")[0]
         if "poison" in msg:
             return {**row, "generated_text": "", "num_generated_tokens": 0,
                     "__inference_error__": "ValueError: prompt too long"}
@@ -461,12 +484,22 @@ def _fake_vllm_processor(config, preprocess, postprocess):
             return row
         return {**postprocess(row), "__inference_error__": ""}
 
-    assert config.should_continue_on_error
-    return lambda ds: ds.map(preprocess).map(engine).map(post)
+    stages = [pre] + ([template] if config.chat_template_stage else []) + \
+        ([tokenize] if config.tokenize_stage else []) + [engine, post]
+
+    def run(ds):
+        for fn in stages:
+            ds = ds.map(fn)
+        return ds
+    return run
+
+
+_fake_vllm_processor.fed = []
 
 
 class _ListDataset:
-    """The two Ray Dataset calls the backend's processor chain uses, in-process."""
+    """The Ray Dataset calls the backend's processor chain uses, in-process. Rows come back as from one
+    Ray block: every column of any row, None where a row has none (TableBlockBuilder.add)."""
 
     def __init__(self, rows):
         self.rows = list(rows)
@@ -475,21 +508,36 @@ class _ListDataset:
         return _ListDataset(fn(dict(r)) for r in self.rows)
 
     def take_all(self):
-        return list(reversed(self.rows))  # Ray does not promise order either
+        cols = list(dict.fromkeys(k for r in self.rows for k in r))
+        return [{k: r.get(k) for k in cols} for r in reversed(self.rows)]  # Ray does not promise order
+
+    def iter_rows(self):
+        return iter(self.take_all())
 
 
-def test_ray_vllm_backend_error_rows_skip_postprocess(monkeypatch):
-    """Before: KeyError 'error' on the row Ray handed back without postprocess."""
+@pytest.fixture
+def fake_ray_llm(monkeypatch, tmp_path):
+    """ray.data.llm's processor and ray.data.from_items replaced by the stand-ins above; the model
+    folder is a tokenizer with a BOS (tests/llm_helpers.py)."""
     ray = pytest.importorskip("ray")
     ray_llm = pytest.importorskip("ray.data.llm")
     import pas.engine
-    from pas.llm import ChatRequest, make_backend
+    from tests.llm_helpers import bos_tokenizer
 
     monkeypatch.setattr(ray_llm, "build_processor", _fake_vllm_processor)
     monkeypatch.setattr(ray.data, "from_items", _ListDataset)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0})
     monkeypatch.setattr(pas.engine, "ensure_ray", lambda address="": None)
-    llm = make_backend({"backend": "vllm", "model": "models/llm", "max_new_tokens": 40},
+    _fake_vllm_processor.fed.clear()
+    return bos_tokenizer(tmp_path / "llm", max_position_embeddings=512)
+
+
+def test_ray_vllm_backend_error_rows_skip_postprocess(fake_ray_llm):
+    """Before: KeyError 'error' on the row Ray handed back without postprocess; then, in a block with
+    successful rows, the error row's `error`/`has_logprobs` are None and it passed for an answer."""
+    from pas.llm import ChatRequest, make_backend
+
+    llm = make_backend({"backend": "vllm", "model": str(fake_ray_llm), "max_new_tokens": 40},
                        engine=EngineConfig("ray", actors=1))
     reqs = [ChatRequest(messages=({"role": "user", "content": q},), seed=5)
             for q in ("name food", "poison", "is apple pie food?")]
@@ -499,24 +547,53 @@ def test_ray_vllm_backend_error_rows_skip_postprocess(monkeypatch):
     v = llm.yes_no(reqs)
     assert [x.method for x in v] == ["logprobs", "error", "logprobs"] and v[2].p_yes > 0.9 > 0.1 > v[0].p_yes
     assert not v[1].usable
+    pieces = list(llm.chat_stream(reqs))                  # the same answers, streamed
+    got = {i: r for idx, res in pieces for i, r in zip(idx, res)}
+    assert sorted(got) == [0, 1, 2] and [got[i].text for i in range(3)] == [r.text for r in out]
+
+
+def test_ray_vllm_prompt_has_one_bos(fake_ray_llm):
+    """The chat template starts with BOS; Ray's own tokenize stage would encode it with special tokens
+    and feed the engine two. The backend's token ids (and count_tokens) have exactly one."""
+    from transformers import AutoTokenizer
+
+    from pas.llm import ChatRequest, make_backend
+
+    llm = make_backend({"backend": "vllm", "model": str(fake_ray_llm)}, engine=EngineConfig("ray", actors=1))
+    msgs = ({"role": "system", "content": "sys"}, {"role": "user", "content": "name a dish"})
+    llm.chat([ChatRequest(messages=msgs, seed=1)])
+    llm.yes_no([ChatRequest(messages=msgs, seed=1)])
+    assert len(_fake_vllm_processor.fed) == 2
+    for ids in _fake_vllm_processor.fed:
+        assert ids[0] == 0 and ids.count(0) == 1
+    assert llm.count_tokens(msgs) == len(_fake_vllm_processor.fed[0])
+    assert llm.context_length() == 512                      # the folder's config.json
+    # what Ray's default stages would have fed: two BOS (the bug)
+    tok = AutoTokenizer.from_pretrained(fake_ray_llm)
+    doubled = tok(tok.apply_chat_template(list(msgs), add_generation_prompt=True, tokenize=False))["input_ids"]
+    assert doubled[:2] == [0, 0]
 
 
 @pytest.mark.slow
-def test_ray_vllm_backend_through_ray_data(ray_cluster, monkeypatch):
+def test_ray_vllm_backend_through_ray_data(ray_cluster, monkeypatch, tmp_path):
     pytest.importorskip("ray.data.llm")
     import ray.data.llm
 
     from pas.llm import ChatRequest, make_backend
+    from tests.llm_helpers import bos_tokenizer
 
     monkeypatch.setattr(ray.data.llm, "build_processor", _fake_vllm_processor)
-    llm = make_backend({"backend": "vllm", "model": "models/llm", "max_new_tokens": 40},
+    model = bos_tokenizer(tmp_path / "llm")
+    llm = make_backend({"backend": "vllm", "model": str(model), "max_new_tokens": 40},
                        engine=EngineConfig("ray", ray_address=ray_cluster, actors=1))
     reqs = [ChatRequest(messages=({"role": "user", "content": f"name food {i}"},), seed=100 + i,
                         max_new_tokens=8 if i == 3 else None) for i in range(12)]
+    reqs[5] = ChatRequest(messages=({"role": "user", "content": "poison"},), seed=105)
     out = llm.chat(reqs)
     assert [r.text for r in out] == [f"name food {i} | seed {100 + i} | max {8 if i == 3 else 40}"
-                                     for i in range(12)]                     # request order, own seeds
+                                     if i != 5 else "" for i in range(12)]   # request order, own seeds
     assert out[0].logprobs == [(" No", -0.05)] and out[0].n_tokens == 1 and out[0].error is None
+    assert out[5].error == "ValueError: prompt too long"    # an error row among answers, in real blocks
     verdicts = llm.yes_no([ChatRequest(messages=({"role": "user", "content": q},))
                            for q in ("is apple pie food?", "is a car food?")])
     assert [v.method for v in verdicts] == ["logprobs", "logprobs"]

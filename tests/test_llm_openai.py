@@ -25,12 +25,18 @@ class Server:
     def __init__(self):
         self.bodies, self.headers, self.plan = [], [], []
         self.retry_after = None
+        self.models = None   # GET /v1/models cards, as `vllm serve` lists them ({"id", "max_model_len"})
         self.lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *a):
                 pass
+
+            def do_GET(self):
+                if self.path != "/v1/models" or outer.models is None:
+                    return self._send(404, b"{}")
+                self._send(200, json.dumps({"object": "list", "data": outer.models}).encode())
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -293,3 +299,19 @@ def test_spec_validation_names_key():
     body = request_body(LLMSpec(backend="openai", model="m", base_url="http://x", repetition_penalty=1.0),
                         req("q", seed=3))
     assert "repetition_penalty" not in body and body["seed"] == 3
+
+
+def test_context_length_from_the_server_and_estimated_tokens(server):
+    """`vllm serve` reports max_model_len in GET /v1/models; a server that does not (plain OpenAI, or
+    this stand-in before `models` is set) leaves it unknown unless max_context_tokens says it."""
+    from pas.llm.base import estimate_tokens
+
+    assert make_backend(spec(server)).context_length() is None            # 404: unknown
+    server.models = [{"id": "other", "max_model_len": 2048}, {"id": "smol", "object": "model",
+                                                               "max_model_len": 8192}]
+    llm = make_backend(spec(server))
+    assert llm.context_length() == 8192 and llm.context_length() == 8192
+    assert make_backend(spec(server, max_context_tokens=1000)).context_length() == 1000
+    assert make_backend(spec(server, model="nope")).context_length() is None
+    msgs = ({"role": "user", "content": "1. Paella\n2. Sushi"},)
+    assert llm.count_tokens(msgs) == estimate_tokens(msgs) == 64 + 8 + 9    # 18 bytes / 2

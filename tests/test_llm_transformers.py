@@ -50,6 +50,30 @@ def test_yes_no_helpers():
     assert yes_no_from_logprobs({"Hello": -0.1}) is None
 
 
+def test_count_tokens_and_context_length(tmp_path):
+    """Exact prompt tokens with the model's own tokenizer and chat template (no BOS added twice);
+    the context length from the folder's config.json (no model weights needed for either)."""
+    from transformers import AutoTokenizer
+
+    from pas.llm.transformers_backend import MODEL, _Loaded
+    from tests.llm_helpers import bos_tokenizer
+
+    folder = bos_tokenizer(tmp_path / "llm", max_position_embeddings=8192)
+    llm = make_backend({"backend": "transformers", "model": str(folder)})
+    tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    MODEL.get(llm.identity(), lambda: _Loaded(tok, None, []))
+    try:
+        msgs = ({"role": "user", "content": "List 30 dishes."}, {"role": "assistant", "content": "1. Paella"},
+                {"role": "user", "content": "More like paella?"})
+        text = tok.apply_chat_template(list(msgs), add_generation_prompt=True, tokenize=False)
+        assert llm.count_tokens(msgs) == len(text.encode()) - len("<s>") + 1   # one token per byte, one BOS
+        assert llm.context_length() == 8192
+        capped = make_backend({"backend": "transformers", "model": str(folder), "max_context_tokens": 100})
+        assert capped.context_length() == 100
+    finally:
+        MODEL.release()
+
+
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
     from pas.models.llm import prepare_llm

@@ -9,6 +9,7 @@ tokenises *with* special tokens, i.e. adds BOS) or a TokensPrompt `{"prompt_toke
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 import types
@@ -190,3 +191,34 @@ def test_missing_vllm_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ImportError, match="run-in llm"):
         make_backend({"backend": "vllm"}).chat([req("x")])
+
+
+def test_identity_is_what_the_engine_is_built_from():
+    """Keyed by model, dtype, tensor parallel, quantisation, max length (+ memory share): another value
+    of any is another engine; sampling settings and the history budget are per call."""
+    from pas.llm.vllm_backend import engine_identity
+
+    base = LLMSpec(backend="vllm", model="/m", dtype="bfloat16", tensor_parallel_size=2)
+    same = [dict(temperature=0.1, top_p=0.5, max_new_tokens=7, repetition_penalty=1.3, batch_size=64,
+                 max_context_tokens=1000)]
+    other = [dict(model="/n"), dict(dtype="float16"), dict(tensor_parallel_size=4), dict(quantization="awq"),
+             dict(max_model_len=4096), dict(gpu_memory_utilization=0.5)]
+    for kw in same:
+        assert engine_identity(dataclasses.replace(base, **kw)) == engine_identity(base)
+    ids = {engine_identity(dataclasses.replace(base, **kw)) for kw in other}
+    assert len(ids) == len(other) and engine_identity(base) not in ids
+
+
+def test_count_tokens_and_context_length(fake_vllm, tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 32768, "n_positions": 4096}))
+    msgs = ({"role": "user", "content": "List 30 dishes"}, {"role": "assistant", "content": "1. Paella"},
+            {"role": "user", "content": "More like paella"})
+    llm = make_backend({"backend": "vllm", "model": str(tmp_path)})
+    assert llm.context_length() == 4096                    # vLLM's keys, the smallest present
+    assert make_backend({"backend": "vllm", "model": str(tmp_path), "max_model_len": 2048}).context_length() == 2048
+    assert make_backend({"backend": "vllm", "model": str(tmp_path), "max_context_tokens": 900}).context_length() == 900
+    assert make_backend({"backend": "vllm", "model": str(tmp_path / "none")}).context_length() is None
+    ids = llm.prompts([ChatRequest(msgs)])[0]["prompt_token_ids"]
+    assert llm.count_tokens(msgs) == len(ids) and ids.count(BOS) == 1

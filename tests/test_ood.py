@@ -291,6 +291,13 @@ def test_stage_main_refuses_missing_kept_keys(tmp_path, monkeypatch, tiny_clip_d
         _run(tmp_path)
 
 
+def test_stage_main_refuses_an_empty_input(tmp_path, monkeypatch, tiny_clip_dir, caplog):
+    _stage_inputs(tmp_path, monkeypatch, tiny_clip_dir)
+    pd.DataFrame({"key": ["pa1", "pa2"], "kept": [False, False]}).to_parquet(tmp_path / "manifest.parquet")
+    assert _run(tmp_path) == 2
+    assert "keeps no image" in caplog.text and not (tmp_path / "ood").exists()
+
+
 def test_stage_main_clipn_mode(tmp_path, monkeypatch, tiny_clip_dir):
     import torch
 

@@ -132,7 +132,7 @@ def test_unknown_keys_name_the_nearest_valid_key(path, msg):
 
 def test_unknown_key_without_a_near_one_lists_the_known_keys():
     base = load(REPO / "params.yaml")
-    with pytest.raises(ParamsError, match=r"^zzz: unknown top-level key; known: concepts, dedup, "):
+    with pytest.raises(ParamsError, match=r"^zzz: unknown top-level key; known: captions, concepts, dedup, "):
         validate({**base, "zzz": 1})
 
 

@@ -401,6 +401,11 @@ def test_stage_main_bad_input_exits_cleanly(tmp_path, monkeypatch, caplog):
     assert stage.main(["--params", str(tmp_path / "params.yaml"),
                        "--scores", str(tmp_path / "nope.parquet")]) == 2
     assert "no such scores file" in caplog.text
+    empty = tmp_path / "scores.parquet"           # ood scored nothing: refused, not an empty dataset
+    _scores_for([]).to_parquet(empty)
+    assert stage.main(["--params", str(tmp_path / "params.yaml"), "--scores", str(empty),
+                       "--out", str(tmp_path / "ds")]) == 2
+    assert "no scored images" in caplog.text and not (tmp_path / "ds").exists()
 
 
 def test_export_empty_selection(tmp_path):

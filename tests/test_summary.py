@@ -6,7 +6,7 @@ import json
 import logging
 
 from pas.io.manifest import read_metrics, write_metrics
-from pas.summary import summarize
+from pas.summary import summarize, summary_text
 from tests.stage_helpers import load_stage
 
 DATASET = {"retrieve": {"n": 40, "real": 40}, "generate": {"n": 30, "synthetic": 30},
@@ -36,7 +36,22 @@ def test_summary_of_a_run_without_eval_sets_or_synthetic_images():
                  "concept_bank": None, "covered": {}, "top1": {}}
 
 
-def test_stage_main(tmp_path, caplog):
+def test_summary_with_domain_precision_and_its_printed_lines():
+    prec = {"pool": {"domain_precision": 0.044}, "retrieve": {"domain_precision": 0.238},
+            "final": {"domain_precision": 0.215}, "domain_categories": ["food"]}
+    s = summarize(DATASET, EVAL, CONCEPTS, prec)
+    assert s["domain_precision"] == {"pool": 0.044, "retrieve": 0.238, "final": 0.215}
+    # write_metrics sorts keys: the printed funnel is still in pipeline order
+    text = summary_text(json.loads(json.dumps(s, sort_keys=True)), "data/dataset", report=None)
+    assert text.splitlines() == [
+        "pas: data/dataset: 50 images (25 real, 25 synthetic) from 12 concepts",
+        "  funnel: retrieve 40 → generate 30 → dedup 67 → leakage 66 → ood 66 → prune 50",
+        "  domain precision: pool 0.044, retrieve 0.238, final 0.215",
+        "  food: kNN top-1 0.400 (baseline 0.300), linear 0.500 (baseline 0.450)",
+        "  card: data/dataset/README.md; all figures: dvc metrics show"]
+
+
+def test_stage_main(tmp_path, capsys, caplog):
     for name, m in (("dataset", DATASET), ("eval", EVAL), ("concepts", CONCEPTS)):
         write_metrics(tmp_path / f"{name}.json", m)
     argv = ["--dataset", str(tmp_path / "dataset.json"), "--eval", str(tmp_path / "eval.json"),
@@ -45,6 +60,6 @@ def test_stage_main(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         assert stage.main(argv) == 0
     assert read_metrics(tmp_path / "summary.json") == json.loads(json.dumps(summarize(DATASET, EVAL, CONCEPTS)))
-    assert "kNN 0.400 (baseline 0.300)" in caplog.text
+    assert "kNN top-1 0.400 (baseline 0.300)" in capsys.readouterr().out
     (tmp_path / "eval.json").unlink()
     assert stage.main(argv) == 2 and "eval.json" in caplog.text

@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 import importlib
 import math
+import os
+import re
 import sys
 import types
 import typing
@@ -225,12 +227,80 @@ def load(path: str | Path = "params.yaml") -> dict:
     return params
 
 
+def _interpolate(dep: str, params: dict) -> str:
+    """`${a.b[i].c}` in a dvc.yaml dep replaced by its params value (as DVC does); unknown keys stay."""
+    def value(m: re.Match) -> str:
+        v = params
+        for part in re.findall(r"[^.\[\]]+", m.group(1)):
+            try:
+                v = v[int(part)] if isinstance(v, list) else v[part]
+            except (KeyError, IndexError, ValueError, TypeError):
+                return m.group(0)
+        return str(v)
+    return re.sub(r"\$\{([^}]+)\}", value, dep)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_evalsets_deps(params: dict, dvc: dict, base: str | Path = ".") -> None:
+    """Raise ParamsError unless every `eval.sets[i]` folder is, or is inside, a dep of dvc.yaml's
+    `evalsets` stage: `${eval.root}` (one dep for any number of sets; relative set paths are under
+    it), `${eval.sets[i].path}` or a literal folder. Relative deps are relative to `base` (dvc.yaml's
+    folder)."""
+    deps = [str(d).strip() for d in dvc.get("stages", {}).get("evalsets", {}).get("deps", [])]
+    ev = params.get("eval") or {}
+    root = ev.get("root")
+    folders = [os.path.normpath(os.path.join(base, _interpolate(d, params))) for d in deps]
+    for i, spec in enumerate(ev.get("sets") or []):
+        path = str(spec.get("path"))
+        if root is not None and not os.path.isabs(path):
+            path = os.path.join(str(root), path)
+        path = os.path.normpath(os.path.join(base, path))
+        if f"${{eval.sets[{i}].path}}" in deps or any(_inside(path, f) for f in folders):
+            continue
+        raise ParamsError(f"eval.sets[{i}] ({spec.get('name')}): its folder {path} is not a dep of the evalsets "
+                          f"stage; put it under eval.root ({root}) or add `- ${{eval.sets[{i}].path}}` to its "
+                          "deps in dvc.yaml")
+
+
+def check_pool_source(params: dict, base: str | Path = ".") -> None:
+    """Raise ParamsError when retrieval uses a service and `pool.source` (a DVC dep all the same:
+    deps cannot be conditional) does not exist, naming the placeholder to use instead."""
+    backend = (params.get("retrieve") or {}).get("backend", "pool")
+    src = (params.get("pool") or {}).get("source")
+    if backend == "pool" or src is None or os.path.exists(os.path.join(base, str(src))):
+        return
+    raise ParamsError(f"pool.source={src!r} does not exist: with retrieve.backend {backend} nothing reads it, "
+                      "but dvc.yaml's pool stage depends on it; set pool.source: configs/no-pool (a placeholder)")
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging() -> None:
+    """One log format for every stage; pas at INFO, third-party libraries (open_clip, faiss's loader,
+    diffusers, httpx, …) at WARNING. `PAS_LOG_LEVEL=DEBUG` (or INFO, …) sets every logger's level."""
+    import logging
+    import os
+
+    level = os.environ.get("PAS_LOG_LEVEL", "").strip().upper()
+    if level and not isinstance(logging.getLevelName(level), int):
+        raise ParamsError(f"PAS_LOG_LEVEL={level!r}: expected DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(level=level or "WARNING", format=LOG_FORMAT, datefmt="%H:%M:%S")
+    logging.getLogger("pas").setLevel(level or "INFO")
+    logging.getLogger("pas").propagate = True
+
+
 def run_stage(main: Callable[[], Any]) -> int:
     """The `__main__` of every stage script: `sys.exit(run_stage(main))`.
 
+    Sets up logging (`setup_logging`: the stages' own `basicConfig` calls then change nothing).
     A config error is the user's to fix, not a bug: one line on stderr naming the key, exit status 2,
     no traceback. Any other error keeps its traceback. A `main` returning None counts as success."""
     try:
+        setup_logging()
         rc = main()
     except ParamsError as e:
         print(f"params error: {e}", file=sys.stderr)
@@ -252,8 +322,10 @@ register("domain", "pas.concepts.params:DomainParams")
 register("llm", "pas.llm.base:LLMSection")
 register("concepts", "pas.concepts.params:ConceptsParams")
 register("retrieve", "pas.collect.retrieve:RetrieveParams")
+register("captions", "pas.collect.captions:CaptionsParams")
 register("generate", "pas.collect.generate:GenerateParams")
 register("diffusion", "pas.collect.generate:DiffusionParams")
 register("dedup", "pas.curate.dedup:DedupParams")
 register("leakage", "pas.curate.leakage:LeakageParams")
 register("precision", "pas.curate.precision:PrecisionParams")
+register("report", "pas.report:ReportParams")

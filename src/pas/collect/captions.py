@@ -13,20 +13,28 @@ placeholder `{concept}`). Answers are parsed robustly (numbering, bullets, quote
 preambles, empty lines, rambling paragraphs cut to their first sentences). A concept with fewer
 than N_Cap usable captions is asked again with new seeds for what is missing, up to `max_attempts`
 times; what is still missing is filled with deterministic template captions ("a photo of {c}, ...")
-and counted in the metrics. Requests the backend failed on are counted too: the fallbacks of a
-concept that had one are not cached (a rerun asks L4 again), and the `generate` stage fails when
-fallbacks exceed `generate.max_fallback_fraction` of all captions.
+and counted in the metrics. Requests the backend failed on are counted too, and the `captions`
+stage fails when fallbacks exceed `captions.max_fallback_fraction` of all captions.
+
+Resumable: with an :class:`pas.llm.cache.AnswerCache`, every piece of answers is saved as L4 finishes
+it (`ChatBackend.chat_stream`); a killed run asks again only the requests it has no answer for, and
+failed requests are never saved, so a rerun asks them again. Answers follow from (request, seed), so
+a resumed run writes the captions of an uninterrupted one (transformers: padding aside, as there).
+
+The stage's out, `data/captions/`, is written and read with `pas.collect.caption_files`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
+
+from pas.collect.caption_files import Captions, derive_seed
+from pas.params import ParamsError, check_range, check_seed
 
 # deterministic fallbacks when L4 does not deliver: still the concept in a (plain) scene
 FALLBACK_TEMPLATES = (
@@ -39,10 +47,30 @@ FALLBACK_TEMPLATES = (
 PREFIX = re.compile(r"^(?:caption|prompt|image|scene|photo)\s*\d*\s*[:\-–—]\s*", re.IGNORECASE)
 
 
-def derive_seed(seed: int, *parts: object) -> int:
-    """A stable 31-bit seed from the run seed and any parts (concept text, indices, ...)."""
-    h = hashlib.sha256("\x1f".join([str(seed), *map(str, parts)]).encode("utf-8", "surrogatepass"))
-    return int.from_bytes(h.digest()[:4], "big") & 0x7FFF_FFFF
+@dataclass(frozen=True)
+class CaptionsParams:
+    """`captions:` (+ top-level n_cap, seed) — how L4 (`llm.l4`) writes T_c."""
+
+    n_cap: int = 5                # N_Cap: captions per concept (one L4 request each)
+    seed: int = 0
+    prompt_file: str | None = None  # caption prompt template; None = packaged pas/prompts/captions.txt
+    max_attempts: int = 3         # L4 rounds (new seeds) for missing captions before template fallbacks
+    max_new_tokens: int = 64      # L4 answer length (one caption per request)
+    require_concept: bool = True  # drop captions that do not name the concept
+    min_words: int = 4            # drop shorter captions
+    max_words: int = 60           # drop longer captions (SD's text encoder reads 77 tokens)
+    max_fallback_fraction: float = 0.5  # fail when more template fallbacks than this fraction of all
+                                        # captions: L4 is broken or unfit, not just unlucky
+
+    def __post_init__(self) -> None:
+        check_range("n_cap", self.n_cap, 0, None, lo_open=False)
+        check_seed("seed", self.seed)
+        for name in ("max_attempts", "max_new_tokens", "min_words"):
+            check_range(name, getattr(self, name), 1, None, lo_open=False)
+        check_range("max_words", self.max_words, self.min_words, None, lo_open=False)
+        check_range("max_fallback_fraction", self.max_fallback_fraction, 0.0, 1.0, lo_open=False, hi_open=False)
+        if self.prompt_file is not None and not self.prompt_file.strip():
+            raise ParamsError("prompt_file: empty; use null for the packaged template")
 
 
 def load_template(path: str | Path | None = None) -> str:
@@ -51,10 +79,10 @@ def load_template(path: str | Path | None = None) -> str:
         return resources.files("pas").joinpath("prompts/captions.txt").read_text(encoding="utf-8")
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"generate.prompt_file={str(path)!r}: no such file")
+        raise ParamsError(f"captions.prompt_file={str(path)!r}: no such file")
     text = p.read_text(encoding="utf-8")
     if "{concept}" not in text:
-        raise ValueError(f"{p}: caption template must contain {{concept}}")
+        raise ParamsError(f"captions.prompt_file={str(path)!r}: the template must contain {{concept}}")
     return text
 
 
@@ -119,50 +147,19 @@ def fallback_captions(concept: str, n: int) -> list[str]:
     return out
 
 
-@dataclass
-class Captions:
-    """T_c per concept: captions[c] = [(caption, fallback?)] of length n_cap; raw L4 transcripts."""
-
-    captions: dict[str, list[tuple[str, bool]]]
-    transcripts: list[dict] = field(default_factory=list)
-
-    @property
-    def n_fallback(self) -> int:
-        return sum(fb for lst in self.captions.values() for _, fb in lst)
-
-    @property
-    def n_captions(self) -> int:
-        return sum(len(lst) for lst in self.captions.values())
-
-    @property
-    def fallback_fraction(self) -> float:
-        return self.n_fallback / self.n_captions if self.n_captions else 0.0
-
-    @property
-    def n_failed_requests(self) -> int:
-        return sum(bool(t.get("error")) for t in self.transcripts)
-
-    @property
-    def n_failed_fallbacks(self) -> int:
-        """Fallback captions of concepts with a failed L4 request (they may stand in for a failure)."""
-        failed = {t["concept"] for t in self.transcripts if t.get("error")}
-        return sum(fb for c in failed for _, fb in self.captions.get(c, []))
-
-    def rows(self) -> list[dict]:
-        return [{"concept": c, "caption_idx": i, "caption": cap, "fallback": fb}
-                for c in sorted(self.captions) for i, (cap, fb) in enumerate(self.captions[c])]
-
-
 def write_captions(llm: Any, concepts: Sequence[str], n_cap: int, seed: int, template: str,
                    max_attempts: int = 3, max_new_tokens: int = 64, require_concept: bool = True,
-                   min_words: int = 4, max_words: int = 60, progress: bool = True) -> Captions:
+                   min_words: int = 4, max_words: int = 60, progress: bool = True,
+                   answers: Any = None) -> Captions:
     """Sample T_c = {t_c ~ P_L4(c)}: n_cap independent one-caption requests per concept, all concepts
-    in one batched `llm.chat` call per attempt.
+    in one batched `llm.chat_stream` call per attempt.
 
     Request j of attempt a for concept c has seed derive_seed(seed, "caption", c, a, j); its first
     usable caption is kept unless the concept already has it. Concepts still short are asked again
     (attempt a + 1) for what is missing, up to `max_attempts`; the rest is filled with template
     captions (`fallback=True`). Deterministic given the backend's per-request seeding.
+    `answers` (a :class:`pas.llm.cache.AnswerCache`): requests answered before are not asked again,
+    and each piece of new answers is saved as soon as L4 returns it.
     """
     from tqdm import tqdm
 
@@ -183,7 +180,13 @@ def write_captions(llm: Any, concepts: Sequence[str], n_cap: int, seed: int, tem
                                         max_new_tokens=max_new_tokens))
         if not reqs:
             break
-        results = llm.chat(reqs)
+        results: list[Any] = [answers.get(r) if answers is not None else None for r in reqs]
+        todo = [k for k, r in enumerate(results) if r is None]
+        for idx, got in llm.chat_stream([reqs[k] for k in todo]):
+            for i, res in zip(idx, got):
+                results[todo[i]] = res
+            if answers is not None:
+                answers.put((reqs[todo[i]], res) for i, res in zip(idx, got))
         for c, req, res in zip(owners, reqs, results):
             transcripts.append({"concept": c, "attempt": attempt, "seed": req.seed, "answer": res.text,
                                 "error": getattr(res, "error", None)})

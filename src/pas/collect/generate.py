@@ -1,7 +1,8 @@
 """In-context in-domain image generation (paper §3.2): I_Synth = ⋃_{c∈B} ⋃_{t∈T_c} {i_t ~ S_I(t)}.
 
-Each caption t of T_c (written by L4, `pas.collect.captions`) is given to the text-to-image model S_I
-(a diffusers StableDiffusionPipeline from the `models` stage), which draws N_Synth images per caption.
+Each caption t of T_c (written by L4 in the `captions` stage, `pas.collect.captions`, read from its
+out `data/captions/` with `pas.collect.caption_files`) is given to the text-to-image model S_I (a diffusers StableDiffusionPipeline from
+the `models` stage), which draws N_Synth images per caption.
 
 Determinism: image j of caption i of concept c starts from the latent noise of
 `torch.Generator("cpu").manual_seed(derive_seed(seed, "image", c, i, j))`, recorded in its metadata, so
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pas.collect.captions import Captions, derive_seed
+from pas.collect.caption_files import Captions, derive_seed, write_caption_files
 from pas.models.diffusion import SCHEDULERS
 from pas.params import ParamsError, check_choice, check_range, check_seed
 
@@ -71,29 +72,16 @@ class DiffusionParams:
 
 @dataclass(frozen=True)
 class GenerateParams:
-    """`generate:` (+ top-level n_cap, n_synth, seed) — captions by L4 (`llm.l4`) and work sharding."""
+    """`generate:` (+ top-level n_synth, seed) — images per caption and work sharding (the captions'
+    params are `captions:`, pas.collect.captions.CaptionsParams)."""
 
-    n_cap: int = 5                # N_Cap: captions per concept (one L4 request each)
     n_synth: int = 35             # N_Synth: images per caption
     seed: int = 0
-    prompt_file: str | None = None  # caption prompt template; None = packaged pas/prompts/captions.txt
-    max_attempts: int = 3         # L4 rounds (new seeds) for missing captions before template fallbacks
-    max_new_tokens: int = 64      # L4 answer length (one caption per request)
-    require_concept: bool = True  # drop captions that do not name the concept
-    min_words: int = 4            # drop shorter captions
-    max_words: int = 60           # drop longer captions (SD's text encoder reads 77 tokens)
-    max_fallback_fraction: float = 0.5  # fail when more template fallbacks than this fraction of all
-                                        # captions: L4 is broken or unfit, not just unlucky
     shard_size: int = 1000        # images per work shard (= output shard, ≤ 10k); the unit of resume
 
     def __post_init__(self) -> None:
-        for name in ("n_cap", "n_synth"):
-            check_range(name, getattr(self, name), 0, None, lo_open=False)
+        check_range("n_synth", self.n_synth, 0, None, lo_open=False)
         check_seed("seed", self.seed)
-        for name in ("max_attempts", "max_new_tokens", "min_words"):
-            check_range(name, getattr(self, name), 1, None, lo_open=False)
-        check_range("max_words", self.max_words, self.min_words, None, lo_open=False)
-        check_range("max_fallback_fraction", self.max_fallback_fraction, 0.0, 1.0, lo_open=False, hi_open=False)
         check_range("shard_size", self.shard_size, 1, 10_000, lo_open=False, hi_open=False)
 
 
@@ -314,7 +302,6 @@ def assemble(items: Sequence[Item], captions: Captions, cache_dir: str | Path, o
     """Fill the DVC out from finished shards: tars, index.parquet, captions.parquet, captions_raw.jsonl."""
     import pandas as pd
 
-    from pas.io.manifest import write_parquet
     from pas.io.shards import write_index as write_shard_index
 
     out = Path(out_dir)
@@ -330,45 +317,9 @@ def assemble(items: Sequence[Item], captions: Captions, cache_dir: str | Path, o
     cols = ["key", "shard", "source", "concept", "caption_idx", "image_idx", "caption", "fallback_caption",
             "seed"]
     write_shard_index(pd.DataFrame(rows, columns=cols), out)
-    write_parquet(pd.DataFrame(captions.rows(), columns=["concept", "caption_idx", "caption", "fallback"]),
-                  out / "captions.parquet", sort_by=None)
-    with open(out / "captions_raw.jsonl", "w", encoding="utf-8") as f:
-        for t in captions.transcripts:
-            f.write(json.dumps(t, ensure_ascii=False, sort_keys=True) + "\n")
+    # the captions the images were drawn from, beside them (a copy of the `captions` stage's out)
+    write_caption_files(captions, out / "captions.parquet", out / "captions_raw.jsonl")
     return rows
-
-
-# --------------------------------------------------------------------------------- captions cache
-def caption_fingerprint(concepts: Sequence[str], p: GenerateParams, template: str, llm_spec: Any,
-                        llm_model_fp: str | None) -> str:
-    keys = ("n_cap", "seed", "max_attempts", "max_new_tokens", "require_concept", "min_words", "max_words")
-    blob = json.dumps({"format": FORMAT_VERSION, "concepts": list(concepts), "template": template,
-                       "params": {k: getattr(p, k) for k in keys}, "llm": llm_spec, "llm_model": llm_model_fp},
-                      sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def cached_captions(cache_dir: str | Path, fingerprint: str, make: Callable[[], Captions]) -> tuple[Captions, bool]:
-    """Captions from `cache_dir/captions.json` if written for `fingerprint`, else `make()` and store,
-    unless a failed L4 request left fallbacks: those would outlive the outage (a rerun asks again)."""
-    path = Path(cache_dir) / "captions.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("fingerprint") == fingerprint:
-            caps = {c: [(t, bool(fb)) for t, fb in lst] for c, lst in data["captions"].items()}
-            return Captions(caps, data.get("transcripts", [])), True
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    caps = make()
-    if caps.n_failed_fallbacks:
-        log.warning("captions not cached: %d L4 requests failed, %d fallback captions may stand in for them",
-                    caps.n_failed_requests, caps.n_failed_fallbacks)
-        path.unlink(missing_ok=True)
-        return caps, False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(path, {"fingerprint": fingerprint, "transcripts": caps.transcripts,
-                              "captions": {c: [[t, fb] for t, fb in lst] for c, lst in caps.captions.items()}})
-    return caps, False
 
 
 def generate(captions: Captions, model_dir: str | Path, out_dir: str | Path, cache_dir: str | Path,
@@ -383,8 +334,5 @@ def generate(captions: Captions, model_dir: str | Path, out_dir: str | Path, cac
     sdir = Path(cache_dir) / "shards"
     secs = sum(json.loads((sdir / f"{SHARD_PREFIX}-{s:06d}.done.json").read_text())["seconds"]
                for s in range(stats["n_shards"]))
-    n_cap_total = sum(len(v) for v in captions.captions.values())
-    return {"n_concepts": len(captions.captions), "n_captions": n_cap_total,
-            "n_fallback_captions": captions.n_fallback, "fallback_fraction": captions.fallback_fraction,
-            "n_failed_caption_requests": captions.n_failed_requests, "n_images": len(items),
-            "seconds_per_image": secs / len(items) if items else 0.0, **stats}
+    caps = {k: v for k, v in captions.metrics().items() if k != "n_requests"}
+    return {**caps, "n_images": len(items), "seconds_per_image": secs / len(items) if items else 0.0, **stats}

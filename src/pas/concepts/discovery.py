@@ -10,6 +10,12 @@ rules are strict: equality continues. Caps (max samples, max rounds, max concept
 are reported as its stop reason, warned about and listed in `Discovery.cap_stops`: in the paper
 λ1 and λ2 end the loops, so a capped run is not the paper's B.
 
+L2's history is budgeted to its context: the L1 conversation ("used as historic data" to show L2
+the established set B_0) must leave room, in L2's own tokens, for the round's longest expansion prompt
+and its answer. When all of it does not fit, whole L1 samples are kept in the order that shows L2 the
+most of B_0 (each next one adds the most concepts the kept ones do not name; ties: the earlier),
+in their original order, and the rest dropped: counted per round (`Discovery.history_kept/dropped`).
+
 An unusable answer (backend error, empty, refusal, no list) is counted and skipped. No usable L1
 sample up to the cap, no list in L2's first round, or a round of failed L2 requests raises
 :class:`DiscoveryError`: an empty or frozen bank from a dead LLM is not a result.
@@ -89,6 +95,9 @@ class Discovery:
     expansion_stop: str                    # lambda_2 | max_expansion_rounds | max_concepts | empty
     transcripts: list[dict] = field(default_factory=list)
     answers: Counter = field(default_factory=Counter)  # "<step>_<status>" -> count
+    history_kept: list[int] = field(default_factory=list)     # L1 samples in L2's history, per round
+    history_dropped: list[int] = field(default_factory=list)  # L1 samples cut to fit L2's context, per round
+    history_context: int | None = None     # L2's context length the history was budgeted to (None: unknown)
 
     @property
     def cap_stops(self) -> list[str]:
@@ -168,7 +177,7 @@ def generate_initial(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, 
                 bank[c] = {"first_iteration": 0, "origin": None, "sample": k}
             sizes.append(len(bank))
             news.append(len(new[:room]))
-            conversations.append((req.messages, res.text))
+            conversations.append((req.messages, res.text, keys))
             if len(new) > room:
                 stop = "max_concepts"
             elif saturated(len(new), prev, p.lambda_1):
@@ -185,31 +194,84 @@ def generate_initial(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, 
 
 
 def history_messages(conversations: Sequence[tuple], limit: int | None) -> list[dict]:
-    """The L1 conversation given to L2 as history: (prompt, answer) turns of the first `limit` samples."""
+    """The L1 conversation given to L2 as history: (prompt, answer) turns of the first `limit` samples
+    (conversations: (request messages, answer[, concept keys]) per used sample)."""
     msgs: list[dict] = []
-    for request_msgs, answer in conversations[: len(conversations) if limit is None else limit]:
+    for request_msgs, answer, *_ in conversations[: len(conversations) if limit is None else limit]:
         msgs += [dict(m) for m in request_msgs]
         msgs.append({"role": "assistant", "content": answer})
     return msgs
 
 
+def coverage_order(concepts_per_sample: Sequence[Sequence[str]]) -> list[int]:
+    """Sample indices, each next the one naming the most concepts that the ones before do not (ties:
+    the earlier sample); samples that add nothing follow in their order."""
+    covered: set[str] = set()
+    left = list(range(len(concepts_per_sample)))
+    order = []
+    while left:
+        gain = [len(set(concepts_per_sample[i]) - covered) for i in left]
+        best = max(gain)
+        if best == 0:
+            return order + left
+        i = left.pop(gain.index(best))
+        order.append(i)
+        covered.update(concepts_per_sample[i])
+    return order
+
+
+def fit_history(llm: ChatBackend, conversations: Sequence[tuple], final: dict, max_new_tokens: int
+                ) -> tuple[list[dict], int]:
+    """(history messages, samples dropped): the L1 samples whose turns, followed by `final` (the round's
+    longest expansion prompt), leave `max_new_tokens` of L2's context free, counted with its own
+    tokenizer (:meth:`ChatBackend.count_tokens`). All of them when they fit or the context is unknown;
+    else in :func:`coverage_order`, each that still fits, kept in their original order."""
+    context = llm.context_length()
+    everything = history_messages(conversations, None)
+    if context is None or llm.count_tokens(everything + [final]) + max_new_tokens <= context:
+        return everything, 0
+    kept: list[int] = []
+    for i in coverage_order([c[2] if len(c) > 2 else [] for c in conversations]):
+        trial = sorted(kept + [i])
+        msgs = history_messages([conversations[j] for j in trial], None)
+        if llm.count_tokens(msgs + [final]) + max_new_tokens <= context:
+            kept = trial
+    return history_messages([conversations[j] for j in kept], None), len(conversations) - len(kept)
+
+
 def expand(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, prompts: Prompts,
-           bank: dict[str, dict], history: list[dict], transcripts: list[dict], answers: Counter,
+           bank: dict[str, dict], conversations: Sequence[tuple], transcripts: list[dict], answers: Counter,
            progress: bool = True):
     """Rounds i = 0, 1, ...: ask L2 for concepts similar to every c in B_i; B_{i+1} = B_i ∪ answers.
+    The history (`conversations`: the used L1 samples) is fitted to L2's context each round.
 
-    Returns (sizes |B_0|, |B_1|, ..., new counts, stop reason)."""
+    Returns (sizes |B_0|, |B_1|, ..., new counts, stop reason, history samples kept and dropped per round)."""
     sizes, news = [len(bank)], []
+    kept_per_round: list[int] = []
+    dropped_per_round: list[int] = []
     asked_before: set[str] = set()
+    budgeted = llm.context_length() is not None
+
+    def done(stop):
+        return sizes, news, stop, kept_per_round, dropped_per_round
+
     for i in range(p.max_expansion_rounds):
         targets = [c for c in bank if not (p.expand_new_only and c in asked_before)]
         if not targets:
-            return sizes, news, "empty"
+            return done("empty")
         asked_before.update(targets)
-        reqs = [ChatRequest(tuple(history) + (_user(prompts.expand.format(
-                    name=domain.name, description=domain.description, concept=c)),),
-                    seed=derive_seed(p.seed, "expand", i, c), max_new_tokens=p.expansion_max_new_tokens)
-                for c in targets]
+        finals = [_user(prompts.expand.format(name=domain.name, description=domain.description, concept=c))
+                  for c in targets]
+        longest = max(finals, key=lambda m: llm.count_tokens([m])) if budgeted else finals[0]
+        history, dropped = fit_history(llm, conversations, longest, p.expansion_max_new_tokens)
+        kept_per_round.append(len(conversations) - dropped)
+        dropped_per_round.append(dropped)
+        if dropped:
+            log.warning("L2 round %d: %d of %d L1 samples dropped from the history to fit L2's context of %d "
+                        "tokens", i + 1, dropped, len(conversations), llm.context_length())
+        reqs = [ChatRequest(tuple(history) + (final,), seed=derive_seed(p.seed, "expand", i, c),
+                            max_new_tokens=p.expansion_max_new_tokens)
+                for c, final in zip(targets, finals)]
         results: list[ChatResult] = []
         chunk = max(1, getattr(llm.spec, "batch_size", 8)) * 4  # progress granularity only
         for k in tqdm(range(0, len(reqs), chunk), desc=f"concepts: L2 round {i + 1}", disable=not progress):
@@ -238,10 +300,10 @@ def expand(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, prompts: P
         sizes.append(len(bank))
         news.append(min(len(added), room))
         if len(added) > room:
-            return sizes, news, "max_concepts"
+            return done("max_concepts")
         if saturated(len(added), prev, p.lambda_2):
-            return sizes, news, "lambda_2"
-    return sizes, news, "max_expansion_rounds"
+            return done("lambda_2")
+    return done("max_expansion_rounds")
 
 
 def discover(l1: ChatBackend, l2: ChatBackend, domain: DomainParams, p: ConceptsParams,
@@ -253,12 +315,15 @@ def discover(l1: ChatBackend, l2: ChatBackend, domain: DomainParams, p: Concepts
     answers: Counter = Counter()
     g_sizes, g_new, g_stop, conversations, drawn = generate_initial(l1, domain, p, prompts, bank, transcripts,
                                                              answers, progress)
+    kept, dropped = [], []
     if g_stop == "max_concepts":
         e_sizes, e_new, e_stop = [len(bank)], [], "max_concepts"
     else:
-        history = history_messages(conversations, p.history_samples)
-        e_sizes, e_new, e_stop = expand(l2, domain, p, prompts, bank, history, transcripts, answers, progress)
-    found = Discovery(bank, g_sizes, g_new, e_sizes, e_new, drawn, g_stop, e_stop, transcripts, answers)
+        limit = len(conversations) if p.history_samples is None else p.history_samples
+        e_sizes, e_new, e_stop, kept, dropped = expand(l2, domain, p, prompts, bank, conversations[:limit],
+                                                       transcripts, answers, progress)
+    found = Discovery(bank, g_sizes, g_new, e_sizes, e_new, drawn, g_stop, e_stop, transcripts, answers,
+                      kept, dropped, l2.context_length())
     for loop in found.cap_stops:
         stop = g_stop if loop == "generation" else e_stop
         log.warning("§3.1 %s stopped at the cap concepts.%s, not by λ%s: raise the cap to let λ decide",

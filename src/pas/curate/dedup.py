@@ -28,8 +28,13 @@ log = logging.getLogger(__name__)
 INDEX_KINDS = ("flat", "ivf", "hnsw", "auto")
 IVF_CODES = ("sq8", "flat")   # what an IVF list stores per vector: 8-bit scalar codes or float32
 AUTO_FLAT_MAX = 200_000       # `auto`: exact search up to this many images, IVF above
+AUTO_IVF_MAX_PROBE = 0.2      # `auto`: back to exact search when calibrated IVF must scan more of the lists
 IVF_TRAIN_PER_LIST = 39       # IVF k-means training points per inverted list (faiss: ≥ 39)
 IVF_TRAIN_ITERS = 8           # IVF k-means iterations
+CALIB_BAND = 0.05             # calibration: nprobe must reach the target in each band (λ, λ+0.05], …
+CALIB_MIN_EDGES = 20          # … that holds at least this many sampled λ-edges
+CALIB_MARGIN = 1.25           # nprobe = margin × the sampled quantile (the sample's quantile is noisy)
+GPU_MAX_NPROBE = 2048         # faiss-gpu IVF limit
 MANIFEST_COLUMNS = ["key", "kept", "reason", "score", "component", "component_size", "representative"]
 
 
@@ -40,9 +45,12 @@ class DedupParams:
     lambda_dup: float = 0.6        # λ_dup: SSCD cosine above which two images are duplicates
     k_dup: int = 64                # neighbours searched per image (paper App. D.1.4)
     seed: int = 0                  # picks each component's kept image
-    index: str = "flat"            # faiss index: flat (exact) | ivf | hnsw | auto (flat ≤ 200k, else ivf)
+    index: str = "flat"            # faiss index: flat (exact) | ivf | hnsw | auto (flat ≤ 200k, else
+                                   # ivf, or flat again when calibrated ivf would scan > 20% of lists)
     nlist: int = 0                 # ivf: inverted lists; 0 = 4·sqrt(n)
-    nprobe: int = 8                # ivf: lists visited per query
+    nprobe: int = 0                # ivf: lists visited per query; 0 = calibrated to target_recall
+    target_recall: float = 0.995   # ivf, nprobe 0: λ-edge recall to reach in every 0.05 band above λ
+    calib_queries: int = 4096      # ivf, nprobe 0: seeded sample whose exact λ-neighbours calibrate nprobe
     ivf_codes: str = "sq8"         # ivf list storage: sq8 (8-bit codes, exact re-rank) | flat (float32)
     hnsw_m: int = 32               # hnsw: graph degree
     ef_search: int = 128           # hnsw: search beam width
@@ -59,7 +67,9 @@ class DedupParams:
         check_seed("seed", self.seed)
         check_choice("index", self.index, INDEX_KINDS)
         check_range("nlist", self.nlist, 0, None, lo_open=False)
-        check_range("nprobe", self.nprobe, 1, None, lo_open=False)
+        check_range("nprobe", self.nprobe, 0, None, lo_open=False)
+        check_range("target_recall", self.target_recall, 0.0, 1.0, hi_open=False)
+        check_range("calib_queries", self.calib_queries, 1, None, lo_open=False)
         check_choice("ivf_codes", self.ivf_codes, IVF_CODES)
         check_range("hnsw_m", self.hnsw_m, 2, None, lo_open=False)
         check_range("ef_search", self.ef_search, 1, None, lo_open=False)
@@ -121,13 +131,20 @@ def _gpu_ok(use_gpu: bool) -> bool:
 
 
 def build_index(xb: np.ndarray, index: str = "flat", nlist: int = 0, nprobe: int = 8, hnsw_m: int = 32,
-                ef_search: int = 128, use_gpu: bool = True, seed: int = 0, ivf_codes: str = "sq8"):
+                ef_search: int = 128, use_gpu: bool = True, seed: int = 0, ivf_codes: str = "sq8",
+                lambda_: float | None = None, target_recall: float = 0.995, calib_queries: int = 4096,
+                xq: np.ndarray | None = None, info: dict | None = None):
     """A faiss inner-product index over rows of `xb` (float32, L2-normalised).
 
     `ivf` with `ivf_codes="sq8"` scans 8-bit codes (a quarter of the bytes of float32 lists, so ~1.7x
     faster scans on CPU, measured in benchmarks/RESULTS-dedup.md) and re-ranks the k candidates of each
     query with the float32 vectors (faiss IndexRefineFlat, k_factor 1): every similarity returned is
     exact, so the λ tests downstream never see quantisation error; only recall is approximate.
+    `ivf` with `nprobe=0` picks nprobe from the data (`calibrate_nprobe`: the λ-edges of a seeded
+    sample of queries, `lambda_` required; `xq` = the queries, None = a self-join of `xb`); `auto` above
+    AUTO_FLAT_MAX rows calibrates too and falls back to exact search when nprobe would exceed
+    AUTO_IVF_MAX_PROBE of the lists. `info`, if given, receives the IVF settings used and the
+    calibration's estimates.
     """
     faiss = _faiss()
     n, d = xb.shape
@@ -152,7 +169,25 @@ def build_index(xb: np.ndarray, index: str = "flat", nlist: int = 0, nprobe: int
         n_train = min(n, IVF_TRAIN_PER_LIST * nl)
         sample = np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False)) if n_train < n else None
         base.train(xb if sample is None else xb[sample])
-        base.nprobe = min(nprobe, nl)
+        stats = {"index": "ivf", "nlist": nl}
+        calibrated = nprobe == 0
+        if calibrated:
+            if lambda_ is None:
+                raise ValueError("ivf with nprobe 0 (calibrated) needs lambda_")
+            centroids = quantizer.reconstruct_n(0, nl)
+            nprobe, cal = calibrate_nprobe(xb, centroids, lambda_, target_recall, calib_queries, seed, xq=xq)
+            stats.update(cal)
+        nprobe = min(nprobe, nl, GPU_MAX_NPROBE) if gpu else min(nprobe, nl)
+        stats["nprobe"] = nprobe
+        if index == "auto" and calibrated and nprobe > AUTO_IVF_MAX_PROBE * nl:
+            # no cluster structure to exploit (random-like data): the scan would cost about as much as
+            # exact search (benchmarks/RESULTS-dedup.md)
+            kind = "flat"
+            stats["index"], stats["ivf_nprobe"] = "flat", stats.pop("nprobe")
+        if info is not None:
+            info.update(stats)
+    if kind == "ivf":
+        base.nprobe = nprobe
         if gpu:
             base = _to_gpu(faiss, base)
         if ivf_codes == "sq8":
@@ -171,6 +206,78 @@ def build_index(xb: np.ndarray, index: str = "flat", nlist: int = 0, nprobe: int
     return idx
 
 
+def probe_ranks(xb: np.ndarray, centroids: np.ndarray, lambda_: float, q: np.ndarray,
+                xq: np.ndarray | None = None, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Exact λ-edges of the queries `q` and the nprobe each edge needs to be found: (cos, need), per edge.
+
+    `q`: row ids into `xq` (into `xb` for a self-join, `xq=None`). An edge is a database row j with
+    cos(query, j) > λ (float32, strictly; j ≠ the query itself in a self-join), from an exact faiss range
+    search of the queries against every row of `xb` (|q| × n × d). A query scanning its `nprobe` nearest
+    centroids finds j when j's list is among them: need = 1 + (centroids closer to the query than j's).
+    In a self-join the graph is symmetric, so the edge is also found when j's scan reaches the query's
+    list: need = the smaller of the two.
+    """
+    faiss = _faiss()
+    self_join = xq is None
+    xs = xb[q] if self_join else xq[q]
+    flat = faiss.IndexFlatIP(xb.shape[1])
+    flat.add(xb)
+    lims, sims, ids = flat.range_search(xs, float(lambda_))
+    src = np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64)))
+    keep = sims > np.float32(lambda_)
+    if self_join:
+        keep &= ids != q[src]
+    src, sims, ids = src[keep], sims[keep], ids[keep]
+    need = np.empty(len(ids), np.int64)
+    cq = xs @ centroids.T                                      # (|q|, nlist)
+    list_q = cq.argmax(1)
+    for s in range(0, len(ids), chunk):
+        e = slice(s, s + chunk)
+        cb = xb[ids[e]] @ centroids.T                          # (E, nlist) cos of each neighbour j
+        list_j = cb.argmax(1)
+        at = cq[src[e], list_j]                                # query's cos to j's centroid
+        need[e] = (cq[src[e]] > at[:, None]).sum(1) + 1
+        if self_join:
+            back = (cb > cb[np.arange(len(list_j)), list_q[src[e]]][:, None]).sum(1) + 1
+            need[e] = np.minimum(need[e], back)
+    return sims, need
+
+
+def calibrate_nprobe(xb: np.ndarray, centroids: np.ndarray, lambda_: float, target: float,
+                     n_queries: int, seed: int = 0, xq: np.ndarray | None = None,
+                     margin: float = CALIB_MARGIN) -> tuple[int, dict]:
+    """nprobe for λ-edge recall ≥ `target` in every band (λ, λ+0.05], (λ+0.05, λ+0.1], … of cosine.
+
+    Samples `n_queries` queries (seeded), finds their exact λ-edges (`probe_ranks`), takes in each band
+    with ≥ CALIB_MIN_EDGES edges the `target` quantile of the nprobe the edges need (all edges pooled
+    when no band has that many), and returns ceil(margin × the largest), ≥ 1, with its estimates:
+    calib_edges (sampled λ-edges), est_recall (fraction of them found at that nprobe) and
+    est_recall_near (the same in the band just above λ; None without edges there).
+    """
+    nq = len(xb) if xq is None else len(xq)
+    s = min(n_queries, nq)
+    q = np.sort(np.random.default_rng(seed).choice(nq, s, replace=False)) if s < nq else np.arange(nq)
+    sims, need = probe_ranks(xb, centroids, lambda_, q, xq)
+    if len(need) == 0:
+        p = 1
+    else:
+        band = np.floor((sims.astype(np.float64) - lambda_) / CALIB_BAND).astype(np.int64)
+        counts = np.bincount(band)
+        full = np.flatnonzero(counts >= CALIB_MIN_EDGES)
+        pools = [need[band == b] for b in full] if len(full) else [need]
+        p = max(int(np.quantile(v, target, method="higher")) for v in pools)
+        p = max(1, int(np.ceil(margin * p)))
+    near = need[sims <= lambda_ + CALIB_BAND]
+    stats = {"calib_queries": int(s), "calib_edges": int(len(need)),
+             "est_recall": round(float((need <= p).mean()), 4) if len(need) else None,
+             "calib_edges_near": int(len(near)),
+             "est_recall_near": round(float((near <= p).mean()), 4) if len(near) else None}
+    log.info("ivf: nprobe %d of %d lists from %d λ-edges of %d sampled queries (est. recall %s, %s in "
+             "(λ, λ+%.2f])", p, len(centroids), stats["calib_edges"], s, stats["est_recall"],
+             stats["est_recall_near"], CALIB_BAND)
+    return p, stats
+
+
 def _to_gpu(faiss, idx):
     res = faiss.StandardGpuResources()
     idx = faiss.index_cpu_to_gpu(res, 0, idx)
@@ -181,17 +288,18 @@ def _to_gpu(faiss, idx):
 
 
 def knn_search(xb: np.ndarray, xq: np.ndarray, k: int, chunk: int = 16_384, progress: bool = False,
-               **index_kw) -> tuple[np.ndarray, np.ndarray]:
+               self_join: bool = False, **index_kw) -> tuple[np.ndarray, np.ndarray]:
     """Top-k inner products of each row of `xq` among rows of `xb`: (sims, ids), each (Nq, k').
 
     k' = min(k, len(xb)); missing results (approximate indexes) have id -1 and sim -inf.
+    `self_join`: `xq` is `xb` (a calibrated IVF then counts an edge found from either end).
     """
     xb = check_descriptors(xb, "database")
     xq = check_descriptors(xq, "queries", dim=xb.shape[1] if len(xb) else None)
     k = min(k, len(xb))
     if k == 0 or len(xq) == 0:
         return np.zeros((len(xq), k), np.float32), np.full((len(xq), k), -1, np.int64)
-    idx = build_index(xb, **index_kw)
+    idx = build_index(xb, xq=None if self_join else xq, **index_kw)
     sims = np.empty((len(xq), k), np.float32)
     ids = np.empty((len(xq), k), np.int64)
     starts = range(0, len(xq), chunk)
@@ -216,7 +324,7 @@ def knn_self(x: np.ndarray, k: int, **kw) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, max(n - 1, 0))
     if k == 0:
         return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
-    sims, ids = knn_search(x, x, k + 1, **kw)
+    sims, ids = knn_search(x, x, k + 1, self_join=True, **kw)
     self_hit = ids == np.arange(n)[:, None]
     # rows where self was not returned drop their last (worst) result instead
     drop = self_hit.copy()
@@ -332,7 +440,7 @@ def dedup(keys: Sequence[str], x: np.ndarray, lambda_dup: float, k_dup: int = 64
         raise ValueError(f"{len(keys)} keys for {len(x)} descriptors")
     if len(x) == 0:
         return empty_manifest()
-    sims, ids = knn_self(x, k_dup, progress=progress, seed=seed, **index_kw)
+    sims, ids = knn_self(x, k_dup, progress=progress, seed=seed, lambda_=lambda_dup, **index_kw)
     return dedup_from_knn(keys, sims, ids, lambda_dup, seed)
 
 

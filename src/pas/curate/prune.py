@@ -42,6 +42,31 @@ log = logging.getLogger(__name__)
 METRICS = ("ood_b", "ood_bprime", "ood_blur_delta")
 STOPS = ("knee", "target_size", "max_fronts")
 
+# The one sample schema of the final dataset: every sample's JSON has exactly these keys (sorted on
+# disk), null (or []) where its source has no value, so readers that infer a schema from the first
+# rows (Hugging Face `datasets`, pandas) see the same fields for real and synthetic images.
+# name -> Hugging Face feature type (`pas.curate.card` declares them in the dataset card).
+SAMPLE_FIELDS: dict[str, str | list] = {
+    "key": "string",
+    "source": "string",            # real | synthetic
+    "concepts": ["string"],        # real: every concept that retrieved it; synthetic: its concept
+    "similarities": ["float64"],   # real: CLIP similarity per concept; synthetic: []
+    "caption": "string",           # real: the source's alt text; synthetic: the L4 caption
+    "url": "string",               # real images from a URL source
+    "pool_key": "string",          # real images from a local pool: its key in data/pool
+    "path": "string",              # real images from a local pool: the file's path in the pool
+    "license": "string",           # where the source states one
+    "seed": "int64",               # synthetic: the diffusion seed
+    "caption_idx": "int64",        # synthetic: which of the concept's captions
+    "image_idx": "int64",          # synthetic: which image of that caption
+    "fallback_caption": "bool",    # synthetic: the caption is the template (L4 gave none)
+    "ood_b": "float64",
+    "ood_bprime": "float64",
+    "ood_blur_delta": "float64",
+    "text_boxes": "int64",
+    "pareto_front": "int64",
+}
+
 
 @dataclass(frozen=True)
 class PruneParams:
@@ -59,6 +84,8 @@ class PruneParams:
     sample_fronts: tuple[int, ...] = (1, 10, 100)  # "Pareto n" rows of the sample grid (1 = removed first)
     sample_per_front: int = 8           # images per row of the sample grid
     seed: int = 0                       # top-level seed: which images the sample grid shows
+    takedown: str | None = None         # file of keys / URLs left out of the dataset (read_takedown)
+    license: str = "other"              # the dataset card's licence (a Hugging Face licence id)
 
     def __post_init__(self) -> None:
         check_choice("stop", self.stop, STOPS)
@@ -74,6 +101,8 @@ class PruneParams:
         if self.knee_bins != 0:
             check_range("knee_bins", self.knee_bins, 3, None, lo_open=False)
         check_choice("knee_interp", self.knee_interp, ("interp1d", "polynomial"))
+        if not isinstance(self.license, str) or not self.license.strip():
+            raise ParamsError(f"license={self.license!r}: expected a licence id such as cc0-1.0 or other")
         check_range("knee_poly_degree", self.knee_poly_degree, 1, 20, lo_open=False, hi_open=False)
         check_range("knee_sensitivity", self.knee_sensitivity, 0.0, None)
         check_range("shard_maxcount", self.shard_maxcount, 1, 10_000, lo_open=False, hi_open=False)
@@ -195,6 +224,27 @@ def _concepts(meta: dict) -> list[str]:
     return [str(meta["concept"])] if meta.get("concept") else []
 
 
+# provenance columns of data/dataset/index.parquet (the scores and the front follow)
+INDEX_FIELDS = ("key", "source", "concepts", "caption", "url", "pool_key", "path", "license")
+
+
+def dataset_sample(meta: dict, scores: dict, front: int) -> dict:
+    """A sample's JSON in the final dataset: `SAMPLE_FIELDS` exactly (null / [] where absent)."""
+    full = {**meta, **scores, "pareto_front": front, "concepts": _concepts(meta),
+            "similarities": [float(x) for x in meta.get("similarities") or []]}
+    return {f: full.get(f, [] if isinstance(t, list) else None) for f, t in SAMPLE_FIELDS.items()}
+
+
+def read_takedown(path: str | Path | None) -> frozenset[str]:
+    """Keys or URLs to exclude from the dataset, one per line (`#` comments, blank lines ignored)."""
+    if path is None:
+        return frozenset()
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such takedown list (prune.takedown)")
+    return frozenset(ln.split("#", 1)[0].strip() for ln in p.read_text().splitlines()) - {""}
+
+
 @dataclass
 class ExportReport:
     index: pd.DataFrame                      # one row per kept image, sorted by key
@@ -203,18 +253,21 @@ class ExportReport:
     sources_kept: Counter                    # kept samples, by source
     thumbs: dict                             # key -> image bytes of the requested sample keys
     n_runs: int
+    n_takedown: int = 0                      # kept images not written: their key or URL is on the takedown list
 
 
 def export_dataset(image_dirs: Sequence[str | Path], result_table: pd.DataFrame, out_dir: str | Path,
                    *, maxcount: int = 10_000, buffer_bytes: int = 1 << 30,
                    sample_keys: Iterable[str] = (), extra_cols: Sequence[str] = ("text_boxes",),
-                   progress: bool = True) -> ExportReport:
+                   takedown: Iterable[str] = (), progress: bool = True) -> ExportReport:
     """Write the kept images of `result_table` (key, scores, front, removed) to `out_dir` shards.
 
     Images are streamed once from `image_dirs` (`pas.io.shards.iter_samples`); kept samples are
     buffered up to `buffer_bytes`, each full buffer spilled as one key-sorted run, and the runs merged
     by key into `out_dir` (≤ `maxcount` per shard), so memory stays bounded at any dataset size.
-    Each sample's JSON = its original metadata + the three scores (+ `extra_cols`) + `pareto_front`.
+    Each sample's JSON follows `SAMPLE_FIELDS` (`dataset_sample`): its provenance from retrieve /
+    generate, the three scores (+ `extra_cols`) and `pareto_front`. Kept images whose key or URL is
+    in `takedown` are left out (`ExportReport.n_takedown`).
     `out_dir` is replaced only after everything is written. Raises ValueError if a scored key is not
     in the image dirs or a key appears twice.
     """
@@ -237,6 +290,7 @@ def export_dataset(image_dirs: Sequence[str | Path], result_table: pd.DataFrame,
     want_thumbs = set(sample_keys)
     found: set[str] = set()
     rep = ExportReport(pd.DataFrame(), Counter(), Counter(), Counter(), {}, 0)
+    takedown = frozenset(takedown)
 
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -265,7 +319,9 @@ def export_dataset(image_dirs: Sequence[str | Path], result_table: pd.DataFrame,
             rep.sources_scored[src] += 1
             if s.key in want_thumbs:
                 rep.thumbs[s.key] = s.image
-            if not info[s.key][2]:
+            if not info[s.key][2] and (s.key in takedown or s.meta.get("url") in takedown):
+                rep.n_takedown += 1
+            elif not info[s.key][2]:
                 buf.append(s)
                 size += len(s.image)
                 if size >= buffer_bytes:
@@ -282,18 +338,17 @@ def export_dataset(image_dirs: Sequence[str | Path], result_table: pd.DataFrame,
         stage = work / "out"
         rows = []
         with ShardWriter(stage, prefix="shard", maxcount=maxcount) as w:
-            for s in tqdm(stream, desc="prune: write dataset", unit="img", total=n_keep,
+            for s in tqdm(stream, desc="prune: write dataset", unit="img", total=n_keep - rep.n_takedown,
                           disable=not progress):
                 scores, front, _ = info[s.key]
-                shard = w.write(s.key, s.image, {**s.meta, **scores, "pareto_front": front}, ext=s.ext)
-                src = str(s.meta.get("source", "unknown"))
-                rep.sources_kept[src] += 1
-                rows.append({"key": s.key, "shard": shard, "source": src,
-                             "concepts": _concepts(s.meta), "caption": s.meta.get("caption"),
-                             **scores, "front": front})
-        index = pd.DataFrame(rows, columns=["key", "shard", "source", "concepts", "caption", *cols,
-                                            "front"])
-        index["caption"] = index["caption"].astype(object)
+                meta = dataset_sample(s.meta, scores, front)
+                shard = w.write(s.key, s.image, meta, ext=s.ext)
+                rep.sources_kept[str(meta["source"])] += 1
+                rows.append({"shard": shard, **{k: meta[k] for k in INDEX_FIELDS}, **scores,
+                             "front": front})
+        index = pd.DataFrame(rows, columns=["key", "shard", *INDEX_FIELDS[1:], *cols, "front"])
+        for c in ("caption", "url", "pool_key", "path", "license"):
+            index[c] = index[c].astype(object)
         from pas.io.shards import write_index
 
         write_index(index, stage)

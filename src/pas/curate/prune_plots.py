@@ -1,8 +1,9 @@
-"""PNG figures of the prune stage, drawn with Pillow (matplotlib is not a dependency).
+"""PNG figures of the prune stage.
 
-- `plot_peel`: one panel per metric: mean score per front against images removed (light), the binned
-  curve kneedle saw (dark), its knee (red) and the stop (black dashed).
-- `sample_grid`: rows of images from "Pareto n" fronts (paper Figures 10 and 13).
+- `plot_peel` (matplotlib, `pas.plots`): one panel per metric: mean score per front against images
+  removed, the binned curve kneedle saw when `prune.knee_bins` > 0, its knee and the stop, with a
+  legend, ticks and axis labels.
+- `sample_grid` (Pillow): rows of images from "Pareto n" fronts (paper Figures 10 and 13).
 """
 
 from __future__ import annotations
@@ -13,22 +14,9 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-_W, _H, _PAD = 380, 300, 46       # panel size and margin (px)
-
 
 def _font():
     return ImageFont.load_default()
-
-
-def _dashed_vline(d: ImageDraw.ImageDraw, x: float, y0: float, y1: float, fill, dash: int = 5) -> None:
-    y = y0
-    while y < y1:
-        d.line([(x, y), (x, min(y + dash, y1))], fill=fill, width=2)
-        y += 2 * dash
-
-
-def _fmt(v: float) -> str:
-    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
 def plot_peel(curve_x: np.ndarray, curves: Mapping[str, np.ndarray], binned_x: np.ndarray,
@@ -36,58 +24,38 @@ def plot_peel(curve_x: np.ndarray, curves: Mapping[str, np.ndarray], binned_x: n
               stop_x: float | None, path: str | Path, title: str = "") -> Path:
     """Peel curves with knee markers, one panel per metric in `curves` (same keys in `binned`).
 
-    `knees[m] = (x, y)` or (None, None); `stop_x` draws the stop line (None: none).
+    `knees[m] = (x, y)` or (None, None); `stop_x` draws the stop line (None: none). The binned curve
+    is drawn only where it differs from the per-front one (`knee_bins: 0` makes them equal).
     """
-    names = list(curves)
-    img = Image.new("RGB", (_W * max(len(names), 1), _H + 24), "white")
-    d = ImageDraw.Draw(img)
-    font = _font()
-    if title:
-        d.text((8, 4), title, fill="black", font=font)
-    x_all = np.asarray(curve_x, dtype=float)
-    xmax = float(x_all.max()) if len(x_all) else 1.0
-    for p, m in enumerate(names):
-        ox, oy = p * _W, 24
-        left, top, right, bottom = ox + _PAD, oy + 22, ox + _W - 12, oy + _H - _PAD + 8
-        d.rectangle([left, top, right, bottom], outline="black")
-        ys = [np.asarray(curves[m], dtype=float), np.asarray(binned[m], dtype=float)]
-        yall = np.concatenate([y for y in ys if len(y)]) if any(len(y) for y in ys) else np.zeros(1)
-        ymin, ymax = float(yall.min()), float(yall.max())
-        if ymax == ymin:
-            ymin, ymax = ymin - 0.5, ymax + 0.5
+    from pas.plots import KNEE, STOP, figure, save_png
 
-        def px(x):
-            return left + (right - left) * (x / xmax if xmax else 0.0)
-
-        def py(y):
-            return bottom - (bottom - top) * (y - ymin) / (ymax - ymin)
-
-        for xs, y, colour, w in ((x_all, ys[0], (170, 190, 225), 1),
-                                 (np.asarray(binned_x, float), ys[1], (20, 60, 160), 2)):
-            pts = [(px(a), py(b)) for a, b in zip(xs, y)]
-            if len(pts) > 1:
-                d.line(pts, fill=colour, width=w)
-            elif pts:
-                d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colour)
-        if stop_x is not None and xmax:
-            _dashed_vline(d, px(stop_x), top, bottom, "black")
-        kx, ky = knees.get(m, (None, None))
-        label = f"{m}: no knee"
-        if kx is not None:
-            cx, cy = px(kx), py(ky)
-            d.line([(cx, top), (cx, bottom)], fill=(200, 30, 30), width=1)
-            d.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], outline=(200, 30, 30), width=2)
-            label = f"{m}: knee at {int(kx):,} removed"
-        d.text((left, oy + 6), label, fill="black", font=font)
-        d.text((left, bottom + 4), "0", fill="black", font=font)
-        d.text((right - 40, bottom + 4), _fmt(xmax), fill="black", font=font)
-        d.text((left + 60, bottom + 18), "images removed (cumulative)", fill="black", font=font)
-        d.text((ox + 2, top), _fmt(ymax), fill="black", font=font)
-        d.text((ox + 2, bottom - 10), _fmt(ymin), fill="black", font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG", optimize=False)
-    return path
+    names = list(curves) or ["(no metric)"]
+    x = np.asarray(curve_x, dtype=float)
+    bx = np.asarray(binned_x, dtype=float)
+    with figure(4.2 * len(names), 3.6, 1, len(names), sharex=True) as (fig, axes):
+        axes = np.atleast_1d(axes)
+        for ax, m in zip(axes, names):
+            y = np.asarray(curves.get(m, []), dtype=float)
+            by = np.asarray(binned.get(m, []), dtype=float)
+            same = len(bx) == len(x) and np.array_equal(bx, x) and np.array_equal(by, y)
+            ax.plot(x, y, color="#4c72b0", lw=1.2, marker="o", ms=2.5,
+                    label="mean score per front" + (" (kneedle's curve)" if same else ""))
+            if not same and len(bx):
+                ax.plot(bx, by, color="#1b2f6b", lw=2.0, label="binned (kneedle's curve)")
+            kx, ky = knees.get(m, (None, None))
+            if kx is not None:
+                ax.axvline(kx, color=KNEE, lw=1.0, ls=":")
+                ax.plot([kx], [ky], "o", mfc="none", mec=KNEE, mew=2, ms=9, label=f"knee: {int(kx):,} removed")
+            if stop_x is not None:
+                ax.axvline(stop_x, color=STOP, lw=1.2, ls="--", label=f"stop: {int(stop_x):,} removed")
+            ax.set_title(m if kx is not None or m not in knees else f"{m} (no knee)")
+            ax.set_xlabel("images removed (cumulative, worst fronts first)")
+            ax.set_ylabel("mean score of the front")
+            if len(x) or kx is not None or stop_x is not None:
+                ax.legend(loc="best")
+        if title:
+            fig.suptitle(title)
+        return save_png(fig, path)
 
 
 def _thumb(data: bytes, size: int) -> Image.Image:

@@ -34,10 +34,11 @@ def largest_groups(manifest: pd.DataFrame, n_groups: int = 20, per_group: int = 
     return out
 
 
-def thumbnail_b64(image_bytes: bytes, size: int = 128, quality: int = 80) -> str:
+def thumbnail_b64(image, size: int = 128, quality: int = 80) -> str:
+    """Base64 JPEG of encoded image bytes or a PIL image, longer side at most `size`."""
     from pas.io.shards import decode_image
 
-    img = decode_image(image_bytes)
+    img = decode_image(image) if isinstance(image, (bytes, bytearray)) else image.convert("RGB")
     img.thumbnail((size, size))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality, optimize=False)

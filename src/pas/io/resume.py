@@ -6,6 +6,8 @@ a scratch folder DVC never touches (`data/.cache/<stage>/`, git-ignored), as `ge
 identity): a rerun with the same model, params and input bytes finds it; any change misses it and the
 item is recomputed. Files are written to a temp name and renamed, so a killed run leaves no half file;
 one that cannot be read back all the same (a disk full, a copy cut short) is a miss with a warning.
+A `RecordStore` keeps small JSON records by key the same way, many per file (`captions`: one L4
+answer per request, `pas.llm.cache`).
 """
 
 from __future__ import annotations
@@ -95,3 +97,52 @@ class ChunkCache:
                 p.unlink(missing_ok=True)
                 n += 1
         return n
+
+
+class RecordStore:
+    """JSON records by key (str → JSON value), kept across (killed) runs: `get(key)`, `add({key: record})`
+    (one new file per call, written atomically and named by its content, so a killed run loses at most
+    the call in flight), `compact()` (one file of the records this run asked for, the others deleted)."""
+
+    PATTERN = "records-*.json"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.records: dict[str, Any] = {}
+        self.used: set[str] = set()
+        for p in sorted(self.root.glob(self.PATTERN)):
+            data = read_json(p)
+            if isinstance(data, dict):
+                self.records.update(data)
+            elif data is not None:
+                log.warning("ignoring resume file %s: not a JSON object", p)
+
+    def get(self, key: str) -> Any | None:
+        self.used.add(key)
+        return self.records.get(key)
+
+    def _write(self, records: dict[str, Any]) -> Path:
+        blob = json.dumps(records, sort_keys=True, ensure_ascii=False)
+        path = self.root / f"records-{hashlib.sha256(blob.encode('utf-8', 'surrogatepass')).hexdigest()[:20]}.json"
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, blob.encode("utf-8", "surrogatepass"))
+        return path
+
+    def add(self, records: dict[str, Any]) -> None:
+        if not records:
+            return
+        self.used.update(records)
+        self.records.update(records)
+        self._write(records)
+
+    def compact(self) -> int:
+        """Keep only the records asked for or added since this store was opened; returns how many
+        were dropped."""
+        keep = {k: self.records[k] for k in sorted(self.used) if k in self.records}
+        old = set(self.root.glob(self.PATTERN))
+        new = self._write(keep) if keep else None
+        for p in old - {new}:
+            p.unlink(missing_ok=True)
+        dropped = len(self.records) - len(keep)
+        self.records = keep
+        return dropped

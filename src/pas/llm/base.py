@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import math
 import re
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from pas.params import ParamsError, build, check_choice, check_range
 
@@ -64,6 +66,9 @@ class LLMSpec:
                                       # shared, loaded CPU 1 thread ran SmolLM2 10x faster than 2 (measured)
     dtype: str = "float32"            # transformers/vllm: float32 | float16 | bfloat16 | auto
     max_model_len: int | None = None  # vllm: context length cap
+    max_context_tokens: int | None = None  # the context prompts are budgeted against (L2's history);
+                                      # None = the model's: vllm max_model_len, else the folder's
+                                      # config.json; openai: the server's /models max_model_len
     quantization: str | None = None   # vllm: e.g. awq, gptq, fp8 (None = what the model folder says)
     gpu_memory_utilization: float = 0.9  # vllm
     tensor_parallel_size: int = 1     # vllm
@@ -85,6 +90,9 @@ class LLMSpec:
         check_choice("dtype", self.dtype, ("float32", "float16", "bfloat16", "auto"))
         check_range("gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, hi_open=False)
         check_range("tensor_parallel_size", self.tensor_parallel_size, 1, None, lo_open=False)
+        for name in ("max_model_len", "max_context_tokens"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), 1, None, lo_open=False)
         if self.backend == "openai" and not self.base_url:
             raise ParamsError("base_url: required for backend openai")
 
@@ -294,10 +302,43 @@ class EngineSlot:
         free_memory()
 
 
+# Token counts where no tokenizer is at hand (openai): an over-estimate, so a budgeted prompt fits.
+# BPE tokenizers average 3-4 UTF-8 bytes per token on English; SmolLM2's measured 3.0 on the smoke
+# run's L1 answers (numbered dish names), 2.6 on the densest one (benchmarks/RESULTS-token-estimate.md).
+ESTIMATE_BYTES_PER_TOKEN = 2
+ESTIMATE_TOKENS_PER_MESSAGE = 8     # role markers around each turn
+ESTIMATE_TOKENS_PER_CHAT = 64       # generation prompt + a template's default system prompt (SmolLM2: 20)
+# config.json keys vLLM reads the context length from (it takes the smallest present)
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
+                "max_seq_length", "seq_len")
+
+
+def estimate_tokens(messages: Sequence[Message]) -> int:
+    """A conservative token count of a chat prompt (see ESTIMATE_* above)."""
+    return ESTIMATE_TOKENS_PER_CHAT + sum(
+        ESTIMATE_TOKENS_PER_MESSAGE + -(-len(m["content"].encode("utf-8", "surrogatepass")) // ESTIMATE_BYTES_PER_TOKEN)
+        for m in messages)
+
+
+def config_context_length(model_dir: str | Path) -> int | None:
+    """The context length a model folder's config.json declares (vLLM's keys, the smallest; a nested
+    `text_config` counts too), or None without one."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    found = [v for c in (cfg, cfg.get("text_config")) if isinstance(c, dict)
+             for k, v in c.items() if k in CONTEXT_KEYS and isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(found) if found else None
+
+
 class ChatBackend(ABC):
     """A language model behind the two calls every stage uses."""
 
     where = "llm"  # the params key it was built from (llm.l1, ...), for error messages
+    stream_waves = 4  # chat_stream's default piece: this many batch_size waves of requests
 
     def __init__(self, spec: LLMSpec):
         self.spec = spec
@@ -305,6 +346,29 @@ class ChatBackend(ABC):
     @abstractmethod
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         """One answer per request, in request order."""
+
+    def chat_stream(self, requests: Sequence[ChatRequest]) -> Iterator[tuple[list[int], list[ChatResult]]]:
+        """The answers of `chat(requests)` piece by piece as they are done: (request indices, their
+        results), each request in exactly one piece, so a caller can save progress. Default: pieces of
+        `stream_waves * batch_size` requests through `chat` (answers do not depend on batch mates)."""
+        step = max(1, self.stream_waves * self.spec.batch_size)
+        for k in range(0, len(requests), step):
+            idx = list(range(k, min(k + step, len(requests))))
+            yield idx, self.chat([requests[i] for i in idx])
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        """Prompt tokens of a chat as the model sees it (chat template + generation prompt). Backends
+        with a tokenizer count exactly; the default is :func:`estimate_tokens`."""
+        return estimate_tokens(messages)
+
+    def context_length(self) -> int | None:
+        """Tokens a prompt and its answer may take together: `max_context_tokens` when set, else the
+        model's own (None: unknown, nothing is budgeted)."""
+        return self.spec.max_context_tokens or self.model_context_length()
+
+    def model_context_length(self) -> int | None:
+        """The model's context length as its backend knows it."""
+        return None
 
     def yes_no(self, requests: Sequence[ChatRequest]) -> list[YesNo]:
         """P(yes) per request. Default: read the sampled answer (backends with log-probs override)."""

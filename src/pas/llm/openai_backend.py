@@ -12,6 +12,10 @@ flight at once. What a failure does:
 - Anything else (HTTP 400, a body that is not JSON, `choices: []`, content that is not text, a
   refusal) concerns one request: it comes back as a ChatResult with `error` set, for the caller to
   count; a run with no usable answer fails there.
+
+No tokenizer here: `count_tokens` is the conservative estimate of :func:`pas.llm.base.estimate_tokens`;
+the context length is `max_context_tokens`, else the `max_model_len` that `vllm serve` reports for the
+model in GET {base_url}/models (plain OpenAI servers report none: nothing is budgeted then).
 """
 
 from __future__ import annotations
@@ -168,6 +172,26 @@ class OpenAIBackend(ChatBackend):
         self.url = spec.base_url.rstrip("/") + "/chat/completions"
         self._active: set[_Deadline] = set()  # attempts in flight, cut short when the batch aborts
         self._lock = threading.Lock()
+
+    def model_context_length(self) -> int | None:
+        """`max_model_len` of this model in GET {base_url}/models (vLLM's ModelCard), once; None when
+        the server does not say (or cannot be asked: the chat calls report that)."""
+        if not hasattr(self, "_context"):
+            self._context = None
+            try:
+                import requests
+
+                r = requests.get(self.spec.base_url.rstrip("/") + "/models", headers=self._headers(),
+                                 timeout=min(self.spec.timeout, 30.0))
+                cards = r.json().get("data") if r.status_code == 200 else None
+                for card in cards if isinstance(cards, list) else []:
+                    n = card.get("max_model_len") if isinstance(card, dict) else None
+                    if card.get("id") == self.spec.model and isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                        self._context = n
+            except (requests.RequestException, ValueError, AttributeError) as e:
+                log.warning("%s: cannot read the context length from %s/models (%s); set max_context_tokens",
+                            self.where, self.spec.base_url, e)
+        return self._context
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}

@@ -7,6 +7,12 @@ per-request `SamplingParams` (built by the same `sampling_kwargs`, so each reque
 yes/no from the first token's top log-probs; a request vLLM fails on comes back with `error` set
 (`should_continue_on_error`) instead of failing the batch.
 
+Prompts go to the engine as token ids (`chat_token_ids`, in the preprocess step): Ray's own chat
+template + tokenize stages are off, because its tokenize stage encodes the rendered template *with*
+special tokens, a second BOS for Llama-2 / Mixtral. Ray (≥ 2.60) hands a failed row back without
+running the postprocess, and a block that mixes both kinds of rows has every column of either, the
+missing ones None: a row is read as failed by its `__inference_error__` alone.
+
 Each `chat` / `yes_no` call is one Ray Data job and starts its engine actors afresh: right for the one
 big batch of L4 captions, a model load per round for the iterative concept discovery (L1–L3). With a
 handful of rounds and minutes-long batches that is the price of a stateless batch engine; a long-lived
@@ -16,10 +22,19 @@ handful of rounds and minutes-long batches that is the price of a stateless batc
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from pas.llm.base import ChatBackend, ChatRequest, ChatResult, LLMSpec, YesNo, error_verdict, yes_no_verdict
-from pas.llm.vllm_backend import engine_kwargs, sampling_kwargs
+from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, LLMSpec, Message, YesNo, error_verdict,
+                          yes_no_verdict)
+from pas.llm.vllm_backend import chat_token_ids, context_length, engine_kwargs, sampling_kwargs
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer(model: str) -> Any:
+    """The model folder's tokenizer, once per process (the driver, each Ray worker)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
 
 
 def replicas(spec: LLMSpec, actors: int, resources: dict) -> int:
@@ -34,13 +49,14 @@ def processor_config_kwargs(spec: LLMSpec, concurrency: int) -> dict[str, Any]:
     """Arguments of `ray.data.llm.vLLMEngineProcessorConfig` for a spec (pure; unit-tested)."""
     ek = engine_kwargs(spec)
     return {"model_source": ek.pop("model"), "engine_kwargs": ek, "batch_size": spec.batch_size,
-            "concurrency": concurrency, "should_continue_on_error": True}
+            "concurrency": concurrency, "should_continue_on_error": True,
+            "chat_template_stage": False, "tokenize_stage": False}   # the preprocess gives token ids
 
 
 def _preprocess(row: dict, spec: LLMSpec, yes_no: bool) -> dict:
-    req = ChatRequest(messages=tuple(row["messages"]), seed=int(row["seed"]),
+    req = ChatRequest(messages=tuple(dict(m) for m in row["messages"]), seed=int(row["seed"]),
                       max_new_tokens=int(row["max_new_tokens"]) or None)
-    return {"i": row["i"], "messages": [dict(m) for m in req.messages],
+    return {"i": row["i"], "tokenized_prompt": chat_token_ids(tokenizer(spec.model), req.messages),
             "sampling_params": sampling_kwargs(spec, req, yes_no)}
 
 
@@ -75,10 +91,11 @@ def _postprocess(row: dict, yes_no: bool) -> dict:
 def _result_row(o: dict) -> dict:
     """An output row in `_postprocess`'s shape. With should_continue_on_error, Ray (≥ 2.60) hands a
     failed row back without running postprocess: the processor's own columns plus a non-empty
-    `__inference_error__`, and none of ours."""
-    if "has_logprobs" in o:
+    `__inference_error__`; in a block with successful rows ours are there too, as None."""
+    err = str(o.get("__inference_error__") or "")
+    if not err and o.get("has_logprobs") is not None:
         return o
-    err = str(o.get("__inference_error__") or "") or f"ray.data.llm row without output: {sorted(o)[:8]}"
+    err = err or f"ray.data.llm row without output: {sorted(k for k, v in o.items() if v is not None)[:8]}"
     return {"i": int(o["i"]), "text": "", "n_tokens": 0, "logprobs": [], "has_logprobs": False, "error": err}
 
 
@@ -89,7 +106,9 @@ class RayVLLMBackend(ChatBackend):
 
         self.engine = EngineConfig.from_env() if engine is None else engine
 
-    def _run(self, requests: Sequence[ChatRequest], yes_no: bool) -> list[dict]:
+    def _rows(self, requests: Sequence[ChatRequest], yes_no: bool) -> Iterator[dict]:
+        """Output rows (`_postprocess`'s shape) in the order Ray finishes them; checks that every
+        request came back."""
         import ray
         from ray.data import llm as ray_llm
 
@@ -103,24 +122,50 @@ class RayVLLMBackend(ChatBackend):
             postprocess=functools.partial(_postprocess, yes_no=yes_no))
         rows = [{"i": i, "messages": [dict(m) for m in r.messages], "seed": int(r.seed),
                  "max_new_tokens": int(r.max_new_tokens or 0)} for i, r in enumerate(requests)]
-        out = processor(ray.data.from_items(rows)).take_all()
-        by_i = {int(o["i"]): _result_row(o) for o in out}
-        missing = [i for i in range(len(rows)) if i not in by_i]
+        seen: set[int] = set()
+        for o in processor(ray.data.from_items(rows)).iter_rows():
+            row = _result_row(o)
+            seen.add(int(row["i"]))
+            yield row
+        missing = [i for i in range(len(rows)) if i not in seen]
         if missing:
             raise RuntimeError(f"ray.data.llm returned no row for requests {missing[:5]}")
-        return [by_i[i] for i in range(len(rows))]
+
+    def _run(self, requests: Sequence[ChatRequest], yes_no: bool) -> list[dict]:
+        by_i = {int(o["i"]): o for o in self._rows(requests, yes_no)}
+        return [by_i[i] for i in range(len(requests))]
+
+    @staticmethod
+    def _chat_result(o: dict) -> ChatResult:
+        if o["error"]:
+            return ChatResult(text="", error=o["error"])
+        lps = [(str(t), float(lp)) for t, lp in o["logprobs"]] if o["has_logprobs"] else None
+        return ChatResult(text=o["text"], logprobs=lps, n_tokens=int(o["n_tokens"]))
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         if not requests:
             return []
-        results = []
-        for o in self._run(requests, yes_no=False):
-            if o["error"]:
-                results.append(ChatResult(text="", error=o["error"]))
-                continue
-            lps = [(str(t), float(lp)) for t, lp in o["logprobs"]] if o["has_logprobs"] else None
-            results.append(ChatResult(text=o["text"], logprobs=lps, n_tokens=int(o["n_tokens"])))
-        return results
+        return [self._chat_result(o) for o in self._run(requests, yes_no=False)]
+
+    def chat_stream(self, requests: Sequence[ChatRequest]) -> Iterator[tuple[list[int], list[ChatResult]]]:
+        """One Ray Data job (one engine start) for all requests; pieces of `stream_waves * batch_size`
+        rows as Ray streams them out."""
+        if not requests:
+            return
+        step, piece = max(1, self.stream_waves * self.spec.batch_size), []
+        for o in self._rows(requests, yes_no=False):
+            piece.append(o)
+            if len(piece) >= step:
+                yield [int(o["i"]) for o in piece], [self._chat_result(o) for o in piece]
+                piece = []
+        if piece:
+            yield [int(o["i"]) for o in piece], [self._chat_result(o) for o in piece]
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        return len(chat_token_ids(tokenizer(self.spec.model), messages))
+
+    def model_context_length(self) -> int | None:
+        return context_length(self.spec)
 
     def yes_no(self, requests: Sequence[ChatRequest]) -> list[YesNo]:
         if not requests:

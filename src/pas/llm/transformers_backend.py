@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from pas.llm.base import ChatBackend, ChatRequest, ChatResult, EngineSlot, YesNo, yes_no_verdict
+from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, EngineSlot, Message, YesNo, config_context_length,
+                          yes_no_verdict)
 
 log = logging.getLogger(__name__)
 
@@ -122,16 +123,29 @@ class TransformersBackend(ChatBackend):
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         return input_ids.to(self.spec.device), mask.to(self.spec.device)
 
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        return len(self._tok(self.render(ChatRequest(tuple(messages))), add_special_tokens=False)["input_ids"])
+
+    def model_context_length(self) -> int | None:
+        return config_context_length(self.spec.model)
+
     # -- chat ----------------------------------------------------------------------------------
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
+        results: list[ChatResult | None] = [None] * len(requests)
+        for idx, res in self.chat_stream(requests):
+            for i, r in zip(idx, res):
+                results[i] = r
+        return results  # type: ignore[return-value]
+
+    def chat_stream(self, requests: Sequence[ChatRequest]) -> Iterator[tuple[list[int], list[ChatResult]]]:
+        """One piece per forward batch: the batches `chat` runs, so streaming changes no answer."""
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
         if not requests:
-            return []
+            return
         self._load()
         ids, batches = self._batches(requests)
-        results: list[ChatResult | None] = [None] * len(requests)
         for batch in batches:
             limits = [requests[i].max_new_tokens or self.spec.max_new_tokens for i in batch]
             input_ids, mask = self._pad([ids[i] for i in batch])
@@ -150,6 +164,7 @@ class TransformersBackend(ChatBackend):
                 out = self._model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg,
                                            logits_processor=procs)
             new = out[:, input_ids.shape[1]:].tolist()
+            results = []
             for row, i in enumerate(batch):
                 toks = new[row][:limits[row]]
                 finish = "length"
@@ -160,9 +175,9 @@ class TransformersBackend(ChatBackend):
                 lps = None
                 if sampler is not None:
                     lps = [(self._tok.decode([t]), lp) for t, lp in zip(toks, sampler.logprobs[row])]
-                results[i] = ChatResult(text=self._tok.decode(toks, skip_special_tokens=True).strip(),
-                                        logprobs=lps, finish_reason=finish, n_tokens=len(toks))
-        return results  # type: ignore[return-value]
+                results.append(ChatResult(text=self._tok.decode(toks, skip_special_tokens=True).strip(),
+                                          logprobs=lps, finish_reason=finish, n_tokens=len(toks)))
+            yield list(batch), results
 
     # -- yes/no --------------------------------------------------------------------------------
     def yes_no(self, requests: Sequence[ChatRequest], top_k: int = 20) -> list[YesNo]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from pas.llm.base import ChatBackend, ChatRequest, ChatResult, EngineSlot, LLMSpec, YesNo, yes_no_verdict
+from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, EngineSlot, LLMSpec, Message, YesNo,
+                          config_context_length, yes_no_verdict)
 
 YES_NO_TOP_LOGPROBS = 20
 
@@ -38,6 +39,19 @@ def engine_identity(spec: LLMSpec) -> tuple:
 
 
 ENGINE = EngineSlot()  # the process's vLLM engine
+
+
+def chat_token_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
+    """The prompt token ids of a chat: the chat template rendered as text (it holds the BOS, if the
+    model has one), tokenised *without* adding special tokens again. Both vLLM backends feed these
+    to the engine as a token prompt, so nothing tokenises the string a second time."""
+    text = tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True, tokenize=False)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def context_length(spec: LLMSpec) -> int | None:
+    """The engine's context: `max_model_len` when set, else what vLLM derives from config.json."""
+    return spec.max_model_len or config_context_length(spec.model)
 
 
 def sampling_kwargs(spec: LLMSpec, request: ChatRequest, yes_no: bool = False) -> dict[str, Any]:
@@ -68,9 +82,13 @@ class VLLMBackend(ChatBackend):
     def prompts(self, requests: Sequence[ChatRequest]) -> list[dict]:
         """Token-id prompts (vLLM's TokensPrompt): the chat template's own BOS, no second one."""
         tok = self._load().get_tokenizer()
-        texts = [tok.apply_chat_template(list(r.messages), add_generation_prompt=True, tokenize=False)
-                 for r in requests]
-        return [{"prompt_token_ids": list(tok.encode(t, add_special_tokens=False))} for t in texts]
+        return [{"prompt_token_ids": chat_token_ids(tok, r.messages)} for r in requests]
+
+    def count_tokens(self, messages: Sequence[Message]) -> int:
+        return len(chat_token_ids(self._load().get_tokenizer(), messages))
+
+    def model_context_length(self) -> int | None:
+        return context_length(self.spec)
 
     def _generate(self, requests: Sequence[ChatRequest], yes_no: bool):
         llm = self._load()

@@ -1,0 +1,123 @@
+"""The `pas` command (also `python -m pas`): look at a project before and after `dvc repro`.
+
+  pas check    validate params.yaml, the model specs and the inputs a run reads; one line per problem
+  pas summary  the run's headline figures (metrics/summary.json) as the run printed them
+  pas report   (re)write the run report, one offline HTML page (default data/report/index.html)
+
+Run from the project root (where params.yaml and dvc.yaml are). Exit status: 0 fine, 2 a problem the
+user fixes (params, missing inputs), 1 a pool entry that stops DVC from hashing the pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pas.params import ParamsError, check_evalsets_deps, load, setup_logging
+
+
+def _inputs(params: dict) -> list[str]:
+    """Problems with what a run reads from disk: the pool folder, eval set folders, local model paths."""
+    out = []
+    pool = params.get("pool") or {}
+    retrieve = params.get("retrieve") or {}
+    if retrieve.get("backend", "pool") == "pool" and pool.get("source") is not None:
+        if not Path(str(pool["source"])).is_dir():
+            out.append(f"pool.source={pool['source']!r}: no such folder")
+    ev = params.get("eval") or {}
+    for i, spec in enumerate(ev.get("sets") or []):
+        path = Path(str(spec.get("path")))
+        if ev.get("root") is not None and not path.is_absolute():
+            path = Path(str(ev["root"])) / path
+        if not path.exists():
+            out.append(f"eval.sets[{i}] ({spec.get('name')}): {path}: no such folder")
+    for family, spec in sorted((params.get("models") or {}).items()):
+        if isinstance(spec, dict) and spec.get("kind") == "local" and not Path(str(spec["path"])).exists():
+            out.append(f"models.{family}.path={spec['path']!r}: no such file or folder")
+    return out
+
+
+def check(args: argparse.Namespace) -> int:
+    import yaml
+
+    try:
+        params = load(args.params)
+        if Path(args.dvc_yaml).is_file():
+            check_evalsets_deps(params, yaml.safe_load(Path(args.dvc_yaml).read_text()),
+                                base=Path(args.dvc_yaml).resolve().parent)
+    except (ParamsError, OSError) as e:
+        print(f"params error: {e}", file=sys.stderr)
+        return 2
+    problems = _inputs(params)
+    rc = 2 if problems else 0
+    pool = params.get("pool") or {}
+    if not problems and (params.get("retrieve") or {}).get("backend", "pool") == "pool" \
+            and pool.get("format", "folder") == "folder":
+        from pas.data.pool import DVC_BLOCKERS, PoolParams, check_source
+        from pas.params import build
+
+        bad = check_source(build(PoolParams, params, section="pool"))
+        for b in bad:
+            print(f"pool.source: {b['reason']}: {b['path']} {b['detail']}".rstrip())
+        if any(b["reason"] in DVC_BLOCKERS for b in bad):
+            problems.append(f"pool.source has entries that stop DVC from hashing it ({', '.join(DVC_BLOCKERS)})")
+            rc = 1
+    for p in problems:
+        print(p, file=sys.stderr)
+    if not problems:
+        print(f"{args.params}: ok (params valid, inputs present)")
+    return rc
+
+
+def summary(args: argparse.Namespace) -> int:
+    from pas.io.manifest import read_metrics
+    from pas.summary import summary_text
+
+    path = Path(args.metrics)
+    if not path.is_file():
+        print(f"{path}: no summary yet (run `dvc repro`, or `dvc pull` a finished run)", file=sys.stderr)
+        return 2
+    report = Path(args.report)
+    print(summary_text(read_metrics(path), args.dataset, str(report) if report.is_file() else None))
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    from pas.report import build_report
+
+    try:
+        res = build_report(".", args.out, params=load(args.params))
+    except (ParamsError, ValueError, OSError) as e:
+        print(f"report error: {e}", file=sys.stderr)
+        return 2
+    missing = f" (missing inputs: {', '.join(sorted(res.missing))})" if res.missing else ""
+    print(f"{res.index}: {res.n_images} thumbnails, {len(res.figures)} figures{missing}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pas", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check", help="validate params.yaml, model specs and inputs before a run")
+    c.add_argument("--params", default="params.yaml")
+    c.add_argument("--dvc-yaml", default="dvc.yaml")
+    c.set_defaults(func=check)
+    s = sub.add_parser("summary", help="print the run's headline figures")
+    s.add_argument("--metrics", default="metrics/summary.json")
+    s.add_argument("--dataset", default="data/dataset")
+    s.add_argument("--report", default="data/report/index.html")
+    s.set_defaults(func=summary)
+    r = sub.add_parser("report", help="write the run report (an offline HTML page) from the run's outputs")
+    r.add_argument("--params", default="params.yaml")
+    r.add_argument("--out", default="data/report")
+    r.set_defaults(func=report)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("PAS_LOG_LEVEL", "WARNING")
+    setup_logging()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
