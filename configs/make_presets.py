@@ -50,9 +50,10 @@ common = {
     "concepts": {"max_generation_samples": 1000, "generation_batch": 16, "generation_max_new_tokens": 1024,
                  "expansion_max_new_tokens": 256, "max_expansion_rounds": 100, "max_concepts": 50000,
                  "history_samples": None, "validator": "llm", "validator_threshold": 0.5},
-    # the paper retrieves from LAION-2B through a clip-retrieval kNN service; the pool stage still
-    # indexes a local folder/shards (point pool.source at your own image collection or a LAION subset)
-    "pool": {"source": "/data/pas/pool", "max_side": 512, "index": "ivf", "device": "cuda"},
+    # the paper retrieves from LAION-5B through a clip-retrieval kNN service: no local pool is searched,
+    # the pool stage writes an empty one and pool.source names a placeholder that exists (configs/no-pool);
+    # to search your own images set retrieve.backend: pool and pool.source to their folder
+    "pool": {"source": "configs/no-pool", "max_side": 512, "index": "ivf", "device": "cuda"},
     # paper §3.2: t_c = TE(c), the bare concept; OOD with the plain prompt ensemble (no domain word)
     "retrieve": {"backend": "clip_service", "prompt_template": "{c}",
                  "service": {"url": "http://localhost:1234/knn-service", "indice_name": "laion5B-L-14"}},

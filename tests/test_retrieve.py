@@ -291,3 +291,26 @@ def test_stage_main_with_tiny_clip(tmp_path, monkeypatch):
     meta = json.loads((pool_dir / "pool.json").read_text())
     (pool_dir / "pool.json").write_text(json.dumps({**meta, "clip_fingerprint": "0" * 64}))
     assert stage.main(argv) == 2
+
+
+def test_pool_path_writes_as_it_goes(pool, tmp_path, monkeypatch):
+    """No list of all images: when the 7th pool image is read, the shards of the first four are
+    already complete on disk (maxcount 2; the third shard is still open)."""
+    import tarfile
+
+    import pas.collect.retrieve as R
+
+    pool_dir, _, _ = pool
+    out = tmp_path / "out"
+    real, seen = R._pool_samples, []
+
+    def spy(p, wanted):
+        for i, s in enumerate(real(p, wanted)):
+            if i == 6:
+                seen.append({f.name: len(tarfile.open(f).getnames())
+                             for f in sorted(out.glob("retrieved-*.tar"))[:-1]})
+            yield s
+    monkeypatch.setattr(R, "_pool_samples", spy)
+    retrieve(["x", "y"], out, RetrieveParams(k_retrieve=8, maxcount=2), encoder=FakeEncoder({}),
+             pool_dir=pool_dir, progress=False)
+    assert seen[0] == {"retrieved-000000.tar": 4, "retrieved-000001.tar": 4}     # 2 images + 2 json each

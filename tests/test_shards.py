@@ -288,3 +288,38 @@ def test_write_index_stores_each_shards_sha256(tmp_path):
     assert list(idx["key"]) == sorted(r["key"] for r in w.rows)
     assert list(idx["shard_sha256"]) == [hashlib.sha256((tmp_path / s).read_bytes()).hexdigest() for s in idx["shard"]]
     assert len(list(iter_samples(tmp_path))) == 5
+
+
+def test_indexed_shard_writer_streams_the_index(tmp_path):
+    """Same shards as ShardWriter; index.parquet written shard by shard equals write_index's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import pandas as pd
+
+    from pas.io.manifest import read_parquet
+    from pas.io.shards import IndexedShardWriter, read_samples_by_key, write_index
+
+    img = encode_image(Image.new("RGB", (8, 8), (1, 2, 3)), "png")
+    keys = sorted(make_key("x", i) for i in range(7))
+    schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("i", pa.int64())])
+    with IndexedShardWriter(tmp_path / "a", schema, maxcount=3) as w:
+        for i, k in enumerate(keys):
+            w.write(k, img, {"i": i}, ext="png", row={"i": i})
+    with ShardWriter(tmp_path / "b", maxcount=3) as ref:
+        for i, k in enumerate(keys):
+            ref.write(k, img, {"i": i}, ext="png")
+    for name in ref.shards:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    write_index(pd.DataFrame([{**r, "i": i} for i, r in enumerate(ref.rows)]), tmp_path / "b")
+    pd.testing.assert_frame_equal(read_parquet(tmp_path / "a" / "index.parquet"),
+                                  read_parquet(tmp_path / "b" / "index.parquet"))
+    assert pq.ParquetFile(tmp_path / "a" / "index.parquet").num_row_groups == 3   # one per shard
+    assert len(list(iter_samples(tmp_path / "a"))) == 7                            # passes the sha check
+    got = [s.meta["i"] for s in read_samples_by_key(tmp_path / "a" / ref.shards[0], keys[:3][::-1])]
+    assert got == [2, 1, 0]
+    with pytest.raises(ValueError, match="keys must increase"), \
+            IndexedShardWriter(tmp_path / "c", schema) as w:
+        w.write(keys[1], img, {}, row={"i": 0})
+        w.write(keys[0], img, {}, row={"i": 1})
+    assert not (tmp_path / "c" / "index.parquet").exists()                     # no index for a half set

@@ -265,6 +265,17 @@ def check_evalsets_deps(params: dict, dvc: dict, base: str | Path = ".") -> None
                           "deps in dvc.yaml")
 
 
+def check_pool_source(params: dict, base: str | Path = ".") -> None:
+    """Raise ParamsError when retrieval uses a service and `pool.source` (a DVC dep all the same:
+    deps cannot be conditional) does not exist, naming the placeholder to use instead."""
+    backend = (params.get("retrieve") or {}).get("backend", "pool")
+    src = (params.get("pool") or {}).get("source")
+    if backend == "pool" or src is None or os.path.exists(os.path.join(base, str(src))):
+        return
+    raise ParamsError(f"pool.source={src!r} does not exist: with retrieve.backend {backend} nothing reads it, "
+                      "but dvc.yaml's pool stage depends on it; set pool.source: configs/no-pool (a placeholder)")
+
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 

@@ -1,28 +1,32 @@
-"""Second retrieval backend: a remote kNN service with clip-retrieval's HTTP API.
+"""The kNN service of the `clip_service` backend: clip-retrieval's HTTP API.
 
 The paper (App. D.1.2) queried LAION-5B through clip-retrieval's service "asking for a maximum of 500
 results per query and keeping all the default parameter values". Users who host such an index
 (`clip-retrieval back`) point `retrieve.service.url` at its `/knn-service` endpoint. The request body
-and the defaults mirror clip-retrieval's `ClipClient` (rom1504/clip-retrieval: clip_retrieval/clip_client.py):
+and the defaults are those of clip-retrieval's `ClipClient` (rom1504/clip-retrieval 2.45.0:
+clip_retrieval/clip_client.py):
 
     POST {url}  {"text", "image", "image_url", "embedding_input", "modality", "num_images",
                  "num_result_ids", "indice_name", "deduplicate", "use_safety_model",
                  "use_violence_detector", "aesthetic_score", "aesthetic_weight", "use_mclip"}
     → [{"url", "caption", "similarity", "id"}, ...]
 
-Images are then fetched from the returned URLs (timeouts, retries with backoff, a thread pool),
-checked against decompression bombs before decoding, and re-encoded as RGB JPEG.
-No heavy imports at module level (params validation imports this module).
+We speak the API rather than import `ClipClient`: `import clip_retrieval.clip_client` runs the
+package's `__init__`, which imports its back end (flask, faiss, torch, open_clip, h5py, autofaiss...),
+and clip-retrieval pins numpy<2 and pyarrow<16; ClipClient itself has no retries and a 3600 s timeout.
+Queries run concurrently (`query_all`, at most `query_workers` in flight). The images are downloaded
+by img2dataset (`pas.collect.knn_service`). No heavy imports at module level (params validation
+imports this module).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from pas.params import ParamsError, check_choice, check_range
@@ -45,12 +49,19 @@ class ServiceParams:
     aesthetic_weight: float = 0.5       # ClipClient default
     use_mclip: bool = False             # ClipClient default
     timeout: float = 60.0               # seconds per kNN request
+    retries: int = 3                    # extra attempts after a failed request or image download
+    backoff: float = 1.0                # seconds before the first kNN retry, doubled each time
+    query_workers: int = 8              # kNN requests in flight at once
+    # downloads (img2dataset; machine knobs except max_side, max_pixels, opt_out, user_agent_token)
     image_timeout: float = 10.0         # seconds per image download
-    retries: int = 3                    # extra attempts after a failed request (connection, 5xx, 429, timeout)
-    backoff: float = 1.0                # seconds before the first retry, doubled each time
-    workers: int = 16                   # concurrent image downloads
-    max_pixels: int = 50_000_000        # skip larger images (decompression bombs) before decoding
-    max_side: int = 1024                # downscale longer side to this before storing (0 = keep)
+    workers: int = 16                   # download threads per process (img2dataset thread_count)
+    processes: int = 1                  # download processes (img2dataset processes_count)
+    shard_size: int = 10_000            # URLs per download shard: the unit of resume
+    max_pixels: int = 50_000_000        # larger images are dropped (too_large)
+    max_side: int = 1024                # longer side downscaled to this, never upscaled (0 = keep)
+    # X-Robots-Tag directives that opt an image out (img2dataset's defaults); [] = ignore the header
+    opt_out: list[str] = field(default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+    user_agent_token: str = "pas"       # named in the User-Agent; "pas: noai" headers apply to us
 
     def __post_init__(self) -> None:
         check_choice("query", self.query, ("text", "embedding"))
@@ -61,8 +72,10 @@ class ServiceParams:
         check_range("backoff", self.backoff, 0.0, None, lo_open=False)
         for name in ("retries", "max_side"):
             check_range(name, getattr(self, name), 0, None, lo_open=False)
-        for name in ("workers", "max_pixels"):
+        for name in ("workers", "max_pixels", "query_workers", "processes", "shard_size"):
             check_range(name, getattr(self, name), 1, None, lo_open=False)
+        if not self.user_agent_token.strip() or ":" in self.user_agent_token:
+            raise ParamsError(f"user_agent_token={self.user_agent_token!r}: a non-empty word without ':'")
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ParamsError(f"url={self.url!r} must start with http:// or https://")
 
@@ -95,14 +108,25 @@ class KnnClient:
     """A ClipClient-compatible client for one service (`query()` returns the service's result dicts)."""
 
     def __init__(self, params: ServiceParams, num_images: int):
-        import requests
-
         if not params.url:
             raise ParamsError("retrieve.service.url: required for backend clip_service")
         self.p = params
         self.num_images = num_images
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = "pas-retrieve (clip-retrieval compatible client)"
+        self._local = threading.local()      # a requests.Session per thread (sessions are not thread-safe)
+        self._sessions: list = []
+        self._lock = threading.Lock()
+
+    @property
+    def session(self):
+        import requests
+
+        if not hasattr(self._local, "session"):
+            s = requests.Session()
+            s.headers["User-Agent"] = f"{self.p.user_agent_token} (clip-retrieval compatible client)"
+            self._local.session = s
+            with self._lock:
+                self._sessions.append(s)
+        return self._local.session
 
     def request_body(self, text: str | None = None, embedding: Sequence[float] | None = None) -> dict:
         if (text is None) == (embedding is None):
@@ -141,77 +165,24 @@ class KnnClient:
                             "similarity": float(r.get("similarity", float("nan"))), "id": r.get("id")})
         return out
 
-    def fetch(self, url: str) -> bytes:
-        """GET an image's bytes with timeout and retries; raises ServiceError for good failures."""
-        if not url.startswith(("http://", "https://")):
-            raise ServiceError(f"{url[:100]!r}: not an http(s) URL")
-        resp = _with_retries(lambda: self.session.get(url, timeout=self.p.image_timeout),
-                             self.p.retries, self.p.backoff, f"image {url[:100]}")
-        if resp.status_code != 200:
-            raise ServiceError(f"image {url[:100]}: HTTP {resp.status_code}")
-        return resp.content
-
     def close(self) -> None:
-        self.session.close()
-
-
-def to_jpeg(data: bytes, max_pixels: int, max_side: int) -> tuple[bytes | None, str | None]:
-    """Decode any image safely → (RGB JPEG bytes, None) or (None, reason): too_large | decode_error.
-
-    The pixel count is read from the header before decoding (Pillow decodes lazily); transparency is
-    composited on white.
-    """
-    from PIL import Image
-
-    from pas.io.shards import encode_image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                return None, "too_large"
-            im.load()
-            if im.mode in ("RGBA", "LA", "P", "PA"):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im)
-            im = im.convert("RGB")
-            if max_side and max(im.size) > max_side:
-                im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-            return encode_image(im, "jpg"), None
-    except Image.DecompressionBombError:
-        return None, "too_large"
-    except Exception:  # noqa: BLE001 — any undecodable payload is counted, never fatal
-        return None, "decode_error"
-
-
-def fetch_all(client: KnnClient, urls: Sequence[str]) -> list[tuple[bytes | None, str | None]]:
-    """Download and re-encode `urls` concurrently; results in input order: (jpeg, None) | (None, reason)."""
-    p = client.p
-
-    def one(url: str) -> tuple[bytes | None, str | None]:
-        try:
-            data = client.fetch(url)
-        except ServiceError as e:
-            log.debug("%s", e)
-            return None, "fetch_error"
-        return to_jpeg(data, p.max_pixels, p.max_side)
-
-    if not urls:
-        return []
-    with ThreadPoolExecutor(max_workers=min(p.workers, len(urls))) as pool:
-        return list(pool.map(one, urls))
+        for session in self._sessions:
+            session.close()
 
 
 def query_all(client: KnnClient, prompts: Sequence[str], embeddings: Any = None,
               progress: bool = True) -> list[list[dict]]:
-    """One kNN request per concept prompt (the API takes one query per request)."""
+    """One kNN request per prompt (the API takes one query per request), at most
+    `query_workers` in flight; results in prompt order."""
     from tqdm import tqdm
 
-    out = []
-    for i, prompt in enumerate(tqdm(prompts, desc="knn-service", unit="concept", disable=not progress)):
+    def one(i: int) -> list[dict]:
         if embeddings is not None:
-            out.append(client.query(embedding=embeddings[i]))
-        else:
-            out.append(client.query(text=prompt))
-    return out
+            return client.query(embedding=embeddings[i])
+        return client.query(text=prompts[i])
+
+    if not prompts:
+        return []
+    with ThreadPoolExecutor(max_workers=min(client.p.query_workers, len(prompts))) as pool:
+        return list(tqdm(pool.map(one, range(len(prompts))), total=len(prompts), desc="knn-service",
+                         unit="concept", disable=not progress))

@@ -8,7 +8,9 @@ Two backends:
 - `pool` (default): the local pool of the `pool` stage (shards + CLIP embeddings + faiss index). Text
   embeddings of all concepts are searched in batches (one faiss call per batch of concepts); the pool's
   image bytes are copied unchanged.
-- `clip_service`: a remote clip-retrieval kNN service (`pas.collect.clip_client`), one request per concept.
+- `clip_service`: a remote clip-retrieval kNN service (LAION-5B in the paper), queried concurrently
+  in resumable batches, the hits deduplicated by URL and downloaded with img2dataset, each step
+  streamed (`pas.collect.knn_service`); progress lives in a cache folder outside the DVC outs.
 
 An image retrieved by several concepts is stored once; its metadata lists every (concept, similarity),
 best first. Keys never come from concept text: pool images keep their pool key, service images get
@@ -40,7 +42,9 @@ class RetrieveParams:
     k_retrieve: int = 500                   # pool images retrieved per concept (paper: 500)
     prompt_template: str = "a photo of {c}."  # text embedded as t_c; {c} is replaced by the concept
     backend: str = "pool"                   # pool (local faiss index) | clip_service (remote kNN API)
-    batch_size: int = 256                   # concepts per text-encoding batch and per faiss search call
+    # concepts per text-encoding batch and per faiss search call; clip_service: per kNN batch (one
+    # hits file each, the unit of resume)
+    batch_size: int = 256
     maxcount: int = 10_000                  # images per output shard
     service: dict = field(default_factory=dict)  # clip_service settings: see ServiceParams
 
@@ -172,15 +176,20 @@ def summarize(concepts: Sequence[str], hits: Hits, stored: Iterable[str]) -> dic
     """metrics/retrieve.json: n_images counts an image once per concept that retrieved it."""
     stored = set(stored)
     kept = {k: v for k, v in hits.items() if k in stored}
-    counts = np.array(list(hit_counts(concepts, kept).values()) or [0])
+    return summary(concepts, hit_counts(concepts, kept), int(sum(len(v) for v in kept.values())), len(kept))
+
+
+def summary(concepts: Sequence[str], counts: dict[str, int], n_images: int, n_unique: int) -> dict:
+    """The shared metrics of both backends from the stored images' hits per concept."""
+    per = np.array([counts.get(c, 0) for c in concepts] or [0])
     return {
         "n_concepts": len(concepts),
-        "n_images": int(sum(len(v) for v in kept.values())),
-        "n_unique": len(kept),
-        "hits_per_concept_min": int(counts.min()),
-        "hits_per_concept_median": float(np.median(counts)),
-        "hits_per_concept_max": int(counts.max()),
-        "concepts_zero_hits": int((counts == 0).sum()) if concepts else 0,
+        "n_images": int(n_images),
+        "n_unique": int(n_unique),
+        "hits_per_concept_min": int(per.min()),
+        "hits_per_concept_median": float(np.median(per)),
+        "hits_per_concept_max": int(per.max()),
+        "concepts_zero_hits": int((per == 0).sum()) if concepts else 0,
     }
 
 
@@ -277,70 +286,21 @@ def retrieve_from_pool(concepts: Sequence[str], encoder: TextEncoder, pool_dir: 
     return m
 
 
-def retrieve_from_service(concepts: Sequence[str], out_dir: str | Path, params: RetrieveParams,
-                          encoder: TextEncoder | None = None, progress: bool = True) -> dict:
-    """Backend `clip_service`: one kNN request per concept, fetch every distinct URL once, store JPEGs."""
-    from pas.collect.clip_client import KnnClient, fetch_all, query_all
-    from pas.io.shards import make_key
-
-    t0 = time.perf_counter()
-    sp = params.service_params()
-    prompts = [prompt_for(c, params.prompt_template) for c in concepts]
-    emb = None
-    if sp.query == "embedding":
-        if encoder is None:
-            raise ParamsError("retrieve.service.query=embedding needs the configured CLIP")
-        emb = encoder.encode_texts(prompts, batch_size=params.batch_size)
-    client = KnnClient(sp, num_images=params.k_retrieve)
-    try:
-        results = query_all(client, prompts, emb, progress)
-        hits: Hits = {}
-        info: dict[str, dict] = {}
-        for c, res in zip(concepts, results):
-            seen = set()
-            for r in res[:params.k_retrieve]:
-                key = make_key("r", r["url"])
-                if key in seen:          # same URL twice for one concept: keep the first (best)
-                    continue
-                seen.add(key)
-                hits.setdefault(key, []).append((c, round(r["similarity"], 6)))
-                info.setdefault(key, {"pool_key": None, "url": r["url"], "caption": r["caption"],
-                                      "service_id": r["id"]})
-        for lst in hits.values():
-            lst.sort(key=lambda cs: (-cs[1], cs[0]))
-        keys = sorted(hits)
-        fetched = fetch_all(client, [info[k]["url"] for k in keys])
-    finally:
-        client.close()
-    failures: dict[str, int] = {}
-    ok = []
-    for k, (data, reason) in zip(keys, fetched):
-        if data is None:
-            failures[reason] = failures.get(reason, 0) + 1
-        else:
-            ok.append((k, data, "jpg", info[k]))
-    out = Path(out_dir)
-    _clean_out(out)
-    rows = write_images(ok, hits, out, params.maxcount, total=len(ok))
-    write_index(rows, hits, out)
-    m = summarize(concepts, hits, [r["key"] for r in rows])
-    m.update(backend="clip_service", k_retrieve=params.k_retrieve, n_results=len(hits),
-             seconds=time.perf_counter() - t0,
-             **{f"dropped_{r}": n for r, n in sorted(failures.items())})
-    return m
-
-
 def retrieve(concepts: Sequence[str], out_dir: str | Path, params: RetrieveParams,
              encoder: TextEncoder | None = None, pool_dir: str | Path | None = None,
-             progress: bool = True) -> dict:
-    """Run the configured backend; returns the metrics dict."""
+             progress: bool = True, cache_dir: str | Path | None = None) -> dict:
+    """Run the configured backend; returns the metrics dict. `cache_dir`: where `clip_service` keeps
+    its resumable progress (required for it)."""
     if params.backend == "pool":
         if encoder is None or pool_dir is None:
             raise ParamsError("retrieve.backend=pool needs the CLIP model and the pool folder")
         return retrieve_from_pool(concepts, encoder, pool_dir, out_dir, params, progress)
-    return retrieve_from_service(concepts, out_dir, params, encoder, progress)
+    if cache_dir is None:
+        raise ParamsError("retrieve.backend=clip_service needs a cache folder")
+    from pas.collect.knn_service import retrieve_from_service
+
+    return retrieve_from_service(concepts, out_dir, cache_dir, params, encoder, progress)
 
 
 __all__ = ["RetrieveParams", "Pool", "PoolError", "load_pool", "check_pool_model", "search",
-           "merge_hits", "hit_counts", "summarize", "retrieve", "retrieve_from_pool",
-           "retrieve_from_service", "prompt_for"]
+           "merge_hits", "hit_counts", "summarize", "summary", "retrieve", "retrieve_from_pool", "prompt_for"]

@@ -9,6 +9,8 @@
   skipped.parquet   path, reason, detail — every file that did not make it in
   pool.json         the CLIP fingerprint (retrieve refuses a pool made with another CLIP), sizes
 It streams: images are decoded, written and embedded batch by batch, never all held in memory.
+When retrieval uses a kNN service (`retrieve.backend: clip_service`) nothing searches the pool:
+`unused_pool` writes pool.json + an empty index.parquet instead, reading neither pool.source nor CLIP.
 A folder entry that is not a usable file (FIFO, dangling link, link loop, link out of the folder,
 a name that is not UTF-8) is skipped with its reason; a pool of 0 images is an error.
 """
@@ -325,6 +327,28 @@ def _no_images(p: PoolParams, skipped: list[dict]) -> PoolError:
                      + (f" ({'; '.join(why)})" if why else " (no image files)"))
 
 
+POOL_INDEX_COLUMNS = ["key", "shard", "path", "category", "width", "height", "stored_width", "stored_height"]
+
+
+def unused_pool(out_dir: str | Path, reason: str) -> dict:
+    """The pool folder when nothing searches it: pool.json saying why and an empty index.parquet
+    (what `precision` reads), no shards, no faiss index (a `pool` retrieval refuses it). Returns
+    the stage metrics."""
+    from pas.io.shards import write_index
+    from pas.models.files import write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ("embeddings.npy", "faiss.index", "skipped.parquet", "index.parquet"):
+        (out / f).unlink(missing_ok=True)
+    for f in out.glob("pool-*.tar"):
+        f.unlink()
+    write_index(pd.DataFrame(columns=POOL_INDEX_COLUMNS), out)
+    write_json(out / "pool.json", {"n": 0, "unused": reason})
+    log.info("pool: nothing indexed (%s)", reason)
+    return {"n_files": 0, "n_indexed": 0, "n_skipped": 0, "unused": reason}
+
+
 def build_faiss_index(emb: np.ndarray, p: PoolParams):
     """Inner-product index over L2-normalised rows (cosine). Exact by default."""
     import faiss
@@ -456,9 +480,7 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
     np.save(out / "embeddings.npy", emb.astype(np.float32))
     faiss.write_index(build_faiss_index(emb, p), str(out / "faiss.index"))
     # rows are already in shard order == embedding order; keep that order in the index file
-    write_shard_index(pd.DataFrame(rows, columns=["key", "shard", "path", "category", "width", "height",
-                                                  "stored_width", "stored_height"]),
-                      out, sort_by=None)
+    write_shard_index(pd.DataFrame(rows, columns=POOL_INDEX_COLUMNS), out, sort_by=None)
     write_parquet(pd.DataFrame(skipped, columns=["path", "reason", "detail"]), out / "skipped.parquet",
                   sort_by="path")
     write_json(out / "pool.json", {"clip_fingerprint": fp, "n": len(rows), "dim": dim,

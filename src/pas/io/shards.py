@@ -114,13 +114,17 @@ class ShardWriter:
         if key in self._seen:
             raise ValueError(f"duplicate sample key {key!r}")
         self._seen.add(key)
+        shard = self._add_sample(key, image, meta, ext)
+        self.rows.append({"key": key, "shard": shard})
+        return shard
+
+    def _add_sample(self, key: str, image: bytes, meta: dict, ext: str) -> str:
         if self._tar is None or self._count >= self.maxcount:
             self._open_next()
         meta = {**meta, "key": key}
         _add(self._tar, f"{key}.{ext}", image)
         _add(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
         self._count += 1
-        self.rows.append({"key": key, "shard": self.shards[-1]})
         return self.shards[-1]
 
     def close(self) -> None:
@@ -133,6 +137,60 @@ class ShardWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class IndexedShardWriter(ShardWriter):
+    """A `ShardWriter` that also writes the directory's index.parquet as it goes, for sets too large
+    to hold a row per image in memory: the rows of each shard, with its `shard_sha256`, become one
+    row group when the shard is closed. Keys must come in increasing order (checked; that is what
+    keeps them unique without a set of every key), so the index is sorted by key like `write_index`'s.
+    `schema`: pyarrow schema of the index columns (`key`, `shard`, then what `write(row=...)` gives).
+    The index appears (renamed from a temp name) only when the `with` block ends without an error."""
+
+    def __init__(self, out_dir: str | Path, schema, prefix: str = "shard", maxcount: int = 10_000):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        super().__init__(out_dir, prefix, maxcount)
+        if schema.names[:2] != ["key", "shard"]:
+            raise ValueError("index schema must start with key, shard")
+        self.schema = schema.append(pa.field("shard_sha256", pa.string()))
+        self.n = 0
+        self._last: str | None = None
+        self._pending: list[dict] = []
+        self._tmp = self.out_dir / f".tmp-{INDEX_NAME}"
+        self._pq = pq.ParquetWriter(self._tmp, self.schema)
+
+    def write(self, key: str, image: bytes, meta: dict, ext: str = "jpg", row: dict | None = None) -> str:
+        check_key(key)
+        if self._last is not None and key <= self._last:
+            raise ValueError(f"sample key {key!r} after {self._last!r}: keys must increase")
+        self._last = key
+        shard = self._add_sample(key, image, meta, ext)
+        self._pending.append({**(row or {}), "key": key, "shard": shard})
+        self.n += 1
+        return shard
+
+    def close(self) -> None:
+        """Close the open shard and write its index rows."""
+        import pyarrow as pa
+
+        super().close()
+        if self._pending:
+            sha = shard_sha256(self.out_dir / self._pending[0]["shard"])
+            rows = [{**r, "shard_sha256": sha} for r in self._pending]
+            self._pq.write_table(pa.Table.from_pylist(rows, schema=self.schema))
+            self._pending = []
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+            self._pq.close()
+            os.replace(self._tmp, self.out_dir / INDEX_NAME)
+        else:                               # no index for a half-written set
+            super().close()
+            self._pq.close()
+            self._tmp.unlink(missing_ok=True)
 
 
 class ShardError(ValueError):
@@ -338,8 +396,30 @@ def read_samples(shard: str | Path, start: int, stop: int) -> Iterator[Sample]:
         yield from itertools.islice(iter_samples(shard), start, stop)
         return
     _check_count(shard, len(table), want)
+    yield from _read_at_spans(shard, table, range(start, min(stop, len(table))))
+
+
+def read_samples_by_key(shard: str | Path, keys: Iterable[str]) -> Iterator[Sample]:
+    """The samples of one uncompressed shard named by `keys`, in that order, each read by seeking to
+    its members (a shard written in another order is read sorted without holding its images).
+    Checked like `iter_samples`; a key the shard lacks raises ShardError."""
+    shard = Path(shard)
+    want = verify_shard(shard)
+    table = sample_table(shard)
+    if table is None:
+        raise ShardError(f"{shard}: compressed shard, cannot be read by key")
+    _check_count(shard, len(table), want)
+    where = {k: i for i, k in enumerate(table.keys)}
+    try:
+        order = [where[k] for k in keys]
+    except KeyError as e:
+        raise ShardError(f"{shard}: no sample {e.args[0]!r}") from None
+    yield from _read_at_spans(shard, table, order)
+
+
+def _read_at_spans(shard: Path, table: SampleTable, order: Iterable[int]) -> Iterator[Sample]:
     with open(shard, "rb") as f:
-        for i in range(start, min(stop, len(table))):
+        for i in order:
             img_off, img_size, meta_off, meta_size = (int(v) for v in table.spans[i])
             image = _read_at(f, img_off, img_size, shard)
             try:
