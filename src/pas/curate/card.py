@@ -103,7 +103,7 @@ def dataset_card(*, domain: Mapping[str, Any], funnel: Mapping[str, Any], prune:
         "(params `prune.takedown`); the next `dvc repro` leaves it out.", "",
         "## Known limitations", "",
         "- Domain precision is bounded by the retrieval model and the concept bank; see metrics/precision.json "
-        "where the pool has category labels.",
+        "where the pool's images carry domain labels.",
         "- Near-duplicates below the dedup threshold λ_dup and test-set look-alikes below λ_leak remain.",
         "- Synthetic images inherit the biases of the diffusion model and the captioning LLM.",
         "",
