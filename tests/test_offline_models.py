@@ -103,8 +103,10 @@ def test_trained_clip_retrieves_by_its_alt_text(trained_clip):
 
 
 def test_trained_clip_is_byte_reproducible(trained_clip):
-    (a, b), _, _ = trained_clip
-    assert _sha(a) == _sha(b)
+    (a, b), stats, _ = trained_clip
+    assert _sha(a) == _sha(b) and "no_head.safetensors" in _sha(a)     # the no head too
+    # the CLIPN-style head learnt: an image's own alt text is "yes", the other colours' are "no"
+    assert stats["no_head"]["p_no_own_text"] < 0.5 < stats["no_head"]["p_no_other_text"], stats["no_head"]
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from pas.params import ParamsError, check_choice, check_range
 
 log = logging.getLogger(__name__)
 
-MODES = ("clipn", "negative_prompts")
+MODES = ("clipn", "no_head", "negative_prompts")
 
 # A small ensemble (CLIPN uses 130 templates; 5k concepts × 130 prompts is costly on CPU — add more here).
 DEFAULT_YES_TEMPLATES = (
@@ -228,7 +228,7 @@ def build_text_sets(clip: Any, concepts: Sequence[str], generalized: Sequence[st
     yes_enc = lambda t: clip.encode_texts(t, batch_size=256)  # noqa: E731
     if no_encoder is not None:
         no_enc, no_templates, mode = (lambda t: no_encoder.encode_texts(t, batch_size=256)), \
-            params.yes_templates, "clipn"
+            params.yes_templates, getattr(no_encoder, "mode", "clipn")
     else:
         no_enc, no_templates, mode = yes_enc, params.no_templates, "negative_prompts"
 
@@ -256,8 +256,10 @@ class PromptEncoding:
 
 def encode_prompts(clip_dir: str, params: OodParams, concepts: Sequence[str], generalized: Sequence[str],
                    clip: Any = None) -> PromptEncoding:
-    """Load CLIP from `clip_dir` (unless `clip` is given) and the CLIPN no-tower when
-    `params.clipn_checkpoint` is set, and encode B and B' (`build_text_sets`)."""
+    """Load CLIP from `clip_dir` (unless `clip` is given) and its no-tower — CLIPN's when
+    `params.clipn_checkpoint` is set, else the trained no head saved beside the CLIP
+    (`pas.models.no_head`, the offline CLIP's), else none (negative prompts) — and encode B and B'
+    (`build_text_sets`)."""
     if clip is None:
         from pas.models.clip import load_clip
 
@@ -267,6 +269,11 @@ def encode_prompts(clip_dir: str, params: OodParams, concepts: Sequence[str], ge
         from pas.models.clipn import load_clipn_no_encoder
 
         no_encoder = load_clipn_no_encoder(params.clipn_checkpoint, clip)
+    else:
+        from pas.models.no_head import load_no_head
+
+        head = load_no_head(clip_dir)
+        no_encoder = head.bind(clip) if head is not None else None
     t = time.perf_counter()
     texts = build_text_sets(clip, concepts, generalized, params, no_encoder)
     return PromptEncoding(texts=texts, logit_scale=clip.logit_scale,

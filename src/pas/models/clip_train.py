@@ -49,6 +49,9 @@ class ClipTrainSpec:
     # open_clip's ModifiedResNet, one Bottleneck per stage at width 16 (1.5M params): on 2 CPU cores
     # width 32 trained 3x slower and 48 px retrieved worse (benchmarks/RESULTS-offline-models.md)
     vision: dict = field(default_factory=lambda: {"layers": [1, 1, 1, 1], "width": 16, "head_width": 32})
+    # steps of the CLIPN-style "no" head trained after the CLIP (pas.models.no_head); 0 = none, and
+    # ood falls back to negative prompts
+    no_head_steps: int = 600
 
 
 
@@ -175,6 +178,20 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
         log.info("clip: epoch %d/%d loss %.4f scale %.1f", epoch + 1, spec.epochs, losses[-1],
                  model.logit_scale.exp().item())
     model.eval()
+    head_metrics = {}
+    if spec.no_head_steps:
+        from pas.models.no_head import save_no_head, train_no_head
+
+        with torch.inference_mode():     # the pool as the trained tower sees it at eval time
+            f = torch.cat([F.normalize(visual(_normalize(F.interpolate(
+                images[i:i + 256].permute(0, 3, 1, 2).float().div(255.0), size=(spec.image_size,) * 2,
+                mode="bilinear", align_corners=False))), dim=-1) for i in range(0, n, 256)])
+        W, b, head_metrics = train_no_head(f.numpy(), t.numpy(), text_ids.numpy(),
+                                           float(model.logit_scale.exp().clamp(max=100.0)), seed=spec.seed,
+                                           steps=spec.no_head_steps)
+        save_no_head(out, W, b)
+        log.info("clip: no head p_no own text %.3f, other text %.3f", head_metrics["p_no_own_text"],
+                 head_metrics["p_no_other_text"])
     saved_cfg = model_cfg(spec, HF_DIR_PLACEHOLDER, width)
     pre = {"size": spec.image_size, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
            "interpolation": "bicubic", "resize_mode": "shortest"}
@@ -182,4 +199,5 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
                                        "n_pairs": n, "n_texts": int(len(uniq))})
     return {"n_pairs": n, "n_texts": int(len(uniq)), "epochs": spec.epochs,
             "loss_first_epoch": round(losses[0], 6), "loss_last_epoch": round(losses[-1], 6),
-            "logit_scale": round(model.logit_scale.exp().item(), 4)}
+            "logit_scale": round(model.logit_scale.exp().item(), 4),
+            **({"no_head": head_metrics} if head_metrics else {})}
