@@ -109,12 +109,17 @@ class Parallel:
         self.dtype = torch.bfloat16 if precision == "bf16" else None
         online = TwoViews(model)
         if world.size > 1:
+            import inspect
+
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            # broadcast_buffers=False: BN running stats do not enter a training step, and the NN support set
-            # (a buffer) is kept identical on every process by gathering, so nothing needs a per-step broadcast
+            # no per-forward buffer broadcast: BN running stats do not enter a training step, and the NN
+            # support set (a buffer) is kept identical on every process by gathering (torch >= 2.14 renames
+            # broadcast_buffers; the container's torch may be older)
+            no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+                else "broadcast_buffers"
             online = DDP(online, device_ids=[world.local_rank] if self.device_type == "cuda" else None,
-                         broadcast_buffers=False)
+                         **{no_sync: False})
         self.online = online
 
     @property
