@@ -57,7 +57,7 @@ def test_params_and_launch():
     for kw, msg in [({"devices": "all"}, "pretrain.devices='all' must be one of"),
                     ({"devices": 0}, "pretrain.devices=0 must be >= 1"),
                     ({"micro_batch_size": 1}, "pretrain.micro_batch_size=1 must be >= 2"),
-                    ({"precision": "fp16"}, "pretrain.precision='fp16' must be one of"),
+                    ({"autocast": "float16"}, "pretrain.autocast='float16' must be one of"),
                     ({"sync_bn": "yes"}, "pretrain.sync_bn='yes': expected bool")]:
         with pytest.raises(ParamsError, match=msg.replace("(", r"\(")):
             cfg(**kw)
@@ -159,16 +159,17 @@ def test_bf16_autocast_trains(tmp_path):
     ds = synthetic_shards(tmp_path / "ds", 16, maxcount=8)
     init = tiny_backbone_init(tmp_path / "init")
     curves = {}
-    for precision in ("fp32", "bf16"):
+    for precision in (None, "bfloat16"):
         cfg = build(PretrainParams, {"pretrain": {**TINY_PRETRAIN, "epochs": 1, "warmup_epochs": 0,
-                                                  "precision": precision}}, "pretrain")
-        d = tmp_path / precision
+                                                  "autocast": precision}}, "pretrain")
+        d = tmp_path / str(precision)
         pretrain(cfg, ds, init, d / "out", d / "ckpt", live_dir=d / "live", progress=False)
         rows = (d / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().split("\n")[1:]
         curves[precision] = [float(r.split("\t")[1]) for r in rows if r]
-    assert len(curves["bf16"]) == 2 and all(torch.isfinite(torch.tensor(curves["bf16"])))
-    assert curves["bf16"] != curves["fp32"]                                # the forward ran in bf16
-    assert curves["bf16"][0] == pytest.approx(curves["fp32"][0], rel=0.05)  # same weights, same batch
+    bf16, fp32 = curves["bfloat16"], curves[None]
+    assert len(bf16) == 2 and all(torch.isfinite(torch.tensor(bf16)))
+    assert bf16 != fp32                                # the forward passes ran in bf16
+    assert bf16[0] == pytest.approx(fp32[0], rel=0.05)  # same weights, same batch
 
 
 # --- real DDP: 2 gloo processes on CPU, launched by torchrun ------------------------------------------------

@@ -96,9 +96,9 @@ class Parallel:
 
     `online(x0, x1)` is the trained network on both views of a micro-batch; under DDP it is the one module whose
     forward/backward pair syncs gradients, and `sync(last)` skips that sync for all but the last micro-batch.
-    Without torchrun (world size 1) every collective is the identity, and fp32 autocast is no context at all."""
+    Without torchrun (world size 1) every collective is the identity, and no autocast is no context at all."""
 
-    def __init__(self, model, world: World = World(), device: str = "cpu", precision: str = "fp32",
+    def __init__(self, model, world: World = World(), device: str = "cpu", autocast: str | None = None,
                  accumulate: int = 1):
         import torch
 
@@ -106,7 +106,7 @@ class Parallel:
 
         self.world, self.accumulate = world, accumulate
         self.device_type = torch.device(device).type
-        self.dtype = torch.bfloat16 if precision == "bf16" else None
+        self.dtype = getattr(torch, autocast) if autocast else None
         online = TwoViews(model)
         if world.size > 1:
             import inspect

@@ -8,8 +8,8 @@
 
 Scale (paper: batch 4096): under torchrun every process runs this loop on its share of each batch, and a batch
 larger than `micro_batch_size` per process is split into micro-batches whose gradients accumulate
-(`pas.train.distributed`: the loss is still that of the whole batch). `precision: bf16` runs the forward passes
-under bf16 autocast (and allows TF32 matmuls on CUDA). Rank 0 writes checkpoints and outputs.
+(`pas.train.distributed`: the loss is still that of the whole batch). `autocast: bfloat16` runs the forward passes
+under bf16 autocast (and allows TF32 matmuls on CUDA); weights, gradients and optimiser stay fp32. Rank 0 writes checkpoints and outputs.
 
 Resume: DVC deletes a stage's outs before it reruns, so checkpoints live in a scratch folder that is not
 a DVC out at all (`scratch/pretrain/`, git-ignored). Not `persist: true` on an out: an uncached persisted
@@ -65,7 +65,7 @@ class PretrainParams:
     threads: int = 0                       # torch CPU threads (0: torch default); fixes float reduction order
     devices: int | str = "auto"            # processes on this node: N | auto (every GPU with CUDA, else 1)
     micro_batch_size: int | None = None    # most images per process per forward (memory); null: batch/processes
-    precision: str = "fp32"                # fp32 | bf16 (autocast; + TF32 matmuls on CUDA)
+    autocast: str | None = None            # null | bfloat16: forward passes under autocast (+ TF32 on CUDA)
     sync_bn: bool = False                  # SyncBatchNorm across processes (MoCo v3's official code; CUDA)
     seed: int = 0                          # top-level seed
 
@@ -74,7 +74,7 @@ class PretrainParams:
         check_choice("optimizer", self.optimizer, ("adamw", "sgd", "lars"))
         check_choice("schedule", self.schedule, ("cosine", "constant"))
         check_choice("device", self.device, ("cpu", "cuda", "auto"))
-        check_choice("precision", self.precision, ("fp32", "bf16"))
+        check_choice("autocast", self.autocast, (None, "bfloat16"))
         if isinstance(self.devices, str):
             check_choice("devices", self.devices, ("auto",))
         else:
@@ -237,7 +237,7 @@ def pretrain(cfg: PretrainParams, shard_dir: str | Path, init_dir: str | Path, o
     flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cuda.matmul.allow_tf32,
              torch.backends.cudnn.allow_tf32)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    if cfg.precision == "bf16" and device.startswith("cuda"):
+    if cfg.autocast and device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         with process_group(world, device):
@@ -310,7 +310,7 @@ def _pretrain(cfg: PretrainParams, shard_dir: Path, init_dir: Path, out_dir: Pat
         else:
             log.info("pretrain: %s is from other params/data/processes; starting from scratch", ckpt_path)
         del ckpt
-    par = Parallel(model, world, device, cfg.precision, accumulate)
+    par = Parallel(model, world, device, cfg.autocast, accumulate)
     par.agree(start_epoch, "the epoch to resume after")
     main = world.rank == 0
     if main:
