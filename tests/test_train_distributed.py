@@ -19,7 +19,7 @@ from pas.models.backbone import create_backbone
 from pas.params import ParamsError, build
 from pas.train.data import seed_everything, slot_shards, ssl_loader, steps_per_epoch, two_view_transform
 from pas.train.distributed import processes_per_node, split_batch, torchrun_argv
-from pas.train.pretrain import PretrainParams, pretrain
+from pas.train.pretrain import PretrainParams, launch_processes, pretrain
 from pas.train.ssl import build_model, momentum_at
 from tests.train_helpers import TINY_PRETRAIN, TINY_VIT, synthetic_shards, tiny_backbone_init, write_params
 
@@ -62,6 +62,11 @@ def test_params_and_launch():
         with pytest.raises(ParamsError, match=msg.replace("(", r"\(")):
             cfg(**kw)
     assert processes_per_node("auto", "cpu") == 1 and processes_per_node(3, "cpu") == 3
+    for kw, msg in [({"devices": 3, "batch_size": 8}, "batch_size=8 is not a multiple of the 3 processes"),
+                    ({"devices": 2, "sync_bn": True}, "sync_bn=true needs CUDA")]:
+        with pytest.raises(ParamsError, match=msg):   # refused before torchrun starts anything
+            launch_processes(cfg(device="cpu", **kw))
+    assert launch_processes(cfg(device="cpu", devices=2)) == 2
     cmd = torchrun_argv(2, "stages/pretrain.py", ["--params", "p.yaml"])
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert cmd[3:] == ["--standalone", "--nproc-per-node=2", "stages/pretrain.py", "--params", "p.yaml"]

@@ -52,10 +52,12 @@ def processes_per_node(devices: int | str, device: str) -> int:
     """`pretrain.devices` resolved: N, or "auto" = every GPU of the node on CUDA, 1 process on CPU."""
     import torch
 
-    if devices != "auto":
-        return int(devices)
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    return max(1, torch.cuda.device_count()) if cuda else 1
+    if devices == "auto":
+        return max(1, torch.cuda.device_count()) if cuda else 1
+    if cuda and devices > torch.cuda.device_count():
+        raise ParamsError(f"pretrain.devices={devices} but this node has {torch.cuda.device_count()} GPUs")
+    return int(devices)
 
 
 def split_batch(batch_size: int, micro_batch_size: int | None, world_size: int) -> tuple[int, int]:

@@ -112,10 +112,17 @@ def resolve_device(name: str, threads: int = 0, local_rank: int = 0) -> str:
 
 
 def launch_processes(cfg: PretrainParams) -> int:
-    """How many processes the stage must start on this node: 1 inside torchrun (it already did)."""
-    from pas.train.distributed import processes_per_node, under_torchrun
+    """How many processes the stage must start on this node: 1 inside torchrun (it already did). A layout
+    that cannot work fails here, once, before any process starts."""
+    from pas.train.distributed import processes_per_node, split_batch, under_torchrun
 
-    return 1 if under_torchrun() else processes_per_node(cfg.devices, cfg.device)
+    if under_torchrun():
+        return 1
+    n = processes_per_node(cfg.devices, cfg.device)
+    split_batch(cfg.batch_size, cfg.micro_batch_size, n)
+    if cfg.sync_bn and n > 1 and cfg.device == "cpu":
+        raise ParamsError("pretrain.sync_bn=true needs CUDA (torch's SyncBatchNorm); set it false on CPU")
+    return n
 
 
 def _fingerprint(cfg: PretrainParams, shard_dir: Path, init_dir: Path, layout: dict) -> str:
