@@ -115,7 +115,8 @@ hdr = """# pas profile: the paper's settings for {d} (Estepa et al. 2024, §4.1,
 # (a clip-retrieval kNN service over LAION-5B, as in the paper) for your cluster first.
 # Generated from params.yaml + the paper's values (configs/make_presets.py).
 """
-presets = [("food", food, "the food domain"), ("birds", birds, "the birds domain")] + [(n, c, d) for n, (c, d) in resnets.items()]
+presets = [("food", food, "the food domain"), ("birds", birds, "the birds domain")]
+presets += [(name, cfg, d) for name, (cfg, d) in resnets.items()]
 for name, cfg, d in presets:
     with open(f"configs/paper-{name}.yaml", "w") as f:
         f.write(hdr.format(d=d, f=name))

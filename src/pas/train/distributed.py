@@ -100,13 +100,12 @@ class Parallel:
     forward/backward pair syncs gradients, and `sync(last)` skips that sync for all but the last micro-batch.
     Without torchrun (world size 1) every collective is the identity, and no autocast is no context at all."""
 
-    def __init__(self, model, world: World = World(), device: str = "cpu", autocast: str | None = None,
-                 accumulate: int = 1):
+    def __init__(self, model, world: World = World(), device: str = "cpu", autocast: str | None = None):
         import torch
 
         from pas.train.ssl import TwoViews
 
-        self.world, self.accumulate = world, accumulate
+        self.world = world
         self.device_type = torch.device(device).type
         self.dtype = getattr(torch, autocast) if autocast else None
         online = TwoViews(model)
@@ -127,10 +126,6 @@ class Parallel:
     @property
     def rank(self) -> int:
         return self.world.rank
-
-    @property
-    def size(self) -> int:
-        return self.world.size
 
     def autocast(self):
         import torch

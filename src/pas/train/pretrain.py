@@ -6,10 +6,11 @@
             step optimiser, per-step LR schedule; log loss/lr (dvclive)
         checkpoint: model (+ momentum encoder, NN bank), optimiser, scheduler, RNG states, epoch, log history
 
-Scale (paper: batch 4096): under torchrun every process runs this loop on its share of each batch, and a batch
-larger than `micro_batch_size` per process is split into micro-batches whose gradients accumulate
-(`pas.train.distributed`: the loss is still that of the whole batch). `autocast: bfloat16` runs the forward passes
-under bf16 autocast (and allows TF32 matmuls on CUDA); weights, gradients and optimiser stay fp32. Rank 0 writes checkpoints and outputs.
+Scale (paper: batch 4096): under torchrun every process runs this loop on its share of each batch, and a
+share larger than `micro_batch_size` is split into micro-batches whose gradients accumulate
+(`pas.train.distributed`: the loss is still that of the whole batch). `autocast: bfloat16` runs the forward
+passes under bf16 autocast (and allows TF32 matmuls on CUDA); weights, gradients and optimiser stay fp32.
+Rank 0 writes checkpoints and outputs.
 
 Resume: DVC deletes a stage's outs before it reruns, so checkpoints live in a scratch folder that is not
 a DVC out at all (`scratch/pretrain/`, git-ignored). Not `persist: true` on an out: an uncached persisted
@@ -317,7 +318,7 @@ def _pretrain(cfg: PretrainParams, shard_dir: Path, init_dir: Path, out_dir: Pat
         else:
             log.info("pretrain: %s is from other params/data/processes; starting from scratch", ckpt_path)
         del ckpt
-    par = Parallel(model, world, device, cfg.autocast, accumulate)
+    par = Parallel(model, world, device, cfg.autocast)
     par.agree(start_epoch, "the epoch to resume after")
     main = world.rank == 0
     if main:

@@ -25,7 +25,7 @@ Views = Sequence[tuple[torch.Tensor, torch.Tensor]]
 class _Local:
     """A single process with no autocast: what `training_step` runs on when no `Parallel` is given."""
 
-    rank, size = 0, 1
+    rank = 0
     online = None
 
     def autocast(self):
