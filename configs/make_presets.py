@@ -68,9 +68,12 @@ common = {
                              "a good photo without the {}."]},
     # paper §3.3: kneedle on the mean score of the i-th front vs images removed, i.e. no binning
     "prune": {"knee_bins": 0},
+    # MoCo v3 ViT-B/16, 300 epochs (arXiv:2104.02057): batch 4096 over every GPU of the node, bf16, SyncBN
+    # as its official code; 256 images per GPU forward fit an 80 GB card (benchmarks/RESULTS-pretrain-scale.md)
     "pretrain": {"method": "mocov3", "image_size": 224, "epochs": 300, "batch_size": 4096, "lr": 1.5e-4,
                  "warmup_epochs": 40, "hidden_dim": 4096, "pred_hidden_dim": 4096, "min_scale": 0.08,
-                 "num_workers": 8, "device": "cuda", "threads": 0},
+                 "num_workers": 8, "device": "cuda", "threads": 0, "devices": "auto", "micro_batch_size": 256,
+                 "autocast": "bfloat16", "sync_bn": True},
     "eval": {"max_side": 512, "linear_epochs": 100, "device": "cuda", "threads": 0, "batch_size": 256},
 }
 # paper §4.2: "we compute the CLIP ViT-L/14 lexical embeddings" (models/clip's text tower) for coverage
@@ -98,14 +101,30 @@ birds["eval"]["sets"] = [
     {"name": "inat_birds", "kind": "inat", "path": "inat2021", "supercategory": "Aves", "min_per_class": 2,
      "evaluate": False},
 ]
-hdr = """# pas profile: the paper's settings for the {d} domain (Estepa et al. 2024, §4.1, App. D).
+# paper §4.1: "NNCLR with default parameters adapted to 500 epochs to train ResNet-18 and ResNet-50" (food
+# only, Table 2). NNCLR's ImageNet settings (arXiv:2104.14548 §4.1, SimCLR's optimiser): batch 4096, LARS at
+# 0.3 x batch/256 with weight decay 1e-6 (biases and norms exempt), 10 warmup epochs then cosine, τ 0.1,
+# support set 98,304, projector 3 x 2048 → 256, predictor 4096; cross-replica BN (sync_bn).
+NNCLR = {"method": "nnclr", "epochs": 500, "batch_size": 4096, "lr": 0.3, "weight_decay": 1.0e-6,
+         "optimizer": "lars", "schedule": "cosine", "warmup_epochs": 10, "temperature": 0.1, "hidden_dim": 2048,
+         "out_dim": 256, "pred_hidden_dim": 4096, "memory_bank_size": 98304, "freeze_patch_embed": False}
+resnets = {}
+for depth, micro in ((18, 2048), (50, 512)):   # per-GPU forward that fits an 80 GB card in bf16 (measured)
+    cfg = copy.deepcopy(food)
+    cfg["models"]["backbone_init"] = {"kind": "timm", "name": f"resnet{depth}", "kwargs": {}}
+    cfg["pretrain"].update(NNCLR, micro_batch_size=micro)
+    resnets[f"food-resnet{depth}"] = (cfg, f"the food domain with NNCLR ResNet-{depth}")
+
+hdr = """# pas profile: the paper's settings for {d} (Estepa et al. 2024, §4.1, App. D).
 # Needs GPUs and internet (real models are downloaded once by the `models` stage).
 # Use it:  cp configs/paper-{f}.yaml params.yaml && dvc repro
 # Edit the data paths (/data/pas/...; eval.root holds the eval sets as released) and retrieve.service.url
 # (a clip-retrieval kNN service over LAION-5B, as in the paper) for your cluster first.
 # Generated from params.yaml + the paper's values (configs/make_presets.py).
 """
-for name, cfg, d in (("food", food, "food"), ("birds", birds, "birds")):
+presets = [("food", food, "the food domain"), ("birds", birds, "the birds domain")]
+presets += [(name, cfg, d) for name, (cfg, d) in resnets.items()]
+for name, cfg, d in presets:
     with open(f"configs/paper-{name}.yaml", "w") as f:
         f.write(hdr.format(d=d, f=name))
         yaml.safe_dump(cfg, f, sort_keys=False, width=110)

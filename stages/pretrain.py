@@ -2,17 +2,22 @@
 
 Checkpoints go to --ckpt, a git-ignored scratch folder that is not a DVC out (DVC deletes outs before a
 rerun), so a killed `dvc repro` resumes after the last finished epoch; dvclive curves go to --live.
+With `pretrain.devices` > 1 (or auto on a GPU node) the script replaces itself by
+`torchrun --standalone --nproc-per-node=N` running this same script; started by torchrun (one node, or
+srun + torchrun on several, see README), it runs as one of the workers and rank 0 writes the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pas.io.manifest import write_metrics
 from pas.params import build, load, run_stage
-from pas.train.pretrain import PretrainParams, pretrain
+from pas.train.distributed import World, relaunch
+from pas.train.pretrain import LAYOUT_KEYS, PretrainParams, launch_processes, pretrain
 
 log = logging.getLogger("pas.pretrain")
 
@@ -27,10 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--metrics", default="metrics/pretrain.json")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main_rank = World.from_env().rank == 0
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     p = build(PretrainParams, load(args.params), "pretrain")
-    summary = pretrain(p, args.data, args.init, args.out, args.ckpt, live_dir=args.live)
-    write_metrics(args.metrics, summary)
+    n = launch_processes(p)
+    if n > 1:
+        log.info("pretrain: starting %d processes with torchrun", n)
+        relaunch(n, os.path.abspath(__file__), sys.argv[1:] if argv is None else argv)   # does not return
+    summary = pretrain(p, args.data, args.init, args.out, args.ckpt, live_dir=args.live, progress=main_rank)
+    if summary is None:   # not rank 0: rank 0 writes the outputs
+        return 0
+    write_metrics(args.metrics, summary, run_keys=LAYOUT_KEYS)
     log.info("pretrain: %s %s, %d images x %d epochs, loss %.4f -> %.4f, %.1fs%s", summary["method"],
              summary["backbone"], summary["n_images"], summary["epochs"], summary["loss_first_epoch"],
              summary["loss_last_epoch"], summary["seconds"],

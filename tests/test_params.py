@@ -86,7 +86,7 @@ def test_paper_keys_only_at_top_level():
         validate({**base, "prune": {**base["prune"], "seed": 3}})
 
 
-@pytest.mark.parametrize("preset", ["paper-food", "paper-birds"])
+@pytest.mark.parametrize("preset", ["paper-food", "paper-birds", "paper-food-resnet18", "paper-food-resnet50"])
 def test_paper_presets_are_valid_and_carry_the_paper_values(preset):
     p = load(REPO / "configs" / f"{preset}.yaml")
     base = load(REPO / "params.yaml")
@@ -95,7 +95,17 @@ def test_paper_presets_are_valid_and_carry_the_paper_values(preset):
     assert (p["k_dup"], p["k_leak"], p["k_retrieve"], p["n_cap"], p["n_synth"]) == (64, 32, 500, 5, 35)
     assert p["models"]["clip"] == {"kind": "open_clip", "name": "ViT-L-14", "pretrained": "openai"}
     assert p["concepts"]["validator"] == "llm" and p["llm"]["l3"]["model"] != p["llm"]["l1"]["model"]
-    assert p["pretrain"]["method"] == "mocov3" and p["pretrain"]["epochs"] == 300
+    pt = p["pretrain"]
+    assert (pt["batch_size"], pt["devices"], pt["autocast"], pt["sync_bn"]) == (4096, "auto", "bfloat16", True)
+    backbone = p["models"]["backbone_init"]["name"]
+    if "resnet" in preset:   # NNCLR, "default parameters adapted to 500 epochs" (paper §4.1)
+        assert backbone == preset.rsplit("-", 1)[1]
+        assert (pt["method"], pt["epochs"], pt["optimizer"], pt["temperature"]) == ("nnclr", 500, "lars", 0.1)
+        assert (pt["memory_bank_size"], pt["hidden_dim"], pt["pred_hidden_dim"]) == (98304, 2048, 4096)
+    else:                    # MoCo v3 ViT-B/16, its 300-epoch defaults
+        assert backbone == "vit_base_patch16_224" and p["models"]["backbone_init"]["kwargs"]["img_size"] == 224
+        assert (pt["method"], pt["epochs"], pt["lr"], pt["warmup_epochs"]) == ("mocov3", 300, 1.5e-4, 40)
+        assert pt["freeze_patch_embed"] and pt["optimizer"] == "adamw" and pt["weight_decay"] == 0.1
 
 
 def _with(base: dict, path: str, value) -> dict:

@@ -48,11 +48,13 @@ def _run(d: Path, data, cfg, **kw):
     return pretrain(cfg, shards, init, d / "out", d / "ckpt", live_dir=d / "live", progress=False, **kw)
 
 
-@pytest.mark.parametrize("method", ["mocov3", "nnclr"])
-def test_resume_after_a_stop_is_byte_identical(tmp_path, data, method):
-    cfg = _cfg(method=method, epochs=3, memory_bank_size=16)
+@pytest.mark.parametrize("method,micro", [("mocov3", None), ("nnclr", None), ("nnclr", 4)])
+def test_resume_after_a_stop_is_byte_identical(tmp_path, data, method, micro):
+    # micro 4: batch 8 as 2 accumulated micro-batches (GradCache), streams of shards [10, 10, 4] dealt in two
+    cfg = _cfg(method=method, epochs=3, memory_bank_size=16, micro_batch_size=micro)
     full = _run(tmp_path / "full", data, cfg)
-    assert full["resumed_from_epoch"] is None and full["steps"] == 3 * 3
+    assert full["resumed_from_epoch"] is None and full["accumulate"] == (2 if micro else 1)
+    assert full["steps"] == 3 * (3 if micro is None else 1)   # the 4-image shard alone feeds one stream once
     stopped = _run(tmp_path / "cut", data, cfg, stop_after_epoch=1)
     assert stopped == {"stopped_after_epoch": 1}
     assert not (tmp_path / "cut" / "out" / "model.safetensors").exists()
@@ -150,9 +152,11 @@ def test_stage_main(tmp_path, data):
     assert load_stage("pretrain").main(argv) == 0
     m = json.loads((tmp_path / "m.json").read_text())
     assert {"method", "backbone", "n_images", "epochs", "forward_passes", "loss_last_epoch"} <= set(m)
-    # wall time and resume point go to the untracked run log beside the metrics
-    assert "seconds" not in m and "resumed_from_epoch" not in m
-    assert set(read_run(tmp_path / "m.json")) == {"seconds", "resumed_from_epoch"}
+    # wall time, resume point and process layout go to the untracked run log beside the metrics
+    assert "seconds" not in m and "resumed_from_epoch" not in m and "processes" not in m
+    run = read_run(tmp_path / "m.json")
+    assert set(run) == {"seconds", "resumed_from_epoch", "processes", "accumulate", "micro_batch"}
+    assert (run["processes"], run["accumulate"], run["micro_batch"]) == (1, 1, 8)
     model = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 192)
 

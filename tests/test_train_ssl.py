@@ -54,7 +54,7 @@ def test_nnclr_bank_travels_outside_state_dict(tmp_path):
     m = build_model("nnclr", create_backbone(init), hidden_dim=32, out_dim=16, pred_hidden_dim=32,
                     temperature=0.1, memory_bank_size=64)
     x = torch.randn(4, 3, 32, 32)
-    m.training_step(x, x.flip(-1), 0, 10)
+    m.training_step([(x, x.flip(-1))], 0, 10)
     assert "memory_bank.bank" not in m.state_dict()       # why extra_state exists
     seed_everything(1)
     m2 = build_model("nnclr", create_backbone(init), hidden_dim=32, out_dim=16, pred_hidden_dim=32,
@@ -82,9 +82,8 @@ def test_loss_decreases_on_real_clipart(tmp_path, clipart_food, method):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for step in range(12):
-        loss = model.training_step(x0, x1, step, 12)
         opt.zero_grad()
-        loss.backward()
+        loss = model.training_step([(x0, x1)], step, 12)   # forward + backward
         opt.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
