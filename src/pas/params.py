@@ -232,8 +232,8 @@ def run_stage(main: Callable[[], Any]) -> int:
     no traceback. Any other error keeps its traceback. A `main` returning None counts as success."""
     try:
         rc = main()
-    except ParamsError as e:
-        print(f"params error: {e}", file=sys.stderr)
+    except ParamsError as e:   # subclasses may name their area (`models error: ...`)
+        print(f"{getattr(e, 'prefix', 'params error')}: {e}", file=sys.stderr)
         return 2
     return rc if isinstance(rc, int) else 0
 
