@@ -14,7 +14,7 @@ import yaml
 from pas.models import diffusion
 from pas.models.specs import ModelsParams, hub_repos, resolve
 from pas.params import ParamsError, run_stage
-from tests.standins.fixtures import standin_repos  # noqa: F401  (a fixture)
+from tests.standins.fixtures import llm_repos, standin_repos  # noqa: F401  (fixtures)
 from tests.standins.hub import HubStandIn
 from tests.stage_helpers import load_stage
 
