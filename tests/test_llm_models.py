@@ -1,5 +1,5 @@
-"""Model folders for `models/llm/` and `models/text_embed/`: source resolution, hub path (with a stand-in
-snapshot_download), the pip-shipped MiniLM copy; the GGUF conversion itself is slow."""
+"""Model folders for `models/llm/` and `models/text_embed/`: source resolution, the pip-shipped MiniLM
+copy (hub downloads: tests/test_hub.py); the GGUF conversion itself is slow."""
 
 from __future__ import annotations
 
@@ -46,23 +46,14 @@ def test_resolve_errors(tmp_path):
     assert resolve_llm_source(str(tmp_path)).kind == "dir"
 
 
-def test_prepare_from_hub_calls_snapshot_download(tmp_path, monkeypatch):
-    calls = []
-
-    def fake_snapshot_download(repo_id, revision, local_dir, allow_patterns):
-        calls.append((repo_id, revision, Path(local_dir), allow_patterns))
-        (Path(local_dir) / "config.json").write_text('{"model_type": "llama"}')
-        (Path(local_dir) / ".cache").mkdir()
-        return str(local_dir)
-
-    hub = types.ModuleType("huggingface_hub")
-    hub.snapshot_download = fake_snapshot_download
-    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
-    out = prepare_llm("hf:org/model@v1", tmp_path / "llm")
-    assert calls[0][:3] == ("org/model", "v1", tmp_path / "llm") and "*.safetensors" in calls[0][3]
-    assert not (out / ".cache").exists()
-    info = read_model_info(out)
-    assert info["source"] == "hf:org/model@v1" and info["kind"] == "hub" and len(info["fingerprint"]) == 64
+def test_prepare_refuses_hub_sources(tmp_path):
+    """Hub repositories are `kind: hub` specs, downloaded by the models stage after an access check
+    (tests/test_hub.py); the local preparers never reach for the network."""
+    with pytest.raises(ValueError, match="kind: hub"):
+        prepare_llm("hf:org/model@v1", tmp_path / "llm")
+    with pytest.raises(ValueError, match="kind: hub"):
+        prepare_text_embed("hf:org/model", tmp_path / "te")
+    assert not (tmp_path / "llm").exists()
 
 
 def test_prepare_text_embed_from_pip(tmp_path):

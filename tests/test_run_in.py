@@ -127,6 +127,20 @@ def test_native_when_image_is_not_built(sb):
     assert sb.calls() == []
 
 
+def test_native_uses_the_stack_venv_when_installed(sb):
+    """`scripts/install.sh --stack llm` makes .venv-llm (vLLM's own torch): natively, `python` is its."""
+    bin_ = sb.root / ".venv-llm" / "bin"
+    bin_.mkdir(parents=True)
+    (bin_ / "python").write_text("#!/bin/sh\necho \"stack python $PYTHONPATH $VIRTUAL_ENV\"\n")
+    (bin_ / "python").chmod(0o755)
+    r = sb.run("llm", ["python", "stages/concepts.py"], with_apptainer=False, PYTHONPATH="/x")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"stack python {sb.root}/src:/x {sb.root}/.venv-llm\n"
+    assert r.stderr == "run-in: llm: running natively (no apptainer on PATH; in .venv-llm)\n"
+    other = sb.run("vision", ["sh", "-c", "command -v python || echo none"], with_apptainer=False)
+    assert other.stdout == "none\n"                   # another family: untouched
+
+
 def test_pas_containers_0_forces_native(sb):
     sb.sif("vision")
     r = sb.run("vision", ["sh", "-c", "echo ran"], PAS_CONTAINERS="0")

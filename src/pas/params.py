@@ -302,8 +302,8 @@ def run_stage(main: Callable[[], Any]) -> int:
     try:
         setup_logging()
         rc = main()
-    except ParamsError as e:
-        print(f"params error: {e}", file=sys.stderr)
+    except ParamsError as e:   # subclasses may name their area (`models error: ...`)
+        print(f"{getattr(e, 'prefix', 'params error')}: {e}", file=sys.stderr)
         return 2
     return rc if isinstance(rc, int) else 0
 

@@ -75,7 +75,7 @@ class VLLMBackend(ChatBackend):
                 from vllm import LLM
             except ImportError as e:
                 raise ImportError("backend vllm needs the `vllm` package (GPU; run the stage with "
-                                  "`stages/run-in llm -- ...` or `pip install pas[gpu]` in its own env)") from e
+                                  "`stages/run-in llm -- ...` or `bash scripts/install.sh --stack llm`)") from e
             return LLM(**engine_kwargs(self.spec))
         return ENGINE.get(engine_identity(self.spec), build)
 

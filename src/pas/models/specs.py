@@ -10,12 +10,15 @@ Downstream stages load only from `models/<family>/`, through the same loader wha
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pas.models.clip_train import ClipTrainSpec
+from pas.models.hub import HubRepo
+from pas.models.llm import HUB_ID
 from pas.models.sscd_train import SscdTrainSpec
 from pas.params import ParamsError, check_seed, unknown_key
 
@@ -28,13 +31,18 @@ TRAINED_SSCD_KEYS = {f.name for f in dataclasses.fields(SscdTrainSpec)}
 # families whose `trained` kind reads the pool (pool.source and its decoding params)
 TRAINED_ON_POOL = ("clip", "sscd")
 
+REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")
+VARIANT = re.compile(r"^[A-Za-z0-9_]+$")
+
 # kind -> keys a spec of that kind must/may have, per family
 KINDS: dict[str, dict[str, tuple[set, set]]] = {
     "clip": {"tiny": (set(), {"seed"}), "open_clip": ({"name", "pretrained"}, set()),
              "local": ({"path"}, set()), "trained": (set(), TRAINED_CLIP_KEYS)},
     "sscd": {"tiny": (set(), {"seed"}), "url": ({"url"}, {"sha256"}), "local": ({"path"}, set()),
              "trained": (set(), TRAINED_SSCD_KEYS)},
-    "diffusion": {"tiny": (set(), {"seed"}), "hub": ({"repo"}, {"revision"}), "local": ({"path"}, set())},
+    # hub `variant`: diffusers weight variant (fp16 → only the *.fp16.safetensors files are downloaded)
+    "diffusion": {"tiny": (set(), {"seed"}), "hub": ({"repo"}, {"revision", "variant"}),
+                  "local": ({"path"}, set())},
     "text_embed": {"package": (set(), set()), "hub": ({"repo"}, {"revision"}), "local": ({"path"}, set())},
     "backbone_init": {"timm": ({"name"}, {"kwargs", "seed", "weights"})},
 }
@@ -59,6 +67,18 @@ def _check_spec(where: str, spec: Any, kinds: dict[str, tuple[set, set]]) -> Non
         if not isinstance(spec["seed"], int) or isinstance(spec["seed"], bool):
             raise ParamsError(f"{where}.seed={spec['seed']!r}: expected int")
         check_seed(f"{where}.seed", spec["seed"])
+    if kind == "hub":
+        _check_hub(where, spec)
+
+
+def _check_hub(where: str, spec: dict) -> None:
+    if not isinstance(spec["repo"], str) or not HUB_ID.match(spec["repo"]):
+        raise ParamsError(f"{where}.repo={spec['repo']!r}: expected a Hub id `org/name`")
+    for key, pattern in (("revision", REVISION), ("variant", VARIANT)):
+        value = spec.get(key)
+        if value is not None and (not isinstance(value, str) or not pattern.match(value)):
+            raise ParamsError(f"{where}.{key}={value!r}: expected "
+                              + ("a commit sha, branch or tag" if key == "revision" else "a name such as fp16"))
 
 
 @dataclass(frozen=True)
@@ -137,6 +157,54 @@ def _train(family: str, spec: dict, out: Path, pool) -> Path:
     return out
 
 
+def hub_repo(where: str, family: str, spec: dict) -> HubRepo:
+    """The Hub repository of one `kind: hub` spec and the files its family's loader reads."""
+    from pas.models import diffusion, llm, text_embed
+
+    repo, rev = spec["repo"], spec.get("revision")
+    if family == "diffusion":
+        files = tuple(diffusion.sd_files(spec.get("variant")))   # every one must exist
+        return HubRepo(where, repo, rev, files, files, spec.get("variant"))
+    if family == "llm":
+        return HubRepo(where, repo, rev, tuple(llm.HUB_PATTERNS), llm.HUB_REQUIRED)
+    if family == "text_embed":
+        return HubRepo(where, repo, rev, text_embed.HUB_FILES, text_embed.HUB_REQUIRED)
+    raise ParamsError(f"{where}.kind='hub': not a kind of {family}")
+
+
+def hub_repos(specs: dict) -> list[HubRepo]:
+    """The Hub repositories that the `kind: hub` specs of `specs` ({family: spec}, e.g. a whole
+    validated `models:` section) download, named by their params keys."""
+    out = []
+    for family in FAMILIES:
+        spec = specs.get(family)
+        if not spec:
+            continue
+        for name, s in (sorted(spec.items()) if family == "llm" else [(None, spec)]):
+            if s.get("kind") == "hub":
+                out.append(hub_repo(f"models.{family}" + (f".{name}" if name else ""), family, s))
+    return out
+
+
+def _from_hub(where: str, family: str, spec: dict, out: Path) -> Path:
+    """Download one `kind: hub` spec (access checked first) and record where it came from."""
+    from pas.models import hub
+    from pas.models.files import fingerprint_dir, write_json
+
+    out, commit = hub.fetch(hub_repo(where, family, spec), out)
+    if family == "diffusion":
+        from pas.models import diffusion
+
+        diffusion.check_sd_dir(out)
+        write_json(out / diffusion.SOURCE_FILE, {"kind": "pretrained", "repo_id": spec["repo"],
+                                                 "revision": spec.get("revision"),
+                                                 "variant": spec.get("variant"), "commit": commit})
+    else:
+        write_json(out / "pas_model.json", {"source": _source(spec, ""), "kind": "hub", "commit": commit,
+                                            "fingerprint": fingerprint_dir(out)})
+    return out
+
+
 def resolve(family: str, spec: dict, out_dir: str | Path, pool=None) -> Path:
     """Materialise one model spec as a local folder `out_dir` (created fresh). `pool`: the
     `pas.data.pool.PoolParams` that `trained` specs learn from."""
@@ -172,17 +240,25 @@ def resolve(family: str, spec: dict, out_dir: str | Path, pool=None) -> Path:
         if kind == "tiny":
             return diffusion.build_tiny_sd(out, seed=seed)
         if kind == "hub":
-            return diffusion.download_sd(spec["repo"], out, revision=spec.get("revision"))
+            return _from_hub("models.diffusion", family, spec, out)
         return _copy_local(spec["path"], out)
     if family == "llm":
         from pas.models import llm
 
+        from pas.models.hub import check_access
+
+        check_access(hub_repos({"llm": spec}))   # every named LLM is readable before one downloads
         for name, s in sorted(spec.items()):
-            llm.prepare_llm(_source(s, llm.OFFLINE_LLM), out / name)
+            if s["kind"] == "hub":
+                _from_hub(f"models.llm.{name}", family, s, out / name)
+            else:
+                llm.prepare_llm(_source(s, llm.OFFLINE_LLM), out / name)
         return out
     if family == "text_embed":
         from pas.models import text_embed
 
+        if kind == "hub":
+            return _from_hub("models.text_embed", family, spec, out)
         return text_embed.prepare_text_embed(_source(spec, text_embed.OFFLINE_TEXT_EMBED), out)
     if family == "backbone_init":
         from pas.models import backbone

