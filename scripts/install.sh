@@ -27,7 +27,12 @@ case "${1:-}" in
 print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]]))' "$stack")
     "$venv/bin/python" -m pip install -q "${reqs[@]}"
     "$venv/bin/python" -m pip install -q --no-deps -e .
-    if [[ $stack == llm ]]; then "$venv/bin/python" -m pip install -q --no-deps "$nodeps"; fi
+    # packages whose declared pins would replace the stack: without their dependencies (as the .defs)
+    case "$stack" in
+      llm) "$venv/bin/python" -m pip install -q --no-deps "$nodeps" ;;
+      vision) "$venv/bin/python" -m pip install -q --no-deps "img2dataset==1.47.0" "albumentations==1.4.24" \
+                "albucore==0.0.23" ;;
+    esac
     echo "pas $stack stack installed in $venv (stages/run-in $stack uses it when no container runs)"
     exit 0 ;;
   *) echo "usage: $0 [--dev | --stack llm|diffusion|vision]" >&2; exit 2 ;;

@@ -26,7 +26,7 @@ SECTIONS = ("%files", "%post", "%environment", "%runscript", "%test", "%labels",
 STAGE_FAMILY = {
     "models@clip": "vision", "models@sscd": "vision", "models@backbone_init": "vision",
     "models@diffusion": "diffusion", "models@llm": "llm", "models@text_embed": "llm",
-    "pool": "vision", "concepts": "llm", "retrieve": "vision", "generate": "diffusion",
+    "pool": "vision", "concepts": "llm", "captions": "llm", "retrieve": "vision", "generate": "diffusion",
     "dedup": "vision", "leakage": "vision", "ood": "vision", "pretrain": "vision", "evaluate": "vision",
 }
 DIGEST = re.compile(r"@sha256:([0-9a-f]{64})$")
@@ -193,7 +193,7 @@ def test_stack_check_imports_come_from_the_stack(family):
         import check_stack
     finally:
         sys.path.remove(str(CONTAINERS))
-    ext = extra(family)
+    ext = set(extra(family)) | {canonicalize_name(PIN.match(r).group(1)) for r in pins(family, "PAS_PIP_NODEPS")}
     for module in check_stack.COMMON + check_stack.STACKS[family]:
         top = module.split(".")[0]
         if top == "pas":
