@@ -220,7 +220,8 @@ def write_images(samples: Iterable[tuple[str, bytes, str, dict]], hits: Hits, ou
             lst = hits[key]
             shard = w.write(key, data, _meta(key, lst, extra), ext=ext)
             rows.append({"key": key, "shard": shard, "pool_key": extra.get("pool_key"),
-                         "url": extra.get("url"), "n_concepts": len(lst), "concept": lst[0][0],
+                         "path": extra.get("path"), "url": extra.get("url"), "n_concepts": len(lst),
+                         "concept": lst[0][0],
                          "similarity": lst[0][1], "concepts": [c for c, _ in lst],
                          "similarities": [s for _, s in lst]})
     return rows
@@ -233,7 +234,7 @@ def write_index(rows: list[dict], hits: Hits, out_dir: Path) -> None:
     from pas.io.manifest import write_parquet
     from pas.io.shards import write_index as write_shard_index
 
-    cols = ["key", "shard", "pool_key", "url", "n_concepts", "concept", "similarity", "concepts",
+    cols = ["key", "shard", "pool_key", "path", "url", "n_concepts", "concept", "similarity", "concepts",
             "similarities"]
     write_shard_index(pd.DataFrame(rows, columns=cols), out_dir)
     stored = {r["key"] for r in rows}
@@ -255,7 +256,8 @@ def _pool_samples(pool: Pool, wanted: set[str]) -> Iterator[tuple[str, bytes, st
             raise PoolError(f"{path}: shard listed in index.parquet is missing")
         for s in iter_samples(path):
             if s.key in wanted:
-                yield s.key, s.image, s.ext, {"pool_key": s.key}
+                # provenance: the file's path in the pool folder reaches the final dataset's index
+                yield s.key, s.image, s.ext, {"pool_key": s.key, "path": s.meta.get("path")}
 
 
 def retrieve_from_pool(concepts: Sequence[str], encoder: TextEncoder, pool_dir: str | Path,
