@@ -12,7 +12,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 COPY = ["dvc.yaml", "params.yaml", "stages", "src", "configs", ".dvc/config", ".dvc/plots", ".dvcignore",
-        "containers"]
+        "containers", "takedown.txt"]
 
 
 def run(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
