@@ -276,7 +276,7 @@ def check_pool_source(params: dict, base: str | Path = ".") -> None:
                       "but dvc.yaml's pool stage depends on it; set pool.source: configs/no-pool (a placeholder)")
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging() -> None:
@@ -288,7 +288,7 @@ def setup_logging() -> None:
     level = os.environ.get("PAS_LOG_LEVEL", "").strip().upper()
     if level and not isinstance(logging.getLevelName(level), int):
         raise ParamsError(f"PAS_LOG_LEVEL={level!r}: expected DEBUG, INFO, WARNING or ERROR")
-    logging.basicConfig(level=level or "WARNING", format=LOG_FORMAT, datefmt="%H:%M:%S")
+    logging.basicConfig(level=level or "WARNING", format=LOG_FORMAT)
     logging.getLogger("pas").setLevel(level or "INFO")
     logging.getLogger("pas").propagate = True
 
