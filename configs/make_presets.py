@@ -62,7 +62,7 @@ common = {
                  "service": {"url": "http://localhost:1234/knn-service", "indice_name": "laion5B-L-14"}},
     "captions": {"max_attempts": 3, "max_new_tokens": 96, "max_fallback_fraction": 0.5},
     "generate": {"shard_size": 1000},
-    # 768² at batch 32: the VAE decodes one image at a time (vae_slicing; same images), the UNet stays batched
+    # 768² at batch 32: the VAE decodes one image at a time (vae_slicing; pixels within ±1), the UNet stays batched
     "diffusion": {"steps": 50, "guidance": 7.5, "resolution": 768, "scheduler": "ddim", "batch_size": 32,
                   "dtype": "float16", "device": "cuda", "cpu_threads": None, "vae_slicing": True},
     "ood": {"device": "cuda", "batch_size": 256,

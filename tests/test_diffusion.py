@@ -79,8 +79,9 @@ def test_dtype_auto_is_fp16_on_cuda_only():
 
 
 def test_vae_slicing_and_tiling_by_param(tiny):
-    """VAE slicing decodes a batch one image at a time: the images stay byte-identical; tiling is
-    switched on for the VAE (it only tiles images larger than its sample size)."""
+    """VAE slicing decodes a batch one image at a time: the same images up to float rounding (a batch of
+    one and a batch of two take other kernel paths: ±1 grey level with one torch thread, measured);
+    tiling is switched on for the VAE (it only tiles images larger than its sample size)."""
     import numpy as np
     import torch
 
@@ -95,7 +96,7 @@ def test_vae_slicing_and_tiling_by_param(tiny):
     assert sliced.vae.use_slicing and sliced.vae.use_tiling
     a = generate_images(plain, ["tea", "rice"], [1, 2], d)
     b = generate_images(sliced, ["tea", "rice"], [1, 2], d)
-    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    assert all(np.abs(np.asarray(x).astype(int) - np.asarray(y).astype(int)).max() <= 1 for x, y in zip(a, b))
     with pytest.raises(ParamsError, match="diffusion.vae_slicing"):
         build(DiffusionParams, {"diffusion": {"vae_slicing": "yes"}}, "diffusion")
 

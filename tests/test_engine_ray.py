@@ -376,7 +376,7 @@ def test_generate_ray_engine_is_byte_identical_and_resumes_across_engines(tmp_pa
     from tests.test_generate import CAPS, files_of
 
     sd_dir = build_tiny_sd(tmp_path / "diffusion", seed=0)
-    p = GenerateParams(n_cap=2, n_synth=2, seed=0, shard_size=3)
+    p = GenerateParams(n_synth=2, seed=0, shard_size=3)
     d = DiffusionParams(steps=2, guidance=3.0, resolution=64, batch_size=2, cpu_threads=1)
     ray_cfg = EngineConfig("ray", ray_address=ray_cluster)
     m_local = generate(CAPS, sd_dir, tmp_path / "out_local", tmp_path / "cache_local", p, d, progress=False,
@@ -629,7 +629,7 @@ def test_generate_ray_survives_an_actor_killed_mid_shard(tmp_path, monkeypatch, 
             os.kill(os.getpid(), signal.SIGKILL)
 
     sd_dir = build_tiny_sd(tmp_path / "diffusion", seed=0)
-    p = GenerateParams(n_cap=2, n_synth=2, seed=0, shard_size=3)
+    p = GenerateParams(n_synth=2, seed=0, shard_size=3)
     d = DiffusionParams(steps=2, guidance=3.0, resolution=64, batch_size=2, cpu_threads=1)
     generate(CAPS, sd_dir, tmp_path / "out_local", tmp_path / "cache_local", p, d, progress=False,
              engine=EngineConfig("local"))
