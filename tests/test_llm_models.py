@@ -81,9 +81,13 @@ def test_text_embed_loads_and_ranks(tmp_path):
 
 
 @pytest.mark.slow
-def test_gguf_conversion_is_deterministic(tmp_path):
+def test_gguf_conversion_is_deterministic(tmp_path, monkeypatch):
+    # also across environments: HF_HUB_OFFLINE used to leak into tokenizer_config.json (local_files_only)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     a = prepare_llm(OFFLINE_LLM, tmp_path / "a")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     b = prepare_llm(OFFLINE_LLM, tmp_path / "b")
+    assert "local_files_only" not in (a / "tokenizer_config.json").read_text()
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
         assert sha256_file(a / name) == sha256_file(b / name), name
     assert read_model_info(a)["fingerprint"] == read_model_info(b)["fingerprint"]

@@ -85,6 +85,12 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     model.hf_quantizer = None  # weights are dequantised already; save them as a plain model
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
+    # transformers saves the load-time `local_files_only` (True under HF_HUB_OFFLINE) with the
+    # tokenizer: not a property of the model, and it made the folder's bytes depend on the environment
+    cfg_path = Path(out_dir) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.pop("local_files_only", None) is not None:
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def prepare_llm(source: str = OFFLINE_LLM, out_dir: str | Path = "models/llm") -> Path:
