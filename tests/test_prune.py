@@ -403,7 +403,10 @@ def test_stage_main_bad_input_exits_cleanly(tmp_path, monkeypatch, caplog):
     assert "no such scores file" in caplog.text
     empty = tmp_path / "scores.parquet"           # ood scored nothing: refused, not an empty dataset
     _scores_for([]).to_parquet(empty)
+    for d in ("retrieved", "generated"):
+        (tmp_path / d).mkdir()
     assert stage.main(["--params", str(tmp_path / "params.yaml"), "--scores", str(empty),
+                       "--images", str(tmp_path / "retrieved"), str(tmp_path / "generated"),
                        "--out", str(tmp_path / "ds")]) == 2
     assert "no scored images" in caplog.text and not (tmp_path / "ds").exists()
 
