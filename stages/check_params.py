@@ -20,9 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
-from pas.params import check_evalsets_deps, check_pool_source, load, run_stage
+from pas.params import check_dvc_yaml, load, run_stage
 
 OK = "params.yaml passed pas.params.validate\n"   # constant: downstream stages see no change
 
@@ -35,9 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     params = load(args.params)
     if args.dvc_yaml:
-        base = Path(args.dvc_yaml).resolve().parent
-        check_evalsets_deps(params, yaml.safe_load(Path(args.dvc_yaml).read_text()), base=base)
-        check_pool_source(params, base)
+        check_dvc_yaml(params, args.dvc_yaml)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(OK)

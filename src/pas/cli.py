@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from pas.params import ParamsError, check_evalsets_deps, load, setup_logging
+from pas.params import ParamsError, check_dvc_yaml, load, setup_logging
 
 
 def _inputs(params: dict) -> list[str]:
@@ -40,13 +40,10 @@ def _inputs(params: dict) -> list[str]:
 
 
 def check(args: argparse.Namespace) -> int:
-    import yaml
-
     try:
         params = load(args.params)
         if Path(args.dvc_yaml).is_file():
-            check_evalsets_deps(params, yaml.safe_load(Path(args.dvc_yaml).read_text()),
-                                base=Path(args.dvc_yaml).resolve().parent)
+            check_dvc_yaml(params, args.dvc_yaml)      # what the `params` stage checks
     except (ParamsError, OSError) as e:
         print(f"params error: {e}", file=sys.stderr)
         return 2

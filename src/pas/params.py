@@ -276,6 +276,15 @@ def check_pool_source(params: dict, base: str | Path = ".") -> None:
                       "but dvc.yaml's pool stage depends on it; set pool.source: configs/no-pool (a placeholder)")
 
 
+def check_dvc_yaml(params: dict, dvc_yaml: str | Path) -> None:
+    """What params.yaml must satisfy against dvc.yaml beyond its own validation (the `params` stage and
+    `pas check` run this): `check_evalsets_deps` and `check_pool_source`, relative to dvc.yaml's folder."""
+    dvc_yaml = Path(dvc_yaml)
+    base = dvc_yaml.resolve().parent
+    check_evalsets_deps(params, yaml.safe_load(dvc_yaml.read_text()), base=base)
+    check_pool_source(params, base)
+
+
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
