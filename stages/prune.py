@@ -20,6 +20,7 @@ from pas.curate.prune import (METRICS, PruneParams, dataset_funnel, export_datas
 from pas.curate.prune_plots import plot_peel, sample_grid
 from pas.io.manifest import read_metrics, read_parquet, write_metrics, write_parquet
 from pas.params import ParamsError, build, load, run_stage
+from pas.summary import FUNNEL
 
 log = logging.getLogger("pas.stages.prune")
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     (Path(args.out) / "README.md").write_text(dataset_card(
         domain=params.get("domain") or {}, funnel=funnel, prune=s, concepts=concepts, license=p.license))
     # the same funnel as rows, for `dvc plots` (a bar per stage)
-    order = [s for s in ("retrieve", "generate", "dedup", "leakage", "ood", "prune") if s in funnel]
+    order = [s for s in FUNNEL if s in funnel]
     _write_csv(pd.DataFrame([{"step": i, "stage": s, "images": funnel[s]["n"],
                               "real": funnel[s].get("real"), "synthetic": funnel[s].get("synthetic")}
                              for i, s in enumerate(order)]), pdir / "funnel.csv")
