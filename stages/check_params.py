@@ -11,16 +11,20 @@ on every eval set's folder. dvc.yaml lists `${eval.root}`, the folder holding th
 have any number of them (a template cannot loop over `eval.sets`); a set outside it needs its own
 `${eval.sets[i].path}` (or literal path) line. And with `retrieve.backend: clip_service` nothing reads
 `pool.source`, yet dvc.yaml's pool stage (and models@clip/@sscd) depend on it: it must exist, or DVC
-stops on a missing dep; the presets name the placeholder `configs/no-pool`.
+stops on a missing dep; the presets name the placeholder `configs/no-pool`. Input folders outside the
+repository get a warning (`pas.params.outside_repo_deps`: `dvc exp show` misnames them).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
-from pas.params import check_dvc_yaml, load, run_stage
+from pas.params import check_dvc_yaml, load, outside_repo_deps, run_stage
+
+log = logging.getLogger("pas.stages.params")
 
 OK = "params.yaml passed pas.params.validate\n"   # constant: downstream stages see no change
 
@@ -34,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     params = load(args.params)
     if args.dvc_yaml:
         check_dvc_yaml(params, args.dvc_yaml)
+        for line in outside_repo_deps(params, Path(args.dvc_yaml).resolve().parent):
+            log.warning(line)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(OK)

@@ -12,7 +12,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 COPY = ["dvc.yaml", "params.yaml", "stages", "src", "configs", ".dvc/config", ".dvc/plots", ".dvcignore",
-        "containers", "takedown.txt"]
+        "containers", "takedown.txt", "pools"]
 
 
 def run(cmd: list[str] | str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -33,7 +33,8 @@ def make_repo(dst: Path, params: dict | None = None) -> Path:
     for rel in COPY:
         src = REPO / rel
         if src.is_dir():
-            shutil.copytree(src, dst / rel, ignore=shutil.ignore_patterns("__pycache__", "*.sif"))
+            shutil.copytree(src, dst / rel, symlinks=True,     # pools/openclipart stays a link
+                            ignore=shutil.ignore_patterns("__pycache__", "*.sif"))
         elif src.exists():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / rel)

@@ -222,3 +222,32 @@ def test_a_service_profile_with_a_missing_pool_source_is_refused(tmp_path, capsy
         "clip_service nothing reads it, but dvc.yaml's pool stage depends on it; set pool.source: "
         "configs/no-pool (a placeholder)\n")
     assert not (tmp_path / "ok").exists()
+
+
+def test_input_folders_outside_the_repo_are_named_and_the_default_has_none(tmp_path):
+    from pas.params import load, outside_repo_deps
+
+    # DVC names a dep outside the repo `../../x` in the workspace and `x` in a commit, so `dvc exp show`
+    # shows it as changed on every row: the default links its pool in (pools/openclipart)
+    assert outside_repo_deps(load(ROOT / "params.yaml"), ROOT) == []
+    assert (ROOT / "pools" / "openclipart").is_symlink()
+    cfg = {"pool": {"source": "/srv/pool"}, "eval": {"root": str(tmp_path / "ev"),
+                                                      "sets": [{"path": "a"}, {"path": "/srv/sets/b"}]}}
+    lines = outside_repo_deps(cfg, tmp_path)
+    assert [line.split("=", 1)[0] for line in lines] == ["pool.source", "eval.sets[1].path"]
+    assert lines[0] == ("pool.source='/srv/pool' is outside the repository: `dvc exp show` shows it as a changed "
+                        "dep between revisions; link it in (ln -s /srv/pool pools/<name>) and name the link")
+
+
+def test_the_params_stage_warns_about_an_outside_pool(tmp_path, caplog):
+    from tests.stage_helpers import load_stage
+
+    check = load_stage("check_params")
+    cfg = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cfg["pool"]["source"] = "/usr/share/openclipart/png"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg))
+    argv = ["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "ok"),
+            "--dvc-yaml", str(ROOT / "dvc.yaml")]
+    with caplog.at_level("WARNING"):
+        assert check.main(argv) == 0
+    assert [r.getMessage().split("=")[0] for r in caplog.records] == ["pool.source"]

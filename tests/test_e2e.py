@@ -139,6 +139,11 @@ def test_full_pipeline_offline(tmp_path, s3_server):
     # 3. publish: commit the run, push everything to S3
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "smoke run"], repo)
+    # every dep has one name in the workspace and in the commit (an absolute pool path would not:
+    # DVC names it `../../x` in one and `x` in the other, and `dvc exp show` would show both as changed)
+    rows = json.loads(run(["dvc", "exp", "show", "--json", "-n", "1"], repo).stdout)
+    deps = [set((r.get("data") or {}).get("deps") or {}) for r in rows[:2]]
+    assert deps[0] and deps[0] == deps[1], deps[0] ^ deps[1]
     run(["dvc", "remote", "modify", "--local", "s3", "endpointurl", endpoint], repo)
     run(["dvc", "push", "-r", "s3"], repo, env=aws_env)
 

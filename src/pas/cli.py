@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from pas.params import ParamsError, check_dvc_yaml, load, setup_logging
+from pas.params import ParamsError, check_dvc_yaml, load, outside_repo_deps, setup_logging
 
 
 def _inputs(params: dict) -> list[str]:
@@ -49,6 +49,8 @@ def check(args: argparse.Namespace) -> int:
         return 2
     problems = _inputs(params)
     rc = 2 if problems else 0
+    for line in outside_repo_deps(params, Path(args.dvc_yaml).resolve().parent):
+        print(f"note: {line}")
     pool = params.get("pool") or {}
     if not problems and (params.get("retrieve") or {}).get("backend", "pool") == "pool" \
             and pool.get("format", "folder") == "folder":

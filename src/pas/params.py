@@ -276,6 +276,27 @@ def check_pool_source(params: dict, base: str | Path = ".") -> None:
                       "but dvc.yaml's pool stage depends on it; set pool.source: configs/no-pool (a placeholder)")
 
 
+def outside_repo_deps(params: dict, base: str | Path = ".") -> list[str]:
+    """One line per input folder DVC depends on (`pool.source`, `eval.root`, set paths) that lies outside
+    the repository at `base`. DVC (3.67) names such a dep relative to the repository in the workspace
+    (`../../data/x`) but relative to `/` in a commit (`data/x`), so `dvc exp show` lists it as two
+    changed columns on every row; a link inside the repository (the default `pools/openclipart`) has
+    one name everywhere and the same hash."""
+    base = Path(base).resolve()
+    pool = params.get("pool") or {}
+    ev = params.get("eval") or {}
+    found = [("pool.source", pool.get("source")), ("eval.root", ev.get("root"))]
+    found += [(f"eval.sets[{i}].path", s.get("path")) for i, s in enumerate(ev.get("sets") or [])]
+    out = []
+    for key, value in found:
+        if value is None or not os.path.isabs(str(value)):
+            continue          # relative paths are inside dvc.yaml's folder (or under eval.root)
+        if not Path(os.path.abspath(str(value))).is_relative_to(base):
+            out.append(f"{key}={value!r} is outside the repository: `dvc exp show` shows it as a changed "
+                       f"dep between revisions; link it in (ln -s {value} pools/<name>) and name the link")
+    return out
+
+
 def check_dvc_yaml(params: dict, dvc_yaml: str | Path) -> None:
     """What params.yaml must satisfy against dvc.yaml beyond its own validation (the `params` stage and
     `pas check` run this): `check_evalsets_deps` and `check_pool_source`, relative to dvc.yaml's folder."""
