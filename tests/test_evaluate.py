@@ -54,7 +54,8 @@ def test_knn_matches_brute_force(seed, k, weighting):
         votes = [0.0, 0.0, 0.0]
         for s, j in sims:
             votes[y[j]] += 1.0 if weighting == "uniform" else math.exp(s / 0.1)
-        assert got[i] == int(np.argmax(votes)), i
+        # lightly breaks ties in its own order: the prediction is one of the classes with the most votes
+        assert votes[got[i]] == pytest.approx(max(votes)), i
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,25 +32,25 @@ def _l2n(x: np.ndarray) -> np.ndarray:
 
 def knn_predict(train_z: np.ndarray, train_y: np.ndarray, test_z: np.ndarray, n_classes: int, k: int = 1,
                 weighting: str = "uniform", temperature: float = 0.07, chunk: int = 1024) -> np.ndarray:
-    """Predicted class of each test embedding from its k nearest training embeddings by cosine similarity.
+    """Predicted class of each test embedding from its k nearest training embeddings by cosine similarity:
+    lightly's kNN classifier (`lightly.utils.benchmarking.knn_predict`, Wu et al. 2018).
 
-    uniform: majority vote; dino: vote weight exp(cos/T) (Wu et al. 2018, as in DINO's eval_knn).
-    Ties: equal similarities rank the lower training index first; equal votes pick the lower class.
+    dino: vote weight exp(cos/T), as in DINO's eval_knn and lightly; uniform: one vote per neighbour
+    (T = ∞, so exp(cos/T) = 1 exactly). With k = 1 (the paper's) both are the nearest image's class.
     """
+    import torch
+    from lightly.utils.benchmarking import knn_predict as lightly_knn
+
     check_choice("weighting", weighting, ("uniform", "dino"))
-    tr, te = _l2n(train_z), _l2n(test_z)
-    train_y = np.asarray(train_y, dtype=np.int64)
-    k = min(k, len(tr))
-    preds = np.empty(len(te), dtype=np.int64)
-    for s in range(0, len(te), chunk):
-        sim = te[s:s + chunk] @ tr.T                                   # (b, N) cosine
-        idx = np.argsort(-sim, axis=1, kind="stable")[:, :k]           # (b, k) nearest first
-        nn_sim = np.take_along_axis(sim, idx, axis=1)
-        w = np.ones_like(nn_sim) if weighting == "uniform" else np.exp(nn_sim / temperature)
-        votes = np.zeros((len(idx), n_classes), dtype=np.float64)
-        np.add.at(votes, (np.arange(len(idx))[:, None], train_y[idx]), w)
-        preds[s:s + chunk] = votes.argmax(axis=1)
-    return preds
+    bank = torch.from_numpy(_l2n(train_z)).T.contiguous()                  # (D, N), as lightly takes it
+    labels = torch.as_tensor(np.asarray(train_y, dtype=np.int64))
+    te = torch.from_numpy(_l2n(test_z))
+    k = min(k, bank.shape[1])
+    t = temperature if weighting == "dino" else math.inf
+    with torch.no_grad():
+        preds = [lightly_knn(te[s:s + chunk], bank, labels, n_classes, knn_k=k, knn_t=t)[:, 0]
+                 for s in range(0, len(te), chunk)]
+    return torch.cat(preds).numpy().astype(np.int64) if preds else np.empty(0, dtype=np.int64)
 
 
 def linear_probe(train_z: np.ndarray, train_y: np.ndarray, test_z: np.ndarray, n_classes: int, *,
