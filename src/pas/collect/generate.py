@@ -55,8 +55,8 @@ class DiffusionParams:
     vae_slicing: bool = False     # decode a batch's latents one image at a time (less VAE memory)
     vae_tiling: bool = False      # decode each image in overlapping tiles (768² at batch 32 on one GPU)
     jpeg_quality: int = 95        # stored JPEG quality
-    cpu_threads: int | None = None  # torch CPU threads (None = torch default). Measured on a busy 2-core
-    #                                 machine: 16 tiny-SD images take 0.6 s with 1 thread, 7 s with 2
+    cpu_threads: int | None = None  # torch CPU threads (None = torch default); 1 on a busy small machine,
+    #                                 where threads wait on each other (benchmarks/RESULTS-engine.md)
 
     def __post_init__(self) -> None:
         check_range("steps", self.steps, 1, None, lo_open=False)

