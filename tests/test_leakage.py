@@ -15,7 +15,7 @@ from PIL import Image
 
 from pas.curate.leakage import LeakageParams, by_component, leakage, resolve_evalsets, summary
 from pas.params import ParamsError, build
-from tests.stage_helpers import load_stage
+from tests.stage_helpers import load_stage, outputs
 
 
 def unit(*rows) -> np.ndarray:
@@ -281,3 +281,37 @@ def test_test_chunks_span_shards_and_skip_bad_files(tmp_path, clipart_food):
     assert items == [("files", str(folder), ["a.png", "b/c.png"]), ("files", str(folder), ["b/d.png"])]
     assert [k for it in items for k, _ in load_chunk(it, max_side=16)] == ["a.png", "b/c.png"]
     assert [im.size for it in items for _, im in load_chunk(it, max_side=16)] == [(16, 16), (16, 15)]
+
+
+def test_stage_resumes_test_descriptor_chunks(tmp_path, clipart_food, monkeypatch):
+    """leakage keeps finished test-descriptor chunks like dedup does (pas.engine.map_resumable): after a
+    kill only the missing chunk is recomputed, for shard spans and for ImageFolder files alike, and the
+    outputs are the bytes of an uninterrupted run."""
+    import pas.models.sscd as sscd_lib
+
+    ctx = stage_inputs(tmp_path, clipart_food)
+    stage = load_stage("leakage")
+    stage.CHUNK = 2                       # food: 2 + 2 + 1 images in shards, mine: 2 + 1 files
+    cache = tmp_path / "cache"
+
+    def run(out):
+        return stage.main([*ctx["args"], "--out", str(tmp_path / out), "--metrics", str(tmp_path / f"{out}.json"),
+                           "--cache", str(cache)])
+
+    assert run("full") == 0
+    full = outputs(tmp_path / "full")
+    chunks = sorted(cache.glob("*.npz"))
+    assert len(chunks) == 5
+    calls = []
+    real_run = sscd_lib.ChunkDescriptors.run
+    monkeypatch.setattr(sscd_lib.ChunkDescriptors, "run", lambda self, item: calls.append(item) or real_run(self, item))
+    assert run("again") == 0 and calls == [] and outputs(tmp_path / "again") == full
+    for c in chunks[1::2]:                # as if killed before these were stored
+        c.unlink()
+    assert run("resumed") == 0
+    assert len(calls) == 2 and outputs(tmp_path / "resumed") == full
+    # a test image with other bytes: only its chunk is recomputed
+    calls.clear()
+    f = sorted((tmp_path / "user_set").rglob("*.png"))[-1]
+    Image.open(f).rotate(90).save(f)
+    assert run("changed") == 0 and len(calls) == 1

@@ -19,6 +19,7 @@ The manifest has one row per image dedup kept; the metrics count what either sco
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,3 +240,33 @@ def summary(manifest: pd.DataFrame, n_test: dict[str, int], source: Sequence[str
             out[f"dropped_{name}"] = int(((src == name) & ~kept).sum())
             out[f"n_out_{name}"] = int(((src == name) & kept).sum())
     return out
+
+
+def load_dedup(dedup_dir: Path) -> tuple[list[str], list[str], np.ndarray, dict, np.ndarray, np.ndarray]:
+    """Every dedup input (sorted by key): keys, sources, descriptors, the descriptors' provenance
+    (descriptors.json), dedup component ids and dedup's kept flags."""
+    for name in ("manifest.parquet", "keys.parquet", "descriptors.npy", "descriptors.json"):
+        if not (dedup_dir / name).is_file():
+            raise FileNotFoundError(f"{dedup_dir / name}: missing (run the dedup stage first)")
+    from pas.io.manifest import read_parquet
+
+    manifest = read_parquet(dedup_dir / "manifest.parquet")
+    order = read_parquet(dedup_dir / "keys.parquet")
+    x = np.load(dedup_dir / "descriptors.npy")
+    info = json.loads((dedup_dir / "descriptors.json").read_text())
+    if len(order) != len(x):
+        raise ValueError(f"{dedup_dir}: keys.parquet has {len(order)} rows but descriptors.npy {len(x)}")
+    if "component" not in manifest.columns:
+        raise ValueError(f"{dedup_dir}/manifest.parquet has no 'component' column: rerun dedup")
+    m = manifest.assign(key=manifest["key"].astype(str)).set_index("key")
+    src = order["source"] if "source" in order.columns else ["real"] * len(order)
+    rows = sorted((str(k), int(r), str(s)) for r, k, s in zip(order["row"], order["key"], src))
+    keys = [k for k, _, _ in rows]
+    missing = [k for k in keys if k not in m.index]
+    if missing:
+        raise ValueError(f"{dedup_dir}: {len(missing)} descriptor key(s) not in manifest.parquet, e.g. {missing[0]!r}")
+    sources = [s for _, _, s in rows]
+    xs = x[[r for _, r, _ in rows]] if rows else x[:0]
+    comp = m.loc[keys, "component"].to_numpy(np.int64) if rows else np.zeros(0, np.int64)
+    kept = m.loc[keys, "kept"].to_numpy(bool) if rows else np.zeros(0, bool)
+    return keys, sources, xs, info, comp, kept

@@ -92,3 +92,24 @@ def groups_html(groups: list[dict], images: Mapping[str, bytes], info: Mapping[s
         parts.append("</div></div>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def write_groups_page(path, manifest: pd.DataFrame, dirs: list[str], n_groups: int, per_group: int,
+                      metrics: Mapping | None = None) -> int:
+    """dedup's groups.html: the `n_groups` largest duplicate groups of `manifest`, their images read
+    from the shard folders `dirs`. Returns how many groups it shows."""
+    from pathlib import Path
+
+    from pas.io.shards import iter_samples
+
+    groups = largest_groups(manifest, n_groups, per_group)
+    wanted = {k for g in groups for k in g["keys"]}
+    images = {}
+    if wanted:
+        for d in dirs:
+            for s in iter_samples(d):
+                if s.key in wanted:
+                    images[s.key] = s.image
+    info = manifest.set_index("key")[["source", "score"]].loc[sorted(wanted)].to_dict("index") if wanted else {}
+    Path(path).write_text(groups_html(groups, images, info, summary=metrics))
+    return len(groups)

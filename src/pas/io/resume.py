@@ -34,6 +34,16 @@ def file_identity(path: str | Path) -> list:
     return ["sha256", shard_sha256(path)]
 
 
+def chunk_identity(item: tuple) -> list:
+    """What a `pas.data.chunks` item reads, by content: each shard span as [identity of the shard, start,
+    stop], each file as [relative path, identity of the file]. The one input-identity rule of resumable
+    work (`pas.engine.map_resumable`): `dvc checkout` rewriting the same bytes still hits."""
+    if item[0] == "shards":
+        return [[file_identity(shard), start, stop] for shard, start, stop in item[1]]
+    _, d, files = item
+    return [[rel, file_identity(Path(d) / rel)] for rel in files]
+
+
 def read_json(path: str | Path) -> Any | None:
     """A resume file's JSON, or None when it is missing or unreadable (a torn write: warned, treated
     as a miss so the item is recomputed)."""
@@ -56,7 +66,8 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
 
 
 class ChunkCache:
-    """`get(item_id)` / `put(item_id, keys, array)` for (list of str, ndarray) results."""
+    """`get(item_id)` / `put(item_id, keys, array)` (or `put(item_id, (keys, array))`) for (list of str,
+    ndarray) results: the store of `pas.engine.map_resumable`."""
 
     def __init__(self, root: str | Path, run_fingerprint: str):
         self.root = Path(root)
@@ -80,7 +91,9 @@ class ChunkCache:
             log.warning("ignoring unreadable cache file %s (%s: %s); recomputing", path, type(e).__name__, e)
             return None
 
-    def put(self, item_id: Any, keys: list[str], x: np.ndarray) -> None:
+    def put(self, item_id: Any, keys: list[str] | tuple, x: np.ndarray | None = None) -> None:
+        if x is None:                  # put(id, (keys, x)): a result as map_resumable hands it over
+            keys, x = keys
         path = self._path(item_id)
         self.used.add(path.name)
         self.root.mkdir(parents=True, exist_ok=True)
