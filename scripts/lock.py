@@ -4,6 +4,7 @@ picks here (Python 3.11, Linux x86_64, this machine's package indexes).
 
     .venv/bin/python scripts/lock.py             # after changing dependencies in pyproject.toml
     .venv/bin/python scripts/lock.py --upgrade   # newest versions pyproject.toml allows
+    python scripts/lock.py --cpu-torch requirements.lock OUT   # (install.sh, PAS_TORCH=cpu) see cpu_torch
 
 `scripts/install.sh` installs exactly a lock (`pip install --require-hashes --no-deps -r …`), then pas
 itself without dependencies, so every fresh clone runs the same library versions and the same bytes
@@ -16,6 +17,7 @@ dvc.lock with the lock).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -66,7 +68,36 @@ def lock_text(items: list[dict], target: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# what the PyPI torch wheel pulls in for CUDA; PyTorch's CPU wheels need none of it. nvidia-ml-py stays:
+# dvclive imports it (NVML probing), not torch
+CUDA_ONLY = re.compile(r"(torch|torchvision|triton|cuda-.+|nvidia-(?!ml-py$).+)")
+
+
+def cpu_torch(text: str) -> tuple[str, list[str]]:
+    """A lock without torch, torchvision and their CUDA-only dependencies, and the pins of the same torch /
+    torchvision versions as PyTorch's CPU wheels (`torch==2.14.1+cpu`, from download.pytorch.org/whl/cpu).
+    Those wheels are pinned by version only: the lock's sha256 are of the PyPI (CUDA) wheels."""
+    keep, pins, drop = [], [], False
+    for line in text.splitlines():
+        m = re.match(r"([A-Za-z0-9._-]+)==(\S+)", line)
+        if m:
+            name = m.group(1).lower().replace("_", "-")
+            drop = bool(CUDA_ONLY.fullmatch(name))
+            if name in ("torch", "torchvision"):
+                pins.append(f"{name}=={m.group(2).split('+')[0]}+cpu")
+        if not (drop and (m or line.startswith(" "))):
+            keep.append(line)
+    if sorted(p.split("==")[0] for p in pins) != ["torch", "torchvision"]:
+        raise SystemExit(f"lock: --cpu-torch found {pins or 'no pins'}, not torch and torchvision")
+    return "\n".join(keep) + "\n", pins
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--cpu-torch"]:
+        text, pins = cpu_torch(Path(sys.argv[2]).read_text())
+        Path(sys.argv[3]).write_text(text)
+        print("\n".join(pins))
+        return 0
     upgrade = "--upgrade" in sys.argv[1:]
     for name, target in LOCKS.items():
         (ROOT / name).write_text(lock_text(resolve(target, upgrade), target))

@@ -17,7 +17,7 @@ from pathlib import Path
 from pas.curate.card import dataset_card
 from pas.curate.prune import (METRICS, PruneParams, dataset_funnel, export_dataset, read_takedown,
                               sample_grid_keys, select)
-from pas.curate.prune_plots import plot_peel, sample_grid
+from pas.curate.prune_plots import plot_peel, sample_grid, score_caption
 from pas.io.manifest import read_metrics, read_parquet, write_metrics, write_parquet
 from pas.params import ParamsError, build, load, run_stage
 from pas.summary import FUNNEL
@@ -91,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
               title=f"Pareto peel: {s['n_in']:,} images, {s['fronts']:,} fronts; stop ({s['stop_reason']}) "
                     f"after {s['stop_x']:,} removed")
     rows = []
+    scores = result.table.set_index("key")[list(METRICS)]
     for n, keys in grid.items():
         removed = bool(result.table.loc[result.table["front"] == n - 1, "removed"].all())
         size = int((result.table["front"] == n - 1).sum())
         rows.append((f"Pareto {n} ({size:,} images, {'removed' if removed else 'kept'})",
-                     [rep.thumbs[k] for k in keys]))
+                     [(rep.thumbs[k], score_caption(**scores.loc[k])) for k in keys]))
     sample_grid(rows, pdir / "removed_samples.png")
 
     metrics = {k: v for k, v in s.items() if v is not None}

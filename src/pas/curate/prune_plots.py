@@ -3,7 +3,8 @@
 - `plot_peel` (matplotlib, `pas.plots`): one panel per metric: mean score per front against images
   removed, the binned curve kneedle saw when `prune.knee_bins` > 0, its knee and the stop, with a
   legend, ticks and axis labels.
-- `sample_grid` (Pillow): rows of images from "Pareto n" fronts (paper Figures 10 and 13).
+- `sample_grid` (matplotlib, `pas.plots`): rows of images from "Pareto n" fronts (paper Figures 10 and
+  13), each row titled with its front, each image captioned with its scores as the report shows them.
 """
 
 from __future__ import annotations
@@ -12,11 +13,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-
-
-def _font():
-    return ImageFont.load_default()
+from PIL import Image
 
 
 def plot_peel(curve_x: np.ndarray, curves: Mapping[str, np.ndarray], binned_x: np.ndarray,
@@ -70,25 +67,35 @@ def _thumb(data: bytes, size: int) -> Image.Image:
     return canvas
 
 
-def sample_grid(rows: Sequence[tuple[str, Sequence[bytes]]], path: str | Path, thumb: int = 96,
+def score_caption(ood_b: float, ood_bprime: float, ood_blur_delta: float) -> str:
+    """An image's scores in the report's words (pas.report's Pareto rows)."""
+    return f"B {ood_b:.3f} · B′ {ood_bprime:.3f}\nΔblur {ood_blur_delta:+.4f}"
+
+
+def sample_grid(rows: Sequence[tuple[str, Sequence[tuple[bytes, str]]]], path: str | Path, thumb: int = 128,
                 cols: int | None = None) -> Path:
-    """One labelled row of thumbnails per (label, [encoded images]); an empty list -> a note."""
-    font = _font()
+    """One row of thumbnails per (front label, [(encoded image, caption)]), the label above the row and
+    each caption under its image; no rows -> a note. Same images and text -> same PNG bytes."""
+    from pas.plots import figure, save_png
+
     cols = cols or max([len(imgs) for _, imgs in rows] + [1])
-    label_h = 16
-    height = max(len(rows), 1) * (thumb + label_h + 6) + 6
-    img = Image.new("RGB", (cols * (thumb + 4) + 8, height), "white")
-    d = ImageDraw.Draw(img)
-    if not rows:
-        d.text((6, 6), "no fronts to show", fill="black", font=font)
-    y = 4
-    for label, imgs in rows:
-        d.text((6, y), label, fill="black", font=font)
-        y += label_h
-        for i, data in enumerate(imgs):
-            img.paste(_thumb(data, thumb), (6 + i * (thumb + 4), y))
-        y += thumb + 6
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG", optimize=False)
-    return path
+    nrows = max(len(rows), 1)
+    with figure(1.45 * cols + 0.2, 2.05 * nrows, nrows, cols) as (fig, axes):
+        axes = np.asarray(axes).reshape(nrows, cols)   # figure() squeezes as plt.subplots does
+        for ax in axes.flat:
+            ax.set_axis_off()
+        if not rows:
+            axes[0, 0].text(0.5, 0.5, "no fronts to show", ha="center", va="center",
+                            transform=axes[0, 0].transAxes)
+        for r, (label, imgs) in enumerate(rows):
+            # the row's title hangs off its first cell: the other cells have no title to collide with
+            axes[r, 0].set_title(label, loc="left", fontweight="bold", fontsize=9)
+            for c, (data, caption) in enumerate(imgs[:cols]):
+                ax = axes[r, c]
+                ax.set_axis_on()
+                ax.imshow(np.asarray(_thumb(data, thumb)), interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.grid(False)
+                ax.set_xlabel(caption, fontsize=7, linespacing=1.2)
+        return save_png(fig, path)
