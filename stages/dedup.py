@@ -6,8 +6,8 @@ Reads the retrieved and generated shard folders and the SSCD model folder; write
   keys.parquet       row, key, source (the descriptor order; `leakage` reuses the descriptors)
   descriptors.json   model sha256, resize, dims, n (consumers check they use the same model)
   groups.html        the largest duplicate groups as thumbnails (paper Fig. 9/12), opens offline
-and `metrics/dedup.json` (n_in, n_out, n_removed, components_gt1, largest_component, removed_real,
-removed_synthetic).
+and `metrics/dedup.json` (n_in, n_kept, dropped by reason, by_source: pas.io.manifest.selection_stats;
+components_gt1, largest_component).
 """
 
 from __future__ import annotations
@@ -88,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     # no timings here: prune reads this file as a dep (dataset funnel), so it must change only when
     # the result does; the timing goes to the log line below
     write_metrics(args.metrics, metrics)
-    log.info("dedup: %d in, %d kept, %d removed (%d real, %d synthetic) in %d groups > 1 (largest %d); "
+    by = metrics["by_source"]
+    log.info("dedup: %d in, %d kept (real %d of %d, synthetic %d of %d) in %d groups > 1 (largest %d); "
              "descriptors %.1fs (%.1f img/s on %s), total %.1fs; %d groups in %s",
-             metrics["n_in"], metrics["n_out"], metrics["n_removed"], metrics["removed_real"],
-             metrics["removed_synthetic"], metrics["components_gt1"], metrics["largest_component"], t_desc,
+             metrics["n_in"], metrics["n_kept"], by["real"]["n_kept"], by["real"]["n_in"],
+             by["synthetic"]["n_kept"], by["synthetic"]["n_in"], metrics["components_gt1"],
+             metrics["largest_component"], t_desc,
              len(keys) / max(t_desc, 1e-9), device, time.time() - t0, n_groups, out / "groups.html")
     return 0
 

@@ -6,7 +6,8 @@ stage, or any ImageFolder given with `--evalset NAME=DIR`) and the SSCD model fo
 `<out>/manifest.parquet` (key, kept, reason, score, nearest_key, evalset, n_matches, via, component,
 component_leaks — one row per image dedup kept), `<out>/checked.parquet` (every dedup input against the
 test sets), `<out>/test_descriptors.npy` + `<out>/test_keys.parquet`, and `metrics/leakage.json` (n_in,
-n_out, n_dropped, dropped per eval set, test images per set, what the image and component scopes drop).
+n_kept, dropped by reason, by_source, dropped per eval set, test images per set, what the image and
+component scopes drop).
 Every dedup input is checked; `leakage.scope: component` drops whole dedup components with a leaking
 member, `image` only kept images that leak themselves.
 """
@@ -95,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                   out / "test_keys.parquet", sort_by=None)
     write_metrics(args.metrics, metrics)
     log.info("leakage (%s scope): %d in, %d kept, %d dropped (%s; %d via a duplicate) against %d test "
-             "images of %d sets in %.1fs", p.scope, metrics["n_in"], metrics["n_out"], metrics["n_dropped"],
+             "images of %d sets in %.1fs", p.scope, metrics["n_in"], metrics["n_kept"],
+             metrics["n_in"] - metrics["n_kept"],
              ", ".join(f"{k} {v}" for k, v in metrics["dropped_per_evalset"].items()) or "-",
-             metrics["dropped_leak_component"], len(tkeys), len(sets), time.time() - t0)
+             metrics["dropped"].get("leak_component", 0), len(tkeys), len(sets), time.time() - t0)
     return 0
 
 

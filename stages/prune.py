@@ -18,7 +18,7 @@ from pas.curate.card import dataset_card
 from pas.curate.prune import (METRICS, PruneParams, dataset_funnel, export_dataset, read_takedown,
                               sample_grid_keys, select)
 from pas.curate.prune_plots import plot_peel, sample_grid, score_caption
-from pas.io.manifest import read_metrics, read_parquet, write_metrics, write_parquet
+from pas.io.manifest import read_metrics, read_parquet, selection_stats, write_metrics, write_parquet
 from pas.params import ParamsError, build, load, run_stage
 from pas.summary import FUNNEL
 
@@ -99,14 +99,12 @@ def main(argv: list[str] | None = None) -> int:
                      [(rep.thumbs[k], score_caption(**scores.loc[k])) for k in keys]))
     sample_grid(rows, pdir / "removed_samples.png")
 
-    metrics = {k: v for k, v in s.items() if v is not None}
+    metrics = {k: v for k, v in s.items() if v is not None and k not in ("n_in", "n_kept", "n_removed")}
+    metrics = {**selection_stats(rep.sources_scored, rep.sources_kept,
+                                 {"pareto": s["n_removed"], "takedown": rep.n_takedown}), **metrics}
     metrics.update({
         "n_shards": int(rep.index["shard"].nunique()) if len(rep.index) else 0,
         "n_sort_runs": rep.n_runs,
-        "kept_by_source": dict(sorted(rep.sources_kept.items())),
-        "removed_by_source": {src: n - rep.sources_kept.get(src, 0)
-                              for src, n in sorted(rep.sources_scored.items())},
-        "dropped_takedown": rep.n_takedown,
         "seconds_rank_and_stop": t_rank,
         "seconds": time.perf_counter() - t0,
     })
@@ -124,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                              for i, s in enumerate(order)]), pdir / "funnel.csv")
     log.info("prune: %d images, %d fronts, stop %s (%s) after %d fronts -> kept %d, removed %d "
              "(knees %s); %d shards in %s, %.1f s", s["n_in"], s["fronts"], s["stop"], s["stop_reason"],
-             s["fronts_removed"], s["n_kept"], s["n_removed"], s["knee_x"] or "-", metrics["n_shards"],
+             s["fronts_removed"], metrics["n_kept"], metrics["n_in"] - metrics["n_kept"], s["knee_x"] or "-",
+             metrics["n_shards"],
              args.out, metrics["seconds"])
     return 0
 

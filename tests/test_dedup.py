@@ -143,9 +143,8 @@ def test_component_ids_by_size_then_key():
 def test_empty_input():
     m = dedup([], np.zeros((0, 512), np.float32), 0.6, 64)
     assert len(m) == 0 and list(m.columns)[:3] == ["key", "kept", "reason"]
-    assert summary(m, []) == {"n_in": 0, "n_out": 0, "n_removed": 0, "components_gt1": 0,
-                              "largest_component": 0, "removed_real": 0, "removed_synthetic": 0,
-                              "n_out_real": 0, "n_out_synthetic": 0}
+    assert summary(m, []) == {"n_in": 0, "n_kept": 0, "dropped": {}, "by_source": {"real": {"n_in": 0, "n_kept": 0}, "synthetic": {"n_in": 0, "n_kept": 0}},
+                              "components_gt1": 0, "largest_component": 0}
 
 
 def test_single_image():
@@ -173,10 +172,9 @@ def test_summary_counts_sources():
     x = unit([1, 0, 0], [1, 0.01, 0], [0, 1, 0], [0, 1, 0.01], [0, 0, 1])
     m = dedup(keys(5), x, 0.6, 4)
     s = summary(m, ["real", "real", "synthetic", "synthetic", "real"])
-    assert s["n_in"] == 5 and s["n_out"] == 3 and s["n_removed"] == 2
+    assert s["n_in"] == 5 and s["n_kept"] == 3 and s["dropped"] == {"duplicate": 2}
     assert s["components_gt1"] == 2 and s["largest_component"] == 2
-    assert s["removed_real"] == 1 and s["removed_synthetic"] == 1
-    assert s["n_out_real"] == 2 and s["n_out_synthetic"] == 1
+    assert s["by_source"] == {"real": {"n_in": 3, "n_kept": 2}, "synthetic": {"n_in": 2, "n_kept": 1}}
 
 
 @pytest.mark.parametrize("index,codes", [("ivf", "sq8"), ("ivf", "flat"), ("hnsw", "sq8")])
@@ -386,9 +384,11 @@ def test_stage_end_to_end(tmp_path, clipart_food, monkeypatch):
     assert m.set_index("key").loc["p9999", "component"] == m.set_index("key").loc["p0000", "component"]
     assert m.set_index("key").loc["g0001", "component"] == m.set_index("key").loc["p0001", "component"]
     met = json.loads(metrics.read_text())
-    assert met["n_in"] == len(real) + 1 and met["n_removed"] >= 2
-    assert met["n_out"] + met["n_removed"] == met["n_in"]
-    assert met["removed_real"] + met["removed_synthetic"] == met["n_removed"]
+    assert met["n_in"] == len(real) + 1 and met["dropped"]["duplicate"] >= 2
+    assert met["n_kept"] + met["dropped"]["duplicate"] == met["n_in"]
+    by = met["by_source"]
+    assert by["real"]["n_in"] + by["synthetic"]["n_in"] == met["n_in"]
+    assert by["real"]["n_kept"] + by["synthetic"]["n_kept"] == met["n_kept"]
     x = np.load(out / "descriptors.npy")
     order = pd.read_parquet(out / "keys.parquet")
     assert x.shape == (met["n_in"], 512) and list(order["row"]) == list(range(len(x)))

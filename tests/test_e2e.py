@@ -113,7 +113,7 @@ def test_full_pipeline_offline(tmp_path, s3_server):
     assert 0 < n["prune"] <= n["ood"] == n["leakage"] <= n["dedup"] <= n["retrieve"] + n["generate"]
     assert dataset["generate"]["n"] == concepts["B_after_validation"] * 2 * 2  # n_cap × n_synth
     # the pool holds the eval test images: the ones retrieved come back and leakage drops them
-    assert leak["n_dropped"] >= 1
+    assert leak["n_in"] - leak["n_kept"] == sum(leak["dropped"].values()) >= 1
     assert ev["pretrain_images"] == n["prune"]
     for name, res in ev["sets"].items():
         for model in ("pretrained", "baseline"):

@@ -41,8 +41,9 @@ def test_hand_computed():
     assert r.loc["c", "kept"] and r.loc["c", "n_matches"] == 0 and r.loc["c", "reason"] == ""
     assert r.loc["d", "kept"]
     s = summary(m, {"s1": 2, "s2": 1})
-    assert s == {"n_in": 4, "n_out": 2, "n_dropped": 2, "dropped_per_evalset": {"s1": 1, "s2": 1},
-                 "n_test": {"s1": 2, "s2": 1}}
+    assert s == {"n_in": 4, "n_kept": 2, "dropped": {"leak": 2},
+                 "by_source": {"real": {"n_in": 4, "n_kept": 2}, "synthetic": {"n_in": 0, "n_kept": 0}},
+                 "dropped_per_evalset": {"s1": 1, "s2": 1}, "n_test": {"s1": 2, "s2": 1}}
 
 
 def test_by_component_hand_computed():
@@ -68,10 +69,10 @@ def test_by_component_hand_computed():
     np.testing.assert_allclose(m.loc["a", "score"], 0.9, atol=1e-3)
     assert m.loc["d", "via"] == "d" and m["component_leaks"].tolist() == [True, False, True]
     s = summary(m.reset_index(), {"s0": 1, "s1": 1}, ["real", "real", "synthetic"], checked=checked)
-    assert s == {"n_in": 3, "n_out": 1, "n_dropped": 2, "dropped_per_evalset": {"s0": 1, "s1": 1},
-                 "n_test": {"s0": 1, "s1": 1}, "dropped_leak": 1, "dropped_leak_component": 1,
+    assert s == {"n_in": 3, "n_kept": 1, "dropped": {"leak": 1, "leak_component": 1},
+                 "by_source": {"real": {"n_in": 2, "n_kept": 1}, "synthetic": {"n_in": 1, "n_kept": 0}},
+                 "dropped_per_evalset": {"s0": 1, "s1": 1}, "n_test": {"s0": 1, "s1": 1},
                  "dropped_if_image_scope": 1, "dropped_if_component_scope": 2,
-                 "dropped_real": 1, "n_out_real": 1, "dropped_synthetic": 1, "n_out_synthetic": 0,
                  "n_checked": 5, "n_checked_leaking": 2}
 
     img = by_component(checked, comp, dedup_kept, "image").set_index("key")
@@ -79,7 +80,7 @@ def test_by_component_hand_computed():
     assert img.loc["a", "via"] == "a" and img.loc["a", "component_leaks"]     # a's own score, 0.3
     np.testing.assert_allclose(img.loc["a", "score"], 0.3, atol=1e-3)
     s = summary(img.reset_index(), {"s0": 1, "s1": 1}, checked=checked)
-    assert (s["n_dropped"], s["dropped_if_image_scope"], s["dropped_if_component_scope"]) == (1, 1, 2)
+    assert (s["dropped"], s["dropped_if_image_scope"], s["dropped_if_component_scope"]) == ({"leak": 1}, 1, 2)
     assert len(by_component(checked.iloc[:0], [], [], "component")) == 0
     with pytest.raises(ValueError, match="components"):
         by_component(checked, comp[:4], dedup_kept, "image")
@@ -103,7 +104,7 @@ def test_empty_inputs():
     assert len(m) == 0 and summary(m, {"e": 1})["n_in"] == 0
     m = leakage(["a", "b"], unit([1, 0], [0, 1]), [], [], np.zeros((0, 2), np.float32), 0.45)
     assert m["kept"].all() and m["score"].isna().all() and (m["evalset"] == "").all()
-    assert summary(m, {})["n_out"] == 2
+    assert summary(m, {})["n_kept"] == 2
 
 
 def test_dims_mismatch_refused():
@@ -234,12 +235,12 @@ def test_stage_finds_planted_copies(tmp_path, clipart_food, monkeypatch):
     assert (m.loc["p901", "nearest_key"], m.loc["p901", "evalset"]) == ("class1/img1.png", "mine")
     assert len(pd.read_parquet(out / "checked.parquet")) == len(keys)      # every dedup input
     met = json.loads(metrics.read_text())
-    assert met == {"n_in": len(keys) - 1, "n_out": len(keys) - 4, "n_dropped": 3,
+    assert met == {"n_in": len(keys) - 1, "n_kept": len(keys) - 4, "dropped": {"leak": 2, "leak_component": 1},
+                   "by_source": {"real": {"n_in": len(keys) - 1, "n_kept": len(keys) - 4},
+                                 "synthetic": {"n_in": 0, "n_kept": 0}},
                    "dropped_per_evalset": {"food": 2, "mine": 1}, "n_test": {"food": 5, "mine": 3},
-                   "dropped_leak": 2, "dropped_leak_component": 1, "dropped_if_image_scope": 2,
-                   "dropped_if_component_scope": 3, "n_checked": len(keys), "n_checked_leaking": 3,
-                   "dropped_real": 3, "n_out_real": len(keys) - 4, "dropped_synthetic": 0,
-                   "n_out_synthetic": 0, "scope": "component"}
+                   "dropped_if_image_scope": 2, "dropped_if_component_scope": 3, "n_checked": len(keys),
+                   "n_checked_leaking": 3, "scope": "component"}
     # scope image: only the kept images that leak themselves
     params = yaml.safe_load(Path(args[args.index("--params") + 1]).read_text())
     params["leakage"]["scope"] = "image"

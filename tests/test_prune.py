@@ -309,8 +309,9 @@ def test_export_streams_sorted_runs_and_refuses_missing(tmp_path):
 
 def test_dataset_funnel_reads_metrics(tmp_path):
     from collections import Counter
-    (tmp_path / "dedup.json").write_text(json.dumps({"n_out": 30, "n_out_real": 17, "n_out_synthetic": 13}))
-    (tmp_path / "leakage.json").write_text(json.dumps({"n_out": 29}))
+    (tmp_path / "dedup.json").write_text(json.dumps({"n_kept": 30, "by_source": {
+        "real": {"n_in": 20, "n_kept": 17}, "synthetic": {"n_in": 15, "n_kept": 13}}}))
+    (tmp_path / "leakage.json").write_text(json.dumps({"n_kept": 29}))
     f = dataset_funnel(tmp_path, Counter(real=20, synthetic=15), Counter(real=16, synthetic=13),
                        Counter(real=10, synthetic=5))
     assert f["retrieve"] == {"n": 20, "real": 20} and f["generate"] == {"n": 15, "synthetic": 15}
@@ -343,8 +344,8 @@ def test_stage_main_end_to_end(tmp_path, monkeypatch):
     keys = [f"p{i:04d}" for i in range(38)] + [f"g{i:04d}" for i in range(28)]
     write_parquet(_scores_for(keys, 1), tmp_path / "data/ood/scores.parquet")
     (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics/dedup.json").write_text(json.dumps({"n_out": 67}))
-    (tmp_path / "metrics/leakage.json").write_text(json.dumps({"n_out": 66}))
+    (tmp_path / "metrics/dedup.json").write_text(json.dumps({"n_kept": 67}))
+    (tmp_path / "metrics/leakage.json").write_text(json.dumps({"n_kept": 66}))
     (tmp_path / "params.yaml").write_text(
         "seed: 0\nprune:\n  stop: knee\n  knee_bins: 10\n  shard_maxcount: 16\n"
         "  sample_fronts: [1, 2, 100]\n  sample_per_front: 3\n")
@@ -361,9 +362,9 @@ def test_stage_main_end_to_end(tmp_path, monkeypatch):
     assert run("a") == 0 and run("b") == 0
     a = tmp_path / "a"
     m = read_metrics(a / "prune.json")
-    assert m["n_in"] == 66 and m["n_kept"] + m["n_removed"] == 66
+    assert m["n_in"] == 66 and m["n_kept"] + m["dropped"].get("pareto", 0) == 66
     assert m["stop"] == "knee" and m["stop_reason"] in ("knee", "no_knee")
-    assert sum(m["kept_by_source"].values()) == m["n_kept"]
+    assert sum(by["n_kept"] for by in m["by_source"].values()) == m["n_kept"]
     idx = read_parquet(a / "dataset/index.parquet")
     assert len(idx) == m["n_kept"] and idx["key"].is_monotonic_increasing
     assert set(idx.columns) >= {"key", "shard", "source", "concepts", "caption", "ood_b", "ood_bprime",
@@ -372,7 +373,7 @@ def test_stage_main_end_to_end(tmp_path, monkeypatch):
     from pas.io.shards import shard_sha256   # readers check each shard against its stored digest
     assert list(idx["shard_sha256"]) == [shard_sha256(a / "dataset" / s) for s in idx["shard"]]
     ranks = read_parquet(a / "prune/ranks.parquet")
-    assert len(ranks) == 66 and ranks["removed"].sum() == m["n_removed"]
+    assert len(ranks) == 66 and ranks["removed"].sum() == m["dropped"].get("pareto", 0)
     peel = pd.read_csv(a / "prune/peel.csv")
     assert peel["removed"].iloc[-1] == 66 and list(peel.columns[:3]) == ["front", "n", "removed"]
     knees = pd.read_csv(a / "prune/knees.csv")

@@ -127,8 +127,9 @@ def make_run(root: Path) -> Path:
                 "coverage": {"food101": {"covered": 0.25}}}
     for name, d in {"dataset": funnel, "eval": evaluation, "concepts": concepts,
                     "summary": summarize(funnel, evaluation, concepts),
-                    "dedup": {"n_in": 18, "n_out": 17, "components_gt1": 1},
-                    "leakage": {"n_checked": 18, "n_test": {"toy": 3}, "n_dropped": 1, "scope": "component"},
+                    "dedup": {"n_in": 18, "n_kept": 17, "components_gt1": 1},
+                    "leakage": {"n_checked": 18, "n_test": {"toy": 3}, "n_in": 17, "n_kept": 16,
+                                "scope": "component"},
                     "ood": {"mode": "negative_prompts", "n_with_text": 1},
                     "prune": {"n_in": 16, "fronts": 3, "fronts_removed": 1, "stop": "knee", "stop_reason": "knee",
                               "knee_reason": {"ood_b": "knee"}},

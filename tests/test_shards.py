@@ -323,3 +323,19 @@ def test_indexed_shard_writer_streams_the_index(tmp_path):
         w.write(keys[1], img, {}, row={"i": 0})
         w.write(keys[0], img, {}, row={"i": 1})
     assert not (tmp_path / "c" / "index.parquet").exists()                     # no index for a half set
+
+
+def test_selection_stats_vocabulary():
+    from pas.io.manifest import row_stats, selection_stats
+
+    # 5 rows: r1 kept, r2 duplicate, s1 kept, s2 duplicate, s3 leak
+    s = row_stats(["real", "real", "synthetic", "synthetic", "synthetic"], [1, 0, 1, 0, 0],
+                  ["", "duplicate", "", "duplicate", "leak"])
+    assert s == {"n_in": 5, "n_kept": 2, "dropped": {"duplicate": 2, "leak": 1},
+                 "by_source": {"real": {"n_in": 2, "n_kept": 1}, "synthetic": {"n_in": 3, "n_kept": 1}}}
+    # counts given directly (prune: takedown is counted at export, not per row); other sources kept
+    s = selection_stats({"real": 4, "web": 1}, {"real": 2}, {"pareto": 2, "takedown": 1, "other": 0})
+    assert s["dropped"] == {"pareto": 2, "takedown": 1} and s["by_source"]["synthetic"] == {"n_in": 0, "n_kept": 0}
+    assert list(s["by_source"]) == ["real", "synthetic", "web"]
+    with pytest.raises(ValueError, match="does not add up"):
+        selection_stats({"real": 4}, {"real": 2}, {"pareto": 1})

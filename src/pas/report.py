@@ -569,7 +569,7 @@ def _section_dedup(run: _Run) -> str:
                     pairs.append((key_of[r], key_of[a], cos))
     imgs = run.images({k for g in groups for k in g["keys"]} | {k for a, b, _ in pairs for k in (a, b)})
     score = dict(zip(man["key"], man["score"]))
-    parts = [_note(f"{m.get('n_in', len(man)):,} images in, {m.get('n_out', int(man['kept'].sum())):,} kept; "
+    parts = [_note(f"{m.get('n_in', len(man)):,} images in, {m.get('n_kept', int(man['kept'].sum())):,} kept; "
                    f"{m.get('components_gt1', '?')} groups of duplicates (SSCD cosine > λ_dup = "
                    f"{p.lambda_dup:g}), the {len(groups)} largest below; the first image of each group is "
                    f"the one kept."), _legend(("final", "dedup", "leakage", "prune"))]
@@ -622,7 +622,7 @@ def _section_leakage(run: _Run) -> str:
     parts = [_note(f"{m.get('n_checked', len(chk)):,} collected images checked against "
                    f"{sum((m.get('n_test') or {}).values()):,} eval test images; "
                    f"{m.get('n_checked_leaking', int((chk['score'] > p.lambda_leak).sum())):,} above λ_leak = "
-                   f"{p.lambda_leak:g}, {m.get('n_dropped', '?')} dropped (scope {m.get('scope', '?')}). "
+                   f"{p.lambda_leak:g}, {m['n_in'] - m['n_kept'] if 'n_kept' in m else '?'} dropped (scope {m.get('scope', '?')}). "
                    "Left: the collected image; right: the test image it matched."),
              _legend(("final", "dedup", "leakage", "prune", "test")),
              f"<h3>Leaks: the {len(leaks)} closest to a test image</h3>"]
@@ -723,7 +723,7 @@ def _section_prune(run: _Run) -> str:
     parts.append(table(("metric", "knee: images removed", "mean score there", "kneedle"), rows))
     parts.append(_note(f"{m.get('n_in', len(ranks)):,} images in {m.get('fronts', '?')} fronts; stop "
                        f"{m.get('stop', '?')} ({m.get('stop_reason', '?')}): the {m.get('fronts_removed', '?')} "
-                       f"worst fronts, {m.get('n_removed', int(ranks['removed'].sum())):,} images, removed."))
+                       f"worst fronts, {(m.get('dropped') or {}).get('pareto', int(ranks['removed'].sum())):,} images, removed."))
     rows_by_front = []
     for n in p.fronts:
         f = ranks[ranks["front"] == n - 1].sort_values("key", kind="stable")

@@ -445,15 +445,15 @@ def dedup(keys: Sequence[str], x: np.ndarray, lambda_dup: float, k_dup: int = 64
 
 
 def summary(manifest: pd.DataFrame, source: Sequence[str] | None = None) -> dict:
-    """Counters for metrics/dedup.json. `source` (real/synthetic per manifest row) splits removals."""
+    """metrics/dedup.json: the stats vocabulary (`pas.io.manifest.selection_stats`: n_in, n_kept,
+    dropped by reason, by source; `source` per manifest row, else its `source` column, else real)
+    and the duplicate groups: components_gt1, largest_component."""
+    from pas.io.manifest import row_stats
+
     n_in = len(manifest)
-    kept = manifest["kept"].to_numpy(bool) if n_in else np.zeros(0, bool)
+    if source is None:
+        source = manifest["source"] if "source" in manifest.columns else ["real"] * n_in
     sizes = manifest.loc[manifest["kept"], "component_size"].to_numpy() if n_in else np.zeros(0)
-    out = {"n_in": n_in, "n_out": int(kept.sum()), "n_removed": int(n_in - kept.sum()),
-           "components_gt1": int((sizes > 1).sum()), "largest_component": int(sizes.max()) if len(sizes) else 0}
-    if source is not None:
-        src = np.asarray(source, dtype=object)
-        for name in ("real", "synthetic"):
-            out[f"removed_{name}"] = int(((src == name) & ~kept).sum())
-            out[f"n_out_{name}"] = int(((src == name) & kept).sum())
+    out = row_stats(source, manifest["kept"], manifest["reason"])
+    out.update({"components_gt1": int((sizes > 1).sum()), "largest_component": int(sizes.max()) if len(sizes) else 0})
     return out

@@ -214,31 +214,24 @@ def by_component(checked: pd.DataFrame, component: Sequence[int], dedup_kept: Se
 
 def summary(manifest: pd.DataFrame, n_test: dict[str, int], source: Sequence[str] | None = None,
             checked: pd.DataFrame | None = None) -> dict:
-    """Counters for metrics/leakage.json: n_in, n_out, n_dropped, dropped per eval set (by nearest
-    test image), test images per set; with `source` (per manifest row) also n_out_/dropped_ real and
-    synthetic. A `by_component` manifest adds dropped_leak / dropped_leak_component (by reason) and
-    what either scope drops (dropped_if_image_scope, dropped_if_component_scope); `checked` (every
-    dedup input) adds n_checked and n_checked_leaking."""
+    """metrics/leakage.json: the stats vocabulary (`pas.io.manifest.selection_stats`: n_in, n_kept,
+    dropped by reason — leak, leak_component —, by source; `source` per manifest row, else real),
+    dropped per eval set (by nearest test image), test images per set, what either scope drops
+    (dropped_if_image_scope, dropped_if_component_scope: a `by_component` manifest), and with `checked`
+    (every dedup input) n_checked and n_checked_leaking."""
+    from pas.io.manifest import row_stats
+
     n_in = len(manifest)
     dropped = manifest.loc[~manifest["kept"]] if n_in else manifest
-    per = {name: int((dropped["evalset"] == name).sum()) for name in sorted(n_test)}
-    out = {"n_in": n_in, "n_out": int(n_in - len(dropped)), "n_dropped": int(len(dropped)),
-           "dropped_per_evalset": per, "n_test": {k: int(v) for k, v in sorted(n_test.items())}}
+    out = row_stats(source if source is not None else ["real"] * n_in, manifest["kept"], manifest["reason"])
+    out["dropped_per_evalset"] = {name: int((dropped["evalset"] == name).sum()) for name in sorted(n_test)}
+    out["n_test"] = {k: int(v) for k, v in sorted(n_test.items())}
     if "component_leaks" in manifest.columns:
-        reason = manifest["reason"].astype(str)
-        out["dropped_leak"] = int((reason == "leak").sum())
-        out["dropped_leak_component"] = int((reason == "leak_component").sum())
-        out["dropped_if_image_scope"] = out["dropped_leak"]
+        out["dropped_if_image_scope"] = int((manifest["reason"].astype(str) == "leak").sum())
         out["dropped_if_component_scope"] = int(manifest["component_leaks"].astype(bool).sum())
     if checked is not None:
         out["n_checked"] = int(len(checked))
         out["n_checked_leaking"] = int((~checked["kept"].astype(bool)).sum())
-    if source is not None:
-        src = np.asarray(source, dtype=object)
-        kept = manifest["kept"].to_numpy(bool) if n_in else np.zeros(0, bool)
-        for name in ("real", "synthetic"):
-            out[f"dropped_{name}"] = int(((src == name) & ~kept).sum())
-            out[f"n_out_{name}"] = int(((src == name) & kept).sum())
     return out
 
 

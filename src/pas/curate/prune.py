@@ -382,8 +382,8 @@ def sample_grid_keys(table: pd.DataFrame, fronts_1based: Sequence[int], per_fron
 FUNNEL_METRICS = {
     "retrieve": ("retrieve.json", "n_unique"),
     "generate": ("generate.json", "n_images"),
-    "dedup": ("dedup.json", "n_out"),
-    "leakage": ("leakage.json", "n_out"),
+    "dedup": ("dedup.json", "n_kept"),
+    "leakage": ("leakage.json", "n_kept"),
 }
 
 
@@ -406,7 +406,7 @@ def dataset_funnel(metrics_dir: str | Path | None, sources_in: Counter, sources_
 
     retrieve / generate: real / synthetic images found in the prune stage's image dirs (falling back
     to metrics/retrieve.json "n_unique" and metrics/generate.json "n_images"); dedup / leakage:
-    metrics/<stage>.json "n_out" (+ "n_out_real", "n_out_synthetic" when present); ood: images
+    metrics/<stage>.json "n_kept" and its "by_source" (the stats vocabulary); ood: images
     scored; prune: images kept. Stages with nothing known are left out.
     """
     md = Path(metrics_dir) if metrics_dir is not None else None
@@ -422,11 +422,11 @@ def dataset_funnel(metrics_dir: str | Path | None, sources_in: Counter, sources_
             funnel[stage] = {"n": int(m), src: int(m)}
     for stage in ("dedup", "leakage"):
         m = _read_metrics(md, FUNNEL_METRICS[stage][0])
-        if isinstance(m.get("n_out"), (int, float)):
-            e = {"n": int(m["n_out"])}
-            for s in ("real", "synthetic"):
-                if isinstance(m.get(f"n_out_{s}"), (int, float)):
-                    e[s] = int(m[f"n_out_{s}"])
+        if isinstance(m.get("n_kept"), (int, float)):
+            e = {"n": int(m["n_kept"])}
+            for s, by in (m.get("by_source") or {}).items():
+                if s in ("real", "synthetic") and isinstance(by.get("n_kept"), (int, float)):
+                    e[s] = int(by["n_kept"])
             funnel[stage] = e
     for stage, c in (("ood", sources_scored), ("prune", sources_kept)):
         funnel[stage] = {"n": int(sum(c.values())), "real": int(c.get("real", 0)),

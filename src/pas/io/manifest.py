@@ -106,3 +106,29 @@ def read_run(metrics_path: str | Path) -> dict:
     """The run log written beside `metrics_path` ({} when the last run had nothing run-dependent)."""
     rp = run_path(metrics_path)
     return json.loads(rp.read_text()) if rp.is_file() else {}
+
+
+SOURCES = ("real", "synthetic")
+
+
+def selection_stats(n_in: Mapping[str, int], n_kept: Mapping[str, int], dropped: Mapping[str, int]) -> dict:
+    """The stats vocabulary of every stage that selects images (dedup, leakage, prune; the funnel and the
+    report read it): `n_in`, `n_kept`, `dropped` by reason, and `by_source` {source: {n_in, n_kept}}
+    (real and synthetic always, 0 when absent). Inputs are counts by source and by reason; the dropped
+    counts must add up to n_in − n_kept."""
+    by = {s: {"n_in": int(n_in.get(s, 0)), "n_kept": int(n_kept.get(s, 0))}
+          for s in (*SOURCES, *sorted(set(n_in) - set(SOURCES)))}
+    total_in, total_kept = sum(int(v) for v in n_in.values()), sum(int(v) for v in n_kept.values())
+    drops = {str(r): int(n) for r, n in sorted(dropped.items()) if n}
+    if sum(drops.values()) != total_in - total_kept:
+        raise ValueError(f"dropped {drops} does not add up to {total_in} in - {total_kept} kept")
+    return {"n_in": total_in, "n_kept": total_kept, "dropped": drops, "by_source": by}
+
+
+def row_stats(sources: Iterable[str], kept: Iterable[bool], reasons: Iterable[str]) -> dict:
+    """`selection_stats` of a manifest: one source, kept flag and reason (for dropped rows) per row."""
+    from collections import Counter
+
+    rows = list(zip(map(str, sources), map(bool, kept), map(str, reasons)))
+    return selection_stats(Counter(s for s, _, _ in rows), Counter(s for s, k, _ in rows if k),
+                           Counter(r for _, k, r in rows if not k))
