@@ -17,12 +17,11 @@ repository get a warning (`pas.params.outside_repo_deps`: `dvc exp show` misname
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
-from pas.params import check_dvc_yaml, load, outside_repo_deps, run_stage
+from pas.params import check_dvc_yaml, load, outside_repo_deps, run_stage, stage_parser
 
 log = logging.getLogger("pas.stages.params")
 
@@ -30,8 +29,7 @@ OK = "params.yaml passed pas.params.validate\n"   # constant: downstream stages 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
+    ap = stage_parser(__doc__)
     ap.add_argument("--out", default="data/params.ok")
     ap.add_argument("--dvc-yaml", help="also check this dvc.yaml's evalsets deps against eval.sets")
     args = ap.parse_args(argv)

@@ -12,7 +12,6 @@ components_gt1, largest_component).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -25,25 +24,22 @@ from pas.curate.dedup import DedupParams, dedup, summary
 from pas.engine import EngineConfig
 from pas.io.manifest import write_metrics, write_parquet
 from pas.models.files import write_json
-from pas.params import build, load, run_stage
+from pas.params import build, load, run_stage, stage_parser
 
 log = logging.getLogger("pas.stages.dedup")
 CHUNK = 512          # images decoded at a time (descriptors run in batch_size batches inside)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = stage_parser(__doc__, "metrics/dedup.json")
     ap.add_argument("--images", nargs="+", default=["data/retrieved", "data/generated"],
                     help="webdataset shard folders (retrieved, generated)")
     ap.add_argument("--sscd", default="models/sscd", help="SSCD folder from the models stage")
     ap.add_argument("--out", default="data/dedup")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--metrics", default="metrics/dedup.json")
     ap.add_argument("--cache", default="data/.cache/dedup",
                     help="scratch folder keeping finished descriptor chunks across killed runs (not a DVC out); "
                          "'' disables it")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = build(DedupParams, load(args.params), "dedup")
 
     from pas.curate.descriptors import descriptor_cache, folder_descriptors, sscd_on_engine

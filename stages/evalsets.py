@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import sys
@@ -10,19 +9,16 @@ import time
 from pathlib import Path
 
 from pas.io.manifest import write_metrics
-from pas.params import build, load, run_stage
+from pas.params import build, load, run_stage, stage_parser
 from pas.train.evalsets import EvalParams, write_evalset
 
 log = logging.getLogger("pas.evalsets")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = stage_parser(__doc__, "metrics/evalsets.json")
     ap.add_argument("--out", default="data/evalsets")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--metrics", default="metrics/evalsets.json")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = build(EvalParams, load(args.params), "eval")
     out = Path(args.out)
     if out.exists():

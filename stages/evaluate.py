@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
 from pathlib import Path
 
 from pas.io.manifest import write_metrics
-from pas.params import build, load, run_stage
+from pas.params import build, load, run_stage, stage_parser
 from pas.train.evaluate import EvalParams, evaluate
 
 log = logging.getLogger("pas.evaluate")
@@ -27,15 +26,12 @@ def _write_plot(metrics: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = stage_parser(__doc__, "metrics/eval.json")
     ap.add_argument("--backbone", default="models/backbone")
     ap.add_argument("--init", default="models/backbone_init", help="baseline architecture + random init")
     ap.add_argument("--evalsets", default="data/evalsets")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--metrics", default="metrics/eval.json")
     ap.add_argument("--plot", default="data/evaluate/accuracy.csv", help="accuracy rows for `dvc plots`")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = build(EvalParams, load(args.params), "eval")
     t0 = time.time()
     metrics = evaluate(p, args.backbone, args.init, args.evalsets)

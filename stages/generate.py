@@ -3,7 +3,6 @@ data/generated/. Resumable: progress lives in --cache (not a DVC out), see pas.c
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import sys
@@ -14,25 +13,22 @@ from pas.collect.caption_files import read_captions
 from pas.collect.generate import DiffusionParams, GenerateParams, generate
 from pas.engine import EngineConfig
 from pas.io.manifest import write_metrics
-from pas.params import build, load, run_stage
+from pas.params import build, load, run_stage, stage_parser
 
 log = logging.getLogger("pas.stages.generate")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = stage_parser(__doc__, "metrics/generate.json")
     ap.add_argument("--captions", default="data/captions", help="the captions stage's out")
     ap.add_argument("--model", default="models/diffusion", help="diffusers pipeline folder (models stage)")
     ap.add_argument("--out", default="data/generated", help="output folder (DVC out)")
     ap.add_argument("--cache", default="data/.cache/generate",
                     help="scratch folder holding finished shards across (killed) runs")
-    ap.add_argument("--metrics", default="metrics/generate.json")
-    ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--fresh", action="store_true", help="forget the scratch folder and start over")
     ap.add_argument("--prune-cache", action="store_true",
                     help="after a complete run, delete the scratch image shards")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     params = load(args.params)
     p = build(GenerateParams, params, section="generate")

@@ -26,7 +26,7 @@ import pandas as pd
 from pas.curate.leakage import LeakageParams, by_component, leakage, load_dedup, resolve_evalsets, summary
 from pas.engine import EngineConfig
 from pas.io.manifest import write_metrics, write_parquet
-from pas.params import build, load, run_stage
+from pas.params import build, load, run_stage, stage_parser
 
 log = logging.getLogger("pas.stages.leakage")
 CHUNK = 512
@@ -40,20 +40,17 @@ def _evalset_arg(s: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = stage_parser(__doc__, "metrics/leakage.json")
     ap.add_argument("--dedup", default="data/dedup", help="dedup output folder")
     ap.add_argument("--evalsets", default="data/evalsets", help="folder of eval sets (<name>/test/)")
     ap.add_argument("--evalset", action="append", type=_evalset_arg, default=[], metavar="NAME=DIR",
                     help="an extra eval test folder (webdataset shards or ImageFolder); repeatable")
     ap.add_argument("--sscd", default="models/sscd", help="SSCD folder from the models stage")
     ap.add_argument("--out", default="data/leakage")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--metrics", default="metrics/leakage.json")
     ap.add_argument("--cache", default="data/.cache/leakage",
                     help="scratch folder keeping finished test-descriptor chunks across killed runs (not a DVC "
                          "out); '' disables it")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = build(LeakageParams, load(args.params), "leakage")
 
     from pas.curate.descriptors import descriptor_cache, set_descriptors, sscd_on_engine

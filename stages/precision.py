@@ -6,28 +6,24 @@ leakage and the final dataset; writes metrics/precision.json. No curation stage 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
 from pas.curate.precision import PrecisionParams, domain_precision
 from pas.io.manifest import read_parquet, write_metrics
-from pas.params import build, load, run_stage
+from pas.params import build, load, run_stage, stage_parser
 
 log = logging.getLogger("pas.precision")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = stage_parser(__doc__, "metrics/precision.json")
     ap.add_argument("--pool-index", default="data/pool/index.parquet")
     ap.add_argument("--retrieved", default="data/retrieved/index.parquet")
     ap.add_argument("--dedup", default="data/dedup/manifest.parquet")
     ap.add_argument("--leakage", default="data/leakage/manifest.parquet")
     ap.add_argument("--dataset", default="data/dataset/index.parquet")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--metrics", default="metrics/precision.json")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = build(PrecisionParams, load(args.params), "precision")
     pool = read_parquet(args.pool_index)
     dedup, leakage = read_parquet(args.dedup), read_parquet(args.leakage)

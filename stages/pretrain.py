@@ -9,13 +9,12 @@ srun + torchrun on several, see README), it runs as one of the workers and rank 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 
 from pas.io.manifest import write_metrics
-from pas.params import build, load, run_stage
+from pas.params import build, load, run_stage, stage_parser
 from pas.train.distributed import World, relaunch
 from pas.train.pretrain import LAYOUT_KEYS, PretrainParams, launch_processes, pretrain
 
@@ -23,18 +22,16 @@ log = logging.getLogger("pas.pretrain")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = stage_parser(__doc__, "metrics/pretrain.json")
     ap.add_argument("--data", default="data/dataset", help="final dataset shards (prune output)")
     ap.add_argument("--init", default="models/backbone_init", help="backbone architecture + init weights")
     ap.add_argument("--out", default="models/backbone")
     ap.add_argument("--ckpt", default="scratch/pretrain", help="checkpoints (not a DVC out)")
     ap.add_argument("--live", default="dvclive/pretrain")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--metrics", default="metrics/pretrain.json")
     args = ap.parse_args(argv)
     main_rank = World.from_env().rank == 0
-    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    if not main_rank:                     # one rank's log is the run's; the others warn only
+        logging.getLogger("pas").setLevel(logging.WARNING)
     p = build(PretrainParams, load(args.params), "pretrain")
     n = launch_processes(p)
     if n > 1:

@@ -8,7 +8,6 @@ metrics/prune.json and the dataset funnel metrics/dataset.json.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -19,7 +18,7 @@ from pas.curate.prune import (METRICS, PruneParams, dataset_funnel, export_datas
                               sample_grid_keys, select)
 from pas.curate.prune_plots import plot_peel, sample_grid, score_caption
 from pas.io.manifest import read_metrics, read_parquet, selection_stats, write_metrics, write_parquet
-from pas.params import ParamsError, build, load, run_stage
+from pas.params import ParamsError, build, load, run_stage, stage_parser
 from pas.summary import FUNNEL
 
 log = logging.getLogger("pas.stages.prune")
@@ -31,21 +30,18 @@ def _write_csv(df, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = stage_parser(__doc__, "metrics/prune.json")
     ap.add_argument("--scores", default="data/ood/scores.parquet", help="ood scores parquet")
     ap.add_argument("--images", nargs="+", default=["data/retrieved", "data/generated"],
                     help="webdataset shard folders holding the scored images")
     ap.add_argument("--metrics-dir", default="metrics", help="other stages' metrics for the funnel")
     ap.add_argument("--out", default="data/dataset", help="final dataset folder")
     ap.add_argument("--prune-dir", default="data/prune", help="ranks, peel curves and figures")
-    ap.add_argument("--metrics", default="metrics/prune.json")
     ap.add_argument("--dataset-metrics", default="metrics/dataset.json")
     ap.add_argument("--concepts-metrics", default="metrics/concepts.json",
                     help="|B| and coverage for the dataset card (concepts stage)")
-    ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     t0 = time.perf_counter()
     pdir = Path(args.prune_dir)

@@ -7,25 +7,22 @@ discovery, Pareto peel). Open data/report/index.html in any browser, offline.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
 from pathlib import Path
 
-from pas.params import ParamsError, load, run_stage
+from pas.params import ParamsError, load, run_stage, stage_parser
 from pas.report import build_report
 
 log = logging.getLogger("pas.report")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = stage_parser(__doc__)
     ap.add_argument("--root", default=".", help="the run's repository root (data/ and metrics/ below it)")
     ap.add_argument("--out", default="data/report", help="report folder (index.html + figures)")
-    ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     try:
         res = build_report(Path(args.root), Path(args.out), params=load(args.params))

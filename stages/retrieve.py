@@ -5,7 +5,6 @@ DVC out: a killed run resumes there (pas.collect.knn_service)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
@@ -14,24 +13,21 @@ from pas.collect.clip_client import ServiceError
 from pas.collect.knn_service import DownloadError
 from pas.collect.retrieve import PoolError, RetrieveParams, retrieve
 from pas.io.manifest import write_metrics
-from pas.params import ParamsError, build, load, run_stage
+from pas.params import ParamsError, build, load, run_stage, stage_parser
 
 log = logging.getLogger("pas.stages.retrieve")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = stage_parser(__doc__, "metrics/retrieve.json")
     ap.add_argument("--concepts", default="data/concepts/bank.parquet", help="concept bank parquet")
     ap.add_argument("--pool", default="data/pool", help="pool folder (shards, faiss.index, pool.json)")
     ap.add_argument("--clip", default="models/clip", help="CLIP model folder (same model as the pool)")
     ap.add_argument("--out", default="data/retrieved", help="output folder")
     ap.add_argument("--cache", default="data/.cache/retrieve",
                     help="clip_service: scratch folder holding finished query batches and download shards")
-    ap.add_argument("--metrics", default="metrics/retrieve.json")
-    ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--device", default="cpu", help="torch device for the CLIP text encoder")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     try:
         params = build(RetrieveParams, load(args.params), section="retrieve")

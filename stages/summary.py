@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
 from pas.io.manifest import read_metrics, write_metrics
-from pas.params import run_stage
+from pas.params import run_stage, stage_parser
 from pas.summary import summarize, summary_text
 
 log = logging.getLogger("pas.summary")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = stage_parser(__doc__)
     ap.add_argument("--dataset", default="metrics/dataset.json", help="funnel and final size (prune stage)")
     ap.add_argument("--eval", default="metrics/eval.json", help="top-1 per eval set (evaluate stage)")
     ap.add_argument("--concepts", default="metrics/concepts.json", help="|B| and coverage (concepts stage)")

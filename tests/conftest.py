@@ -61,3 +61,16 @@ def repository_results_untouched():
     after = _tracked_outputs()
     changed = sorted(n for n in before if after.get(n) != before[n])
     assert not changed, f"tests modified committed pipeline results: {changed}"
+
+
+@pytest.fixture(autouse=True)
+def stage_logging():
+    """What `pas.params.run_stage` sets up for a stage run by DVC (pas at INFO), for tests that call a
+    stage's `main()` directly; restored after each test."""
+    import logging
+
+    pas_log = logging.getLogger("pas")
+    level = pas_log.level
+    pas_log.setLevel(logging.INFO)
+    yield
+    pas_log.setLevel(level)

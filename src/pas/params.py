@@ -323,6 +323,18 @@ def setup_logging() -> None:
     logging.getLogger("pas").propagate = True
 
 
+def stage_parser(doc: str | None, metrics: str | None = None):
+    """The argument parser every stage script starts from: its docstring as `--help`, `--params`
+    (params.yaml) and, for a stage that writes one, `--metrics` (its metrics file)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="the params file (validated whole)")
+    if metrics is not None:
+        ap.add_argument("--metrics", default=metrics, help="the stage's metrics file")
+    return ap
+
+
 def run_stage(main: Callable[[], Any]) -> int:
     """The `__main__` of every stage script: `sys.exit(run_stage(main))`.
 
