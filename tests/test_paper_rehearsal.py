@@ -5,7 +5,8 @@ sizes are scaled down (concept caps, k_retrieve, n_cap, n_synth, k_dup/k_leak, d
 resolution, epochs, batch and head sizes, the CLIP architectures ViT-L-14 (models.clip) and ViT-B-16
 (CLIPN's base) → ViT-B-32 with the same `pretrained: openai` tag), locations point at the stand-ins
 (pool folder, eval-set root, the kNN service URL, the SSCD and CLIPN file URLs: the preset's CLIPN
-checkpoint is a path, as its weights have no stable URL; here it is served by URL with its sha256) and devices are the CPU (device: cpu, dtype: auto). Every model kind
+checkpoint is a path, as its weights have no stable URL; here it is served by URL with its sha256) and
+devices are the CPU (device: cpu, dtype: auto). Every model kind
 (hub, url, open_clip pretrained), backend (vllm, clip_service), role and container wrapper of the
 preset stays as it is, and dvc.yaml is the repository's, whatever stages it has. Served on 127.0.0.1:
 

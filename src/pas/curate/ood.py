@@ -21,7 +21,8 @@ build the dense 1M×5k matrix: memory is image_chunk × concept_chunk.
 "No" embeddings come from CLIPN's no-tower when `models.clipn` is configured (`pas.models.clipn`; CLIPN
 feeds it the same prompt templates as the yes-tower, and its frozen base CLIP embeds the images and
 reads the yes prompts), else from the trained no head beside `models/clip` (`pas.models.no_head`),
-else from the plain CLIP text tower with negative prompt templates ("a photo of no {}."). Either way a concept's embedding is the prompt ensemble
+else from the plain CLIP text tower with negative prompt templates ("a photo of no {}.").
+Either way a concept's embedding is the prompt ensemble
 Σ_t normalise(enc(template_t(c))) re-normalised, as CLIPN's `merge_yes_no_feature` does.
 """
 
