@@ -39,6 +39,12 @@ common = {
                 "llama2_13b": {"kind": "hub", "repo": "meta-llama/Llama-2-13b-chat-hf"}},
         "text_embed": {"kind": "hub", "repo": "sentence-transformers/all-MiniLM-L6-v2"},
         "backbone_init": {"kind": "timm", "name": "vit_base_patch16_224", "kwargs": {"img_size": 224}},
+        # App. D: "the official implementation and weights of CLIPN-CTW" (xmed-lab/CLIPN): its no-tower sits
+        # on OpenAI's ViT-B/16, so ood embeds with that base while retrieve keeps ViT-L/14 (models.clip).
+        # The weights are Google Drive folders (CLIPN README, ViT-B-16, three repeats), no stable URL:
+        # download one epoch_10.pt here, or give {url, sha256} of your own copy
+        "clipn": {"kind": "clipn", "base": {"kind": "open_clip", "name": "ViT-B-16", "pretrained": "openai"},
+                  "checkpoint": {"path": "/data/pas/models/clipn/epoch_10.pt"}},
     },
     "llm": {
         "l1": vllm("models/llm/mixtral", tensor_parallel_size=2),

@@ -1,7 +1,9 @@
 """DVC stage `ood`: three CLIPN-style OOD scores per kept image (paper §3.3).
 
 Reads the leakage keep-manifest, the retrieved + generated shards, the accepted concepts of the bank,
-the CLIP folder (and a CLIPN checkpoint if given); writes `<out>/scores.parquet`
+and the CLIPN folder (`models/clipn`): when `models.clipn` is configured, CLIPN's base CLIP embeds the
+images and its checkpoint gives the no-tower (mode clipn); otherwise the CLIP folder (`models/clip`)
+with its trained no head (no_head) or negative prompts (negative_prompts). Writes `<out>/scores.parquet`
 (key, source, ood_b, ood_bprime, ood_blur_delta, text_boxes) and `metrics/ood.json`.
 """
 
@@ -17,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from pas.curate.ood import (OodParams, OodScorer, Timings, derive_generalized_concepts, encode_prompts,
-                            run_fingerprint, score_shards)
+                            ood_models, run_fingerprint, score_shards)
 from pas.engine import EngineConfig
 from pas.io.manifest import read_parquet, write_metrics, write_parquet
-from pas.params import ParamsError, build, load, run_stage
+from pas.params import build, load, run_stage
 
 log = logging.getLogger("pas.stages.ood")
 
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="webdataset shard folders")
     ap.add_argument("--concepts", default="data/concepts/bank.parquet")
     ap.add_argument("--clip", default="models/clip", help="CLIP folder from the models stage")
-    ap.add_argument("--clipn", default=None, help="CLIPN checkpoint (overrides ood.clipn_checkpoint)")
+    ap.add_argument("--clipn", default=None, help="CLIPN folder from the models stage (models/clipn); "
+                    "used when models.clipn is configured, else --clip")
     ap.add_argument("--out", default="data/ood")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--metrics", default="metrics/ood.json")
@@ -76,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load(args.params)
     p = build(OodParams, params, "ood")
-    if args.clipn is not None:
-        p = dataclasses.replace(p, clipn_checkpoint=args.clipn)
     generalized, b_prime_from = _generalized(p, params)
     kept = _kept_keys(args.manifest)
     if not kept:                        # leakage dropped everything: nothing to score is not a result
@@ -88,19 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     from pas.curate.textblur import default_det_model
     from pas.models.files import fingerprint_dir, sha256_file
 
-    if p.clipn_checkpoint and not Path(p.clipn_checkpoint).is_file():
-        raise ParamsError(f"ood.clipn_checkpoint={p.clipn_checkpoint!r}: no such file")
+    models = ood_models(args.clip, args.clipn)
     engine = EngineConfig.from_env()
-    clipn_sha = sha256_file(p.clipn_checkpoint) if p.clipn_checkpoint else ""
+    clipn_sha = sha256_file(models.clipn_checkpoint) if models.clipn_checkpoint else ""
     # the scorer loads CLIP + the detector and encodes B and B' once with that CLIP: here (local), or
     # on each Ray actor, so that with Ray this process loads no model (it may have no GPU)
-    scorer = OodScorer(args.clip, None, p, prompts=(concepts, generalized))
+    scorer = OodScorer(models.clip_dir, None, p, prompts=(concepts, generalized),
+                       clipn_checkpoint=models.clipn_checkpoint)
     prompt_info: dict = {}
     if engine.engine == "local":
         prompt_info = dict(scorer.load().prompt_info)
     timings = Timings()
     out = Path(args.out)
-    fp = run_fingerprint(p, {"clip": fingerprint_dir(args.clip), "clipn": clipn_sha,
+    fp = run_fingerprint(p, {"clip": fingerprint_dir(models.clip_dir), "clipn": clipn_sha,
                              "detector": sha256_file(default_det_model())}, concepts, generalized)
     t_score = time.perf_counter()
     df, n_resumed = score_shards(args.images, kept, scorer, str(out / "parts"), fp, batch_size=p.batch_size,
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     write_parquet(df, out / "scores.parquet")
     if not prompt_info:          # ray, every shard resumed: no actor ran, encode here for the metrics
         # (mode, logit scale and CLIPN match do not depend on the device; this process may have no GPU)
-        prompt_info = encode_prompts(args.clip, dataclasses.replace(p, device="cpu"), concepts, generalized).info()
+        prompt_info = encode_prompts(models.clip_dir, dataclasses.replace(p, device="cpu"), concepts, generalized,
+                                     clipn_checkpoint=models.clipn_checkpoint).info()
 
     n = timings.n_images
     metrics = {

@@ -54,6 +54,17 @@ def test_check_reports_missing_inputs(tmp_path, monkeypatch, capsys):
     assert "pool.source=" in err and "no such folder" in err and "eval.sets[0] (clipart_food)" in err
 
 
+def test_check_reports_a_missing_clipn_checkpoint(tmp_path, monkeypatch, capsys):
+    clipn = {"kind": "clipn", "base": {"kind": "open_clip", "name": "ViT-B-16", "pretrained": "openai"},
+             "checkpoint": {"path": str(tmp_path / "epoch_10.pt")}}
+    monkeypatch.chdir(_project(tmp_path, models__clipn=clipn))
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"models.clipn.checkpoint.path={str(tmp_path / 'epoch_10.pt')!r}: no such file"
+    (tmp_path / "epoch_10.pt").write_bytes(b"x")
+    assert main(["check"]) == 0
+
+
 def test_check_lists_pool_entries_that_break_dvc_hashing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(_project(tmp_path))
     (tmp_path / "pool" / "food" / "loop").symlink_to("loop")

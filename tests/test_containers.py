@@ -25,7 +25,7 @@ SECTIONS = ("%files", "%post", "%environment", "%runscript", "%test", "%labels",
 # which container runs each GPU stage of dvc.yaml (models: one foreach item each)
 STAGE_FAMILY = {
     "models@clip": "vision", "models@sscd": "vision", "models@backbone_init": "vision",
-    "models@diffusion": "diffusion", "models@llm": "llm", "models@text_embed": "llm",
+    "models@clipn": "vision", "models@diffusion": "diffusion", "models@llm": "llm", "models@text_embed": "llm",
     "pool": "vision", "concepts": "llm", "captions": "llm", "retrieve": "vision", "generate": "diffusion",
     "dedup": "vision", "leakage": "vision", "ood": "vision", "pretrain": "vision", "evaluate": "vision",
 }

@@ -17,7 +17,8 @@ from tests.dvc_helpers import make_repo, ran_stages, run
 ROOT = Path(__file__).resolve().parents[1]
 
 ALL = ["params", "models@clip", "models@sscd", "models@diffusion", "models@llm", "models@text_embed",
-       "models@backbone_init", "pool", "concepts", "retrieve", "captions", "generate", "evalsets", "dedup",
+       "models@backbone_init", "models@clipn", "pool", "concepts", "retrieve", "captions", "generate", "evalsets",
+       "dedup",
        "leakage", "ood", "prune", "pretrain", "evaluate", "summary", "precision", "report"]
 AFTER_DEDUP = ["params", "dedup", "leakage", "ood", "prune", "pretrain", "evaluate", "summary", "precision",
                "report"]   # params: the check

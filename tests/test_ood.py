@@ -55,6 +55,25 @@ def test_hand_computed_two_images_three_concepts():
     np.testing.assert_allclose(ood_scores_dense(f, g_yes, g_no, scale=S), expected, atol=1e-5)
 
 
+def test_ood_b_is_clipn_atd_not_ctw_hand_computed():
+    """Paper §3.3: "These probabilities are used to compute the OOD score for I with respect to the
+    concept bank B: OOD_B(I) = 1 − Σ_{c∈B} (1 − p^no_{c,I})·p_{c,I}". CLIPN (xmed-lab/CLIPN,
+    src/zero_shot_infer.py) scores in-distribution-ness two ways from the same model: ATD =
+    Σ_c softmax([l_c, l^no_c])_yes · softmax(l)_c, CTW = softmax([l_ĉ, l^no_ĉ])_yes of ĉ = argmax l.
+    OOD_B is 1 − ATD."""
+    ln3 = math.log(3)
+    # one image, two concepts. logit_yes = [ln3, 0] → p = [3/4, 1/4]
+    # logit_no = [ln3, ln3] → p_no = [3/(3+3), 3/(1+3)] = [1/2, 3/4]
+    # ATD = (1 − 1/2)·3/4 + (1 − 3/4)·1/4 = 3/8 + 1/16 = 7/16 → OOD_B = 9/16
+    # CTW: ĉ = concept 0, 1 − p_no = 1/2 → 1 − CTW = 1/2 (≠ 9/16)
+    cos_yes, cos_no = np.array([[ln3, 0.0]]) / S, np.array([[ln3, ln3]]) / S
+    dim = 1 + 2 + 2
+    f = np.eye(1, dim, dtype=np.float32)
+    got = ood_scores(f, _unit_rows(cos_yes, dim, 1), _unit_rows(cos_no, dim, 3), scale=S)
+    np.testing.assert_allclose(got, [9 / 16], atol=1e-6)
+    assert abs(got[0] - 1 / 2) > 0.05                                 # not the CTW score
+
+
 def _random_unit(rng, n, d):
     x = rng.normal(size=(n, d)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -106,8 +125,9 @@ def test_derive_generalized_concepts():
 
 def test_params_validation_and_build():
     p = build(OodParams, {"ood": {"generalized_concepts": ["food", "meal"], "blur_kind": "fill"}}, "ood")
-    assert p.generalized_concepts == ("food", "meal") and p.mode == "negative_prompts"
-    assert build(OodParams, {"ood": {"clipn_checkpoint": "models/clipn/x.pt"}}, "ood").mode == "clipn"
+    assert p.generalized_concepts == ("food", "meal")
+    with pytest.raises(ParamsError, match="models.clipn"):     # moved to the model family
+        build(OodParams, {"ood": {"clipn_checkpoint": "models/clipn/x.pt"}}, "ood")
     with pytest.raises(ParamsError, match="blur_kind"):
         build(OodParams, {"ood": {"blur_kind": "pixelate"}}, "ood")
     with pytest.raises(ParamsError, match="no_templates"):
@@ -299,25 +319,39 @@ def test_stage_main_refuses_an_empty_input(tmp_path, monkeypatch, tiny_clip_dir,
 
 
 def test_stage_main_clipn_mode(tmp_path, monkeypatch, tiny_clip_dir):
+    """models.clipn configured: CLIPN's base (not --clip) embeds the images and reads the yes prompts,
+    its no-tower the no prompts; the scores are CLIPN's ATD formula computed here independently."""
     import torch
 
-    from pas.models.clip import load_clip
+    from pas.io.shards import decode_image, iter_samples, list_shards
+    from pas.models.clip import build_tiny_clip, load_clip
+    from pas.models.clipn import load_clipn_no_encoder, read_clipn_dir
+    from pas.models.specs import resolve
+    from tests.standins.repos import write_clipn_checkpoint
 
-    _stage_inputs(tmp_path, monkeypatch, tiny_clip_dir)
-    model = load_clip(tiny_clip_dir).model
-    sd = dict(model.state_dict())
-    for k, v in model.state_dict().items():   # a CLIPN checkpoint: *_no copy of the text tower + prompts
-        if k.startswith(("transformer.", "token_embedding.", "positional_embedding", "ln_final.",
-                         "text_projection")):
-            head, dot, rest = k.partition(".")
-            sd[f"{head}_no{dot}{rest}"] = v + 0.01 * torch.randn_like(v)
-    sd["prompt_no"] = 0.05 * torch.randn(16, *model.positional_embedding.shape)
-    torch.save({"state_dict": sd}, tmp_path / "clipn.pt")
-    assert _run(tmp_path, "--clipn", str(tmp_path / "clipn.pt")) == 0
+    _stage_inputs(tmp_path, monkeypatch, build_tiny_clip(tmp_path / "other-clip", seed=5))   # --clip: not used
+    ckpt = write_clipn_checkpoint(tmp_path / "epoch_10.pt", load_clip(tiny_clip_dir).model.state_dict(), seed=2)
+    clipn_dir = resolve("clipn", {"kind": "clipn", "base": {"kind": "tiny", "seed": 0},
+                                  "checkpoint": {"path": str(ckpt)}}, tmp_path / "models-clipn")
+    assert _run(tmp_path, "--clipn", str(clipn_dir)) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["mode"] == "clipn" and m["n_scored"] == 4 and m["clipn_base_match"] is True
-    df = pd.read_parquet(tmp_path / "ood" / "scores.parquet")
-    assert df["ood_b"].between(0, 1).all()
+    df = pd.read_parquet(tmp_path / "ood" / "scores.parquet").set_index("key")
+
+    base_dir, ckpt_file = read_clipn_dir(clipn_dir)
+    base = load_clip(base_dir)
+    no = load_clipn_no_encoder(ckpt_file, base)
+    concepts = ["pizza", "soup", "sushi"]                        # accepted, sorted
+    prompts = [f"a photo of a {c}." for c in concepts]           # CLIPN's no-tower reads the yes prompts
+    ims = {s.key: decode_image(s.image) for d in ("retrieved", "generated")
+           for sh in list_shards(tmp_path / d) for s in iter_samples(sh)}
+    keys = ["ga1", "ga2", "pa1", "pa3"]
+    f = torch.tensor(base.encode_images([ims[k] for k in keys]), dtype=torch.float64)
+    logits = 100.0 * f @ torch.tensor(base.encode_texts(prompts), dtype=torch.float64).T
+    logits_no = 100.0 * f @ torch.tensor(no.encode_texts(prompts), dtype=torch.float64).T
+    yesno = torch.softmax(torch.stack([logits, logits_no], -1), -1)[..., 0]
+    atd = (yesno * torch.softmax(logits, -1)).sum(1)
+    np.testing.assert_allclose(df.loc[keys, "ood_b"].to_numpy(), 1 - atd.numpy(), atol=1e-4)
 
 
 def test_scorer_encodes_its_prompts_once_with_the_clip_it_loads(tiny_clip_dir):

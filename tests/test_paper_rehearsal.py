@@ -2,9 +2,11 @@
 
 A temporary copy of the repository runs `dvc repro` on a copy of configs/paper-food.yaml in which only
 sizes are scaled down (concept caps, k_retrieve, n_cap, n_synth, k_dup/k_leak, diffusion steps and
-resolution, epochs, batch and head sizes, the CLIP architecture ViT-L-14 → ViT-B-32 with the same
-`pretrained: openai` tag), locations point at the stand-ins (pool folder, eval-set root, the kNN
-service URL, the SSCD file URL) and devices are the CPU (device: cpu, dtype: auto). Every model kind
+resolution, epochs, batch and head sizes, the CLIP architectures ViT-L-14 (models.clip) and ViT-B-16
+(CLIPN's base) → ViT-B-32 with the same `pretrained: openai` tag), locations point at the stand-ins
+(pool folder, eval-set root, the kNN service URL, the SSCD and CLIPN file URLs: the preset's CLIPN
+checkpoint is a path, as its weights have no stable URL; here it is served by URL with its sha256) and
+devices are the CPU (device: cpu, dtype: auto). Every model kind
 (hub, url, open_clip pretrained), backend (vllm, clip_service), role and container wrapper of the
 preset stays as it is, and dvc.yaml is the repository's, whatever stages it has. Served on 127.0.0.1:
 
@@ -12,6 +14,7 @@ preset stays as it is, and dvc.yaml is the repository's, whatever stages it has.
   with fp16 variant files, gated Mixtral-8x7B-Instruct and Llama-2-13b-chat (HF_TOKEN accepted),
   all-MiniLM-L6-v2, and the timm/..._clip_224.openai repository open_clip downloads `openai` weights from;
 - the SSCD TorchScript URL (a stand-in descriptor with SSCD's interface, tests/standins/repos.py);
+- a CLIPN checkpoint URL (a no-tower fitting the stand-in ViT-B-32 openai weights, tests/standins/repos.py);
 - a clip-retrieval kNN service and the image URLs it returns (tests/standins/knn_service.py);
 - vLLM (tests/standins/site/vllm), installed only in the fake llm image: every GPU stage runs through
   `stages/run-in <family>` into tests/fake_apptainer.py (PAS_CONTAINERS=1), on 2 simulated 80 GiB GPUs.
@@ -25,20 +28,21 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
+
+from pas.models.files import sha256_file
 
 from tests.dvc_helpers import REPO, make_repo, ran_stages, run
-from tests.standins.fixtures import llm_repos, standin_repos  # noqa: F401  (fixtures)
+from tests.standins.fixtures import file_server, llm_repos, standin_repos  # noqa: F401  (fixtures)
 from tests.standins.hub import HubStandIn
 from tests.standins.knn_service import KnnService
-from tests.standins.repos import write_open_clip_repo, write_sscd_torchscript
+from tests.standins.repos import write_clipn_checkpoint, write_open_clip_repo, write_sscd_torchscript
 
 CLIPART = Path("/usr/share/openclipart/png")
 FAKE = Path(__file__).resolve().parent / "fake_apptainer.py"
@@ -111,6 +115,7 @@ def scaled(preset: dict, where: dict) -> dict:
     p.update(k_retrieve=3, n_cap=1, n_synth=1, k_dup=8, k_leak=4)
     p["concepts"].update(max_generation_samples=2, generation_batch=2, max_expansion_rounds=1, max_concepts=10)
     p["models"]["clip"]["name"] = CLIP_ARCH                        # ViT-L-14: same kind and tag, 3x smaller
+    p["models"]["clipn"]["base"]["name"] = CLIP_ARCH               # ViT-B-16: same kind and tag
     p["models"]["backbone_init"]["kwargs"]["img_size"] = 32
     p["diffusion"].update(steps=2, resolution=64)                  # the tiny SD of the stand-in Hub is 64 px
     p["pretrain"].update(epochs=1, warmup_epochs=0, batch_size=4, image_size=32, hidden_dim=64,
@@ -121,6 +126,7 @@ def scaled(preset: dict, where: dict) -> dict:
     p["eval"]["root"] = where["evalsets"]
     p["retrieve"]["service"]["url"] = where["knn"]
     p["models"]["sscd"]["url"] = where["sscd"]
+    p["models"]["clipn"]["checkpoint"] = where["clipn"]            # a path on the cluster: {url, sha256} here
     # devices: no GPU here (auto: float16 on CUDA, float32 on the CPU)
     for section in ("pool", "diffusion", "ood", "pretrain", "eval"):
         p[section]["device"] = "cpu"
@@ -130,8 +136,9 @@ def scaled(preset: dict, where: dict) -> dict:
 
 def unchanged_parts(p: dict) -> dict:
     """What the rehearsal must not touch: model kinds/sources, LLM backends and roles, retrieval backend."""
-    models = {k: {kk: vv for kk, vv in v.items() if kk not in ("name", "url", "kwargs")} if "kind" in v else v
-              for k, v in p["models"].items()}
+    models = {k: {kk: vv for kk, vv in v.items() if kk not in ("name", "url", "kwargs", "checkpoint")}
+              if "kind" in v else v for k, v in p["models"].items()}
+    models["clipn"]["base"] = {k: v for k, v in models["clipn"]["base"].items() if k != "name"}
     roles = {r: {k: s[k] for k in ("backend", "model", "dtype") if k in s} | {"tp": s.get("tensor_parallel_size")}
              for r, s in p["llm"].items()}
     return {"models": models, "llm": roles, "retrieve": p["retrieve"]["backend"],
@@ -169,26 +176,6 @@ def timed_repro(repo: Path, env: dict) -> tuple[subprocess.CompletedProcess, dic
     return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines), ""), times
 
 
-@pytest.fixture
-def file_server(tmp_path):
-    """A plain HTTP file server (the SSCD release host's role)."""
-    root = tmp_path / "files"
-    root.mkdir()
-
-    class Handler(SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(root), **kw)
-
-        def log_message(self, *a):
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
-
-
 @pytest.mark.slow
 def test_paper_food_preset_gets_through_every_stage(tmp_path, standin_repos, file_server):
     if not CLIPART.is_dir():
@@ -211,6 +198,9 @@ def test_paper_food_preset_gets_through_every_stage(tmp_path, standin_repos, fil
     sscd_root, sscd_url = file_server
     write_sscd_torchscript(sscd_root / "sscd_disc_mixup.torchscript.pt")
     write_open_clip_repo(tmp_path / "open_clip_repo", CLIP_ARCH)
+    write_clipn_checkpoint(sscd_root / "clipn_vit_b32.pt",
+                           load_file(str(tmp_path / "open_clip_repo" / "open_clip_model.safetensors")))
+    clipn = {"url": f"{sscd_url}/clipn_vit_b32.pt", "sha256": sha256_file(sscd_root / "clipn_vit_b32.pt")}
 
     with HubStandIn() as hub, KnnService(web, preset["retrieve"]["service"]["indice_name"]) as knn:
         hub.add_repo(sd["repo"], standin_repos["sd"], sha=sd["revision"])
@@ -222,7 +212,7 @@ def test_paper_food_preset_gets_through_every_stage(tmp_path, standin_repos, fil
 
         params = scaled(preset, {"pool": str(pool), "evalsets": str(tmp_path / "evalsets"),
                                  "knn": f"{knn.url}/knn-service",
-                                 "sscd": f"{sscd_url}/sscd_disc_mixup.torchscript.pt"})
+                                 "sscd": f"{sscd_url}/sscd_disc_mixup.torchscript.pt", "clipn": clipn})
         assert unchanged_parts(params) == unchanged_parts(preset)
         repo = make_repo(tmp_path / "repo")
         shutil.copy2(REPO / "configs" / "paper-food.yaml", repo / "params.yaml")   # cp configs/paper-food.yaml …
@@ -276,6 +266,10 @@ def test_paper_food_preset_gets_through_every_stage(tmp_path, standin_repos, fil
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo, env=env).stdout
     funnel = json.loads((repo / "metrics/dataset.json").read_text())
     assert funnel["retrieve"]["n"] > 0 and funnel["generate"]["n"] > 0 and funnel["prune"]["n"] > 0
+    # ood scored with CLIPN on its own base, retrieval kept models/clip
+    ood = json.loads((repo / "metrics/ood.json").read_text())
+    assert ood["mode"] == "clipn" and ood["clipn_base_match"] is True, ood
+    assert json.loads((repo / "models/clipn/clipn.json").read_text())["sha256"] == clipn["sha256"]
     ev = json.loads((repo / "metrics/eval.json").read_text())
     assert sorted(ev["sets"]) == ["food101", "foodx251"]                  # Food-2K: leakage only
 

@@ -36,6 +36,13 @@ def _inputs(params: dict) -> list[str]:
     for family, spec in sorted((params.get("models") or {}).items()):
         if isinstance(spec, dict) and spec.get("kind") == "local" and not Path(str(spec["path"])).exists():
             out.append(f"models.{family}.path={spec['path']!r}: no such file or folder")
+    clipn = (params.get("models") or {}).get("clipn") or {}
+    if clipn.get("kind") == "clipn":      # its base and checkpoint paths (a url is fetched by models@clipn)
+        base, ck = clipn.get("base") or {}, clipn.get("checkpoint") or {}
+        if base.get("kind") == "local" and not Path(str(base["path"])).exists():
+            out.append(f"models.clipn.base.path={base['path']!r}: no such file or folder")
+        if "path" in ck and not Path(str(ck["path"])).expanduser().is_file():
+            out.append(f"models.clipn.checkpoint.path={ck['path']!r}: no such file")
     return out
 
 

@@ -155,7 +155,8 @@ def build(cls: type, params: Mapping[str, Any], section: str | None = None):
     """Build dataclass `cls` from `params[section]`, falling back to top-level keys.
 
     Fields of `cls` that name paper keys are read from the top level; the rest from the section.
-    Unknown keys in the section and values of the wrong type raise ParamsError naming `section.key`.
+    Unknown keys in the section and values of the wrong type raise ParamsError naming `section.key`;
+    a key listed in `cls.REMOVED_KEYS` (key -> where it went) gets that message instead.
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -168,6 +169,9 @@ def build(cls: type, params: Mapping[str, Any], section: str | None = None):
     if misplaced:  # one value per paper symbol: a section copy would silently diverge
         raise ParamsError(f"{section}.{misplaced[0]}: paper hyperparameters are top-level keys; "
                           f"set `{misplaced[0]}` at the top of params.yaml")
+    removed = sorted(set(raw) & set(getattr(cls, "REMOVED_KEYS", {})))
+    if removed:   # a key of an older params.yaml: say where its setting went, not "did you mean"
+        raise ParamsError(f"{section}.{removed[0]}: removed; {cls.REMOVED_KEYS[removed[0]]}")
     unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
         raise unknown_key(f"{section}.", unknown[0], fields)

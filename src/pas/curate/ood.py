@@ -8,15 +8,21 @@ For an image embedding f and a concept set B with "yes" text embeddings g_c and 
     p_c^no     = softmax([logit_c, logit_c^no])[1] = σ(logit_c^no − logit_c)   (CLIPN: "it is not c")
     OOD_B(I)   = 1 − Σ_{c∈B} (1 − p_c^no)·p_c
 
+That is 1 − CLIPN's ATD ("agreeing-to-differ") in-distribution score Σ_c p_c·(1 − p_c^no); CLIPN's CTW
+("competing-to-win") score would be p^no of the argmax concept alone. CTW and ATD are two scores of
+the same CLIPN weights (xmed-lab/CLIPN, src/zero_shot_infer.py computes both from one model).
+
 The paper scores every image with three metrics: OOD_B(I) over the concept bank, OOD_B'(I) over a
 generalised concept set B', and OOD_B(I') − OOD_B(I), I' = I with its text regions blurred.
 
 `ood_scores` streams over concept chunks with a running log-sum-exp, so 5k concepts × 1M images never
 build the dense 1M×5k matrix: memory is image_chunk × concept_chunk.
 
-"No" embeddings come from CLIPN's no-tower when a checkpoint is given (`pas.models.clipn`; CLIPN feeds
-it the same prompt templates as the yes-tower), else from the plain CLIP text tower with negative
-prompt templates ("a photo of no {}."). Either way a concept's embedding is the prompt ensemble
+"No" embeddings come from CLIPN's no-tower when `models.clipn` is configured (`pas.models.clipn`; CLIPN
+feeds it the same prompt templates as the yes-tower, and its frozen base CLIP embeds the images and
+reads the yes prompts), else from the trained no head beside `models/clip` (`pas.models.no_head`),
+else from the plain CLIP text tower with negative prompt templates ("a photo of no {}.").
+Either way a concept's embedding is the prompt ensemble
 Σ_t normalise(enc(template_t(c))) re-normalised, as CLIPN's `merge_yes_no_feature` does.
 """
 
@@ -27,7 +33,8 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 
@@ -67,8 +74,12 @@ class OodParams:
     batch_size: int = 64             # images per CLIP forward pass
     concept_chunk: int = 1024        # concepts per score block (memory: image_chunk × concept_chunk)
     image_chunk: int = 4096          # images per score block
-    clipn_checkpoint: str = ""       # CLIPN checkpoint file; "" = plain CLIP + negative prompts
     device: str = "cpu"
+
+    # keys of older params.yaml files, refused with where their setting lives now (`pas.params.build`)
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "clipn_checkpoint": "CLIPN is a model family now: set `models.clipn` "
+                            "({kind: clipn, base: {...}, checkpoint: {path: ...}}, README) and delete this key"}
 
     def __post_init__(self) -> None:
         for name in ("yes_templates", "no_templates"):
@@ -88,9 +99,34 @@ class OodParams:
         for name in ("batch_size", "concept_chunk", "image_chunk"):
             check_range(name, getattr(self, name), 1, None, lo_open=False)
 
+
+@dataclass(frozen=True)
+class OodModels:
+    """The models `ood` scores with: `clip_dir` embeds the images and is the yes-tower; the no-tower is
+    CLIPN's (`clipn_checkpoint`, on `clip_dir` = CLIPN's base), else the no head saved in `clip_dir`,
+    else none (negative prompts)."""
+
+    clip_dir: str
+    clipn_checkpoint: str | None = None
+
     @property
     def mode(self) -> str:
-        return "clipn" if self.clipn_checkpoint else "negative_prompts"
+        from pas.models.no_head import NO_HEAD_FILE
+
+        if self.clipn_checkpoint:
+            return "clipn"
+        return "no_head" if (Path(self.clip_dir) / NO_HEAD_FILE).is_file() else "negative_prompts"
+
+
+def ood_models(clip_dir: str, clipn_dir: str | None = None) -> OodModels:
+    """CLIPN's base + checkpoint when `clipn_dir` (models/clipn) is configured, else `clip_dir`."""
+    if clipn_dir:
+        from pas.models.clipn import read_clipn_dir
+
+        found = read_clipn_dir(clipn_dir)
+        if found is not None:
+            return OodModels(str(found[0]), str(found[1]))
+    return OodModels(str(clip_dir))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,9 +291,9 @@ class PromptEncoding:
 
 
 def encode_prompts(clip_dir: str, params: OodParams, concepts: Sequence[str], generalized: Sequence[str],
-                   clip: Any = None) -> PromptEncoding:
-    """Load CLIP from `clip_dir` (unless `clip` is given) and its no-tower — CLIPN's when
-    `params.clipn_checkpoint` is set, else the trained no head saved beside the CLIP
+                   clip: Any = None, clipn_checkpoint: str | None = None) -> PromptEncoding:
+    """Load CLIP from `clip_dir` (unless `clip` is given) and its no-tower — CLIPN's from
+    `clipn_checkpoint` (then `clip_dir` is CLIPN's base), else the trained no head saved beside the CLIP
     (`pas.models.no_head`, the offline CLIP's), else none (negative prompts) — and encode B and B'
     (`build_text_sets`)."""
     if clip is None:
@@ -265,10 +301,10 @@ def encode_prompts(clip_dir: str, params: OodParams, concepts: Sequence[str], ge
 
         clip = load_clip(clip_dir, device=params.device)
     no_encoder = None
-    if params.clipn_checkpoint:
+    if clipn_checkpoint:
         from pas.models.clipn import load_clipn_no_encoder
 
-        no_encoder = load_clipn_no_encoder(params.clipn_checkpoint, clip)
+        no_encoder = load_clipn_no_encoder(clipn_checkpoint, clip)
     else:
         from pas.models.no_head import load_no_head
 
@@ -339,10 +375,10 @@ def _sha256_json(obj: Any) -> str:
 
 def run_fingerprint(params: OodParams, models: dict[str, str], concepts: Sequence[str],
                     generalized: Sequence[str]) -> str:
-    """What every shard's scores depend on besides the shard itself: params (device, batch sizes and
-    the checkpoint's path excluded), model fingerprints (CLIP, CLIPN file, detector file), B and B'."""
+    """What every shard's scores depend on besides the shard itself: params (device and batch sizes
+    excluded), model fingerprints (the CLIP used, the CLIPN checkpoint's sha256, the detector), B and B'."""
     p = dataclasses.asdict(params)
-    for k in ("device", "batch_size", "concept_chunk", "image_chunk", "det_threads", "clipn_checkpoint"):
+    for k in ("device", "batch_size", "concept_chunk", "image_chunk", "det_threads"):
         p.pop(k)
     return _sha256_json({"params": p, "models": models, "B": list(concepts), "B_prime": list(generalized)})
 
@@ -360,10 +396,12 @@ class OodScorer:
     """
 
     def __init__(self, clip_dir: str, texts: TextSets | None, params: OodParams, clip: Any = None,
-                 detector: Any = None, prompts: tuple[Sequence[str], Sequence[str]] | None = None):
+                 detector: Any = None, prompts: tuple[Sequence[str], Sequence[str]] | None = None,
+                 clipn_checkpoint: str | None = None):
         if texts is None and prompts is None:
             raise ValueError("OodScorer needs the encoded texts or the prompts to encode")
         self.clip_dir, self.texts, self.params, self.prompts = str(clip_dir), texts, params, prompts
+        self.clipn_checkpoint = clipn_checkpoint
         self.clip, self.detector, self.timings = clip, detector, Timings()
         self.prompt_info: dict | None = None
 
@@ -382,7 +420,8 @@ class OodScorer:
             self.detector = TextDetector(limit_side_len=p.det_limit_side_len, box_thresh=p.det_box_thresh,
                                          threads=p.det_threads)
         if self.texts is None:
-            enc = encode_prompts(self.clip_dir, self.params, *self.prompts, clip=self.clip)
+            enc = encode_prompts(self.clip_dir, self.params, *self.prompts, clip=self.clip,
+                                 clipn_checkpoint=self.clipn_checkpoint)
             self.texts, self.prompt_info = enc.texts, enc.info()
         return self
 

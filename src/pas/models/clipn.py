@@ -16,6 +16,11 @@ for OpenAI weights) always match the base CLIP. The CLIP passed in must be the o
 from (its image encoder and yes-tower are frozen copies of it; CLIPN's released weights sit on
 OpenAI's ViT-B/16): a different architecture fails on shapes, different weights of the same
 architecture are reported by `base_matches` (a warning and `clipn_base_match` in the metrics).
+
+The `models@clipn` stage (params `models.clipn`) writes `models/clipn/`: the base CLIP bundle in
+`base/` (`pas.models.clip` format), the checkpoint file as downloaded or copied (sha256 checked) and
+`clipn.json` naming it; with `kind: none` (the offline default) only `clipn.json` saying so, and `ood`
+keeps `models/clip`. `read_clipn_dir` is what `ood` reads.
 """
 
 from __future__ import annotations
@@ -24,14 +29,21 @@ import copy
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+from urllib.parse import urlparse
 
 import numpy as np
+
+from pas.models.files import sha256_file, write_json
+from pas.params import ParamsError
 
 log = logging.getLogger(__name__)
 
 # state-dict names of the no-tower, as CLIPN's model defines them
 NO_MODULES = ("transformer_no", "token_embedding_no", "ln_final_no")
 NO_PARAMS = ("positional_embedding_no", "text_projection_no", "prompt_no")
+MANIFEST = "clipn.json"     # in models/clipn/: {"kind": "none"} or {"kind": "clipn", "checkpoint": file, …}
+BASE_DIR = "base"           # the base CLIP bundle inside models/clipn/
+SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
 def read_state_dict(path: str | Path) -> dict:
@@ -109,11 +121,11 @@ def build_no_tower(clip_model: Any, state_dict: Mapping[str, Any]):
     missing = sorted(k for k in expected if k not in state_dict)
     if missing:
         raise ValueError(f"CLIPN checkpoint lacks {len(missing)} no-tower weights, e.g. {missing[:3]} "
-                         "(was it trained on a different CLIP architecture than models/clip?)")
+                         "(was it trained on a different CLIP architecture than its base?)")
     bad = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
            for k, v in expected.items() if tuple(state_dict[k].shape) != tuple(v.shape)]
     if bad:
-        raise ValueError(f"CLIPN no-tower shapes differ from models/clip: {bad[:3]}")
+        raise ValueError(f"CLIPN no-tower shapes differ from the base CLIP's: {bad[:3]}")
     tower.load_state_dict({k: state_dict[k] for k in expected}, strict=True)
     return tower.eval()
 
@@ -162,3 +174,65 @@ def load_clipn_no_encoder(path: str | Path, clip: Any) -> NoTextEncoder:
         log.warning("%s: CLIPN was trained on a different CLIP than the one loaded (text_projection "
                     "differs); its no-logits will not be calibrated", path)
     return NoTextEncoder(tower, clip.tokenizer, getattr(clip, "device", "cpu"), base_match=match)
+
+
+# ------------------------------------------------------------------------ the models/clipn folder
+
+def write_not_configured(out_dir: str | Path) -> Path:
+    """`models.clipn: {kind: none}`: a folder that only says so (the ood stage depends on models/clipn
+    whatever the profile, as dvc.yaml deps cannot be conditional)."""
+    out = Path(out_dir)
+    write_json(out / MANIFEST, {"kind": "none"})
+    return out
+
+
+def fetch_checkpoint(ck: Mapping[str, str], out_dir: str | Path, where: str = "models.clipn.checkpoint") -> Path:
+    """Download (`url`) or copy (`path`) a CLIPN checkpoint into `out_dir`, check its sha256 (required
+    with `url`), check that its no-tower loads onto the base CLIP already in `out_dir/base`, and write
+    the manifest. Errors are one line naming `where`."""
+    import shutil
+
+    out = Path(out_dir)
+    src = ck.get("url") or ck.get("path")
+    suffix = Path(urlparse(src).path if "url" in ck else src).suffix.lower()
+    dst = out / ("checkpoint" + (suffix if suffix in SUFFIXES else ".pt"))   # read_state_dict goes by suffix
+    if "url" in ck:
+        import torch
+
+        try:
+            torch.hub.download_url_to_file(src, str(dst), progress=False)
+        except Exception as e:  # noqa: BLE001 - urllib/http errors of many types: one line with the key
+            raise ParamsError(f"{where}.url={src!r}: download failed: {e}") from None
+    else:
+        path = Path(src).expanduser()
+        if not path.is_file():
+            raise ParamsError(f"{where}.path={src!r}: no such file")
+        shutil.copyfile(path, dst)
+    digest = sha256_file(dst)
+    want = ck.get("sha256")
+    if want and digest != want.lower():
+        dst.unlink()
+        raise ParamsError(f"{where}.sha256: {src} has sha256 {digest}, expected {want.lower()}")
+    from pas.models.clip import load_clip
+
+    try:    # a checkpoint that does not fit the base fails here, not hours later in ood
+        enc = load_clipn_no_encoder(dst, load_clip(out / BASE_DIR))
+    except ValueError as e:
+        raise ParamsError(f"{where}: {e}") from None
+    write_json(out / MANIFEST, {"kind": "clipn", "checkpoint": dst.name, "source": src, "sha256": digest,
+                                "base_match": enc.base_match})
+    return out
+
+
+def read_clipn_dir(model_dir: str | Path) -> tuple[Path, Path] | None:
+    """(base CLIP folder, checkpoint file) of a `models/clipn` folder, or None for `kind: none`."""
+    model_dir = Path(model_dir)
+    manifest = model_dir / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{model_dir}: not a CLIPN model folder (no {MANIFEST}); run `dvc repro models@clipn`")
+    import json
+
+    m = json.loads(manifest.read_text())
+    if m.get("kind") == "none":
+        return None
+    return model_dir / BASE_DIR, model_dir / m["checkpoint"]

@@ -22,7 +22,7 @@ from pas.models.llm import HUB_ID
 from pas.models.sscd_train import SscdTrainSpec
 from pas.params import ParamsError, check_seed, unknown_key
 
-FAMILIES = ("clip", "sscd", "diffusion", "llm", "text_embed", "backbone_init")
+FAMILIES = ("clip", "sscd", "diffusion", "llm", "text_embed", "backbone_init", "clipn")
 
 # `trained`: small models trained on the image pool by the `models` stage (the offline default);
 # their optional keys are the fields of the spec dataclasses (light modules: torch loads lazily)
@@ -45,7 +45,12 @@ KINDS: dict[str, dict[str, tuple[set, set]]] = {
                   "local": ({"path"}, set())},
     "text_embed": {"package": (set(), set()), "hub": ({"repo"}, {"revision"}), "local": ({"path"}, set())},
     "backbone_init": {"timm": ({"name"}, {"kwargs", "seed", "weights"})},
+    # `none`: no CLIPN (ood uses models/clip: its trained no head, else negative prompts)
+    "clipn": {"none": (set(), set()), "clipn": ({"base", "checkpoint"}, set())},
 }
+# CLIPN's base: the CLIP its no-tower was trained on (not `trained`: CLIPN ships weights for OpenAI's)
+CLIPN_BASE_KINDS = {k: KINDS["clip"][k] for k in ("tiny", "open_clip", "local")}
+SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 LLM_KINDS = {"gguf_package": (set(), {"package", "file"}), "hub": ({"repo"}, {"revision"}),
              "local": ({"path"}, set())}
 
@@ -69,6 +74,27 @@ def _check_spec(where: str, spec: Any, kinds: dict[str, tuple[set, set]]) -> Non
         check_seed(f"{where}.seed", spec["seed"])
     if kind == "hub":
         _check_hub(where, spec)
+    if kind == "clipn":
+        _check_clipn(where, spec)
+
+
+def _check_clipn(where: str, spec: dict) -> None:
+    _check_spec(f"{where}.base", spec["base"], CLIPN_BASE_KINDS)
+    ck = spec["checkpoint"]
+    if not isinstance(ck, dict):
+        raise ParamsError(f"{where}.checkpoint: must be a mapping {{url, sha256}} or {{path}} (+ sha256)")
+    unknown = sorted(set(ck) - {"url", "path", "sha256"}, key=str)
+    if unknown:
+        raise unknown_key(f"{where}.checkpoint.", unknown[0], ("url", "path", "sha256"))
+    if ("url" in ck) == ("path" in ck):
+        raise ParamsError(f"{where}.checkpoint: needs exactly one of `url` or `path`")
+    src = ck.get("url", ck.get("path"))
+    if not isinstance(src, str) or not src:
+        raise ParamsError(f"{where}.checkpoint.{'url' if 'url' in ck else 'path'}={src!r}: expected a non-empty string")
+    if "url" in ck and "sha256" not in ck:   # a download is only trusted by its hash
+        raise ParamsError(f"{where}.checkpoint.sha256: missing (required with `url`)")
+    if "sha256" in ck and (not isinstance(ck["sha256"], str) or not SHA256.match(ck["sha256"])):
+        raise ParamsError(f"{where}.checkpoint.sha256={ck['sha256']!r}: expected 64 hex digits")
 
 
 def _check_hub(where: str, spec: dict) -> None:
@@ -92,6 +118,7 @@ class ModelsParams:
     text_embed: dict = field(default_factory=lambda: {"kind": "package"})
     backbone_init: dict = field(default_factory=lambda: {"kind": "timm", "name": "vit_tiny_patch16_224",
                                                          "kwargs": {"img_size": 32}})
+    clipn: dict = field(default_factory=lambda: {"kind": "none"})
 
     def __post_init__(self):
         # full dotted paths, so the nearest-key hint of a typo is a path the user can paste
@@ -264,4 +291,11 @@ def resolve(family: str, spec: dict, out_dir: str | Path, pool=None) -> Path:
         from pas.models import backbone
 
         return backbone.write_backbone_init(spec, out)
+    if family == "clipn":
+        from pas.models import clipn
+
+        if kind == "none":
+            return clipn.write_not_configured(out)
+        resolve("clip", spec["base"], out / clipn.BASE_DIR)
+        return clipn.fetch_checkpoint(spec["checkpoint"], out, where="models.clipn.checkpoint")
     raise ParamsError(f"unknown model family {family!r} (known: {list(FAMILIES)})")
