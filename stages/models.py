@@ -10,7 +10,6 @@ models stage that runs, in one line, before gigabytes of other models arrive.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -22,19 +21,17 @@ from pas.models.files import fingerprint_dir
 from pas.data.pool import PoolParams
 from pas.models.hub import check_access
 from pas.models.specs import FAMILIES, TRAINED_ON_POOL, ModelsParams, hub_repos, resolve
-from pas.params import build, load, run_stage
+from pas.params import build, load, run_stage, stage_parser
 
 log = logging.getLogger("pas.models")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = stage_parser(__doc__)
     ap.add_argument("family", choices=FAMILIES)
     ap.add_argument("out", help="output folder, e.g. models/clip")
-    ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--metrics", help="metrics JSON (default metrics/models/<family>.json)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "0")
     params = load(args.params)
     p = build(ModelsParams, params, "models")

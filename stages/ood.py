@@ -9,7 +9,6 @@ with its trained no head (no_head) or negative prompts (negative_prompts). Write
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import sys
@@ -22,7 +21,7 @@ from pas.curate.ood import (OodParams, OodScorer, Timings, derive_generalized_co
                             ood_models, run_fingerprint, score_shards)
 from pas.engine import EngineConfig
 from pas.io.manifest import read_parquet, write_metrics, write_parquet
-from pas.params import build, load, run_stage
+from pas.params import build, load, run_stage, stage_parser
 
 log = logging.getLogger("pas.stages.ood")
 
@@ -63,8 +62,15 @@ def _summary(x: np.ndarray) -> dict:
     return {"mean": float(np.mean(x)), "q05": q[0], "q25": q[1], "q50": q[2], "q75": q[3], "q95": q[4]}
 
 
+def _sources(col) -> list[str]:
+    """real and synthetic always (the stats vocabulary's by_source), then any other source."""
+    from pas.io.manifest import SOURCES
+
+    return [*SOURCES, *sorted(set(map(str, col)) - set(SOURCES))]
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = stage_parser(__doc__, "metrics/ood.json")
     ap.add_argument("--manifest", default="data/leakage/manifest.parquet", help="leakage keep-manifest")
     ap.add_argument("--images", nargs="+", default=["data/retrieved", "data/generated"],
                     help="webdataset shard folders")
@@ -73,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clipn", default=None, help="CLIPN folder from the models stage (models/clipn); "
                     "used when models.clipn is configured, else --clip")
     ap.add_argument("--out", default="data/ood")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--metrics", default="metrics/ood.json")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load(args.params)
     p = build(OodParams, params, "ood")
     generalized, b_prime_from = _generalized(p, params)
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
     n = timings.n_images
     metrics = {
-        "n_kept_in": len(kept), "n_scored": len(df), "mode": prompt_info["mode"],
+        # ood drops nothing (prune's Pareto fronts do): every image in is scored and kept
+        "n_in": len(kept), "n_kept": len(df), "dropped": {}, "mode": prompt_info["mode"],
         "clipn_base_match": prompt_info["clipn_base_match"],
         "logit_scale": prompt_info["logit_scale"], "n_concepts": len(concepts), "n_generalized": len(generalized),
         "generalized_concepts": generalized, "generalized_from": b_prime_from,
@@ -125,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         "ood_b": _summary(df["ood_b"].to_numpy()),
         "ood_bprime": _summary(df["ood_bprime"].to_numpy()),
         "ood_blur_delta": _summary(df["ood_blur_delta"].to_numpy()),
-        "by_source": {s: {"n": int(len(g)), "ood_b_mean": float(g["ood_b"].mean())}
-                      for s, g in df.groupby("source", sort=True)},
+        "by_source": {s: {"n_in": int(len(g)), "n_kept": int(len(g)),
+                          "ood_b_mean": float(g["ood_b"].mean()) if len(g) else None}
+                      for s, g in ((s, df[df["source"] == s]) for s in _sources(df["source"]))},
         # timings of the images scored in this run (resumed shards excluded)
         "n_timed": n,
         "seconds_per_image": {

@@ -219,7 +219,7 @@ def test_ood_ray_engine_is_byte_identical_to_local_and_resumes(tmp_path, monkeyp
     assert len([k for k in local if k.startswith("parts/")]) == 6 and "scores.parquet" in local   # 3 shards
     assert ray_out == local                                        # every byte, parts and markers included
     for m in (m_local, m_ray):
-        assert m["n_scored"] == 4 and m["n_shards_resumed"] == 0 and m["n_timed"] == 4
+        assert m["n_kept"] == 4 and m["n_shards_resumed"] == 0 and m["n_timed"] == 4
         assert m["seconds_per_image"]["clip"] > 0                  # ray: timings come back from the actors
     assert {k: v for k, v in m_ray.items() if k not in ("seconds_per_image", "seconds_text_embeddings")} == \
         {k: v for k, v in m_local.items() if k not in ("seconds_per_image", "seconds_text_embeddings")}
@@ -263,7 +263,7 @@ def test_ood_ray_survives_a_killed_actor(tmp_path, monkeypatch, ray_cluster, tin
     import psutil
 
     assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
-    assert m["n_scored"] == 4 and m["n_timed"] == 4
+    assert m["n_kept"] == 4 and m["n_timed"] == 4
     assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
 
 

@@ -259,7 +259,7 @@ def test_stage_main_scores_kept_images_and_resumes(tmp_path, monkeypatch, tiny_c
     assert df.set_index("key").loc["pa3", "text_boxes"] >= 1
     assert (df.loc[df["text_boxes"] == 0, "ood_blur_delta"] == 0).all()
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["n_scored"] == 4 and m["mode"] == "negative_prompts" and m["n_concepts"] == 3
+    assert m["n_kept"] == 4 and m["mode"] == "negative_prompts" and m["n_concepts"] == 3
     assert m["generalized_concepts"] == ["food", "dishes and drinks", "dishes", "drinks"]
     assert m["n_with_text"] >= 1 and read_run(tmp_path / "metrics.json")["seconds_per_image"]["clip"] > 0
     # rerun: every shard resumes from its marker, scores and tracked metrics are identical
@@ -275,7 +275,7 @@ def test_stage_main_scores_kept_images_and_resumes(tmp_path, monkeypatch, tiny_c
     assert _run(tmp_path) == 0
     m3 = json.loads((tmp_path / "metrics.json").read_text())
     run3 = read_run(tmp_path / "metrics.json")
-    assert run3["n_shards_resumed"] == 2 and run3["n_timed"] == 1 and m3["n_scored"] == 3
+    assert run3["n_shards_resumed"] == 2 and run3["n_timed"] == 1 and m3["n_kept"] == 3
     df3 = pd.read_parquet(tmp_path / "ood" / "scores.parquet")
     pd.testing.assert_frame_equal(df3, df[df["key"] != "ga2"].reset_index(drop=True))
 
@@ -335,7 +335,7 @@ def test_stage_main_clipn_mode(tmp_path, monkeypatch, tiny_clip_dir):
                                   "checkpoint": {"path": str(ckpt)}}, tmp_path / "models-clipn")
     assert _run(tmp_path, "--clipn", str(clipn_dir)) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["mode"] == "clipn" and m["n_scored"] == 4 and m["clipn_base_match"] is True
+    assert m["mode"] == "clipn" and m["n_kept"] == 4 and m["clipn_base_match"] is True
     df = pd.read_parquet(tmp_path / "ood" / "scores.parquet").set_index("key")
 
     base_dir, ckpt_file = read_clipn_dir(clipn_dir)
