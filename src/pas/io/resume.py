@@ -56,7 +56,8 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
 
 
 class ChunkCache:
-    """`get(item_id)` / `put(item_id, keys, array)` for (list of str, ndarray) results."""
+    """`get(item_id)` / `put(item_id, keys, array)` for (list of str, ndarray) results;
+    `get_arrays` / `put_arrays` for a result of several named arrays (`pool`: records, JPEGs, embeddings)."""
 
     def __init__(self, root: str | Path, run_fingerprint: str):
         self.root = Path(root)
@@ -67,12 +68,23 @@ class ChunkCache:
         blob = json.dumps([self.run_fingerprint, item_id], sort_keys=True, default=str)
         return self.root / f"{hashlib.sha256(blob.encode()).hexdigest()[:40]}.npz"
 
-    def get(self, item_id: Any) -> tuple[list[str], np.ndarray] | None:
+    def has(self, item_id: Any) -> bool:
+        """A file is stored for `item_id` (it may still turn out torn: `get` says so)."""
+        path = self._path(item_id)
+        self.used.add(path.name)
+        return path.is_file()
+
+    def get_arrays(self, item_id: Any, names: tuple[str, ...] = ()) -> dict[str, np.ndarray] | None:
+        """The arrays stored for `item_id`, or None: missing, torn, or lacking one of `names`."""
         path = self._path(item_id)
         self.used.add(path.name)
         try:
             with np.load(path, allow_pickle=False) as z:
-                return [str(k) for k in z["keys"]], z["x"]
+                out = {k: z[k] for k in z.files}   # read all here: a torn member fails now, not later
+            missing = [k for k in names if k not in out]
+            if missing:
+                raise KeyError(missing[0])
+            return out
         except FileNotFoundError:
             return None
         # a torn or foreign file (a truncated zip, a short array): a miss, recomputed and overwritten
@@ -80,14 +92,21 @@ class ChunkCache:
             log.warning("ignoring unreadable cache file %s (%s: %s); recomputing", path, type(e).__name__, e)
             return None
 
-    def put(self, item_id: Any, keys: list[str], x: np.ndarray) -> None:
+    def put_arrays(self, item_id: Any, **arrays: np.ndarray) -> None:
         path = self._path(item_id)
         self.used.add(path.name)
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{path.stem}.npz")
         with open(tmp, "wb") as f:
-            np.savez(f, keys=np.asarray(keys, dtype=str), x=x)
+            np.savez(f, **arrays)
         os.replace(tmp, path)
+
+    def get(self, item_id: Any) -> tuple[list[str], np.ndarray] | None:
+        z = self.get_arrays(item_id, ("keys", "x"))
+        return None if z is None else ([str(k) for k in z["keys"]], z["x"])
+
+    def put(self, item_id: Any, keys: list[str], x: np.ndarray) -> None:
+        self.put_arrays(item_id, keys=np.asarray(keys, dtype=str), x=x)
 
     def prune(self) -> int:
         """Delete the files of items this run did not ask for (older runs); returns how many."""
