@@ -8,7 +8,10 @@
   faiss.index       inner-product index over those rows
   skipped.parquet   path, reason, detail — every file that did not make it in
   pool.json         the CLIP fingerprint (retrieve refuses a pool made with another CLIP), sizes
-It streams: images are decoded, written and embedded batch by batch, never all held in memory.
+It streams: the sorted input is cut into chunks of CHUNK entries, decoded in worker processes, then
+written and embedded chunk by chunk in input order, never all held in memory. Each finished chunk can
+be kept in a resume cache keyed by its files' bytes (`build_pool(cache_dir=...)`), so a killed run
+redoes only what it had not finished.
 When retrieval uses a kNN service (`retrieve.backend: clip_service`) nothing searches the pool:
 `unused_pool` writes pool.json + an empty index.parquet instead, reading neither pool.source nor CLIP.
 A folder entry that is not a usable file (FIFO, dangling link, link loop, link out of the folder,

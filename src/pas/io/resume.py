@@ -6,7 +6,8 @@ a scratch folder DVC never touches (`data/.cache/<stage>/`, git-ignored), as `ge
 identity): a rerun with the same model, params and input bytes finds it; any change misses it and the
 item is recomputed. Files are written to a temp name and renamed, so a killed run leaves no half file;
 one that cannot be read back all the same (a disk full, a copy cut short) is a miss with a warning.
-A `RecordStore` keeps small JSON records by key the same way, many per file (`captions`: one L4
+`get_arrays`/`put_arrays` keep several named arrays per item (`pool`: a chunk's records, JPEG bytes
+and CLIP embeddings). A `RecordStore` keeps small JSON records by key the same way, many per file (`captions`: one L4
 answer per request, `pas.llm.cache`).
 """
 
