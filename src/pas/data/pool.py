@@ -501,6 +501,8 @@ def unpack_chunk(z: dict[str, np.ndarray]) -> tuple[list[dict], list[bytes], np.
         records = json.loads(z["records"].tobytes())
     except ValueError:
         return None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        return None
     data, ends = z["jpeg"].tobytes(), np.cumsum(z["jpeg_sizes"])
     n_ok = sum("key" in r for r in records)
     if len(ends) != n_ok or len(z["x"]) != n_ok or (int(ends[-1]) if n_ok else 0) != len(data):
@@ -591,6 +593,8 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
                 z = cache.get_arrays(ids[i], CACHE_ARRAYS)
                 got = unpack_chunk(z) if z is not None else None
                 if got is None:         # torn or foreign: redone here
+                    if z is not None:
+                        log.warning("pool: ignoring inconsistent resume file for chunk %d; recomputing", i)
                     decoded = decode_chunk(items[i], p)
                 else:
                     n_resumed += 1
