@@ -4,6 +4,11 @@
 dangling links, link loops, links out of the folder, non-UTF-8 names) and exits 1 if any of them
 would stop DVC hashing the folder; run it before `dvc repro` on a new pool.
 
+Each finished chunk of CHUNK input files (decoded JPEGs + CLIP embeddings) is kept in `--cache`
+(data/.cache/pool, git-ignored, not a DVC out), keyed by the files' bytes: a run killed half-way
+redoes only the chunks it had not finished and writes the bytes of an uninterrupted run. `--fresh`
+forgets them. `pool.workers` (decode processes) is a machine setting: same bytes for any value.
+
 With `retrieve.backend: clip_service` nothing searches the pool: the stage writes an empty one without
 reading pool.source or loading CLIP (pas.data.pool.unused_pool)."""
 
@@ -11,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
+from pathlib import Path
 
 from pas.data.pool import DVC_BLOCKERS, PoolParams, build_pool, check_source, unused_pool
 from pas.io.manifest import write_metrics
@@ -25,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--metrics", default="metrics/pool.json")
     ap.add_argument("--check", action="store_true", help="list odd entries of pool.source; build nothing")
+    ap.add_argument("--cache", default="data/.cache/pool",
+                    help="scratch folder keeping finished chunks across killed runs (not a DVC out); '' disables it")
+    ap.add_argument("--fresh", action="store_true", help="forget the finished chunks and start over")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load(args.params)          # validated: retrieve.backend is pool or clip_service
@@ -38,8 +48,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from pas.engine import EngineConfig
 
-    # PAS_ENGINE=ray: CLIP is loaded by the Ray actors that embed the shards, not here
-    write_metrics(args.metrics, build_pool(p, None, args.out, clip_dir=args.clip, engine=EngineConfig.from_env()))
+    if args.fresh and args.cache and Path(args.cache).exists():
+        shutil.rmtree(args.cache)
+    # PAS_ENGINE=ray: CLIP is loaded by the Ray actors that embed the chunks, not here
+    metrics = build_pool(p, None, args.out, clip_dir=args.clip, engine=EngineConfig.from_env(),
+                         cache_dir=args.cache or None)
+    # a resumed run computes fewer chunks than an uninterrupted one: run log, not a tracked result
+    write_metrics(args.metrics, metrics, run_keys=("n_chunks_computed",))
     return 0
 
 

@@ -340,12 +340,16 @@ def test_leakage_ray_engine_is_byte_identical_to_local(tmp_path, monkeypatch, ra
 @pytest.mark.slow
 def test_pool_ray_engine_is_byte_identical_to_local(tmp_path, monkeypatch, ray_cluster, clipart_food,
                                                     tiny_clip_dir):
-    """Pool embeddings on Ray actors, one written shard per task (3 shards, batches of 3 restarting at
-    every shard), against the in-stream local embedding."""
+    """Pool embeddings on Ray actors, one chunk of written images per task (3 chunks of 5 input files,
+    cut across 3 shards of 4, batches of 3 restarting at every chunk), against the in-stream local
+    embedding; a chunk embedded on Ray is resumed by a local run."""
     import numpy as np
 
+    import pas.data.pool as pool_mod
     from pas.data.pool import PoolParams, build_pool
     from pas.engine import EngineConfig
+
+    monkeypatch.setattr(pool_mod, "CHUNK", 5)
 
     src = tmp_path / "src" / "food"
     src.mkdir(parents=True)
@@ -354,12 +358,15 @@ def test_pool_ray_engine_is_byte_identical_to_local(tmp_path, monkeypatch, ray_c
     p = PoolParams(source=str(tmp_path / "src"), max_side=96, shard_maxcount=4, batch_size=3, workers=1)
     m_local = build_pool(p, None, tmp_path / "local", clip_dir=tiny_clip_dir, engine=EngineConfig("local"))
     m_ray = build_pool(p, None, tmp_path / "ray", clip_dir=tiny_clip_dir,
-                       engine=EngineConfig("ray", ray_address=ray_cluster))
+                       engine=EngineConfig("ray", ray_address=ray_cluster), cache_dir=tmp_path / "cache")
     assert m_local["n_shards"] == 3 and 9 <= m_local["n_indexed"] <= 11
-    assert {k: v for k, v in m_ray.items() if k not in ("seconds", "images_per_second")} == \
-        {k: v for k, v in m_local.items() if k not in ("seconds", "images_per_second")}
+    results = [k for k in m_local if not k.startswith("seconds") and k != "images_per_second"]
+    assert {k: m_ray[k] for k in results} == {k: m_local[k] for k in results}
     local, ray_out = outputs(tmp_path / "local"), outputs(tmp_path / "ray")
     assert "embeddings.npy" in local and ray_out == local
+    m_resumed = build_pool(p, None, tmp_path / "resumed", clip_dir=tiny_clip_dir, engine=EngineConfig("local"),
+                           cache_dir=tmp_path / "cache")
+    assert m_resumed["n_chunks_resumed"] == 3 and outputs(tmp_path / "resumed") == local
     emb = np.load(tmp_path / "local" / "embeddings.npy")
     assert emb.shape == (m_local["n_indexed"], 128)
 

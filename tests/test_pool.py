@@ -316,3 +316,162 @@ def test_pool_stage_does_no_embedding_work_when_retrieval_uses_the_service(tmp_p
     from pas.collect.retrieve import load_pool
     with pytest.raises(ValueError, match="missing faiss.index"):    # a pool retrieval refuses it
         load_pool(out)
+
+
+# --- issue 23: resume after kill -9; issue 24: decode in worker processes ---
+
+def _resume_folder(root, clipart_food):
+    """12 clipart PNGs in two categories + one truncated file: 7 chunks of 2 entries (CHUNK = 2)."""
+    for i, f in enumerate(clipart_food[:12]):
+        d = root / ("a" if i < 6 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:02d}.png").write_bytes(f.read_bytes())
+    (root / "b" / "99.png").write_bytes(clipart_food[0].read_bytes()[:300])
+    return root
+
+
+def _pool_stage_files(tmp_path, source, clip_dir, workers):
+    import yaml
+
+    params = tmp_path / f"params{workers}.yaml"
+    params.write_text(yaml.safe_dump({"pool": {"source": str(source), "max_side": 64, "batch_size": 3,
+                                               "shard_maxcount": 5, "workers": workers}}))
+    return lambda out, cache: ["--clip", str(clip_dir), "--out", str(tmp_path / out), "--params", str(params),
+                               "--metrics", str(tmp_path / f"{out}.json"), "--cache", str(tmp_path / cache)]
+
+
+def _chunk_files(cache):
+    return sorted(q for q in cache.glob("*.npz") if not q.name.startswith(".tmp"))
+
+
+def test_workers_decode_chunks_in_order_with_the_same_bytes(tmp_path, clipart_food, tiny_clip, monkeypatch):
+    """7 chunks decoded inline and in 2 spawned processes: the same bytes."""
+    import pas.data.pool as pool_mod
+    from tests.stage_helpers import outputs
+
+    monkeypatch.setattr(pool_mod, "CHUNK", 2)
+    src = _resume_folder(tmp_path / "src", clipart_food)
+    for w in (1, 2):
+        m = build_pool(PoolParams(source=str(src), max_side=64, batch_size=3, shard_maxcount=5, workers=w),
+                       tiny_clip, tmp_path / f"w{w}")
+        assert (m["n_indexed"], m["skipped_corrupt"], m["n_shards"], m["n_chunks_computed"]) == (12, 1, 3, 7)
+    assert outputs(tmp_path / "w1") == outputs(tmp_path / "w2")
+
+
+KILLABLE = """
+import runpy, sys, time
+import pas.data.pool as pool
+from pas.io.resume import ChunkCache
+pool.CHUNK = 2
+put = ChunkCache.put_arrays
+def slow_put(self, *a, **k):            # a window to kill the run in after each finished chunk
+    put(self, *a, **k)
+    time.sleep(1.0)
+ChunkCache.put_arrays = slow_put
+sys.argv = ["pool.py"] + {argv!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_sigkill_half_way_resumes_only_the_missing_chunks(tmp_path, clipart_food, tiny_clip_dir, monkeypatch):
+    """The stage (2 decode processes) SIGKILLed, with its workers, after about half of its 7 chunks:
+    the rerun decodes and embeds only the chunks that were not finished and writes the bytes of an
+    uninterrupted run (shards, index, embeddings, faiss index, skipped list, metrics)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import pas.data.pool as pool_mod
+    from pas.io.manifest import read_run
+    from tests.stage_helpers import load_stage, outputs
+
+    root = Path(__file__).resolve().parents[1]
+    src = _resume_folder(tmp_path / "src", clipart_food)
+    argv = _pool_stage_files(tmp_path, src, tiny_clip_dir, workers=2)
+    cache = tmp_path / "cache"
+    script = KILLABLE.format(argv=argv("out", "cache"), script=str(root / "stages" / "pool.py"))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(root / "src")}, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(_chunk_files(cache)) < 3:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the stage ended before the kill: {proc.stderr.read().decode()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)                # the stage and its decode workers
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = len(_chunk_files(cache))
+    assert 3 <= done < 7
+    assert not (tmp_path / "out" / "index.parquet").exists() and not (tmp_path / "out.json").exists()
+
+    monkeypatch.setattr(pool_mod, "CHUNK", 2)
+    decoded = []
+    real = pool_mod.decode_chunk
+    monkeypatch.setattr(pool_mod, "decode_chunk", lambda item, p: decoded.append(item[2]) or real(item, p))
+    argv1 = _pool_stage_files(tmp_path, src, tiny_clip_dir, workers=1)   # workers: no part of a chunk's id
+    assert load_stage("pool").main(argv1("out", "cache")) == 0
+    assert len(decoded) == 7 - done                    # only the chunks the killed run had not finished
+    assert read_run(tmp_path / "out.json")["n_chunks_resumed"] == done
+    assert read_run(tmp_path / "out.json")["n_chunks_computed"] == 7 - done
+    assert len(_chunk_files(cache)) == 7 and not list(cache.glob(".tmp-*"))
+    # an uninterrupted run into a fresh cache: the same bytes
+    assert load_stage("pool").main(argv1("ref", "ref_cache")) == 0
+    assert outputs(tmp_path / "out") == outputs(tmp_path / "ref")
+    assert (tmp_path / "out.json").read_bytes() == (tmp_path / "ref.json").read_bytes()
+    assert sorted(outputs(tmp_path / "ref")) == ["embeddings.npy", "faiss.index", "index.parquet",
+                                                 "pool-000000.tar", "pool-000001.tar", "pool-000002.tar",
+                                                 "pool.json", "skipped.parquet"]
+
+
+def test_torn_or_stale_chunk_files_are_recomputed(tmp_path, clipart_food, tiny_clip_dir, monkeypatch, caplog):
+    """A torn chunk file is ignored (warned with its path) and redone; rewriting a file with the same
+    bytes (new mtime and inode) reuses every chunk; other bytes redo that file's chunk only; --fresh
+    redoes all."""
+    import logging
+    import os
+
+    import pas.data.pool as pool_mod
+    from tests.stage_helpers import load_stage, outputs
+
+    monkeypatch.setattr(pool_mod, "CHUNK", 2)
+    decoded = []
+    real = pool_mod.decode_chunk
+    monkeypatch.setattr(pool_mod, "decode_chunk", lambda item, p: decoded.append(item[2]) or real(item, p))
+    src = _resume_folder(tmp_path / "src", clipart_food)
+    argv = _pool_stage_files(tmp_path, src, tiny_clip_dir, workers=1)
+    stage = load_stage("pool")
+    assert stage.main(argv("full", "cache")) == 0
+    full = outputs(tmp_path / "full")
+    chunks = _chunk_files(tmp_path / "cache")
+    assert len(decoded) == 7 and len(chunks) == 7
+
+    def rerun(out, *extra):
+        decoded.clear()
+        assert stage.main([*argv(out, "cache"), *extra]) == 0
+        assert outputs(tmp_path / out) == full
+        return len(decoded)
+
+    torn = chunks[3]
+    data = torn.read_bytes()
+    torn.write_bytes(data[: len(data) // 2])           # a copy cut short, a disk full
+    with caplog.at_level(logging.WARNING):
+        assert rerun("torn") == 1
+    assert str(torn) in caplog.text and "recomputing" in caplog.text
+    assert torn.read_bytes() != data[: len(data) // 2]     # replaced by the recomputed chunk
+    torn.write_bytes(b"")
+    assert rerun("empty") == 1
+    f = src / "a" / "03.png"
+    data = f.read_bytes()
+    f.unlink()
+    f.write_bytes(data)                                # `dvc checkout`: same bytes, new inode and mtime
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert rerun("rewritten") == 0
+    assert rerun("fresh", "--fresh") == 7
+    (src / "a" / "03.png").write_bytes(clipart_food[20].read_bytes())   # other bytes, same name
+    decoded.clear()
+    assert stage.main(argv("changed", "cache")) == 0
+    assert decoded == [["a/02.png", "a/03.png"]] and outputs(tmp_path / "changed") != full
+    assert len(_chunk_files(tmp_path / "cache")) == 7  # the stale chunk was pruned

@@ -61,3 +61,16 @@ def test_resume_json_torn_or_missing_is_none(tmp_path, caplog):
         with caplog.at_level(logging.WARNING):
             assert read_json(p) is None
         assert str(p) in caplog.text
+
+
+def test_named_arrays_round_trip_and_a_missing_one_is_a_miss(tmp_path, caplog):
+    cache = ChunkCache(tmp_path, "run")
+    assert not cache.has("c")
+    cache.put_arrays("c", records=np.frombuffer(b"[]", np.uint8), x=np.zeros((0, 4), np.float32))
+    assert cache.has("c") and not ChunkCache(tmp_path, "other run").has("c")
+    z = cache.get_arrays("c", ("records", "x"))
+    assert z["records"].tobytes() == b"[]" and z["x"].shape == (0, 4)
+    with caplog.at_level(logging.WARNING):
+        assert cache.get_arrays("c", ("records", "jpeg")) is None      # a file of another layout
+        assert cache.get("c") is None                                   # no keys in it
+    assert "KeyError" in caplog.text

@@ -8,7 +8,10 @@
   faiss.index       inner-product index over those rows
   skipped.parquet   path, reason, detail — every file that did not make it in
   pool.json         the CLIP fingerprint (retrieve refuses a pool made with another CLIP), sizes
-It streams: images are decoded, written and embedded batch by batch, never all held in memory.
+It streams: the sorted input is cut into chunks of CHUNK entries, decoded in worker processes, then
+written and embedded chunk by chunk in input order, never all held in memory. Each finished chunk can
+be kept in a resume cache keyed by its files' bytes (`build_pool(cache_dir=...)`), so a killed run
+redoes only what it had not finished.
 When retrieval uses a kNN service (`retrieve.backend: clip_service`) nothing searches the pool:
 `unused_pool` writes pool.json + an empty index.parquet instead, reading neither pool.source nor CLIP.
 A folder entry that is not a usable file (FIFO, dangling link, link loop, link out of the folder,
@@ -176,6 +179,9 @@ def _link_detail(f: Path) -> str:
         return ""
 
 
+CHUNK = 256   # input entries per work item: one decode task, one resume file; CLIP batches restart at each
+
+
 @dataclass
 class _Item:
     key: str
@@ -189,14 +195,60 @@ class _Item:
     rotated: bool = False  # turned upright by its EXIF orientation (width/height are the upright ones)
 
 
-def _load_one(args: tuple[str, str, PoolParams]) -> tuple:
-    """Worker: decode one file safely and re-encode it as the JPEG we store (runs in a process pool)."""
+def plan_chunks(p: PoolParams, skipped: list[dict]) -> list[tuple]:
+    """`p.source` cut into work items of ≤ CHUNK input entries in stored order (`pas.data.chunks`
+    items): ("files", source, [relative path, ...]) for a folder (entries that are no readable files
+    go to `skipped` here), ("shards", [(tar, start, stop), ...]) for webdataset shards. Fixed cuts of
+    the input, not of the output: which files decode is only known once they are decoded."""
+    from pas.data.chunks import shard_spans
+    from pas.io.shards import list_shards
+
+    src = Path(p.source)
+    if not src.exists():
+        raise PoolError(f"pool.source={p.source!r} does not exist "
+                        "(offline default: `apt-get install openclipart-png`)")
+    if p.format == "shards":
+        if not (src.suffix == ".tar" and src.is_file()) and not (src.is_dir() and any(src.glob("*.tar"))):
+            raise PoolError(f"pool.source={p.source!r}: no .tar shards there (pool.format: shards)")
+        return shard_spans(list_shards(src), CHUNK)
+    if not src.is_dir():
+        raise PoolError(f"pool.source={p.source!r} is not a folder (pool.format: folder; "
+                        "a .tar needs pool.format: shards)")
+    files = [f.relative_to(src).as_posix() for f in list_image_files(src, p, skipped)]
+    log.info("pool: %d image files under %s", len(files), src)
+    return [("files", str(src), files[i:i + CHUNK]) for i in range(0, len(files), CHUNK)]
+
+
+def decode_chunk(item: tuple, p: PoolParams) -> tuple[list[dict], list[bytes]]:
+    """Worker (a spawned process, or inline): every entry of one `plan_chunks` item, decoded and
+    re-encoded as the JPEG the pool stores. Returns (records, jpegs): a record is either a stored
+    image's index row ({path, key, category, width, height, stored_width, stored_height, rotated,
+    caption}; its JPEG is the next one of `jpegs`) or a skipped file's row ({path, reason, detail})."""
+    records, jpegs = [], []
+    if item[0] == "files":
+        entries = (_decode_file(item[1], rel, p) for rel in item[2])
+    else:
+        from pas.io.shards import read_samples
+
+        entries = (_decode_sample(s, p) for shard, start, stop in item[1]
+                   for s in read_samples(shard, start, stop))
+    for entry in entries:
+        if entry is None:               # a shard sample outside include/exclude
+            continue
+        rec, jpeg = entry
+        records.append(rec)
+        if jpeg is not None:
+            jpegs.append(jpeg)
+    return records, jpegs
+
+
+def _decode_file(root: str, rel: str, p: PoolParams) -> tuple[dict, bytes | None]:
     from PIL import Image
 
     from pas.data.images import BadImage, load_rgb
-    from pas.io.shards import encode_image
+    from pas.io.shards import make_key
 
-    path, rel, p = args
+    path = os.path.join(root, rel)
     try:
         with Image.open(path) as head:
             w, h = head.size
@@ -205,113 +257,125 @@ def _load_one(args: tuple[str, str, PoolParams]) -> tuple:
     try:
         img = load_rgb(path, max_pixels=p.max_pixels, max_side=p.max_side, min_side=p.min_side)
     except BadImage as e:
-        return rel, None, e.reason, e.detail
+        return {"path": rel, "reason": e.reason, "detail": e.detail}, None
     orientation = img.info.get("exif_orientation", 1)
     if orientation >= 5:  # EXIF 5-8 turn by 90°: the header's size is the sideways one
         w, h = h, w
-    return rel, (w, h, orientation != 1, encode_image(img, "jpg", p.jpeg_quality)), None, None
+    return _stored(make_key("p", rel), rel, category_of(Path(rel)), w, h, img, orientation, "", p)
 
 
-def _iter_folder(root: Path, p: PoolParams, skipped: list[dict]) -> Iterator[_Item]:
-    from concurrent.futures import ProcessPoolExecutor
+def _stored(key, path, category, w, h, img, orientation, caption, p) -> tuple[dict, bytes]:
+    from pas.io.shards import encode_image
 
-    from tqdm import tqdm
-
-    from pas.io.shards import decode_image, make_key
-
-    files = list_image_files(root, p, skipped)
-    log.info("pool: %d image files under %s", len(files), root)
-    jobs = [(str(f), f.relative_to(root).as_posix(), p) for f in files]
-    workers = p.workers or os.cpu_count() or 1
-    # Decoding big PNGs dominates: spread it over processes; `map` keeps the sorted file order.
-    with ProcessPoolExecutor(workers) if workers > 1 else _Inline() as ex:
-        results = ex.map(_load_one, jobs, chunksize=16) if workers > 1 else map(_load_one, jobs)
-        for rel, ok, reason, detail in tqdm(results, total=len(jobs), desc="pool", unit="img", mininterval=2):
-            if ok is None:
-                skipped.append({"path": rel, "reason": reason, "detail": detail})
-                continue
-            w, h, rotated, jpeg = ok
-            yield _Item(make_key("p", rel), rel, category_of(Path(rel)), w, h, decode_image(jpeg), jpeg,
-                        rotated=rotated)
+    return ({"path": path, "key": key, "category": category, "width": w, "height": h,
+             "stored_width": img.width, "stored_height": img.height, "rotated": orientation != 1,
+             "caption": caption}, encode_image(img, "jpg", p.jpeg_quality))
 
 
-class _Inline:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _iter_shards(src: Path, p: PoolParams, skipped: list[dict]) -> Iterator[_Item]:
-    """Re-index existing webdataset shards (e.g. a LAION subset written by img2dataset)."""
-    from tqdm import tqdm
-
+def _decode_sample(s, p: PoolParams) -> tuple[dict, bytes | None] | None:
+    """One sample of an existing webdataset shard (e.g. a LAION subset written by img2dataset)."""
     import io
 
     from PIL import Image
 
     from pas.data.images import BadImage, to_rgb_on_white, upright
-    from pas.io.shards import KEY_RE, decode_image, encode_image, iter_samples, make_key
+    from pas.io.shards import KEY_RE, make_key
 
-    n = 0
-    for s in tqdm(iter_samples(src), desc="pool", unit="img", mininterval=2):
-        ref = f"{s.shard}/{s.key}"
-        cat = str(s.meta.get("category", ""))
+    ref = f"{s.shard}/{s.key}"
+    cat = str(s.meta.get("category", ""))
+    try:
+        try:  # tar member names decode with surrogateescape; the JSON may hold lone surrogates
+            ref.encode("utf-8"), cat.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadImage("bad_filename", shown(ref)) from None
         try:
-            try:  # tar member names decode with surrogateescape; the JSON may hold lone surrogates
-                ref.encode("utf-8"), cat.encode("utf-8")
-            except UnicodeEncodeError:
-                raise BadImage("bad_filename", shown(ref)) from None
-            try:
-                im = Image.open(io.BytesIO(s.image))
-            except Exception as e:  # noqa: BLE001 - Pillow raises many types for non-images
-                raise BadImage("unreadable", f"{ref}: {e}") from None
-            w, h = im.size
-            if w * h > p.max_pixels:
-                raise BadImage("too_large", f"{ref}: {w}x{h}")
-            if min(w, h) < p.min_side:
-                raise BadImage("too_small", f"{ref}: {w}x{h}")
-            try:
-                im.load()
-                im, orientation = upright(im)
-                img = to_rgb_on_white(im)
-            except Exception as e:  # noqa: BLE001
-                raise BadImage("corrupt", f"{ref}: {e}") from None
-        except BadImage as e:
-            skipped.append({"path": shown(ref), "reason": e.reason, "detail": e.detail})
-            continue
-        if orientation >= 5:  # EXIF 5-8 turn by 90°
-            w, h = h, w
-        if max(img.size) > p.max_side:
-            img.thumbnail((p.max_side, p.max_side))
-        if not _keep_category(cat, p.include, p.exclude):
-            continue
-        key = s.key if KEY_RE.match(s.key) and s.key.startswith("p") else make_key("p", ref)
-        # embed the stored JPEG, as for folder input: the embedding describes the bytes retrieve serves
-        jpeg = encode_image(img, "jpg", p.jpeg_quality)
-        yield _Item(key, ref, cat, w, h, decode_image(jpeg), jpeg, str(s.meta.get("caption") or ""),
-                    rotated=orientation != 1)
-        n += 1
-        if p.max_images and n >= p.max_images:
-            return
+            im = Image.open(io.BytesIO(s.image))
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for non-images
+            raise BadImage("unreadable", f"{ref}: {e}") from None
+        w, h = im.size
+        if w * h > p.max_pixels:
+            raise BadImage("too_large", f"{ref}: {w}x{h}")
+        if min(w, h) < p.min_side:
+            raise BadImage("too_small", f"{ref}: {w}x{h}")
+        try:
+            im.load()
+            im, orientation = upright(im)
+            img = to_rgb_on_white(im)
+        except Exception as e:  # noqa: BLE001
+            raise BadImage("corrupt", f"{ref}: {e}") from None
+    except BadImage as e:
+        return {"path": shown(ref), "reason": e.reason, "detail": e.detail}, None
+    if orientation >= 5:  # EXIF 5-8 turn by 90°
+        w, h = h, w
+    if max(img.size) > p.max_side:
+        img.thumbnail((p.max_side, p.max_side))
+    if not _keep_category(cat, p.include, p.exclude):
+        return None
+    key = s.key if KEY_RE.match(s.key) and s.key.startswith("p") else make_key("p", ref)
+    return _stored(key, ref, cat, w, h, img, orientation, str(s.meta.get("caption") or ""), p)
+
+
+def n_workers(p: PoolParams) -> int:
+    """Decode processes: `p.workers`, or 0 = the cores this process may run on."""
+    if p.workers:
+        return p.workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def decoded_chunks(items: list[tuple], p: PoolParams, todo: set[int]) -> Iterator[tuple[int, tuple | None]]:
+    """(i, decode_chunk(items[i])) for every item in order, None for the items not in `todo`. With
+    `p.workers` > 1 the chunks are decoded ahead in spawned processes (a few per worker in flight);
+    results come back in item order, so nothing downstream depends on the worker count."""
+    from collections import deque
+
+    workers = min(n_workers(p), len(todo))
+    if workers <= 1:
+        for i in range(len(items)):
+            yield i, decode_chunk(items[i], p) if i in todo else None
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the caller may hold torch's threads, which a forked child can deadlock on
+    ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    ahead, queue = deque(sorted(todo)), deque()
+    try:
+        for i in range(len(items)):
+            while ahead and len(queue) < 2 * workers:
+                j = ahead.popleft()
+                queue.append((j, ex.submit(decode_chunk, items[j], p)))
+            if i not in todo:
+                yield i, None
+                continue
+            j, fut = queue.popleft()
+            yield i, fut.result()
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
 
 
 def iter_pool(p: PoolParams, skipped: list[dict]) -> Iterator[_Item]:
     """The pool's images in stored order, decoded as the pool stage stores them; bad files are
     appended to `skipped` ({path, reason, detail}). Also read by the offline model training."""
-    src = Path(p.source)
-    if not src.exists():
-        raise PoolError(f"pool.source={p.source!r} does not exist "
-                        "(offline default: `apt-get install openclipart-png`)")
-    if p.format == "shards":
-        if not (src.suffix == ".tar" and src.is_file()) and not (src.is_dir() and any(src.glob("*.tar"))):
-            raise PoolError(f"pool.source={p.source!r}: no .tar shards there (pool.format: shards)")
-        return _iter_shards(src, p, skipped)
-    if not src.is_dir():
-        raise PoolError(f"pool.source={p.source!r} is not a folder (pool.format: folder; "
-                        "a .tar needs pool.format: shards)")
-    return _iter_folder(src, p, skipped)
+    items = plan_chunks(p, skipped)     # checks the source now, not at the first next()
+    return _iter_items(items, p, skipped)
+
+
+def _iter_items(items: list[tuple], p: PoolParams, skipped: list[dict]) -> Iterator[_Item]:
+    from pas.io.shards import decode_image
+
+    n = 0
+    for _, (records, jpegs) in decoded_chunks(items, p, set(range(len(items)))):
+        jpeg_of = iter(jpegs)
+        for r in records:
+            if "reason" in r:
+                skipped.append(r)
+                continue
+            jpeg = next(jpeg_of)
+            yield _Item(r["key"], r["path"], r["category"], r["width"], r["height"], decode_image(jpeg), jpeg,
+                        r["caption"], r["rotated"])
+            n += 1
+            if p.format == "shards" and p.max_images and n >= p.max_images:
+                return
 
 
 def _no_images(p: PoolParams, skipped: list[dict]) -> PoolError:
@@ -368,10 +432,11 @@ def build_faiss_index(emb: np.ndarray, p: PoolParams):
     return index
 
 
-class ShardEmbeddings:
-    """`pas.engine.map_shards` work: CLIP embeddings of one written pool shard, in stored order, in
-    batches of `batch_size` counted from the shard's first image (the plan `build_pool` uses locally,
-    so both engines give the same bytes). Pickles without the model; a Ray actor loads CLIP once."""
+class ChunkEmbeddings:
+    """`pas.engine.map_shards` work: CLIP embeddings of one chunk's stored images, read back from the
+    written pool shards (item ("shards", [(tar, start, stop), ...])), in batches of `batch_size`
+    counted from the chunk's first image: the plan `build_pool` uses locally, so both engines give the
+    same bytes. Pickles without the model; a Ray actor loads CLIP once."""
 
     def __init__(self, clip_dir: str | Path, device: str, batch_size: int, clip=None):
         self.clip_dir, self.device, self.batch_size, self.clip = str(clip_dir), device, batch_size, clip
@@ -386,35 +451,86 @@ class ShardEmbeddings:
             self.clip = load_clip(self.clip_dir, device=self.device)
         return self.run
 
-    def run(self, shard: str) -> np.ndarray:
-        from pas.io.shards import iter_samples
+    def run(self, item: tuple) -> np.ndarray:
+        from pas.data.chunks import load_chunk
 
-        parts, batch = [], []
-        for s in iter_samples(shard):
-            batch.append(s.pil())
-            if len(batch) == self.batch_size:
-                parts.append(self.clip.encode_images(batch, batch_size=self.batch_size))
-                batch = []
-        if batch:
-            parts.append(self.clip.encode_images(batch, batch_size=self.batch_size))
-        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        return self.clip.encode_images([im for _, im in load_chunk(item)], batch_size=self.batch_size)
+
+
+def embed_jpegs(clip, jpegs: list[bytes], batch_size: int) -> np.ndarray:
+    """CLIP embeddings of stored JPEGs (decoded as readers decode them), batches from the first."""
+    from pas.io.shards import decode_image
+
+    return clip.encode_images([decode_image(j) for j in jpegs], batch_size=batch_size)
+
+
+CACHE_ARRAYS = ("records", "jpeg", "jpeg_sizes", "x")
+
+
+def pack_chunk(records: list[dict], jpegs: list[bytes], x: np.ndarray) -> dict[str, np.ndarray]:
+    """One chunk's result as the arrays of its resume file."""
+    import json
+
+    blob = json.dumps(records, sort_keys=True, ensure_ascii=True).encode()
+    return {"records": np.frombuffer(blob, np.uint8), "jpeg": np.frombuffer(b"".join(jpegs), np.uint8),
+            "jpeg_sizes": np.array([len(j) for j in jpegs], np.int64), "x": np.asarray(x, np.float32)}
+
+
+def unpack_chunk(z: dict[str, np.ndarray]) -> tuple[list[dict], list[bytes], np.ndarray] | None:
+    """`pack_chunk`'s arrays back, or None when they do not fit together (a foreign file)."""
+    import json
+
+    try:
+        records = json.loads(z["records"].tobytes())
+    except ValueError:
+        return None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        return None
+    data, ends = z["jpeg"].tobytes(), np.cumsum(z["jpeg_sizes"])
+    n_ok = sum("key" in r for r in records)
+    if len(ends) != n_ok or len(z["x"]) != n_ok or (int(ends[-1]) if n_ok else 0) != len(data):
+        return None
+    jpegs = [data[int(e - n):int(e)] for e, n in zip(ends, z["jpeg_sizes"])]
+    return records, jpegs, z["x"]
+
+
+def cache_fingerprint(p: PoolParams, clip_fingerprint: str) -> str:
+    """What a chunk's result depends on besides its input bytes: CLIP, the decode/encode settings and
+    libraries, batching and device (kernels round differently), the chunk size. Not the shard size or
+    faiss settings: the same chunks serve another `shard_maxcount` or `index`."""
+    import json
+    from importlib.metadata import version
+
+    return json.dumps({"clip": clip_fingerprint, "source": str(p.source), "format": p.format,
+                       "include": p.include, "exclude": p.exclude, "max_pixels": p.max_pixels,
+                       "max_side": p.max_side, "min_side": p.min_side, "jpeg_quality": p.jpeg_quality,
+                       "batch_size": p.batch_size, "device": p.device, "chunk": CHUNK,
+                       "pillow": version("pillow"), "torch": version("torch")}, sort_keys=True)
 
 
 def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | None = None,
-               engine=None) -> dict:
+               engine=None, cache_dir: str | Path | None = None) -> dict:
     """Index `p.source` into `out_dir`; returns the stage metrics. `clip` is a loaded
     `pas.models.clip.Clip` (or None with `clip_dir`, the folder it comes from).
 
-    Decoding runs in a local process pool; embedding runs on `engine` (`pas.engine.EngineConfig`,
-    default PAS_ENGINE): `local` embeds while the shards are written, `ray` embeds the written shards
-    on an actor pool (one shard per task) afterwards. Batches restart at every shard, so the bytes
-    are the same either way."""
+    The input is cut into chunks of CHUNK files (`plan_chunks`). Chunks are decoded in `p.workers`
+    processes, in order; embedding runs on `engine` (`pas.engine.EngineConfig`, default PAS_ENGINE):
+    `local` embeds each chunk here as it is written, `ray` embeds the written chunks on an actor pool
+    afterwards. Batches restart at every chunk, so the bytes are the same either way.
+
+    With `cache_dir` each finished chunk (records, JPEGs, embeddings) is kept there
+    (`pas.io.resume.ChunkCache`, keyed by the chunk's file bytes and `cache_fingerprint`): a rerun
+    after a kill decodes and embeds only the chunks that were not finished, with the same bytes out."""
+    from contextlib import closing
+
     import faiss
+    from tqdm import tqdm
 
     from pas.engine import EngineConfig, map_shards
     from pas.io.manifest import write_parquet
+    from pas.io.resume import ChunkCache, chunk_identity
+    from pas.io.shards import ShardWriter, read_samples
     from pas.io.shards import write_index as write_shard_index
-    from pas.io.shards import ShardWriter, encode_image
     from pas.models.files import fingerprint_dir, write_json
 
     engine = EngineConfig.from_env() if engine is None else engine
@@ -427,53 +543,106 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
         clip = load_clip(clip_dir, device=p.device)
     t0 = time.time()
     skipped: list[dict] = []
-    items = iter_pool(p, skipped)   # checks the source before anything is written
+    items = plan_chunks(p, skipped)     # checks the source before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # an index left by an earlier run would fail the check of the shards embedded before it is rewritten
     (out / "index.parquet").unlink(missing_ok=True)
+    fp = clip.fingerprint if clip is not None else fingerprint_dir(clip_dir)
+    cache = ChunkCache(cache_dir, cache_fingerprint(p, fp)) if cache_dir else None
+    ids = [chunk_identity(it) for it in items] if cache is not None else []
+    todo = {i for i in range(len(items)) if cache is None or not cache.has(ids[i])}
 
-    rows, embs, batch = [], [], []
-    n_rotated = 0
-    batch_shard = None
-
-    def flush():
-        if batch:
-            embs.append(clip.encode_images([b.image for b in batch], batch_size=p.batch_size))
-            batch.clear()
-
+    rows: list[dict] = []
+    embs: list[np.ndarray | None] = [None] * len(items)
+    ray_todo: list[tuple[int, tuple, list[dict] | None]] = []   # (chunk, its written spans, records to cache)
     seen: set[str] = set()
-    with ShardWriter(out, prefix="pool", maxcount=p.shard_maxcount) as w:
-        for it in items:
-            if it.key in seen:  # same file twice in shard input
-                skipped.append({"path": it.path, "reason": "duplicate_key", "detail": it.key})
-                continue
-            seen.add(it.key)
-            n_rotated += it.rotated
-            jpeg = it.jpeg if it.jpeg is not None else encode_image(it.image, "jpg", p.jpeg_quality)
-            shard = w.write(it.key, jpeg,
-                            {"source": "pool", "path": it.path, "category": it.category})
-            rows.append({"key": it.key, "shard": shard, "path": it.path, "category": it.category,
-                         "width": it.width, "height": it.height,
-                         "stored_width": it.image.width, "stored_height": it.image.height})
-            if on_ray:
-                continue
-            if shard != batch_shard:        # batches never span shards (the plan Ray uses too)
-                flush()
-                batch_shard = shard
-            batch.append(it)
-            if len(batch) >= p.batch_size:
-                flush()
-        flush()
+    n_rotated = n_resumed = n_computed = 0
+    t_wait = t_embed = 0.0
+    done = False
+    last_shard, pos = None, 0           # the shard being written, the next sample's place in it
+    n_files = sum(len(it[2]) for it in items if it[0] == "files")
+    with ShardWriter(out, prefix="pool", maxcount=p.shard_maxcount) as w, \
+            closing(decoded_chunks(items, p, todo)) as chunks, \
+            tqdm(total=n_files or None, desc="pool", unit="img", mininterval=2) as bar:
+        while not done:
+            t = time.time()
+            i, decoded = next(chunks, (None, None))
+            t_wait += time.time() - t
+            if i is None:
+                break
+            got = None
+            if decoded is None:         # finished by an earlier run
+                z = cache.get_arrays(ids[i], CACHE_ARRAYS)
+                got = unpack_chunk(z) if z is not None else None
+                if got is None:         # torn or foreign: redone here
+                    if z is not None:
+                        log.warning("pool: ignoring inconsistent resume file for chunk %d; recomputing", i)
+                    decoded = decode_chunk(items[i], p)
+                else:
+                    n_resumed += 1
+            n_computed += got is None
+            records, jpegs, x = got if got is not None else (*decoded, None)
+            # write the chunk: skipped rows, then the stored images in input order
+            spans: list[list] = []
+            written: list[bytes] = []
+            jpeg_of = iter(jpegs)
+            n_ok = 0
+            for r in records:
+                if "reason" in r:
+                    skipped.append({k: r[k] for k in ("path", "reason", "detail")})
+                    continue
+                jpeg = next(jpeg_of)
+                n_ok += 1
+                if r["key"] in seen:    # the same sample twice in shard input
+                    skipped.append({"path": r["path"], "reason": "duplicate_key", "detail": r["key"]})
+                    continue
+                seen.add(r["key"])
+                n_rotated += r["rotated"]
+                shard = w.write(r["key"], jpeg, {"source": "pool", "path": r["path"], "category": r["category"]})
+                if shard != last_shard:
+                    last_shard, pos = shard, 0
+                if spans and spans[-1][0] == shard:
+                    spans[-1][2] = pos + 1
+                else:
+                    spans.append([shard, pos, pos + 1])
+                pos += 1
+                rows.append({c: r[c] for c in POOL_INDEX_COLUMNS if c != "shard"} | {"shard": shard})
+                written.append(jpeg)
+                if p.format == "shards" and p.max_images and len(rows) >= p.max_images:
+                    done = True
+                    break
+            bar.update(len(records))
+            # a cached result fits only a chunk written whole (no duplicate dropped, no max_images cut)
+            whole = len(written) == n_ok
+            if x is not None and whole:
+                embs[i] = x
+            elif on_ray:
+                if written:
+                    ray_todo.append((i, ("shards", [(str(out / s), a, b) for s, a, b in spans]),
+                                     records if whole else None))
+            else:
+                t = time.time()
+                embs[i] = embed_jpegs(clip, written, p.batch_size)
+                t_embed += time.time() - t
+                if cache is not None and whole and got is None:
+                    cache.put_arrays(ids[i], **pack_chunk(records, written, embs[i]))
     if not rows:
         raise _no_images(p, skipped)
 
-    if on_ray and rows:
-        shards = list(dict.fromkeys(r["shard"] for r in rows))
-        embs = map_shards(ShardEmbeddings(clip_dir, p.device, p.batch_size), [str(out / s) for s in shards],
-                          config=engine, desc="pool embeddings")
-    fp = clip.fingerprint if clip is not None else fingerprint_dir(clip_dir)
-    emb = np.concatenate(embs)      # rows is not empty, so neither is embs
+    if ray_todo:
+        def cache_chunk(j: int, x: np.ndarray) -> None:
+            i, item, records = ray_todo[j]
+            embs[i] = x
+            if cache is not None and records is not None:
+                jpegs = [s.image for shard, a, b in item[1] for s in read_samples(shard, a, b)]
+                cache.put_arrays(ids[i], **pack_chunk(records, jpegs, x))
+
+        t = time.time()
+        map_shards(ChunkEmbeddings(clip_dir, p.device, p.batch_size), [it for _, it, _ in ray_todo],
+                   config=engine, on_result=cache_chunk, desc="pool embeddings")
+        t_embed += time.time() - t
+    emb = np.concatenate([e for e in embs if e is not None and len(e)])   # rows is not empty
     dim = int(emb.shape[1])
     if len(emb) != len(rows):
         raise RuntimeError(f"pool: {len(emb)} embeddings for {len(rows)} stored images")
@@ -485,13 +654,20 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
                   sort_by="path")
     write_json(out / "pool.json", {"clip_fingerprint": fp, "n": len(rows), "dim": dim,
                                    "index": p.index, "source": str(p.source)})
+    if cache is not None:
+        cache.prune()                   # chunks of earlier inputs or settings
     secs = time.time() - t0
     reasons = Counter(s["reason"] for s in skipped)
     metrics = {"n_files": len(rows) + len(skipped), "n_indexed": len(rows), "n_skipped": len(skipped),
                **{f"skipped_{r}": n for r, n in sorted(reasons.items())}, "n_exif_rotated": n_rotated,
                "n_shards": len({r["shard"] for r in rows}), "dim": dim,
                "categories": len({r["category"] for r in rows}),
-               "seconds": round(secs, 1), "images_per_second": round(len(rows) / max(secs, 1e-9), 1)}
-    log.info("pool: indexed %d images, skipped %d %s in %.1fs (embeddings on %s)", len(rows), len(skipped),
-             dict(reasons), secs, engine.engine)
+               "n_chunks_resumed": n_resumed, "n_chunks_computed": n_computed,
+               "seconds": round(secs, 1), "images_per_second": round(len(rows) / max(secs, 1e-9), 1),
+               # the main process waiting for decoded chunks vs embedding them: which one bounds the stage
+               "seconds_decode_wait": round(t_wait, 1), "seconds_embed": round(t_embed, 1)}
+    log.info("pool: indexed %d images, skipped %d %s in %.1fs (%d of %d chunks resumed; waited %.1fs for "
+             "decoding, embedded %.1fs on %s)", len(rows), len(skipped), dict(reasons), secs, n_resumed,
+             len(items), t_wait, t_embed, engine.engine)
     return metrics
+

@@ -6,7 +6,8 @@ a scratch folder DVC never touches (`data/.cache/<stage>/`, git-ignored), as `ge
 identity): a rerun with the same model, params and input bytes finds it; any change misses it and the
 item is recomputed. Files are written to a temp name and renamed, so a killed run leaves no half file;
 one that cannot be read back all the same (a disk full, a copy cut short) is a miss with a warning.
-A `RecordStore` keeps small JSON records by key the same way, many per file (`captions`: one L4
+`get_arrays`/`put_arrays` keep several named arrays per item (`pool`: a chunk's records, JPEG bytes
+and CLIP embeddings). A `RecordStore` keeps small JSON records by key the same way, many per file (`captions`: one L4
 answer per request, `pas.llm.cache`).
 """
 
@@ -37,11 +38,18 @@ def file_identity(path: str | Path) -> list:
 def chunk_identity(item: tuple) -> list:
     """What a `pas.data.chunks` item reads, by content: each shard span as [identity of the shard, start,
     stop], each file as [relative path, identity of the file]. The one input-identity rule of resumable
-    work (`pas.engine.map_resumable`): `dvc checkout` rewriting the same bytes still hits."""
+    work (`pas.engine.map_resumable`, the pool's chunks): `dvc checkout` rewriting the same bytes still
+    hits. A file that cannot be read gets an error id (decoding reports it; readable later, another id)."""
+    def ident(path) -> list:
+        try:
+            return file_identity(path)
+        except OSError as e:
+            return ["error", type(e).__name__]
+
     if item[0] == "shards":
-        return [[file_identity(shard), start, stop] for shard, start, stop in item[1]]
+        return [[ident(shard), start, stop] for shard, start, stop in item[1]]
     _, d, files = item
-    return [[rel, file_identity(Path(d) / rel)] for rel in files]
+    return [[rel, ident(Path(d) / rel)] for rel in files]
 
 
 def read_json(path: str | Path) -> Any | None:
@@ -66,8 +74,9 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
 
 
 class ChunkCache:
-    """`get(item_id)` / `put(item_id, keys, array)` (or `put(item_id, (keys, array))`) for (list of str,
-    ndarray) results: the store of `pas.engine.map_resumable`."""
+    """`get(item_id)` / `put(item_id, keys, array)` (or `put(item_id, (keys, array))`, as the store of
+    `pas.engine.map_resumable`) for (list of str, ndarray) results; `get_arrays` / `put_arrays` for a
+    result of several named arrays (`pool`: records, JPEGs, embeddings)."""
 
     def __init__(self, root: str | Path, run_fingerprint: str):
         self.root = Path(root)
@@ -78,12 +87,23 @@ class ChunkCache:
         blob = json.dumps([self.run_fingerprint, item_id], sort_keys=True, default=str)
         return self.root / f"{hashlib.sha256(blob.encode()).hexdigest()[:40]}.npz"
 
-    def get(self, item_id: Any) -> tuple[list[str], np.ndarray] | None:
+    def has(self, item_id: Any) -> bool:
+        """A file is stored for `item_id` (it may still turn out torn: `get` says so)."""
+        path = self._path(item_id)
+        self.used.add(path.name)
+        return path.is_file()
+
+    def get_arrays(self, item_id: Any, names: tuple[str, ...] = ()) -> dict[str, np.ndarray] | None:
+        """The arrays stored for `item_id`, or None: missing, torn, or lacking one of `names`."""
         path = self._path(item_id)
         self.used.add(path.name)
         try:
             with np.load(path, allow_pickle=False) as z:
-                return [str(k) for k in z["keys"]], z["x"]
+                out = {k: z[k] for k in z.files}   # read all here: a torn member fails now, not later
+            missing = [k for k in names if k not in out]
+            if missing:
+                raise KeyError(missing[0])
+            return out
         except FileNotFoundError:
             return None
         # a torn or foreign file (a truncated zip, a short array): a miss, recomputed and overwritten
@@ -91,16 +111,23 @@ class ChunkCache:
             log.warning("ignoring unreadable cache file %s (%s: %s); recomputing", path, type(e).__name__, e)
             return None
 
-    def put(self, item_id: Any, keys: list[str] | tuple, x: np.ndarray | None = None) -> None:
-        if x is None:                  # put(id, (keys, x)): a result as map_resumable hands it over
-            keys, x = keys
+    def put_arrays(self, item_id: Any, **arrays: np.ndarray) -> None:
         path = self._path(item_id)
         self.used.add(path.name)
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{path.stem}.npz")
         with open(tmp, "wb") as f:
-            np.savez(f, keys=np.asarray(keys, dtype=str), x=x)
+            np.savez(f, **arrays)
         os.replace(tmp, path)
+
+    def get(self, item_id: Any) -> tuple[list[str], np.ndarray] | None:
+        z = self.get_arrays(item_id, ("keys", "x"))
+        return None if z is None else ([str(k) for k in z["keys"]], z["x"])
+
+    def put(self, item_id: Any, keys: list[str] | tuple, x: np.ndarray | None = None) -> None:
+        if x is None:                  # put(id, (keys, x)): a result as map_resumable hands it over
+            keys, x = keys
+        self.put_arrays(item_id, keys=np.asarray(keys, dtype=str), x=x)
 
     def prune(self) -> int:
         """Delete the files of items this run did not ask for (older runs); returns how many."""
