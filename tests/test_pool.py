@@ -60,6 +60,34 @@ def test_load_rgb_composites_on_white(folder):
     assert load_rgb(folder / "misc" / "la.png").getpixel((0, 0)) == (255, 255, 255)  # alpha 0
 
 
+def test_pillows_own_bomb_guard_stays_on(tmp_path, recwarn):
+    """No process-wide MAX_IMAGE_PIXELS = None: Pillow's guard refuses a bomb header before decoding
+    (past twice its limit it raises, past its limit it warns: both are too_large, no warning leaks);
+    a larger explicit max_pixels raises Pillow's limit, never switches it off."""
+    from PIL import Image
+
+    from pas.data.images import open_image
+
+    assert Image.MAX_IMAGE_PIXELS is not None
+    limit = Image.MAX_IMAGE_PIXELS
+    _huge_png_header(tmp_path / "over2x.png", 30000, 30000)           # 900 Mpix > 2 × 89.5 Mpix
+    _huge_png_header(tmp_path / "over1x.png", 10000, 10000)           # 100 Mpix: Pillow's warning
+    for name in ("over2x.png", "over1x.png"):
+        with pytest.raises(BadImage) as e:
+            open_image(tmp_path / name, limit, name)
+        assert e.value.reason == "too_large" and "decompression bomb" in e.value.detail.lower(), e.value.detail
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    _huge_png_header(tmp_path / "60mpix.png", 8000, 7500)             # under Pillow's limit, over ours
+    with pytest.raises(BadImage, match="60 Mpix > 50"):
+        open_image(tmp_path / "60mpix.png", 50_000_000, "60mpix.png")
+    try:
+        with open_image(tmp_path / "over1x.png", 200_000_000, "over1x.png") as im:   # allowed explicitly
+            assert im.size == (10000, 10000)
+        assert Image.MAX_IMAGE_PIXELS == 200_000_000
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def test_load_rgb_bad_inputs(folder):
     with pytest.raises(BadImage) as e:
         load_rgb(folder / "misc" / "bomb.png", max_pixels=50_000_000)

@@ -2,7 +2,8 @@
 
 Real collections contain decompression bombs (openclipart-png has a 623-Mpix PNG that needs 13 GB to
 decode), transparency in every flavour (RGBA, LA, palette with tRNS), truncated files and photos stored
-sideways with an EXIF orientation tag. We read the header size before decoding, let Pillow downscale
+sideways with an EXIF orientation tag. Pillow's own bomb guard stays on (`open_image`); we read the
+header size before decoding, let Pillow downscale
 JPEGs while decoding (`draft`), turn images upright, composite anything transparent on white, and turn
 every failure into a `BadImage` with a short reason the caller counts.
 """
@@ -14,8 +15,6 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-# Pillow's own bomb check would still decode up to ~179 Mpix; we apply our limit from the header.
-Image.MAX_IMAGE_PIXELS = None
 
 
 class BadImage(Exception):
@@ -59,6 +58,30 @@ def upright(img: Image.Image) -> tuple[Image.Image, int]:
     return img, 1
 
 
+def open_image(fp, max_pixels: int, name: str) -> Image.Image:
+    """`Image.open` (lazy: no pixel decoded yet) under Pillow's own decompression-bomb guard, raised to
+    `max_pixels` when that is above it, never turned off: past its limit Pillow warns and past twice
+    it refuses, and both are BadImage("too_large"). A tighter `max_pixels` is checked from the header.
+    Not an image: BadImage("unreadable"). `name` is what error details call the file."""
+    if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage("too_large", f"{name}: {e}") from None
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for non-images
+        raise BadImage("unreadable", f"{name}: {e}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise BadImage("too_large", f"{name}: {w}x{h} = {w * h / 1e6:.0f} Mpix > {max_pixels / 1e6:.0f}")
+    return img
+
+
 def load_rgb(path: str | Path, max_pixels: int = 50_000_000, max_side: int | None = 512,
              min_side: int = 8) -> Image.Image:
     """Decode `path` into an RGB image whose longer side is ≤ `max_side`.
@@ -68,16 +91,9 @@ def load_rgb(path: str | Path, max_pixels: int = 50_000_000, max_side: int | Non
     (truncated or broken data). An image with an EXIF orientation is turned upright and carries the
     original orientation (2-8) in `info["exif_orientation"]`.
     """
-    try:
-        img = Image.open(path)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types for non-images
-        raise BadImage("unreadable", f"{path}: {e}") from None
+    img = open_image(path, max_pixels, str(path))
     with img:
         w, h = img.size
-        if w * h > max_pixels:
-            raise BadImage("too_large", f"{path}: {w}x{h} = {w * h / 1e6:.0f} Mpix > {max_pixels / 1e6:.0f}")
         if min(w, h) < min_side:
             raise BadImage("too_small", f"{path}: {w}x{h}")
         try:

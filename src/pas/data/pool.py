@@ -243,14 +243,12 @@ def decode_chunk(item: tuple, p: PoolParams) -> tuple[list[dict], list[bytes]]:
 
 
 def _decode_file(root: str, rel: str, p: PoolParams) -> tuple[dict, bytes | None]:
-    from PIL import Image
-
-    from pas.data.images import BadImage, load_rgb
+    from pas.data.images import BadImage, load_rgb, open_image
     from pas.io.shards import make_key
 
     path = os.path.join(root, rel)
     try:
-        with Image.open(path) as head:
+        with open_image(path, p.max_pixels, rel) as head:
             w, h = head.size
     except Exception:  # noqa: BLE001 - load_rgb below reports it with a reason
         w = h = 0
@@ -276,9 +274,7 @@ def _decode_sample(s, p: PoolParams) -> tuple[dict, bytes | None] | None:
     """One sample of an existing webdataset shard (e.g. a LAION subset written by img2dataset)."""
     import io
 
-    from PIL import Image
-
-    from pas.data.images import BadImage, to_rgb_on_white, upright
+    from pas.data.images import BadImage, open_image, to_rgb_on_white, upright
     from pas.io.shards import KEY_RE, make_key
 
     ref = f"{s.shard}/{s.key}"
@@ -288,13 +284,8 @@ def _decode_sample(s, p: PoolParams) -> tuple[dict, bytes | None] | None:
             ref.encode("utf-8"), cat.encode("utf-8")
         except UnicodeEncodeError:
             raise BadImage("bad_filename", shown(ref)) from None
-        try:
-            im = Image.open(io.BytesIO(s.image))
-        except Exception as e:  # noqa: BLE001 - Pillow raises many types for non-images
-            raise BadImage("unreadable", f"{ref}: {e}") from None
+        im = open_image(io.BytesIO(s.image), p.max_pixels, ref)
         w, h = im.size
-        if w * h > p.max_pixels:
-            raise BadImage("too_large", f"{ref}: {w}x{h}")
         if min(w, h) < p.min_side:
             raise BadImage("too_small", f"{ref}: {w}x{h}")
         try:
