@@ -7,38 +7,35 @@ would stop DVC hashing the folder; run it before `dvc repro` on a new pool.
 Each finished chunk of CHUNK input files (decoded JPEGs + CLIP embeddings) is kept in `--cache`
 (data/.cache/pool, git-ignored, not a DVC out), keyed by the files' bytes: a run killed half-way
 redoes only the chunks it had not finished and writes the bytes of an uninterrupted run. `--fresh`
-forgets them. `pool.workers` (decode processes) is a machine setting: same bytes for any value.
+forgets them. PAS_POOL_WORKERS (decode processes, 0 = every core) is a machine setting read from the
+environment, like PAS_ENGINE: same bytes for any value, so it reruns nothing.
 
 With `retrieve.backend: clip_service` nothing searches the pool: the stage writes an empty one without
 reading pool.source or loading CLIP (pas.data.pool.unused_pool)."""
 
 from __future__ import annotations
 
-import argparse
-import logging
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
 
-from pas.data.pool import DVC_BLOCKERS, PoolParams, build_pool, check_source, unused_pool
+from pas.data.pool import DVC_BLOCKERS, PoolParams, build_pool, check_source, unused_pool, workers_from_env
 from pas.io.manifest import write_metrics
-from pas.params import build, load, run_stage
+from pas.params import build, load, run_stage, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = stage_parser(__doc__, "metrics/pool.json")
     ap.add_argument("--clip", default="models/clip", help="CLIP folder from the models stage")
     ap.add_argument("--out", default="data/pool")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--metrics", default="metrics/pool.json")
     ap.add_argument("--check", action="store_true", help="list odd entries of pool.source; build nothing")
     ap.add_argument("--cache", default="data/.cache/pool",
                     help="scratch folder keeping finished chunks across killed runs (not a DVC out); '' disables it")
     ap.add_argument("--fresh", action="store_true", help="forget the finished chunks and start over")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load(args.params)          # validated: retrieve.backend is pool or clip_service
-    p = build(PoolParams, params, "pool")
+    p = dataclasses.replace(build(PoolParams, params, "pool"), workers=workers_from_env())
     if args.check:
         return check(p)
     backend = (params.get("retrieve") or {}).get("backend", "pool")

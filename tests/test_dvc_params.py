@@ -120,8 +120,8 @@ def test_paper_presets_eval_sets_are_all_evalsets_deps(tmp_path, preset):
 # machine knobs: settings of how a stage runs that leave every output byte alike, so a change must not
 # rerun the stage. The others (device, batch sizes, thread counts) stay declared: they change float
 # rounding (CPU vs GPU kernels, batch composition, reduction order), which the stages' own resume
-# fingerprints record too. pool.workers is one as well, but pool still declares its whole section:
-# params.yaml and the presets spell out only some pool keys, and DVC refuses a declared key a file lacks.
+# fingerprints record too. The pool's decode processes are one as well: not a param at all but
+# PAS_POOL_WORKERS, machine configuration from the environment like PAS_ENGINE (tests/test_pool.py).
 KNOBS = {"prune": {"sort_buffer_mb"}}
 
 

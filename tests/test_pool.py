@@ -358,12 +358,13 @@ def _resume_folder(root, clipart_food):
     return root
 
 
-def _pool_stage_files(tmp_path, source, clip_dir, workers):
+def _pool_stage_files(tmp_path, source, clip_dir):
+    """The stage's argv; its decode processes come from PAS_POOL_WORKERS (a machine setting)."""
     import yaml
 
-    params = tmp_path / f"params{workers}.yaml"
+    params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"pool": {"source": str(source), "max_side": 64, "batch_size": 3,
-                                               "shard_maxcount": 5, "workers": workers}}))
+                                               "shard_maxcount": 5}}))
     return lambda out, cache: ["--clip", str(clip_dir), "--out", str(tmp_path / out), "--params", str(params),
                                "--metrics", str(tmp_path / f"{out}.json"), "--cache", str(tmp_path / cache)]
 
@@ -418,11 +419,12 @@ def test_sigkill_half_way_resumes_only_the_missing_chunks(tmp_path, clipart_food
 
     root = Path(__file__).resolve().parents[1]
     src = _resume_folder(tmp_path / "src", clipart_food)
-    argv = _pool_stage_files(tmp_path, src, tiny_clip_dir, workers=2)
+    argv = _pool_stage_files(tmp_path, src, tiny_clip_dir)
     cache = tmp_path / "cache"
     script = KILLABLE.format(argv=argv("out", "cache"), script=str(root / "stages" / "pool.py"))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(root / "src")}, start_new_session=True)
+                            env={**os.environ, "PYTHONPATH": str(root / "src"), "PAS_POOL_WORKERS": "2"},
+                            start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and len(_chunk_files(cache)) < 3:
         time.sleep(0.02)
@@ -438,7 +440,8 @@ def test_sigkill_half_way_resumes_only_the_missing_chunks(tmp_path, clipart_food
     decoded = []
     real = pool_mod.decode_chunk
     monkeypatch.setattr(pool_mod, "decode_chunk", lambda item, p: decoded.append(item[2]) or real(item, p))
-    argv1 = _pool_stage_files(tmp_path, src, tiny_clip_dir, workers=1)   # workers: no part of a chunk's id
+    monkeypatch.setenv("PAS_POOL_WORKERS", "1")          # workers: no part of a chunk's id
+    argv1 = _pool_stage_files(tmp_path, src, tiny_clip_dir)
     assert load_stage("pool").main(argv1("out", "cache")) == 0
     assert len(decoded) == 7 - done                    # only the chunks the killed run had not finished
     assert read_run(tmp_path / "out.json")["n_chunks_resumed"] == done
@@ -468,7 +471,8 @@ def test_torn_or_stale_chunk_files_are_recomputed(tmp_path, clipart_food, tiny_c
     real = pool_mod.decode_chunk
     monkeypatch.setattr(pool_mod, "decode_chunk", lambda item, p: decoded.append(item[2]) or real(item, p))
     src = _resume_folder(tmp_path / "src", clipart_food)
-    argv = _pool_stage_files(tmp_path, src, tiny_clip_dir, workers=1)
+    monkeypatch.setenv("PAS_POOL_WORKERS", "1")
+    argv = _pool_stage_files(tmp_path, src, tiny_clip_dir)
     stage = load_stage("pool")
     assert stage.main(argv("full", "cache")) == 0
     full = outputs(tmp_path / "full")
@@ -503,3 +507,16 @@ def test_torn_or_stale_chunk_files_are_recomputed(tmp_path, clipart_food, tiny_c
     assert stage.main(argv("changed", "cache")) == 0
     assert decoded == [["a/02.png", "a/03.png"]] and outputs(tmp_path / "changed") != full
     assert len(_chunk_files(tmp_path / "cache")) == 7  # the stale chunk was pruned
+
+
+def test_decode_workers_are_a_machine_setting_not_a_param(tmp_path):
+    """PAS_POOL_WORKERS, like PAS_ENGINE: a params.yaml key would rerun the stage (and models@clip)
+    for a setting that changes no byte, so the old key is refused with where it went."""
+    from pas.data.pool import workers_from_env
+    from pas.params import ParamsError, build
+
+    assert workers_from_env({}) == 0 and workers_from_env({"PAS_POOL_WORKERS": " 3 "}) == 3
+    with pytest.raises(ParamsError, match="PAS_POOL_WORKERS='two'"):
+        workers_from_env({"PAS_POOL_WORKERS": "two"})
+    with pytest.raises(ParamsError, match="pool.workers: removed; .*PAS_POOL_WORKERS"):
+        build(PoolParams, {"pool": {"source": "x", "workers": 2}}, "pool")

@@ -66,7 +66,11 @@ class PoolParams:
     nlist: int = 1024               # ivf lists (capped at N/39 for small pools)
     hnsw_m: int = 32
     device: str = "cpu"
-    workers: int = 0                # decode processes; 0 = all cores (machine setting, output is identical)
+    workers: int = 0                # decode processes; 0 = all cores. A machine setting (same bytes for any
+    #                                 value), so not in params.yaml: the stage takes it from PAS_POOL_WORKERS
+
+    # DVC reruns a stage when a declared param changes; a knob that changes no byte must not be one
+    REMOVED_KEYS = {"workers": "decode processes are a machine setting: set PAS_POOL_WORKERS (0 = every core)"}
 
     def __post_init__(self):
         check_choice("index", self.index, ("flat", "ivf", "hnsw"))
@@ -304,6 +308,15 @@ def _decode_sample(s, p: PoolParams) -> tuple[dict, bytes | None] | None:
         return None
     key = s.key if KEY_RE.match(s.key) and s.key.startswith("p") else make_key("p", ref)
     return _stored(key, ref, cat, w, h, img, orientation, str(s.meta.get("caption") or ""), p)
+
+
+def workers_from_env(env: dict | None = None) -> int:
+    """PAS_POOL_WORKERS: decode processes (0 or unset = every core), like PAS_ENGINE machine
+    configuration read from the environment, so changing it reruns nothing."""
+    raw = (os.environ if env is None else env).get("PAS_POOL_WORKERS", "").strip() or "0"
+    if not raw.isdigit():
+        raise ParamsError(f"PAS_POOL_WORKERS={raw!r}: expected a whole number ≥ 0 (0 = every core)")
+    return int(raw)
 
 
 def n_workers(p: PoolParams) -> int:
