@@ -7,8 +7,9 @@ Concepts use the defaults; captions (one sentence per item) use
 Structured answers: a list request may carry :func:`list_schema` (``ChatRequest.schema``), which
 backends with constrained decoding (vLLM structured outputs, OpenAI ``json_schema``) make the answer
 follow. :func:`parse_answer` takes the items of such a JSON answer (cleaned by the same rules as a
-text item) and falls back to :func:`parse_list` on anything else (no schema, a backend that
-ignored it, JSON cut off by max_new_tokens); `ParsedList.source` says which it was.
+text item) and falls back to text on anything else (`ParsedList.source` says which it was): JSON
+cut off by max_new_tokens keeps its complete items, any other answer (no schema, a backend that
+ignored it, other keys) goes to :func:`parse_list`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,33 @@ def list_schema(max_items: int | None = None) -> dict:
     if max_items is not None:
         items["maxItems"] = int(max_items)
     return {"type": "object", "properties": {ITEMS: items}, "required": [ITEMS], "additionalProperties": False}
+
+
+CUT_JSON = re.compile(r'^\s*\{\s*"items"\s*:\s*\[')  # how a list answer starts, before a cut
+
+
+def _cut_json_items(text: str) -> list[str] | None:
+    """The complete string items of a list answer cut off mid-JSON ('{"items": ["a", "b", "ra'), or
+    None when the text does not start like one."""
+    m = CUT_JSON.match(text)
+    if m is None:
+        return None
+    decoder, pos, items = json.JSONDecoder(), m.end(), []
+    while True:
+        while text[pos:pos + 1].isspace():
+            pos += 1
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except ValueError:   # the cut: an unfinished string (or the end)
+            return items
+        if not isinstance(item, str):
+            return None
+        items.append(item)
+        while text[pos:pos + 1].isspace():
+            pos += 1
+        if text[pos:pos + 1] != ",":
+            return items
+        pos += 1
 
 
 def structured_items(text: str | None, schema: dict | None) -> list[str] | None:
@@ -155,12 +183,18 @@ def parse_answer(text: str | None, schema: dict | None = None, *, max_words: int
                  split_commas: bool = True, cut_explanations: bool = True) -> ParsedList:
     """The items of an answer to a list request: from its JSON when the request carried `schema` and
     the answer follows it (`source` "json": each item cleaned as :func:`parse_list` cleans a line,
-    never split at commas: the model said where items end), else :func:`parse_list` (`source` "text")."""
-    pieces = structured_items(text, schema)
+    never split at commas: the model said where items end), else (`source` "text") the complete
+    items of a JSON answer cut off by max_new_tokens, or :func:`parse_list` of anything else."""
+    pieces, source = structured_items(text, schema), "json"
+    if pieces is None and schema:
+        try:
+            json.loads((text or "").strip())
+        except ValueError:   # not JSON: cut off by max_new_tokens?
+            pieces, source = _cut_json_items(text or ""), "text"
     if pieces is None:
         return parse_list(text, max_words=max_words, max_chars=max_chars, split_commas=split_commas,
                           cut_explanations=cut_explanations)
     pieces = [unicodedata.normalize("NFKC", p) for p in pieces]
     items, dropped = _keep_items(pieces, max_words, max_chars, cut_explanations)
     status = "ok" if items else ("empty" if not any(p.strip() for p in pieces) else "no_items")
-    return ParsedList(items, status, dropped, source="json")
+    return ParsedList(items, status, dropped, source=source)
