@@ -364,6 +364,13 @@ def test_server_refusing_response_format_gets_text_requests_once_warned(server, 
     assert parsed.source == "text" and parsed.items == ["echo a seed=1"]
 
 
+def test_required_json_schema_refused_is_fatal(server):
+    server.refuse_schema = True
+    llm = make_backend(spec(server, retries=0, structured="json_schema"), "llm.l1")
+    with pytest.raises(LLMError, match=r"llm\.l1: .* refuses response_format json_schema, which structured"):
+        llm.chat([list_req("a")])
+
+
 def test_other_400s_are_not_read_as_a_refused_schema(server):
     server.plan = [400]
     llm = make_backend(spec(server, batch_size=1))

@@ -78,7 +78,8 @@ class LLMSpec:
     structured: str = "auto"          # list answers as JSON by constrained decoding (vllm: structured
                                       # outputs; openai: response_format json_schema), parsed as text
                                       # where that fails. auto = where the backend can (not transformers);
-                                      # json_schema = the same, refused for transformers; off = text lists
+                                      # json_schema = required (refused for transformers; an openai server
+                                      # refusing it fails the stage); off = text lists
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, BACKENDS)

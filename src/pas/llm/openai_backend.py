@@ -17,7 +17,8 @@ A request carrying a `schema` (a list request, see :meth:`ChatBackend.list_schem
 `response_format: {"type": "json_schema", "json_schema": {"name", "schema", "strict": true}}`, which
 OpenAI and `vllm serve` enforce. A server that refuses it (HTTP 400/422 naming response_format or
 json_schema) gets those requests again without it, once; the backend warns and sends none for the
-rest of the run, and the answers are parsed as text lists.
+rest of the run, and the answers are parsed as text lists (`structured: json_schema` makes the
+refusal an LLMError instead).
 
 No tokenizer here: `count_tokens` is the conservative estimate of :func:`pas.llm.base.estimate_tokens`;
 the context length is `max_context_tokens`, else the `max_model_len` that `vllm serve` reports for the
@@ -330,6 +331,9 @@ class OpenAIBackend(ChatBackend):
         resps = self._map(bodies)
         again = [i for i, (b, r) in enumerate(zip(bodies, resps)) if "response_format" in b and refuses_schema(r)]
         if again:
+            if self.spec.structured == "json_schema":
+                raise LLMError(f"{self.where}: {self.url} refuses response_format json_schema, which structured: "
+                               f"json_schema requires ({resps[again[0]]}); auto falls back to text lists")
             if not self.schema_refused:
                 log.warning("%s: %s refuses response_format json_schema (%s); asking for text lists for the "
                             "rest of the run (set structured: off to skip the attempt)", self.where, self.url,
