@@ -143,8 +143,9 @@ def test_answer_not_of_the_schema_falls_back_to_text_parsing(text):
     assert out == dataclasses.replace(parse_list(text), source="text")
 
 
-@pytest.mark.parametrize("text", ['{"items": ["Paella", "Pad Thai", "Ram', '{\n  "items": [\n    "Paella",\n    "Pad Thai",\n',
-                                  '{"items": ["Paella", "Pad Thai"', '{"items":["Paella","Pad Thai",'])
+@pytest.mark.parametrize("text", ['{"items": ["Paella", "Pad Thai", "Ram', '{"items": ["Paella", "Pad Thai"',
+                                  '{\n  "items": [\n    "Paella",\n    "Pad Thai",\n',
+                                  '{"items":["Paella","Pad Thai",'])
 def test_json_cut_off_by_max_new_tokens_keeps_its_complete_items(text):
     out = parse_answer(text, list_schema())
     assert out.source == "text" and out.items == ["Paella", "Pad Thai"]
