@@ -20,6 +20,7 @@ from pas.collect.captions import (CaptionsParams, clean_captions, derive_seed, f
                                   render, write_captions)
 from pas.io.manifest import read_run, write_parquet
 from pas.llm.base import ChatBackend, ChatResult, LLMSpec
+from pas.llm.parse import list_schema
 from pas.params import ParamsError, run_stage
 from tests.stage_helpers import load_stage
 from tests.test_llm_openai import Server
@@ -128,6 +129,34 @@ def test_write_captions_retries_then_falls_back():
     assert again.captions["apple pie"] == [("A slice of apple pie on a porcelain plate by the window.", False)]
 
 
+class ConstrainedLLM(ScriptedLLM):
+    """ScriptedLLM as a backend that decodes to a request's schema (vllm, openai)."""
+
+    constrained = True
+
+
+def test_structured_answers_are_read_as_json_and_fallbacks_counted():
+    llm = ConstrainedLLM({"ramen": [
+        '{"items": ["A steaming bowl of ramen on a wooden counter in Tokyo."]}',   # JSON of the schema
+        '{"items": ["A bowl of ramen under neon lights, rain outside',              # cut off: nothing complete
+        "A bowl of ramen beside chopsticks on a slate plate.",                       # the schema ignored
+    ]})
+    caps = write_captions(llm, ["ramen"], n_cap=2, seed=1, template=load_template(), max_attempts=2,
+                          progress=False)
+    assert all(r.schema == list_schema(1) for r in llm.requests)
+    assert [c for c, fb in caps.captions["ramen"]] == ["A steaming bowl of ramen on a wooden counter in Tokyo.",
+                                                        "A bowl of ramen beside chopsticks on a slate plate."]
+    assert [t["parsed"] for t in caps.transcripts] == ["json", "text", "text"]
+    m = caps.metrics()
+    assert m["n_structured_answers"] == 1 and m["n_text_fallback_answers"] == 2 and m["n_fallback_captions"] == 0
+    # a backend without constrained decoding (the offline default) asks and records exactly as before
+    plain = ScriptedLLM({"ramen": ['{"items": ["A steaming bowl of ramen on a wooden counter in Tokyo."]}']})
+    caps = write_captions(plain, ["ramen"], n_cap=1, seed=1, template=load_template(), progress=False)
+    assert plain.requests[0].schema is None and "parsed" not in caps.transcripts[0]
+    assert "n_structured_answers" not in caps.metrics()
+    assert set(plain.requests[0].to_json()) == {"messages", "seed", "max_new_tokens"}   # cache keys unchanged
+
+
 def test_params_validation():
     with pytest.raises(ParamsError, match="max_fallback_fraction"):
         CaptionsParams(max_fallback_fraction=1.5)
@@ -215,6 +244,8 @@ def test_answer_fingerprint_ignores_transport_knobs():
     same = answer_fingerprint(base)
     assert answer_fingerprint(LLMSpec(backend="openai", model="m", base_url="http://x/v1", timeout=9.0,
                                       retries=9, retry_backoff=0.0, max_context_tokens=99)) == same
+    # structured is decided per request: a constrained request carries its schema in its cache key
+    assert answer_fingerprint(LLMSpec(backend="openai", model="m", base_url="http://x/v1", structured="off")) == same
     for kw in ({"temperature": 0.1}, {"top_p": 0.5}, {"max_new_tokens": 5}, {"model": "n"}):
         assert answer_fingerprint(LLMSpec(**{"backend": "openai", "model": "m", "base_url": "http://x/v1", **kw})) != same
     assert answer_fingerprint(base, "files-a") != answer_fingerprint(base, "files-b")

@@ -13,6 +13,7 @@ from pas.concepts.discovery import (DiscoveryError, Prompts, derive_seed, discov
                                     saturated, validate_bank)
 from pas.concepts.params import ConceptsParams, DomainParams
 from pas.llm.base import ChatBackend, ChatResult, LLMSpec
+from pas.llm.parse import list_schema
 from pas.params import ParamsError
 
 PROMPTS = Prompts(generate="GEN {name} | {description}", expand="EXP {concept}")
@@ -381,3 +382,28 @@ def test_history_budget_uses_the_rounds_longest_prompt():
     assert d.expansion_sizes == [7, 8, 8]
     assert d.history_kept == [2, 1] and d.history_dropped == [0, 1]
     assert all(l2.count_tokens(r.messages) + 5 <= context for r in l2.requests)
+
+
+class ConstrainedScripted(Scripted):
+    """Scripted as a backend that decodes to a request's schema (vllm, openai)."""
+
+    constrained = True
+
+
+def test_structured_answers_and_text_fallbacks_are_counted():
+    gen = ['{"items": ["Paella", "Ramen", "Tacos"]}',
+           '{"items": ["Paella", "Ramen", "Pad Thai", "Pho", "Sush',     # cut off: its complete items
+           '1. Paella\n2. Ramen']                                        # the schema ignored: a text list
+    llm = ConstrainedScripted(gen=gen)
+    found = discover(llm, llm, DOMAIN, params(lambda_1=0.01, max_generation_samples=3), PROMPTS, progress=False)
+    assert all(r.schema == list_schema() for r in llm.requests)
+    assert list(found.bank) == ["paella", "ramen", "tacos", "pad thai", "pho"]
+    assert found.answers["generate_structured"] == 1 and found.answers["generate_text_fallback"] == 2
+    assert found.answers["generate_ok"] == 3
+    off = ConstrainedScripted(gen=gen)
+    off.spec = dataclasses.replace(off.spec, structured="off")
+    plain = Scripted(gen=gen)                    # transformers: no schema, nothing new counted
+    for llm in (off, plain):
+        found = discover(llm, llm, DOMAIN, params(lambda_1=0.01, max_generation_samples=3), PROMPTS, progress=False)
+        assert all(r.schema is None for r in llm.requests)
+        assert not any(k.endswith(("_structured", "_text_fallback")) for k in found.answers)

@@ -475,6 +475,7 @@ def _fake_vllm_processor(config, preprocess, postprocess):
         ids = list(row["tokenized_prompt"]) if "tokenized_prompt" in row else tok(row["prompt"])["input_ids"]
         _fake_vllm_processor.fed.append(ids)
         sp = row["sampling_params"]
+        _fake_vllm_processor.sampling.append(sp)
         msg = tok.decode(ids, skip_special_tokens=True).rsplit("<|user|>", 1)[-1].split("\n")[0]
         if "poison" in msg:
             return {**row, "generated_text": "", "num_generated_tokens": 0,
@@ -502,6 +503,7 @@ def _fake_vllm_processor(config, preprocess, postprocess):
 
 
 _fake_vllm_processor.fed = []
+_fake_vllm_processor.sampling = []   # the sampling_params dict of each row the engine got
 
 
 class _ListDataset:
@@ -536,6 +538,7 @@ def fake_ray_llm(monkeypatch, tmp_path):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0})
     monkeypatch.setattr(pas.engine, "ensure_ray", lambda address="": None)
     _fake_vllm_processor.fed.clear()
+    _fake_vllm_processor.sampling.clear()
     return bos_tokenizer(tmp_path / "llm", max_position_embeddings=512)
 
 
@@ -579,6 +582,25 @@ def test_ray_vllm_prompt_has_one_bos(fake_ray_llm):
     tok = AutoTokenizer.from_pretrained(fake_ray_llm)
     doubled = tok(tok.apply_chat_template(list(msgs), add_generation_prompt=True, tokenize=False))["input_ids"]
     assert doubled[:2] == [0, 0]
+
+
+def test_ray_vllm_list_requests_carry_structured_outputs(fake_ray_llm):
+    """A list request's schema reaches Ray's engine stage as sampling_params["structured_outputs"] =
+    {"json": schema as a JSON string}, which Ray 2.60 makes vLLM's StructuredOutputsParams; plain and
+    yes/no requests carry none."""
+    import json
+
+    from pas.llm import ChatRequest, make_backend
+
+    llm = make_backend({"backend": "vllm", "model": str(fake_ray_llm)}, engine=EngineConfig("ray", actors=1))
+    msgs = ({"role": "user", "content": "name dishes"},)
+    schema = llm.list_schema(4)
+    assert schema is not None
+    llm.chat([ChatRequest(messages=msgs, seed=1, schema=schema), ChatRequest(messages=msgs, seed=2)])
+    llm.yes_no([ChatRequest(messages=msgs, seed=3, schema=schema)])
+    by_seed = {sp["seed"]: sp for sp in _fake_vllm_processor.sampling}
+    assert json.loads(by_seed[1]["structured_outputs"]["json"]) == schema
+    assert "structured_outputs" not in by_seed[2] and "structured_outputs" not in by_seed[3]
 
 
 @pytest.mark.slow

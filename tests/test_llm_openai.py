@@ -11,7 +11,8 @@ import pytest
 
 from pas.llm import ChatRequest, make_backend
 from pas.llm.openai_backend import request_body
-from pas.llm.base import LLMError, LLMSpec
+from pas.llm.base import LLMError, LLMSpec, spec_from_dict
+from pas.llm.parse import list_schema, parse_answer
 from pas.params import ParamsError
 
 
@@ -26,6 +27,7 @@ class Server:
         self.bodies, self.headers, self.plan = [], [], []
         self.retry_after = None
         self.models = None   # GET /v1/models cards, as `vllm serve` lists them ({"id", "max_model_len"})
+        self.refuse_schema = False  # HTTP 400 for a body with response_format, as a server without it says
         self.lock = threading.Lock()
         outer = self
 
@@ -46,6 +48,10 @@ class Server:
                     step = outer.plan.pop(0) if outer.plan else None
                 if self.path != "/v1/chat/completions":
                     return self._send(404, b"{}")
+                if outer.refuse_schema and "response_format" in body:
+                    return self._send(400, json.dumps({"object": "error", "type": "BadRequestError", "code": 400,
+                                                       "message": "Unsupported response_format type: json_schema"
+                                                       }).encode())
                 if step == "sleep":
                     time.sleep(1.0)
                     return self._send(200, json.dumps(outer.answer(body)).encode())
@@ -107,7 +113,10 @@ class Server:
                                  "logprobs": {"content": [{"token": top[0]["token"], "logprob": top[0]["logprob"],
                                                            "top_logprobs": top}]},
                                  "finish_reason": "length"}]}
-        return {"choices": [{"message": {"role": "assistant", "content": f"echo {last} seed={body['seed']}"},
+        content = f"echo {last} seed={body['seed']}"
+        if body.get("response_format", {}).get("type") == "json_schema":   # as constrained decoding writes it
+            content = json.dumps({"items": [f"echo {last}", f"seed={body['seed']}"]})
+        return {"choices": [{"message": {"role": "assistant", "content": content},
                              "finish_reason": "stop"}], "usage": {"completion_tokens": 3}}
 
 
@@ -315,3 +324,65 @@ def test_context_length_from_the_server_and_estimated_tokens(server):
     assert make_backend(spec(server, model="nope")).context_length() is None
     msgs = ({"role": "user", "content": "1. Paella\n2. Sushi"},)
     assert llm.count_tokens(msgs) == estimate_tokens(msgs) == 64 + 8 + 9    # 18 bytes / 2
+
+
+# --- structured output: response_format json_schema, text lists where a server refuses it ---------
+
+def list_req(text, seed=0):
+    return ChatRequest(({"role": "user", "content": text},), seed=seed, schema=list_schema(5))
+
+
+def test_list_request_body_carries_the_schema(server):
+    llm = make_backend(spec(server))
+    assert llm.list_schema(5) == list_schema(5)
+    assert make_backend(spec(server, structured="off")).list_schema() is None
+    out = llm.chat([list_req("dishes", seed=4), req("plain")])
+    by_text = {b["messages"][-1]["content"]: b for b in server.bodies}
+    assert by_text["dishes"]["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "list", "schema": list_schema(5), "strict": True}}
+    assert "response_format" not in by_text["plain"]
+    assert parse_answer(out[0].text, list_schema(5)).items == ["echo dishes", "seed=4"]
+    assert parse_answer(out[0].text, list_schema(5)).source == "json"
+    assert "response_format" not in request_body(LLMSpec(**spec(server)), list_req("x"), yes_no=True)
+
+
+def test_server_refusing_response_format_gets_text_requests_once_warned(server, caplog):
+    server.refuse_schema = True
+    llm = make_backend(spec(server, retries=0))
+    with caplog.at_level("WARNING", logger="pas.llm.openai_backend"):
+        first = llm.chat([list_req("a", 1), list_req("b", 2), list_req("c", 3)])
+        second = llm.chat([list_req("d", 4)])
+    assert [r.text for r in first] == ["echo a seed=1", "echo b seed=2", "echo c seed=3"]
+    assert all(r.ok for r in first + second)
+    # 3 refused, 3 asked again without it; then no more response_format for the rest of the run
+    with_format = [b for b in server.bodies if "response_format" in b]
+    assert len(with_format) == 3 and len(server.bodies) == 7
+    assert "response_format" not in server.bodies[-1] and llm.schema_refused
+    warned = [r for r in caplog.records if "refuses response_format" in r.getMessage()]
+    assert len(warned) == 1
+    parsed = parse_answer(first[0].text, list_schema(5))
+    assert parsed.source == "text" and parsed.items == ["echo a seed=1"]
+
+
+def test_required_json_schema_refused_is_fatal(server):
+    server.refuse_schema = True
+    llm = make_backend(spec(server, retries=0, structured="json_schema"), "llm.l1")
+    with pytest.raises(LLMError, match=r"llm\.l1: .* refuses response_format json_schema, which structured"):
+        llm.chat([list_req("a")])
+
+
+def test_other_400s_are_not_read_as_a_refused_schema(server):
+    server.plan = [400]
+    llm = make_backend(spec(server, batch_size=1))
+    out = llm.chat([list_req("a")])
+    assert out[0].error and "HTTP 400" in out[0].error and not llm.schema_refused
+    assert len(server.bodies) == 1
+
+
+def test_structured_is_validated():
+    with pytest.raises(ParamsError, match=r"llm\.l1\.structured"):
+        spec_from_dict({"backend": "openai", "model": "m", "base_url": "http://x", "structured": "yes"}, "llm.l1")
+    with pytest.raises(ParamsError, match="json_schema needs constrained decoding"):
+        spec_from_dict({"backend": "transformers", "structured": "json_schema"}, "llm.l4")
+    assert spec_from_dict({"backend": "vllm", "structured": "json_schema"}).structured == "json_schema"
+    assert make_backend({"backend": "transformers", "structured": "auto"}).list_schema() is None

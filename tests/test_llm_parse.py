@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pas.concepts.normalize import normalize_all, normalize_concept
-from pas.llm.parse import parse_list
+from pas.llm.parse import list_schema, parse_answer, parse_list
 
 
 @pytest.mark.parametrize("text, items", [
@@ -102,3 +105,58 @@ def test_parse_never_raises(lines):
     out = parse_list("\n".join(lines))
     assert out.status in {"ok", "empty", "refusal", "no_items"}
     assert all(i.strip() == i and i for i in out.items)
+
+
+# --- structured (JSON) answers, text parsing as fallback -----------------------------------------
+
+def test_list_schema_is_strict_mode_json_schema():
+    s = list_schema(3)
+    assert s == {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"},
+                                                            "maxItems": 3}},
+                 "required": ["items"], "additionalProperties": False}
+    assert "maxItems" not in list_schema()["properties"]["items"]
+
+
+def test_json_answer_is_read_from_its_items_cleaned_as_text_items():
+    text = json.dumps({"items": ["**Paella** - rice dish", "  Tacos al pastor. ", "", "1. Ramen",
+                                 "a " + "very " * 20 + "long one", "Beef, Taco, Sausage"]})
+    out = parse_answer(text, list_schema())
+    assert out.source == "json" and out.status == "ok"
+    # same cleaning as a text line (markdown, explanation, punctuation, marker, length); no comma split
+    assert out.items == ["Paella", "Tacos al pastor", "Ramen", "Beef, Taco, Sausage"]
+    assert len(out.dropped) == 2
+    caps = parse_answer('{"items": ["A bowl of ramen: steam rising."]}', list_schema(1), max_words=80,
+                        split_commas=False, cut_explanations=False)
+    assert caps.items == ["A bowl of ramen: steam rising"] and caps.source == "json"
+    assert parse_answer('{"items": []}', list_schema()).status == "empty"
+
+
+@pytest.mark.parametrize("text", [
+    '1. Paella\n2. Ramen',                      # the backend ignored the schema
+    '{"items": "Paella, Ramen"}',               # wrong type
+    '{"items": ["Paella"], "more": 1}',         # other keys
+    '["Paella", "Ramen"]',                      # not the object
+])
+def test_answer_not_of_the_schema_falls_back_to_text_parsing(text):
+    out = parse_answer(text, list_schema())
+    assert out.source == "text"
+    assert out == dataclasses.replace(parse_list(text), source="text")
+
+
+@pytest.mark.parametrize("text", ['{"items": ["Paella", "Pad Thai", "Ram', '{"items": ["Paella", "Pad Thai"',
+                                  '{\n  "items": [\n    "Paella",\n    "Pad Thai",\n',
+                                  '{"items":["Paella","Pad Thai",'])
+def test_json_cut_off_by_max_new_tokens_keeps_its_complete_items(text):
+    out = parse_answer(text, list_schema())
+    assert out.source == "text" and out.items == ["Paella", "Pad Thai"]
+    assert parse_answer('{"items": [', list_schema()).status == "empty"
+
+
+def test_more_items_than_max_items_is_not_schema_valid():
+    assert parse_answer('{"items": ["a b", "c d"]}', list_schema(1)).source == "text"
+    assert parse_answer('{"items": ["a b", "c d"]}', list_schema(2)).source == "json"
+
+
+def test_without_a_schema_json_is_just_text():
+    text = '{"items": ["Paella"]}'
+    assert parse_answer(text, None) == parse_list(text)

@@ -4,6 +4,7 @@ load one after another only because pas releases an engine before the next model
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pas.llm import ChatRequest, make_backend
+from pas.llm.parse import parse_answer, parse_list
 from tests.standins.fixtures import llm_repos  # noqa: F401  (a fixture)
 
 SITE = Path(__file__).resolve().parent / "standins" / "site"   # what the llm image has installed
@@ -97,3 +99,60 @@ def test_an_engine_still_referenced_blocks_the_next_model(vllm, llm_repos):
     del kept
     gc.collect()
     assert l3.chat([ask("hello")])[0].ok
+
+
+def test_list_requests_are_decoded_to_their_schema(vllm, llm_repos):
+    """backend vllm hands a list request's schema to the engine as SamplingParams(structured_outputs=
+    StructuredOutputsParams(json=schema)) (the current API; guided_decoding is gone), and the answer is
+    JSON of the schema; a plain request stays free text."""
+    from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+
+    with pytest.raises(TypeError, match="guided_decoding"):
+        SamplingParams(guided_decoding={"json": {}})
+    with pytest.raises(ValueError, match="one kind of structured outputs"):
+        StructuredOutputsParams(json={}, regex="x")
+    seen = []
+    original = vllm.LLM.generate
+
+    def spy(self, prompts, sampling_params=None, use_tqdm=True, **kw):
+        seen.extend(sampling_params)
+        return original(self, prompts, sampling_params, use_tqdm, **kw)
+
+    l1 = make_backend({"backend": "vllm", "model": str(llm_repos["mixtral"]), "max_new_tokens": 1024}, "llm.l1")
+    schema = l1.list_schema(12)
+    gen = (Path(__file__).resolve().parents[1] / "src/pas/prompts/concepts_generate.txt").read_text()
+    prompt = gen.format(name="food", description="dishes and foods")
+    vllm.LLM.generate = spy
+    try:
+        listed, plain = l1.chat([ChatRequest(({"role": "user", "content": prompt},), seed=1, schema=schema),
+                                 ask(prompt, seed=1)])
+    finally:
+        vllm.LLM.generate = original
+    assert isinstance(seen[0].structured_outputs, StructuredOutputsParams) and seen[0].structured_outputs.json == schema
+    assert seen[1].structured_outputs is None
+    parsed = parse_answer(listed.text, schema)
+    assert parsed.source == "json" and len(parsed.items) == 12
+    assert parsed.items == parse_list(plain.text).items[:12]            # the same sample, as JSON
+    off = make_backend({"backend": "vllm", "model": str(llm_repos["mixtral"]), "structured": "off"}, "llm.l1")
+    assert off.list_schema() is None
+
+
+def test_discovery_counts_structured_answers_and_text_fallbacks(vllm, llm_repos):
+    """§3.1 on backend vllm: L1 and L2 answer JSON of the list schema (counted `_structured`); L1 cut off
+    by max_new_tokens is not valid JSON, parsed as a text list instead (counted `_text_fallback`)."""
+    from pas.concepts.discovery import discover
+    from pas.concepts.params import ConceptsParams, DomainParams
+
+    llm = make_backend({"backend": "vllm", "model": str(llm_repos["mixtral"])}, "llm.l1")
+    domain = DomainParams(name="food", description="dishes and foods")
+    p = ConceptsParams(max_generation_samples=2, generation_batch=2, max_expansion_rounds=1, validator="embedding",
+                       history_samples=1, generation_max_new_tokens=1024, expansion_max_new_tokens=128)
+    found = discover(llm, llm, domain, p, progress=False)
+    n_b0 = found.B0_size
+    assert found.answers["generate_structured"] == 2 and "generate_text_fallback" not in found.answers
+    assert found.answers["expand_structured"] == n_b0 and found.answers["expand_ok"] == n_b0
+    assert all(t["text"].startswith('{"items": [') for t in found.transcripts)
+    cut = discover(llm, llm, domain, dataclasses.replace(p, generation_max_new_tokens=40, max_expansion_rounds=0),
+                   progress=False)
+    assert cut.answers["generate_text_fallback"] == 2 and "generate_structured" not in cut.answers
+    assert cut.B0_size > 0 and not any("items" in c or "{" in c for c in cut.bank)   # its complete items

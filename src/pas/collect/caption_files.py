@@ -54,9 +54,13 @@ class Captions:
         return len(self.transcripts)
 
     def metrics(self) -> dict:
-        return {"n_concepts": len(self.captions), "n_captions": self.n_captions,
-                "n_fallback_captions": self.n_fallback, "fallback_fraction": self.fallback_fraction,
-                "n_failed_caption_requests": self.n_failed_requests, "n_requests": self.n_requests}
+        out = {"n_concepts": len(self.captions), "n_captions": self.n_captions,
+               "n_fallback_captions": self.n_fallback, "fallback_fraction": self.fallback_fraction,
+               "n_failed_caption_requests": self.n_failed_requests, "n_requests": self.n_requests}
+        parsed = [t["parsed"] for t in self.transcripts if "parsed" in t]
+        if parsed:  # requests carried L4's list schema: answers read as JSON, and those parsed as text
+            out.update(n_structured_answers=parsed.count("json"), n_text_fallback_answers=parsed.count("text"))
+        return out
 
 
 CAPTION_COLUMNS = ["concept", "caption_idx", "caption", "fallback"]

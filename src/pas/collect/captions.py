@@ -16,6 +16,11 @@ times; what is still missing is filled with deterministic template captions ("a 
 and counted in the metrics. Requests the backend failed on are counted too, and the `captions`
 stage fails when fallbacks exceed `captions.max_fallback_fraction` of all captions.
 
+Where L4's backend decodes to a JSON schema (`llm.l4.structured`), each request carries the list
+schema with one item, and an answer that follows it is read from its JSON; anything else is parsed
+as text. Such transcripts record which (`parsed`: json | text), counted in the metrics as
+`n_structured_answers` / `n_text_fallback_answers` (absent when no request carried a schema).
+
 Resumable: with an :class:`pas.llm.cache.AnswerCache`, every piece of answers is saved as L4 finishes
 it (`ChatBackend.chat_stream`); a killed run asks again only the requests it has no answer for, and
 failed requests are never saved, so a rerun asks them again. Answers follow from (request, seed), so
@@ -114,15 +119,15 @@ def _first_sentences(text: str, max_words: int) -> str:
 
 
 def clean_captions(text: str | None, concept: str, require_concept: bool = True,
-                   min_words: int = 4, max_words: int = 60) -> list[str]:
-    """Captions in an L4 answer: one per list item/line, numbering/bullets/quotes/markdown/"Caption:"
-    removed, whitespace collapsed, cut to its leading sentences within `max_words`, ending with a
-    period; items of fewer than `min_words` words are dropped, and (if `require_concept`) items
-    that do not name the concept."""
-    from pas.llm.parse import parse_list
+                   min_words: int = 4, max_words: int = 60, schema: dict | None = None) -> list[str]:
+    """Captions in an L4 answer: one per list item/line (the JSON items where the answer follows the
+    request's `schema`), numbering/bullets/quotes/markdown/"Caption:" removed, whitespace collapsed,
+    cut to its leading sentences within `max_words`, ending with a period; items of fewer than
+    `min_words` words are dropped, and (if `require_concept`) items that do not name the concept."""
+    from pas.llm.parse import parse_answer
 
-    parsed = parse_list(text, max_words=10_000, max_chars=100_000, split_commas=False,
-                        cut_explanations=False)
+    parsed = parse_answer(text, schema, max_words=10_000, max_chars=100_000, split_commas=False,
+                          cut_explanations=False)
     out = []
     for item in parsed.items:
         cap = PREFIX.sub("", item).strip().strip("\"'“”‘’«»*").strip()
@@ -164,7 +169,9 @@ def write_captions(llm: Any, concepts: Sequence[str], n_cap: int, seed: int, tem
     from tqdm import tqdm
 
     from pas.llm import ChatRequest
+    from pas.llm.parse import structured_items
 
+    schema = llm.list_schema(max_items=1)
     have: dict[str, list[str]] = {c: [] for c in concepts}
     seen: dict[str, set[str]] = {c: set() for c in concepts}
     transcripts: list[dict] = []
@@ -177,7 +184,7 @@ def write_captions(llm: Any, concepts: Sequence[str], n_cap: int, seed: int, tem
                 owners.append(c)
                 reqs.append(ChatRequest(messages=({"role": "user", "content": prompt},),
                                         seed=derive_seed(seed, "caption", c, attempt, j),
-                                        max_new_tokens=max_new_tokens))
+                                        max_new_tokens=max_new_tokens, schema=schema))
         if not reqs:
             break
         results: list[Any] = [answers.get(r) if answers is not None else None for r in reqs]
@@ -188,9 +195,12 @@ def write_captions(llm: Any, concepts: Sequence[str], n_cap: int, seed: int, tem
             if answers is not None:
                 answers.put((reqs[todo[i]], res) for i, res in zip(idx, got))
         for c, req, res in zip(owners, reqs, results):
-            transcripts.append({"concept": c, "attempt": attempt, "seed": req.seed, "answer": res.text,
-                                "error": getattr(res, "error", None)})
-            for cap in clean_captions(res.text, c, require_concept, min_words, max_words):
+            rec = {"concept": c, "attempt": attempt, "seed": req.seed, "answer": res.text,
+                   "error": getattr(res, "error", None)}
+            if schema is not None and not rec["error"]:
+                rec["parsed"] = "text" if structured_items(res.text, schema) is None else "json"
+            transcripts.append(rec)
+            for cap in clean_captions(res.text, c, require_concept, min_words, max_words, schema):
                 if _norm(cap) not in seen[c]:
                     if len(have[c]) < n_cap:
                         seen[c].add(_norm(cap))

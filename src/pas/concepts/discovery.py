@@ -16,6 +16,11 @@ and its answer. When all of it does not fit, whole L1 samples are kept in the or
 most of B_0 (each next one adds the most concepts the kept ones do not name; ties: the earlier),
 in their original order, and the rest dropped: counted per round (`Discovery.history_kept/dropped`).
 
+L1 and L2 requests carry the list schema where their backend decodes to it (`llm.<role>.structured`,
+:meth:`ChatBackend.list_schema`); such an answer is read from its JSON, and one that is not valid
+JSON of the schema is parsed as a text list: counted as `<step>_structured` / `<step>_text_fallback`
+in `Discovery.answers` (absent when no request carried a schema).
+
 An unusable answer (backend error, empty, refusal, no list) is counted and skipped. No usable L1
 sample up to the cap, no list in L2's first round, or a round of failed L2 requests raises
 :class:`DiscoveryError`: an empty or frozen bank from a dead LLM is not a result.
@@ -35,7 +40,7 @@ from tqdm import tqdm
 from pas.concepts.normalize import normalize_concept
 from pas.concepts.params import ConceptsParams, DomainParams
 from pas.llm.base import ChatBackend, ChatRequest, ChatResult
-from pas.llm.parse import parse_list
+from pas.llm.parse import parse_answer
 
 log = logging.getLogger(__name__)
 CAP_STOPS = ("max_generation_samples", "max_expansion_rounds", "max_concepts")
@@ -110,14 +115,18 @@ class Discovery:
         return self.expansion_sizes[0] if self.expansion_sizes else 0
 
 
-def _keys(result: ChatResult, step: str, where: str, answers: Counter) -> tuple[list[str], str]:
-    """Normalised concepts of one answer (dups removed, order kept) and its parse status."""
+def _keys(result: ChatResult, step: str, where: str, answers: Counter, schema: dict | None = None
+          ) -> tuple[list[str], str]:
+    """Normalised concepts of one answer (dups removed, order kept) and its parse status. `schema`:
+    the request's; its answer is read as JSON where it follows it, as a text list otherwise."""
     if result.error:
         answers[f"{step}_error"] += 1
         log.warning("%s: backend error: %s", where, result.error)
         return [], "error"
-    parsed = parse_list(result.text)
+    parsed = parse_answer(result.text, schema)
     answers[f"{step}_{parsed.status}"] += 1
+    if schema is not None:
+        answers[f"{step}_{'structured' if parsed.source == 'json' else 'text_fallback'}"] += 1
     if parsed.status != "ok":
         log.warning("%s: malformed answer (%s): %r", where, parsed.status, result.text[:200])
     keys = []
@@ -154,7 +163,7 @@ def generate_initial(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, 
     while stop is None:
         todo = range(n + 1, min(n + p.generation_batch, p.max_generation_samples) + 1)
         reqs = [ChatRequest(messages, seed=derive_seed(p.seed, "generate", k),
-                            max_new_tokens=p.generation_max_new_tokens) for k in todo]
+                            max_new_tokens=p.generation_max_new_tokens, schema=llm.list_schema()) for k in todo]
         results = llm.chat(reqs)
         for k, req, res in zip(todo, reqs, results):
             rec = {"step": "generate", "sample": k, "seed": req.seed, "messages": list(req.messages),
@@ -164,7 +173,7 @@ def generate_initial(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, 
                 continue
             n = k
             bar.update(1)
-            keys, rec["status"] = _keys(res, "generate", f"L1 sample {k}", answers)
+            keys, rec["status"] = _keys(res, "generate", f"L1 sample {k}", answers, req.schema)
             if not keys:  # no list in this answer: not a step of C_N (an unusable answer says nothing
                 rec["used"] = False  # about saturation); logged, counted, and the next seed is drawn
                 if k >= p.max_generation_samples:
@@ -270,7 +279,7 @@ def expand(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, prompts: P
             log.warning("L2 round %d: %d of %d L1 samples dropped from the history to fit L2's context of %d "
                         "tokens", i + 1, dropped, len(conversations), llm.context_length())
         reqs = [ChatRequest(tuple(history) + (final,), seed=derive_seed(p.seed, "expand", i, c),
-                            max_new_tokens=p.expansion_max_new_tokens)
+                            max_new_tokens=p.expansion_max_new_tokens, schema=llm.list_schema())
                 for c, final in zip(targets, finals)]
         results: list[ChatResult] = []
         chunk = max(1, getattr(llm.spec, "batch_size", 8)) * 4  # progress granularity only
@@ -280,7 +289,7 @@ def expand(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, prompts: P
         added: dict[str, dict] = {}
         statuses = []
         for c, req, res in zip(targets, reqs, results):
-            keys, status = _keys(res, "expand", f"L2 round {i + 1} concept {c!r}", answers)
+            keys, status = _keys(res, "expand", f"L2 round {i + 1} concept {c!r}", answers, req.schema)
             statuses.append(status)
             for k in keys:
                 if k not in bank and k not in added:

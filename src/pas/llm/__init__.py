@@ -14,7 +14,10 @@ How to call it (e.g. for L4 captions)::
 
 - spec keys (see :class:`pas.llm.base.LLMSpec`): backend (transformers | vllm | openai), model (a local
   folder from the `models` stage, or the served name for openai), temperature, top_p, max_new_tokens,
-  repetition_penalty, batch_size, base_url, api_key_env, timeout, retries, device, dtype, ...
+  repetition_penalty, batch_size, base_url, api_key_env, timeout, retries, device, dtype, structured, ...
+- Lists as JSON: `ChatRequest(..., schema=llm.list_schema())` is constrained to {"items": [...]} where
+  the backend can (vllm, openai; `structured` not off) and None elsewhere; read answers with
+  `pas.llm.parse.parse_answer(text, request.schema)` (JSON items, else the text list; `.source`).
 - Each request carries its own seed: same (messages, seed, spec) → same answer (vllm: per-request
   SamplingParams.seed; transformers: one torch.Generator per row; openai: the `seed` field).
 - `llm.yes_no(requests)` → list[YesNo(p_yes, text, method)]: first-token log-probs where available.

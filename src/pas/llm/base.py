@@ -24,9 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+from pas.llm.parse import list_schema
 from pas.params import ParamsError, build, check_choice, check_range
 
 BACKENDS = ("transformers", "vllm", "openai")
+STRUCTURED = ("auto", "json_schema", "off")
+CONSTRAINED = ("vllm", "openai")  # backends that decode to a JSON schema (ChatBackend.constrained)
 Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -72,6 +75,11 @@ class LLMSpec:
     quantization: str | None = None   # vllm: e.g. awq, gptq, fp8 (None = what the model folder says)
     gpu_memory_utilization: float = 0.9  # vllm
     tensor_parallel_size: int = 1     # vllm
+    structured: str = "auto"          # list answers as JSON by constrained decoding (vllm: structured
+                                      # outputs; openai: response_format json_schema), parsed as text
+                                      # where that fails. auto = where the backend can (not transformers);
+                                      # json_schema = required (refused for transformers; an openai server
+                                      # refusing it fails the stage); off = text lists
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, BACKENDS)
@@ -95,6 +103,10 @@ class LLMSpec:
                 check_range(name, getattr(self, name), 1, None, lo_open=False)
         if self.backend == "openai" and not self.base_url:
             raise ParamsError("base_url: required for backend openai")
+        check_choice("structured", self.structured, STRUCTURED)
+        if self.structured == "json_schema" and self.backend not in CONSTRAINED:
+            raise ParamsError(f"structured: json_schema needs constrained decoding, which backend {self.backend} "
+                              f"does not have (backends that do: {', '.join(CONSTRAINED)}); use auto or off")
 
 
 def spec_from_dict(spec: Mapping[str, Any] | LLMSpec, where: str = "llm") -> LLMSpec:
@@ -127,11 +139,14 @@ class LLMSection:
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """One conversation to continue. `seed` fixes the sample; `max_new_tokens` overrides the spec's."""
+    """One conversation to continue. `seed` fixes the sample; `max_new_tokens` overrides the spec's;
+    `schema` (a JSON schema, e.g. :func:`pas.llm.parse.list_schema`) is the answer's shape, which
+    backends with constrained decoding enforce (see :meth:`ChatBackend.list_schema`)."""
 
     messages: tuple[Message, ...]
     seed: int = 0
     max_new_tokens: int | None = None
+    schema: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         msgs = tuple(dict(m) for m in self.messages)
@@ -143,10 +158,17 @@ class ChatRequest:
         if not msgs or msgs[-1]["role"] != "user":
             raise ValueError("a chat request must end with a user message")
         object.__setattr__(self, "messages", msgs)
+        if self.schema is not None:
+            if not isinstance(self.schema, Mapping):
+                raise ValueError(f"bad schema {self.schema!r}: must be a JSON schema mapping")
+            object.__setattr__(self, "schema", json.loads(json.dumps(self.schema)))
 
     def to_json(self) -> dict:
-        return {"messages": [dict(m) for m in self.messages], "seed": self.seed,
-                "max_new_tokens": self.max_new_tokens}
+        out = {"messages": [dict(m) for m in self.messages], "seed": self.seed,
+               "max_new_tokens": self.max_new_tokens}
+        if self.schema is not None:  # only then: requests without one keep their cache keys
+            out["schema"] = self.schema
+        return out
 
 
 @dataclass
@@ -339,9 +361,17 @@ class ChatBackend(ABC):
 
     where = "llm"  # the params key it was built from (llm.l1, ...), for error messages
     stream_waves = 4  # chat_stream's default piece: this many batch_size waves of requests
+    constrained = False  # decodes to a request's `schema` (vllm, openai); others answer in free text
 
     def __init__(self, spec: LLMSpec):
         self.spec = spec
+
+    def list_schema(self, max_items: int | None = None) -> dict | None:
+        """The schema a list request should carry: :func:`pas.llm.parse.list_schema` where this backend
+        decodes to it and `structured` is not off, else None (a free-text list, parsed as text)."""
+        if not self.constrained or self.spec.structured == "off":
+            return None
+        return list_schema(max_items)
 
     @abstractmethod
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:

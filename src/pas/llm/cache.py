@@ -2,7 +2,7 @@
 caption) saves each finished piece of answers as it comes (`ChatBackend.chat_stream`), and a rerun
 asks only what is missing.
 
-An answer is stored under a hash of what decides it: the request (messages, seed, max_new_tokens) and
+An answer is stored under a hash of what decides it: the request (messages, seed, max_new_tokens, schema) and
 :func:`answer_fingerprint` (the spec without its transport knobs, and the model files' fingerprint).
 Any change there is a miss. Failed requests (`ChatResult.error`) are never stored: a rerun asks them
 again, so an outage does not outlive itself as template fallbacks.
@@ -19,8 +19,9 @@ from typing import Iterable
 from pas.io.resume import RecordStore
 from pas.llm.base import ChatRequest, ChatResult, LLMSpec
 
-# spec keys that change how a request reaches the model, not what it answers
-TRANSPORT_KEYS = ("timeout", "retries", "retry_backoff", "api_key_env", "max_context_tokens")
+# spec keys that change how a request reaches the model, not what it answers; and `structured`,
+# which decides per request: a constrained request carries its schema, which is in its key
+TRANSPORT_KEYS = ("timeout", "retries", "retry_backoff", "api_key_env", "max_context_tokens", "structured")
 
 
 def answer_fingerprint(spec: LLMSpec, model_fingerprint: str | None = None) -> str:

@@ -13,6 +13,13 @@ flight at once. What a failure does:
   refusal) concerns one request: it comes back as a ChatResult with `error` set, for the caller to
   count; a run with no usable answer fails there.
 
+A request carrying a `schema` (a list request, see :meth:`ChatBackend.list_schema`) asks for it with
+`response_format: {"type": "json_schema", "json_schema": {"name", "schema", "strict": true}}`, which
+OpenAI and `vllm serve` enforce. A server that refuses it (HTTP 400/422 naming response_format or
+json_schema) gets those requests again without it, once; the backend warns and sends none for the
+rest of the run, and the answers are parsed as text lists (`structured: json_schema` makes the
+refusal an LLMError instead).
+
 No tokenizer here: `count_tokens` is the conservative estimate of :func:`pas.llm.base.estimate_tokens`;
 the context length is `max_context_tokens`, else the `max_model_len` that `vllm serve` reports for the
 model in GET {base_url}/models (plain OpenAI servers report none: nothing is budgeted then).
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -37,14 +45,29 @@ RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 FATAL_STATUS = {401: "not authorised (check api_key_env)", 403: "forbidden (check api_key_env)",
                 404: "not found (check base_url and model)"}
 MAX_BACKOFF = 60.0  # seconds: the longest wait before one retry
+SCHEMA_NAME = "list"  # json_schema.name of a list request's response_format
+SCHEMA_REFUSED = re.compile(r"response_format|json_schema|structured", re.IGNORECASE)
 
 
 class RequestFailed(RuntimeError):
-    """One request failed in a way that concerns only that request."""
+    """One request failed in a way that concerns only that request (`status`, `detail`: the HTTP
+    status and full body of an HTTP failure)."""
+
+    def __init__(self, message: str, status: int | None = None, detail: str = ""):
+        super().__init__(message)
+        self.status, self.detail = status, detail
 
 
-def request_body(spec: LLMSpec, request: ChatRequest, yes_no: bool = False) -> dict[str, Any]:
-    """The JSON body for one chat-completions call (pure)."""
+def refuses_schema(resp: Any) -> bool:
+    """Whether a failed request was refused for its response_format (HTTP 400/422 naming it)."""
+    return (isinstance(resp, RequestFailed) and resp.status in (400, 422)
+            and bool(SCHEMA_REFUSED.search(resp.detail)))
+
+
+def request_body(spec: LLMSpec, request: ChatRequest, yes_no: bool = False, structured: bool = True
+                 ) -> dict[str, Any]:
+    """The JSON body for one chat-completions call (pure). A request's `schema` becomes its
+    response_format unless `structured` is False (a server that refused it)."""
     body: dict[str, Any] = {"model": spec.model, "messages": [dict(m) for m in request.messages],
                             "seed": int(request.seed), "n": 1}
     if yes_no:
@@ -54,6 +77,9 @@ def request_body(spec: LLMSpec, request: ChatRequest, yes_no: bool = False) -> d
                 max_tokens=request.max_new_tokens or spec.max_new_tokens)
     if spec.repetition_penalty != 1.0:  # a vLLM extension; plain OpenAI servers don't know it
         body["repetition_penalty"] = spec.repetition_penalty
+    if request.schema is not None and structured:
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": SCHEMA_NAME, "schema": request.schema, "strict": True}}
     return body
 
 
@@ -167,9 +193,12 @@ def _session():
 
 
 class OpenAIBackend(ChatBackend):
+    constrained = True
+
     def __init__(self, spec: LLMSpec):
         super().__init__(spec)
         self.url = spec.base_url.rstrip("/") + "/chat/completions"
+        self.schema_refused = False  # the server refused response_format: none is sent any more
         self._active: set[_Deadline] = set()  # attempts in flight, cut short when the batch aborts
         self._lock = threading.Lock()
 
@@ -256,7 +285,7 @@ class OpenAIBackend(ChatBackend):
             if status in FATAL_STATUS:
                 raise LLMError(f"{self.where}: {self.url}: {FATAL_STATUS[status]}: {last}")
             if status not in RETRY_STATUS:
-                raise RequestFailed(last)
+                raise RequestFailed(last, status, text)
             retry_after = hdrs.get("Retry-After") or hdrs.get("retry-after")
             if retry_after and retry_after.strip().replace(".", "", 1).isdigit():
                 wait_s = min(max(wait_s, float(retry_after)), MAX_BACKOFF)
@@ -295,9 +324,29 @@ class OpenAIBackend(ChatBackend):
         log.debug("%s: %d requests in %.1f s", self.url, len(bodies), time.perf_counter() - t0)
         return out
 
+    def _chat_responses(self, requests: Sequence[ChatRequest]) -> list[dict | RequestFailed]:
+        """The answers to chat requests; those the server refused for their response_format are sent
+        again without it (once), and no later request carries one."""
+        bodies = [request_body(self.spec, r, structured=not self.schema_refused) for r in requests]
+        resps = self._map(bodies)
+        again = [i for i, (b, r) in enumerate(zip(bodies, resps)) if "response_format" in b and refuses_schema(r)]
+        if again:
+            if self.spec.structured == "json_schema":
+                raise LLMError(f"{self.where}: {self.url} refuses response_format json_schema, which structured: "
+                               f"json_schema requires ({resps[again[0]]}); auto falls back to text lists")
+            if not self.schema_refused:
+                log.warning("%s: %s refuses response_format json_schema (%s); asking for text lists for the "
+                            "rest of the run (set structured: off to skip the attempt)", self.where, self.url,
+                            resps[again[0]])
+            self.schema_refused = True
+            for i, r in zip(again, self._map([request_body(self.spec, requests[i], structured=False)
+                                              for i in again])):
+                resps[i] = r
+        return resps
+
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         results = []
-        for resp in self._map([request_body(self.spec, r) for r in requests]):
+        for resp in self._chat_responses(requests):
             try:
                 if isinstance(resp, RequestFailed):
                     raise resp

@@ -3,10 +3,18 @@ explanations, with a chatty preamble, empty, or a refusal. Never raises; reports
 
 Concepts use the defaults; captions (one sentence per item) use
 ``parse_list(text, max_words=80, split_commas=False, cut_explanations=False)``.
+
+Structured answers: a list request may carry :func:`list_schema` (``ChatRequest.schema``), which
+backends with constrained decoding (vLLM structured outputs, OpenAI ``json_schema``) make the answer
+follow. :func:`parse_answer` takes the items of such a JSON answer (cleaned by the same rules as a
+text item) and falls back to text on anything else (`ParsedList.source` says which it was): JSON
+cut off by max_new_tokens keeps its complete items, any other answer (no schema, a backend that
+ignored it, other keys) goes to :func:`parse_list`.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -29,6 +37,64 @@ class ParsedList:
     items: list[str]
     status: str                                # ok | empty | refusal | no_items
     dropped: list[str] = field(default_factory=list)  # candidate lines/pieces rejected (too long, ...)
+    source: str = "text"                       # json (a schema-valid structured answer) | text (parse_list)
+
+
+ITEMS = "items"  # the one property of a list answer: {"items": ["...", ...]}
+
+
+def list_schema(max_items: int | None = None) -> dict:
+    """The JSON schema of a list answer, {"items": [str, ...]} (at most `max_items`), in the subset
+    both vLLM's grammar backends and OpenAI's strict mode accept (every property required, no others)."""
+    items: dict = {"type": "array", "items": {"type": "string"}}
+    if max_items is not None:
+        items["maxItems"] = int(max_items)
+    return {"type": "object", "properties": {ITEMS: items}, "required": [ITEMS], "additionalProperties": False}
+
+
+CUT_JSON = re.compile(r'^\s*\{\s*"items"\s*:\s*\[')  # how a list answer starts, before a cut
+
+
+def _cut_json_items(text: str) -> list[str] | None:
+    """The complete string items of a list answer cut off mid-JSON ('{"items": ["a", "b", "ra'), or
+    None when the text does not start like one."""
+    m = CUT_JSON.match(text)
+    if m is None:
+        return None
+    decoder, pos, items = json.JSONDecoder(), m.end(), []
+    while True:
+        while text[pos:pos + 1].isspace():
+            pos += 1
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except ValueError:   # the cut: an unfinished string (or the end)
+            return items
+        if not isinstance(item, str):
+            return None
+        items.append(item)
+        while text[pos:pos + 1].isspace():
+            pos += 1
+        if text[pos:pos + 1] != ",":
+            return items
+        pos += 1
+
+
+def structured_items(text: str | None, schema: dict | None) -> list[str] | None:
+    """The items of an answer that is a JSON object of `schema`'s shape ({"items": [str, ...]}, no
+    more than its maxItems), None for anything else (not JSON, cut off, other keys or types)."""
+    if not schema:
+        return None
+    try:
+        obj = json.loads((text or "").strip())
+    except ValueError:
+        return None
+    items = obj.get(ITEMS) if isinstance(obj, dict) and set(obj) == {ITEMS} else None
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        return None
+    limit = ((schema.get("properties") or {}).get(ITEMS) or {}).get("maxItems")
+    if isinstance(limit, int) and len(items) > limit:
+        return None
+    return items
 
 
 def _clean_item(s: str, cut_explanations: bool) -> str:
@@ -40,6 +106,20 @@ def _clean_item(s: str, cut_explanations: bool) -> str:
     s = s.strip("\"'“”‘’«»*_").strip()
     s = re.sub(r"[\s.,;:!?]+$", "", s)
     return s.strip().strip("\"'“”‘’«»").strip()
+
+
+def _keep_items(pieces: list[str], max_words: int, max_chars: int, cut_explanations: bool
+                ) -> tuple[list[str], list[str]]:
+    """(cleaned items, rejected pieces): a piece is rejected when its cleaned form is empty, has no
+    letter, or is longer than `max_words` words / `max_chars` characters."""
+    items, dropped = [], []
+    for p in pieces:
+        item = _clean_item(p, cut_explanations)
+        if not item or not LETTER.search(item) or len(item.split()) > max_words or len(item) > max_chars:
+            dropped.append(p)
+            continue
+        items.append(item)
+    return items, dropped
 
 
 def _is_header(line: str) -> bool:
@@ -90,15 +170,31 @@ def parse_list(text: str | None, *, max_words: int = 8, max_chars: int = 100, sp
                 pieces += [p for p in parts if p]
         else:
             pieces = body
-    items = []
-    for p in pieces:
-        item = _clean_item(p, cut_explanations)
-        if not item or not LETTER.search(item) or len(item.split()) > max_words or len(item) > max_chars:
-            dropped.append(p)
-            continue
-        items.append(item)
+    items, rejected = _keep_items(pieces, max_words, max_chars, cut_explanations)
+    dropped += rejected
     if items:
         return ParsedList(items, "ok", dropped)
     if REFUSAL.match(lines[0]):
         return ParsedList([], "refusal", dropped)
     return ParsedList([], "no_items", dropped)
+
+
+def parse_answer(text: str | None, schema: dict | None = None, *, max_words: int = 8, max_chars: int = 100,
+                 split_commas: bool = True, cut_explanations: bool = True) -> ParsedList:
+    """The items of an answer to a list request: from its JSON when the request carried `schema` and
+    the answer follows it (`source` "json": each item cleaned as :func:`parse_list` cleans a line,
+    never split at commas: the model said where items end), else (`source` "text") the complete
+    items of a JSON answer cut off by max_new_tokens, or :func:`parse_list` of anything else."""
+    pieces, source = structured_items(text, schema), "json"
+    if pieces is None and schema:
+        try:
+            json.loads((text or "").strip())
+        except ValueError:   # not JSON: cut off by max_new_tokens?
+            pieces, source = _cut_json_items(text or ""), "text"
+    if pieces is None:
+        return parse_list(text, max_words=max_words, max_chars=max_chars, split_commas=split_commas,
+                          cut_explanations=cut_explanations)
+    pieces = [unicodedata.normalize("NFKC", p) for p in pieces]
+    items, dropped = _keep_items(pieces, max_words, max_chars, cut_explanations)
+    status = "ok" if items else ("empty" if not any(p.strip() for p in pieces) else "no_items")
+    return ParsedList(items, status, dropped, source=source)

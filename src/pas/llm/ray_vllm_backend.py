@@ -7,6 +7,10 @@ per-request `SamplingParams` (built by the same `sampling_kwargs`, so each reque
 yes/no from the first token's top log-probs; a request vLLM fails on comes back with `error` set
 (`should_continue_on_error`) instead of failing the batch.
 
+A request's `schema` (a list request) travels as a JSON string (Arrow keeps it whole) and reaches
+the engine as `sampling_params["structured_outputs"] = {"json": schema}`, which Ray (≥ 2.60) turns
+into vLLM's `StructuredOutputsParams`.
+
 Prompts go to the engine as token ids (`chat_token_ids`, in the preprocess step): Ray's own chat
 template + tokenize stages are off, because its tokenize stage encodes the rendered template *with*
 special tokens, a second BOS for Llama-2 / Mixtral. Ray (≥ 2.60) hands a failed row back without
@@ -22,11 +26,12 @@ handful of rounds and minutes-long batches that is the price of a stateless batc
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any, Iterator, Sequence
 
 from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, LLMSpec, Message, YesNo, error_verdict,
                           yes_no_verdict)
-from pas.llm.vllm_backend import chat_token_ids, context_length, engine_kwargs, sampling_kwargs
+from pas.llm.vllm_backend import chat_token_ids, context_length, engine_kwargs, sampling_kwargs, structured_outputs
 
 
 @functools.lru_cache(maxsize=4)
@@ -55,9 +60,14 @@ def processor_config_kwargs(spec: LLMSpec, concurrency: int) -> dict[str, Any]:
 
 def _preprocess(row: dict, spec: LLMSpec, yes_no: bool) -> dict:
     req = ChatRequest(messages=tuple(dict(m) for m in row["messages"]), seed=int(row["seed"]),
-                      max_new_tokens=int(row["max_new_tokens"]) or None)
+                      max_new_tokens=int(row["max_new_tokens"]) or None,
+                      schema=json.loads(row["schema"]) if row.get("schema") else None)
+    sp = sampling_kwargs(spec, req, yes_no)
+    so = structured_outputs(req, yes_no)
+    if so is not None:
+        sp["structured_outputs"] = {"json": json.dumps(so["json"], sort_keys=True)}
     return {"i": row["i"], "tokenized_prompt": chat_token_ids(tokenizer(spec.model), req.messages),
-            "sampling_params": sampling_kwargs(spec, req, yes_no)}
+            "sampling_params": sp}
 
 
 def _candidates(step: Any) -> list[tuple[int, str, float]]:
@@ -100,6 +110,8 @@ def _result_row(o: dict) -> dict:
 
 
 class RayVLLMBackend(ChatBackend):
+    constrained = True
+
     def __init__(self, spec: LLMSpec, engine=None):
         super().__init__(spec)
         from pas.engine import EngineConfig
@@ -121,7 +133,9 @@ class RayVLLMBackend(ChatBackend):
             config, preprocess=functools.partial(_preprocess, spec=self.spec, yes_no=yes_no),
             postprocess=functools.partial(_postprocess, yes_no=yes_no))
         rows = [{"i": i, "messages": [dict(m) for m in r.messages], "seed": int(r.seed),
-                 "max_new_tokens": int(r.max_new_tokens or 0)} for i, r in enumerate(requests)]
+                 "max_new_tokens": int(r.max_new_tokens or 0),
+                 "schema": "" if r.schema is None else json.dumps(r.schema, sort_keys=True)}
+                for i, r in enumerate(requests)]
         seen: set[int] = set()
         for o in processor(ray.data.from_items(rows)).iter_rows():
             row = _result_row(o)

@@ -7,6 +7,10 @@ The prompt is the model's chat template rendered by vLLM's tokenizer and tokenis
 special tokens, passed as token ids: the template already starts with BOS, and a string prompt
 would get a second one from `generate` (Llama-2, Mixtral).
 
+A request carrying a `schema` (a list request) is decoded to it: `SamplingParams(structured_outputs=
+StructuredOutputsParams(json=schema))`, the structured-outputs API of current vLLM (it replaced
+`guided_decoding=GuidedDecodingParams(...)`, removed in 0.12).
+
 One engine per process (:class:`pas.llm.base.EngineSlot`), keyed by :func:`engine_kwargs`: L1 and
 L2 of the same model share it whatever their sampling settings; another model releases it first.
 """
@@ -65,7 +69,15 @@ def sampling_kwargs(spec: LLMSpec, request: ChatRequest, yes_no: bool = False) -
             "logprobs": 0}
 
 
+def structured_outputs(request: ChatRequest, yes_no: bool = False) -> dict[str, Any] | None:
+    """Arguments of `vllm.sampling_params.StructuredOutputsParams(...)` for one request: its schema
+    as `json`, or None (no schema; yes/no questions are never constrained)."""
+    return None if yes_no or request.schema is None else {"json": request.schema}
+
+
 class VLLMBackend(ChatBackend):
+    constrained = True
+
     def identity(self) -> tuple:
         return ("vllm", engine_identity(self.spec))
 
@@ -94,7 +106,14 @@ class VLLMBackend(ChatBackend):
         llm = self._load()
         from vllm import SamplingParams
 
-        params = [SamplingParams(**sampling_kwargs(self.spec, r, yes_no)) for r in requests]
+        params = []
+        for r in requests:
+            kw, so = sampling_kwargs(self.spec, r, yes_no), structured_outputs(r, yes_no)
+            if so is not None:
+                from vllm.sampling_params import StructuredOutputsParams
+
+                kw["structured_outputs"] = StructuredOutputsParams(**so)
+            params.append(SamplingParams(**kw))
         return llm.generate(self.prompts(requests), sampling_params=params, use_tqdm=False)
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:

@@ -22,6 +22,10 @@ What it copies from vLLM:
   per prompt; returns RequestOutput(prompt_token_ids, outputs=[CompletionOutput(text, token_ids,
   logprobs = one {token id: Logprob(logprob, rank, decoded_token)} per generated token, with the top
   `logprobs` alternatives, finish_reason "stop" | "length")]).
+- Structured outputs: `SamplingParams(structured_outputs=StructuredOutputsParams(json=schema))`, from
+  `vllm.sampling_params` (the current API; `guided_decoding=GuidedDecodingParams(...)` was removed in
+  0.12 and is a TypeError here as there). A constrained answer is JSON of the schema, as the grammar
+  backend would force it, still cut at `max_tokens`.
 - `LLM.chat(messages, sampling_params, ...)`: the tokenizer's chat template, then generate.
 - `LLM.get_tokenizer()`, and `LLM.llm_engine.model_config.max_model_len` (the engine's context length).
 
@@ -35,12 +39,13 @@ import json
 import os
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from . import answers
+from .sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.30.0"
 GiB = 1 << 30
@@ -121,31 +126,6 @@ class RequestOutput:
     finished: bool = True
 
 
-@dataclass
-class SamplingParams:
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    max_tokens: int | None = 16
-    logprobs: int | None = None
-    stop: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:   # vLLM's own checks of these fields
-        if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}.")
-        if self.temperature < 0.0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be non-negative, got {self.logprobs}.")
-
-
 class LLM:
     def __init__(self, model: str, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - ENGINE_ARGS)
@@ -208,6 +188,8 @@ class LLM:
     def _one(self, rid: str, prompt, ids: list[int], sp: SamplingParams) -> RequestOutput:
         tok = self._tokenizer
         text = answers.respond(tok.decode(ids), sp.seed or 0)
+        if sp.structured_outputs is not None:
+            text = answers.structured(text, sp.structured_outputs)
         out = list(tok.encode(text, add_special_tokens=False))
         limit = sp.max_tokens or len(out)
         finish = "length" if len(out) > limit else "stop"
@@ -241,4 +223,5 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "NODE"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob",
+           "NODE"]

@@ -6,6 +6,7 @@ answers Yes, or No for the non-food ones, L4 writes one scene sentence naming th
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from importlib import resources
@@ -81,3 +82,28 @@ def respond(prompt: str, seed: int) -> str:
         light = rng.choice(("soft morning light", "warm evening light", "bright window light"))
         return f"A close photograph of {concept} {place}, lit by {light}."
     return "I am not sure what you are asking."
+
+
+LIST_MARKER = re.compile(r"^\s*\d+[.)]\s+")
+
+
+def structured(text: str, params) -> str:
+    """The scripted answer `text` as a constrained engine would write it for `params`
+    (StructuredOutputsParams): for a `json` schema, an object whose array-of-strings properties hold
+    the answer's lines (numbering removed, at most maxItems) and whose string properties hold the
+    whole answer. Other constraints and schema shapes are not scripted (ValueError)."""
+    schema = json.loads(params.json) if isinstance(params.json, str) else params.json
+    props = (schema or {}).get("properties") if isinstance(schema, dict) else None
+    if params.json is None or schema.get("type") != "object" or not isinstance(props, dict):
+        raise ValueError(f"vLLM stand-in: structured outputs {params!r} are not scripted")
+    lines = [LIST_MARKER.sub("", ln).strip() for ln in text.splitlines() if ln.strip()]
+    out = {}
+    for name, prop in props.items():
+        if prop.get("type") == "array" and (prop.get("items") or {}).get("type") == "string":
+            limit = prop.get("maxItems")
+            out[name] = lines if limit is None else lines[:limit]
+        elif prop.get("type") == "string":
+            out[name] = text
+        else:
+            raise ValueError(f"vLLM stand-in: schema property {name!r} {prop!r} is not scripted")
+    return json.dumps(out, ensure_ascii=False)
