@@ -8,7 +8,6 @@ captions.max_fallback_fraction of all captions."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import sys
@@ -21,23 +20,20 @@ from pas.collect.captions import CaptionsParams, load_template, write_captions
 from pas.io.manifest import write_metrics
 from pas.llm import LLMError, LLMSection, make_backend
 from pas.llm.cache import AnswerCache, answer_fingerprint
-from pas.params import ParamsError, build, load, run_stage
+from pas.params import ParamsError, build, load, run_stage, stage_parser
 
 log = logging.getLogger("pas.stages.captions")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = stage_parser(__doc__, "metrics/captions.json")
     ap.add_argument("--concepts", default="data/concepts/bank.parquet", help="concept bank parquet")
     ap.add_argument("--out", default="data/captions", help="output folder (DVC out)")
     ap.add_argument("--cache", default="data/.cache/captions",
                     help="scratch folder keeping L4's answers across (killed) runs")
-    ap.add_argument("--metrics", default="metrics/captions.json")
-    ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--fresh", action="store_true", help="forget the saved answers and ask L4 again")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     params = load(args.params)
     p = build(CaptionsParams, params, section="captions")

@@ -11,7 +11,6 @@ the stage with exit status 1 and one line saying why; nothing is written to --ou
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import logging
@@ -27,7 +26,7 @@ from pas.concepts.lexical import text_encoder
 from pas.concepts.params import ConceptsParams, DomainParams
 from pas.io.manifest import write_metrics, write_parquet
 from pas.llm import LLMError, LLMSection, make_backend
-from pas.params import build, load, run_stage
+from pas.params import build, load, run_stage, stage_parser
 
 log = logging.getLogger("pas.stages.concepts")
 
@@ -39,15 +38,12 @@ def _backends(llm: LLMSection, roles):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
+    ap = stage_parser(__doc__, "metrics/concepts.json")
     ap.add_argument("--text-embed", default="models/text_embed", help="sentence-transformers folder")
     ap.add_argument("--clip", default="models/clip", help="CLIP folder (coverage_embedder: clip)")
     ap.add_argument("--out", default="data/concepts")
-    ap.add_argument("--metrics", default="metrics/concepts.json")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return run(args)
     except (LLMError, DiscoveryError) as e:  # one line, no traceback: the message says what failed

@@ -91,7 +91,9 @@ def test_imagefolder_with_bad_images(tmp_path):
         assert len(idx) == stats[f"n_{split}"]
         for s in samples:
             assert s.meta["label"] == ["apple", "bread"].index(s.meta["label_name"])
-            assert Path(s.meta["source_path"]).is_file() and s.meta["source"] == "real"
+            # provenance relative to the set's folder: the bytes do not depend on where it lives
+            assert not Path(s.meta["source_path"]).is_absolute()
+            assert (root / s.meta["source_path"]).is_file() and s.meta["source"] == "real"
             assert max(s.pil().size) <= 32
             if s.meta["source_path"].endswith("transparent.png"):
                 assert np.asarray(s.pil()).min() > 240
@@ -100,6 +102,16 @@ def test_imagefolder_with_bad_images(tmp_path):
     for split in ("train", "test"):
         assert (out / split / f"{split}-000000.tar").read_bytes() == \
             (tmp_path / "again" / "toy" / split / f"{split}-000000.tar").read_bytes()
+    # ... and the same set in another folder (another machine's eval.root) gives the same bytes
+    import shutil
+
+    shutil.copytree(root, tmp_path / "elsewhere" / "src")
+    moved = EvalSetSpec(name="toy", kind="imagefolder", path=str(tmp_path / "elsewhere" / "src"), n_test=2,
+                        min_per_class=4)
+    write_evalset(moved, tmp_path / "moved", max_pixels=1_000_000, max_side=32, progress=False)
+    for split in ("train", "test"):
+        for name in (f"{split}-000000.tar", "index.parquet"):
+            assert (out / split / name).read_bytes() == (tmp_path / "moved" / "toy" / split / name).read_bytes()
 
 
 def test_wds_labels_and_preset_split(tmp_path):

@@ -388,8 +388,16 @@ def write_evalset(spec: EvalSetSpec, out_dir: str | Path, split_seed: int = 0, m
     label_of = {c: i for i, c in enumerate(classes)}
     root = Path(out_dir) / spec.name
     root.mkdir(parents=True, exist_ok=True)
+    def rel(path: str) -> str:
+        """A path under the set's folder, relative to it: keys and stored provenance must not depend
+        on where a machine keeps the set (same bytes in any clone, for any eval.root)."""
+        try:
+            return Path(path).relative_to(spec.path).as_posix()
+        except ValueError:
+            return path
+
     for split in SPLITS:
-        keyed = sorted(((make_key("e", spec.name, it.source_path), it) for it in splits[split]),
+        keyed = sorted(((make_key("e", spec.name, rel(it.source_path)), it) for it in splits[split]),
                        key=lambda t: t[0])
         rows = []
         with ShardWriter(root / split, prefix=split) as writer:
@@ -402,10 +410,10 @@ def write_evalset(spec: EvalSetSpec, out_dir: str | Path, split_seed: int = 0, m
                     log.warning("eval set %s: skipping %s (%s)", spec.name, it.source_path, e)
                     continue
                 meta = {"label": label_of[it.label_name], "label_name": it.label_name, "source": "real",
-                        "source_path": it.source_path, "evalset": spec.name, "split": split}
+                        "source_path": rel(it.source_path), "evalset": spec.name, "split": split}
                 shard = writer.write(key, encode_image(img), meta)
                 rows.append({"key": key, "shard": shard, "label": label_of[it.label_name],
-                             "label_name": it.label_name, "source_path": it.source_path})
+                             "label_name": it.label_name, "source_path": rel(it.source_path)})
         cols = ["key", "shard", "label", "label_name", "source_path"]
         write_index(pd.DataFrame(rows, columns=cols), root / split)
         stats[f"n_{split}"] = len(rows)
