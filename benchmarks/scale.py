@@ -270,8 +270,16 @@ def fit(ns, ys) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx else None
 
 
-def child(args_list: list[str], capture: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, __file__, *args_list], capture_output=capture, text=True)
+def child(args_list: list[str], inline: bool = False) -> subprocess.CompletedProcess:
+    if not inline:
+        return subprocess.run([sys.executable, __file__, *args_list], capture_output=True, text=True)
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(args_list)
+    return subprocess.CompletedProcess(args_list, 0, out.getvalue(), "")
 
 
 def table(results: list[dict], skipped: list[str], mem_floor: float) -> str:
@@ -299,7 +307,7 @@ def table(results: list[dict], skipped: list[str], mem_floor: float) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
@@ -316,9 +324,11 @@ def main() -> int:
                     help="MB of growth above 'before' under which memory counts as flat")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the rows (and skips) to this JSON file")
+    ap.add_argument("--inline", action="store_true",
+                    help="run data and steps in this process (fast, for tests: RSS then is not per step)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--make-data", type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     root = Path(args.root)
 
     if args.make_data is not None:
@@ -342,7 +352,8 @@ def main() -> int:
                 "seed": args.seed, "dedup_index": args.dedup_index, "concepts": args.concepts,
                 "ood_dim": args.ood_dim}))
             t0 = time.perf_counter()
-            r = child(["--make-data", str(n), "--dim", str(args.dim), "--test", str(args.test), *common])
+            r = child(["--make-data", str(n), "--dim", str(args.dim), "--test", str(args.test), *common],
+                      args.inline)
             if r.returncode:
                 print(r.stderr[-3000:], file=sys.stderr)
                 return 1
@@ -360,7 +371,7 @@ def main() -> int:
                                        f"> --max-seconds {args.max_seconds:.0f}")
                         print(f"# {skipped[-1]}", flush=True)
                         continue
-                r = child(["--one", step, "--sizes", str(n), *common])
+                r = child(["--one", step, "--sizes", str(n), *common], args.inline)
                 if r.returncode:
                     print(f"# {step} N={n} failed:\n{r.stderr[-3000:]}", flush=True)
                     skipped.append(f"{step} at N={n:,}: failed (rc {r.returncode})")
