@@ -149,21 +149,21 @@ def run_step(step: str, n: int, d: Path) -> dict:
         out = d / "images"
         shutil.rmtree(out, ignore_errors=True)
         rng = np.random.default_rng(cfg["seed"])
-        rss0, t0 = rss(), time.perf_counter()
+        rss0, t0, c0 = rss(), time.perf_counter(), time.process_time()
         with ShardWriter(out, prefix="pool", maxcount=SHARD_MAX) as w:
             for i in range(n):
                 meta = {"source": "real", "concepts": [f"concept {i % 997}"], "similarities": [0.31],
                         "caption": f"a photo of thing {i}", "url": f"https://example.org/{i}.jpg"}
                 w.write(key_of(i), tiny_jpeg(rng, np, Image, encode_image), meta)
         write_index(pd.DataFrame(w.rows), out)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         extra["MB_on_disk"] = round(sum(p.stat().st_size for p in out.glob("*.tar")) / 2**20, 1)
 
     elif step == "chunks":
         from pas.data.chunks import load_chunk, shard_spans
         from pas.io.shards import iter_samples, list_shards
 
-        rss0, t0 = rss(), time.perf_counter()
+        rss0, t0, c0 = rss(), time.perf_counter(), time.process_time()
         shards = list_shards(d / "images")
         counts = [sum(1 for _ in iter_samples(s)) for s in shards]      # the dedup stage's index pass
         h, n_read = hashlib.sha256(), 0
@@ -171,7 +171,7 @@ def run_step(step: str, n: int, d: Path) -> dict:
             for key, img in load_chunk(item):
                 h.update(key.encode())
                 n_read += 1
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         assert n_read == n, (n_read, n)
 
     elif step == "dedup":
@@ -179,9 +179,9 @@ def run_step(step: str, n: int, d: Path) -> dict:
 
         x = np.load(d / "x.npy")
         keys = pd.read_parquet(d / "keys.parquet")["key"].tolist()
-        rss0, t0 = rss(), time.perf_counter()
+        rss0, t0, c0 = rss(), time.perf_counter(), time.process_time()
         m = dedup(keys, x, LAMBDA_DUP, K_DUP, cfg["seed"], index=cfg["dedup_index"], use_gpu=False)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         extra["removed"] = int((~m["kept"]).sum())
 
     elif step == "dedup_graph":
@@ -189,9 +189,9 @@ def run_step(step: str, n: int, d: Path) -> dict:
 
         sims, ids = np.load(d / "knn_sims.npy"), np.load(d / "knn_ids.npy")
         keys = pd.read_parquet(d / "keys.parquet")["key"].tolist()
-        rss0, t0 = rss(), time.perf_counter()
+        rss0, t0, c0 = rss(), time.perf_counter(), time.process_time()
         m = dedup_from_knn(keys, sims, ids, LAMBDA_DUP, cfg["seed"])
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         extra["removed"] = int((~m["kept"]).sum())
 
     elif step == "leakage":
@@ -201,10 +201,10 @@ def run_step(step: str, n: int, d: Path) -> dict:
         comp, kept = np.load(d / "comp.npy"), np.load(d / "kept.npy")
         keys = pd.read_parquet(d / "keys.parquet")["key"].tolist()
         tkeys = [f"t{i:05d}" for i in range(len(xt))]
-        rss0, t0 = rss(), time.perf_counter()
+        rss0, t0, c0 = rss(), time.perf_counter(), time.process_time()
         checked = leakage(keys, x, tkeys, ["test"] * len(xt), xt, LAMBDA_LEAK, K_LEAK, use_gpu=False)
         m = by_component(checked, comp, kept, "component")
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         extra["dropped"] = int((~m["kept"]).sum())
 
     elif step == "ood":
@@ -218,7 +218,7 @@ def run_step(step: str, n: int, d: Path) -> dict:
         Bp = (unit(rng.standard_normal((N_BPRIME, dim))), unit(rng.standard_normal((N_BPRIME, dim))))
         has_text_all = rng.random(n) < 0.2
         out = {k: np.empty(n) for k in ("ood_b", "ood_bprime", "ood_blur_delta")}
-        rss0, t0 = rss(), time.perf_counter()
+        rss0, t0, c0 = rss(), time.perf_counter(), time.process_time()
         for s in range(0, n, OOD_BATCH):
             e = min(s + OOD_BATCH, n)
             rows = np.arange(s, e) % OOD_BANK                           # cycle through the bank
@@ -227,7 +227,7 @@ def run_step(step: str, n: int, d: Path) -> dict:
             r = three_scores(f, f_blur, has_text, B, Bp, scale=100.0)
             for k in out:
                 out[k][s:e] = r[k]
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         extra["mean_ood_b"] = round(float(out["ood_b"].mean()), 4)
 
     elif step == "prune":
@@ -235,9 +235,9 @@ def run_step(step: str, n: int, d: Path) -> dict:
 
         scores = pd.read_parquet(d / "scores.parquet")
         select(scores.head(300), PruneParams())             # numba compile / cache load, untimed
-        rss0, t0 = rss(), time.perf_counter()
+        rss0, t0, c0 = rss(), time.perf_counter(), time.process_time()
         res = select(scores, PruneParams())
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         extra.update(fronts=res.summary["fronts"], removed=res.summary["n_removed"])
 
     elif step == "export":
@@ -245,16 +245,17 @@ def run_step(step: str, n: int, d: Path) -> dict:
 
         table = pd.read_parquet(d / "table.parquet")
         out = d / "dataset"
-        rss0, t0 = rss(), time.perf_counter()
+        rss0, t0, c0 = rss(), time.perf_counter(), time.process_time()
         rep = export_dataset([d / "images"], table, out, maxcount=SHARD_MAX, buffer_bytes=1 << 30,
                              progress=False)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         extra.update(kept=len(rep.index), sort_runs=rep.n_runs)
         shutil.rmtree(out)
 
     else:
         raise SystemExit(f"unknown step {step}")
-    return {"step": step, "n": n, "seconds": round(dt, 3), "peak_rss_mb": round(rss(), 1),
+    # cpu: seconds of every thread of the process, steadier than wall time on a shared machine
+    return {"step": step, "n": n, "seconds": round(dt, 3), "cpu_s": round(cpu, 3), "peak_rss_mb": round(rss(), 1),
             "rss_before_mb": round(rss0, 1), **extra}
 
 
@@ -283,26 +284,31 @@ def child(args_list: list[str], inline: bool = False) -> subprocess.CompletedPro
 
 
 def table(results: list[dict], skipped: list[str], mem_floor: float) -> str:
-    lines = ["| step | N | seconds | peak RSS MB | RSS before MB | peak − before MB | notes |",
-             "|---|---|---|---|---|---|---|"]
-    keep = ("step", "n", "seconds", "peak_rss_mb", "rss_before_mb")
+    lines = ["| step | N | seconds | CPU s | peak RSS MB | RSS before MB | peak − before MB | load | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    keep = ("step", "n", "seconds", "cpu_s", "peak_rss_mb", "rss_before_mb", "load1")
     for r in results:
         notes = ", ".join(f"{k} {v}" for k, v in r.items() if k not in keep)
-        lines.append(f"| {r['step']} | {r['n']:,} | {r['seconds']} | {r['peak_rss_mb']} | {r['rss_before_mb']} | "
-                     f"{r['peak_rss_mb'] - r['rss_before_mb']:.1f} | {notes} |")
-    lines += ["", "| step | sizes | b (time) | b (memory above before) | verdict |", "|---|---|---|---|---|"]
+        lines.append(f"| {r['step']} | {r['n']:,} | {r['seconds']} | {r.get('cpu_s', '-')} | {r['peak_rss_mb']} | "
+                     f"{r['rss_before_mb']} | {r['peak_rss_mb'] - r['rss_before_mb']:.1f} | {r.get('load1', '-')} | "
+                     f"{notes} |")
+    lines += ["", "| step | sizes | b (wall) | b (CPU) | b (memory above before) | verdict |",
+              "|---|---|---|---|---|---|"]
+    f2 = lambda b: "-" if b is None else f"{b:.2f}"  # noqa: E731
     for step in dict.fromkeys(r["step"] for r in results):
-        rs = [r for r in results if r["step"] == step]
+        rs = sorted((r for r in results if r["step"] == step), key=lambda r: r["n"])
         ns = [r["n"] for r in rs]
         bt = fit(ns, [r["seconds"] for r in rs])
+        bc = fit(ns, [r["cpu_s"] for r in rs]) if all("cpu_s" in r for r in rs) else None
         grow = [r["peak_rss_mb"] - r["rss_before_mb"] for r in rs]
-        # growth below the floor at every size is noise (allocator, page cache of small files)
+        # growth below the floor at every size is noise (allocator, lazily imported modules)
         bm = fit(ns, grow) if max(grow) >= mem_floor else None
-        mem = "flat" if max(grow) < mem_floor else (f"{bm:.2f}" if bm is not None else "-")
-        flags = [w for w, b in (("time", bt), ("memory", bm)) if b is not None and b > SUPER_LINEAR]
+        mem = "flat" if max(grow) < mem_floor else f2(bm)
+        # CPU time judges time when it is there: wall time on a loaded machine moves by 2× or more
+        flags = [w for w, b in (("time", bc if bc is not None else bt), ("memory", bm))
+                 if b is not None and b > SUPER_LINEAR]
         verdict = ("above linear: " + ", ".join(flags)) if flags else ("linear" if bt is not None else "one size")
-        lines.append(f"| {step} | {', '.join(f'{n:,}' for n in ns)} | "
-                     f"{'-' if bt is None else f'{bt:.2f}'} | {mem} | {verdict} |")
+        lines.append(f"| {step} | {', '.join(f'{n:,}' for n in ns)} | {f2(bt)} | {f2(bc)} | {mem} | {verdict} |")
     lines += [f"- skipped: {s}" for s in skipped]
     return "\n".join(lines)
 
@@ -326,11 +332,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the rows (and skips) to this JSON file")
     ap.add_argument("--inline", action="store_true",
                     help="run data and steps in this process (fast, for tests: RSS then is not per step)")
+    ap.add_argument("--from-json", nargs="+", help="print the table of these --json files (merged) and exit")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--make-data", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     root = Path(args.root)
 
+    if args.from_json:
+        rows, skips = {}, []
+        for f in args.from_json:              # a later file's row replaces an earlier one's
+            data = json.loads(Path(f).read_text())
+            rows.update({(r["step"], r["n"]): r for r in data["rows"]})
+            skips += data["skipped"]
+        print(table(sorted(rows.values(), key=lambda r: (STEPS.index(r["step"]), r["n"])), skips, args.mem_floor))
+        return 0
     if args.make_data is not None:
         make_data(args.make_data, root / str(args.make_data), args.dim, args.test, args.seed)
         return 0
@@ -363,8 +378,16 @@ def main(argv: list[str] | None = None) -> int:
                 steps.insert(0, "shards")       # the image shards are the shards step's output
             for step in steps:
                 prev = [r for r in results if r["step"] == step]
-                if prev:
-                    b = max(1.0, fit([p["n"] for p in prev], [p["seconds"] for p in prev]) or 1.0)
+                if step in NEEDS_IMAGES and not (d / "images" / "index.parquet").is_file():
+                    skipped.append(f"{step} at N={n:,}: no image shards (the shards step did not run)")
+                    print(f"# {skipped[-1]}", flush=True)
+                    continue
+                # the shards step is never skipped when a later step reads its images
+                if prev and not (step == "shards" and any(s in NEEDS_IMAGES for s in steps)):
+                    # CPU seconds when every earlier size has them: wall time on a loaded machine
+                    # can double between sizes and fake an exponent
+                    col = "cpu_s" if all("cpu_s" in p for p in prev) else "seconds"
+                    b = max(1.0, fit([p["n"] for p in prev], [p[col] for p in prev]) or 1.0)
                     est = prev[-1]["seconds"] * (n / prev[-1]["n"]) ** b
                     if est > args.max_seconds:
                         skipped.append(f"{step} at N={n:,}: ~{est:.0f} s extrapolated (b {b:.2f}) "
