@@ -344,7 +344,13 @@ def main(argv: list[str] | None = None) -> int:
             data = json.loads(Path(f).read_text())
             rows.update({(r["step"], r["n"]): r for r in data["rows"]})
             skips += data["skipped"]
-        print(table(sorted(rows.values(), key=lambda r: (STEPS.index(r["step"]), r["n"])), skips, args.mem_floor))
+        # a skip that a later file ran after all is dropped
+        skips = [s for s in dict.fromkeys(skips)
+                 if not any(s.startswith(f"{r['step']} at N={r['n']:,}:") for r in rows.values())]
+        merged = sorted(rows.values(), key=lambda r: (STEPS.index(r["step"]), r["n"]))
+        print(table(merged, skips, args.mem_floor))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rows": merged, "skipped": skips}, indent=1) + "\n")
         return 0
     if args.make_data is not None:
         make_data(args.make_data, root / str(args.make_data), args.dim, args.test, args.seed)

@@ -203,6 +203,21 @@ def test_check_descriptors_blocks_same_verdict_bounded_memory(monkeypatch):
     assert peak < big.nbytes / 4
 
 
+def test_duplicate_graph_same_as_repeat_version():
+    from scipy import sparse
+
+    rng = np.random.default_rng(3)
+    for n, k in ((200, 8), (50, 1), (30, 0)):
+        sims = rng.uniform(0.3, 0.9, (n, k)).astype(np.float32)
+        ids = rng.integers(-1, n, (n, k))
+        mask = (sims > np.float32(0.6)) & (ids >= 0)
+        rows = np.repeat(np.arange(n), k)[mask.ravel()]          # the earlier construction
+        a = sparse.coo_matrix((np.ones(len(rows), bool), (rows, ids[mask])), shape=(n, n)).tocsr()
+        want = (a + a.T).astype(bool)
+        got = duplicate_graph(sims, ids, n, 0.6)
+        assert got.shape == want.shape and (got != want).nnz == 0
+
+
 def test_bad_inputs_refused():
     with pytest.raises(ValueError, match="does not match"):
         from pas.curate.dedup import knn_search

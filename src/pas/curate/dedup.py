@@ -346,7 +346,9 @@ def duplicate_graph(sims: np.ndarray, ids: np.ndarray, n: int, lambda_dup: float
 
     thr = np.float32(lambda_dup)
     mask = (sims > thr) & (ids >= 0)
-    rows = np.repeat(np.arange(n), sims.shape[1])[mask.ravel()] if sims.size else np.zeros(0, np.int64)
+    # the row of each edge, in the order of ids[mask]; np.repeat(arange(n), k)[mask] made an
+    # n·k int64 array first (512 MB at 1M × 64) to keep a few edges of it
+    rows = np.nonzero(mask)[0]
     cols = ids[mask]
     a = sparse.coo_matrix((np.ones(len(rows), bool), (rows, cols)), shape=(n, n)).tocsr()
     return (a + a.T).astype(bool)
