@@ -105,8 +105,8 @@ def make_data(n: int, d: Path, dim: int, n_test: int, seed: int) -> None:
     np.save(d / "knn_ids.npy", ids)
 
     # ood: a bank of unit image embeddings the batches cycle through, and concept yes/no embeddings
-    return_unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
-    np.save(d / "ood_bank.npy", return_unit(rng.standard_normal((OOD_BANK, ood_dim_of(d)))))
+    bank = rng.standard_normal((OOD_BANK, ood_dim_of(d)))
+    np.save(d / "ood_bank.npy", (bank / np.linalg.norm(bank, axis=1, keepdims=True)).astype(np.float32))
 
     # prune: three scores per image (B' tracks B; 80% have no text, so their blur delta is exactly 0)
     base = rng.random(n)
@@ -125,8 +125,13 @@ def ood_dim_of(d: Path) -> int:
     return json.loads((d / "config.json").read_text())["ood_dim"]
 
 
-def tiny_jpeg(rng, np, Image, encode_image) -> bytes:
-    # an 8×8 random image upsampled to 32×32: ~1 KB at quality 95, like a small photo thumbnail
+def tiny_jpeg(rng) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    from pas.io.shards import encode_image
+
+    # an 8×8 random image upsampled to 32×32: ~1.2 KB at quality 95, like a small photo thumbnail
     small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
     return encode_image(small.resize((SIDE, SIDE), Image.BILINEAR))
 
@@ -142,9 +147,7 @@ def run_step(step: str, n: int, d: Path) -> dict:
     extra: dict = {}
 
     if step == "shards":
-        from PIL import Image
-
-        from pas.io.shards import ShardWriter, encode_image, write_index
+        from pas.io.shards import ShardWriter, write_index
 
         out = d / "images"
         shutil.rmtree(out, ignore_errors=True)
@@ -154,7 +157,7 @@ def run_step(step: str, n: int, d: Path) -> dict:
             for i in range(n):
                 meta = {"source": "real", "concepts": [f"concept {i % 997}"], "similarities": [0.31],
                         "caption": f"a photo of thing {i}", "url": f"https://example.org/{i}.jpg"}
-                w.write(key_of(i), tiny_jpeg(rng, np, Image, encode_image), meta)
+                w.write(key_of(i), tiny_jpeg(rng), meta)
         write_index(pd.DataFrame(w.rows), out)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         extra["MB_on_disk"] = round(sum(p.stat().st_size for p in out.glob("*.tar")) / 2**20, 1)
