@@ -153,6 +153,70 @@ def test_single_image():
     assert m.loc[0, "representative"] == "only"
 
 
+def _check_whole(x, name="descriptors", atol=1e-3):
+    """check_descriptors as it was before row blocks: whole-array isfinite and norm."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if len(x):
+        if not np.isfinite(x).all():
+            raise ValueError(f"{name}: contains NaN or inf")
+        norms = np.linalg.norm(x, axis=1)
+        bad = np.flatnonzero(np.abs(norms - 1.0) > atol)
+        if len(bad):
+            raise ValueError(f"{name}: row {bad[0]} has norm {norms[bad[0]]:.4f}; descriptors must be "
+                             "L2-normalised (SSCD outputs are)")
+    return x
+
+
+def _outcome(fn, x):
+    try:
+        return fn(x).tobytes()
+    except ValueError as e:
+        return str(e)
+
+
+def test_check_descriptors_blocks_same_verdict_bounded_memory(monkeypatch):
+    import tracemalloc
+
+    import pas.curate.dedup as dd
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    nan_late, bad_early = x.copy(), x.copy()
+    nan_late[900, 3] = np.nan
+    bad_early[5] *= 1.1                      # a norm error before a NaN in a later block
+    bad_early[990, 0] = np.inf
+    bad_late, off = x.copy(), x.copy()
+    bad_late[777] *= 0.5
+    off[::2] *= 1.0005                       # within atol: accepted
+    monkeypatch.setattr(dd, "CHECK_BLOCK", 64)
+    for case in (x, nan_late, bad_early, bad_late, off, x[:0], x[:1]):
+        assert _outcome(dd.check_descriptors, case) == _outcome(_check_whole, case)
+    # the blocks bound the temporaries: no N × D copy (32 MB here) while checking
+    monkeypatch.setattr(dd, "CHECK_BLOCK", 65_536)
+    big = np.tile(x, (500, 1))               # 500k × 16 float32
+    tracemalloc.start()
+    dd.check_descriptors(big)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < big.nbytes / 4
+
+
+def test_duplicate_graph_same_as_repeat_version():
+    from scipy import sparse
+
+    rng = np.random.default_rng(3)
+    for n, k in ((200, 8), (50, 1), (30, 0)):
+        sims = rng.uniform(0.3, 0.9, (n, k)).astype(np.float32)
+        ids = rng.integers(-1, n, (n, k))
+        mask = (sims > np.float32(0.6)) & (ids >= 0)
+        rows = np.repeat(np.arange(n), k)[mask.ravel()]          # the earlier construction
+        a = sparse.coo_matrix((np.ones(len(rows), bool), (rows, ids[mask])), shape=(n, n)).tocsr()
+        want = (a + a.T).astype(bool)
+        got = duplicate_graph(sims, ids, n, 0.6)
+        assert got.shape == want.shape and (got != want).nnz == 0
+
+
 def test_bad_inputs_refused():
     with pytest.raises(ValueError, match="does not match"):
         from pas.curate.dedup import knn_search

@@ -339,3 +339,22 @@ def test_selection_stats_vocabulary():
     assert list(s["by_source"]) == ["real", "synthetic", "web"]
     with pytest.raises(ValueError, match="does not add up"):
         selection_stats({"real": 4}, {"real": 2}, {"pareto": 1})
+
+
+def test_expected_shards_counts_in_row_batches(tmp_path, monkeypatch):
+    import pandas as pd
+
+    import pas.io.shards as sh
+
+    img = encode_image(Image.new("RGB", (4, 4), (9, 9, 9)))
+    with ShardWriter(tmp_path, prefix="s", maxcount=3) as w:
+        for i in range(11):                      # shards of 3, 3, 3, 2 samples
+            w.write(f"k{i:03d}", img, {"i": i})
+    sh.write_index(pd.DataFrame(w.rows), tmp_path)
+    monkeypatch.setattr(sh, "INDEX_BATCH", 2)    # batches that cut shards in the middle
+    sh._expected.cache_clear()
+    got = sh.expected_shards(tmp_path)
+    want = {name: (n, sh.shard_sha256(tmp_path / name)) for name, n in
+            zip(w.shards, (3, 3, 3, 2))}
+    assert got == want and list(got) == w.shards
+    assert sum(1 for _ in iter_samples(tmp_path)) == 11   # readers still check against it

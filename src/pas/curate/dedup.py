@@ -35,6 +35,7 @@ CALIB_BAND = 0.05             # calibration: nprobe must reach the target in eac
 CALIB_MIN_EDGES = 20          # … that holds at least this many sampled λ-edges
 CALIB_MARGIN = 1.25           # nprobe = margin × the sampled quantile (the sample's quantile is noisy)
 GPU_MAX_NPROBE = 2048         # faiss-gpu IVF limit
+CHECK_BLOCK = 65_536           # rows per block when checking descriptors (bounds the temporaries)
 MANIFEST_COLUMNS = ["key", "kept", "reason", "score", "component", "component_size", "representative"]
 
 
@@ -104,13 +105,16 @@ def check_descriptors(x: np.ndarray, name: str = "descriptors", dim: int | None 
         raise ValueError(f"{name}: descriptor dimension {x.shape[1]} does not match {dim} "
                          "(descriptors of different SSCD models cannot be compared)")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if len(x):
-        if not np.isfinite(x).all():
-            raise ValueError(f"{name}: contains NaN or inf")
-        norms = np.linalg.norm(x, axis=1)
+    # in row blocks: isfinite and norm of the whole array allocate an N × D temporary (norm: a float32
+    # copy, 2 GB at 1M × 512, benchmarks/RESULTS-scale.md); each row's norm is computed the same way
+    blocks = range(0, len(x), CHECK_BLOCK)
+    if not all(np.isfinite(x[s:s + CHECK_BLOCK]).all() for s in blocks):
+        raise ValueError(f"{name}: contains NaN or inf")
+    for s in blocks:
+        norms = np.linalg.norm(x[s:s + CHECK_BLOCK], axis=1)
         bad = np.flatnonzero(np.abs(norms - 1.0) > atol)
         if len(bad):
-            raise ValueError(f"{name}: row {bad[0]} has norm {norms[bad[0]]:.4f}; descriptors must be "
+            raise ValueError(f"{name}: row {s + bad[0]} has norm {norms[bad[0]]:.4f}; descriptors must be "
                              "L2-normalised (SSCD outputs are)")
     return x
 
@@ -342,7 +346,9 @@ def duplicate_graph(sims: np.ndarray, ids: np.ndarray, n: int, lambda_dup: float
 
     thr = np.float32(lambda_dup)
     mask = (sims > thr) & (ids >= 0)
-    rows = np.repeat(np.arange(n), sims.shape[1])[mask.ravel()] if sims.size else np.zeros(0, np.int64)
+    # the row of each edge, in the order of ids[mask]; np.repeat(arange(n), k)[mask] made an
+    # n·k int64 array first (512 MB at 1M × 64) to keep a few edges of it
+    rows = np.nonzero(mask)[0]
     cols = ids[mask]
     a = sparse.coo_matrix((np.ones(len(rows), bool), (rows, cols)), shape=(n, n)).tocsr()
     return (a + a.T).astype(bool)

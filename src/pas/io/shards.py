@@ -28,6 +28,7 @@ from PIL import Image
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 SHARD_GLOB = "*.tar"
 INDEX_NAME = "index.parquet"
+INDEX_BATCH = 65_536    # index rows read at a time when counting samples per shard
 IMAGE_EXTS = ("jpg", "jpeg", "png")     # in order of preference when a sample has several
 
 
@@ -239,13 +240,16 @@ def _expected(path: str, size: int, mtime_ns: int, ino: int) -> dict[str, tuple[
         if "shard" not in names:            # not an index of shards
             return None
         cols = ["shard"] + (["shard_sha256"] if "shard_sha256" in names else [])
-        table = pq.read_table(path, columns=cols).to_pydict()
+        # in row batches: the whole index as Python lists cost ~0.5 KB a row (460 MB at 1M rows,
+        # benchmarks/RESULTS-scale.md) for a dict of one entry per shard
+        out: dict[str, tuple[int, str | None]] = {}
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=INDEX_BATCH, columns=cols):
+            table = batch.to_pydict()
+            for i, name in enumerate(table["shard"]):
+                n, _ = out.get(name, (0, None))
+                out[name] = (n + 1, table["shard_sha256"][i] if "shard_sha256" in table else None)
     except Exception as e:                  # pyarrow raises several types for a damaged file
         raise ShardError(f"{path}: unreadable index ({e})") from e
-    out: dict[str, tuple[int, str | None]] = {}
-    for i, name in enumerate(table["shard"]):
-        n, _ = out.get(name, (0, None))
-        out[name] = (n + 1, table["shard_sha256"][i] if "shard_sha256" in table else None)
     return out
 
 
