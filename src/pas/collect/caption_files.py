@@ -10,16 +10,11 @@ answer, in request order); `generate` keeps a copy beside its images.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def derive_seed(seed: int, *parts: object) -> int:
-    """A stable 31-bit seed from the run seed and any parts (concept text, indices, ...)."""
-    h = hashlib.sha256("\x1f".join([str(seed), *map(str, parts)]).encode("utf-8", "surrogatepass"))
-    return int.from_bytes(h.digest()[:4], "big") & 0x7FFF_FFFF
+from pas.seeds import derive_seed  # noqa: F401 - re-exported: captions and generate seed per item
 
 
 @dataclass

@@ -28,7 +28,6 @@ sample up to the cap, no list in L2's first round, or a round of failed L2 reque
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from pas.concepts.normalize import normalize_concept
 from pas.concepts.params import ConceptsParams, DomainParams
 from pas.llm.base import ChatBackend, ChatRequest, ChatResult
 from pas.llm.parse import parse_answer
+from pas.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 CAP_STOPS = ("max_generation_samples", "max_expansion_rounds", "max_concepts")
@@ -62,13 +62,6 @@ def unusable_summary(results: Sequence[ChatResult], statuses: Sequence[str]) -> 
 def load_prompt(name: str) -> str:
     """A prompt template shipped in `pas/prompts/<name>.txt`."""
     return resources.files("pas.prompts").joinpath(f"{name}.txt").read_text(encoding="utf-8").strip()
-
-
-def derive_seed(base: int, *parts: object) -> int:
-    """A stable 31-bit seed for (base, parts...): same on every machine and Python run."""
-    # surrogatepass: a concept from an LLM answer may hold a lone surrogate; same bytes otherwise
-    h = hashlib.sha256("\x1f".join(map(str, (base, *parts))).encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
 
 
 def saturated(n_new: int, prev_size: int, lam: float) -> bool:

@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from pas.device import resolve_device
 from pas.models.files import seed_everything, sha256_file, write_json
 
 TORCHSCRIPT = "sscd.torchscript.pt"
@@ -251,14 +252,6 @@ def load_sscd(model_dir: str | Path, device: str = "cpu"):
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError for any bad archive
         raise ValueError(f"{path}: not a loadable TorchScript model ({e})") from None
     return model.eval()
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 # ----------------------------------------------------------------------------- preprocessing

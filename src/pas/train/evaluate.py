@@ -169,7 +169,7 @@ def evaluate(cfg: EvalParams, backbone_dir: str | Path, init_dir: str | Path, ev
     import torch
 
     from pas.models.backbone import create_backbone, is_vit, read_config
-    from pas.train.pretrain import resolve_device
+    from pas.device import resolve_device
 
     device = resolve_device(cfg.device, cfg.threads)
     backbone_dir, init_dir, evalsets_dir = Path(backbone_dir), Path(init_dir), Path(evalsets_dir)

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pas.device import resolve_device
 from pas.params import ParamsError, check_choice, check_range, check_seed
 from pas.train.schedule import lr_factor
 
@@ -95,21 +96,6 @@ class PretrainParams:
         check_range("temperature", self.temperature, 0.0, None)
         check_range("min_scale", self.min_scale, 0.0, 1.0, hi_open=False)
         check_seed("seed", self.seed)
-
-
-def resolve_device(name: str, threads: int = 0, local_rank: int = 0) -> str:
-    """The torch device for `name` (cpu | cuda | auto), this process's GPU under torchrun; sets the CPU
-    thread count when threads > 0."""
-    import torch
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("device='cuda' but no CUDA device is available (use cpu or auto)")
-    return f"cuda:{local_rank}" if name == "cuda" and local_rank else name
 
 
 def launch_processes(cfg: PretrainParams) -> int:
