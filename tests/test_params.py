@@ -163,7 +163,7 @@ def test_unknown_key_without_a_near_one_lists_the_known_keys():
     ("pretrain.epochs", 2**64, "pretrain.epochs=18446744073709551616 is out of range"),
     ("pool.nlist", 0, "pool.nlist=0 must be >= 1"),
     ("pool.min_side", 0, "pool.min_side=0 must be >= 1"),
-    ("pool.workers", -1, "pool.workers=-1 must be >= 0"),
+    ("pool.workers", 2, "pool.workers: removed; decode processes are a machine setting: set PAS_POOL_WORKERS"),
 ])
 def test_numbers_are_finite_and_bounded(path, value, msg):
     base = load(REPO / "params.yaml")
