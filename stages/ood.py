@@ -20,7 +20,7 @@ import numpy as np
 from pas.curate.ood import (OodParams, OodScorer, Timings, derive_generalized_concepts, encode_prompts,
                             ood_models, run_fingerprint, score_shards)
 from pas.engine import EngineConfig
-from pas.io.manifest import read_parquet, write_metrics, write_parquet
+from pas.io.manifest import read_parquet, source_order, write_metrics, write_parquet
 from pas.params import build, load, run_stage, stage_parser
 
 log = logging.getLogger("pas.stages.ood")
@@ -60,13 +60,6 @@ def _summary(x: np.ndarray) -> dict:
         return {"mean": None}
     q = np.quantile(x, [0.05, 0.25, 0.5, 0.75, 0.95])
     return {"mean": float(np.mean(x)), "q05": q[0], "q25": q[1], "q50": q[2], "q75": q[3], "q95": q[4]}
-
-
-def _sources(col) -> list[str]:
-    """real and synthetic always (the stats vocabulary's by_source), then any other source."""
-    from pas.io.manifest import SOURCES
-
-    return [*SOURCES, *sorted(set(map(str, col)) - set(SOURCES))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "ood_blur_delta": _summary(df["ood_blur_delta"].to_numpy()),
         "by_source": {s: {"n_in": int(len(g)), "n_kept": int(len(g)),
                           "ood_b_mean": float(g["ood_b"].mean()) if len(g) else None}
-                      for s, g in ((s, df[df["source"] == s]) for s in _sources(df["source"]))},
+                      for s, g in ((s, df[df["source"] == s]) for s in source_order(df["source"]))},
         # timings of the images scored in this run (resumed shards excluded)
         "n_timed": n,
         "seconds_per_image": {

@@ -13,7 +13,7 @@ log = logging.getLogger("pas.summary")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = stage_parser(__doc__)
+    ap = stage_parser(__doc__, params=False)
     ap.add_argument("--dataset", default="metrics/dataset.json", help="funnel and final size (prune stage)")
     ap.add_argument("--eval", default="metrics/eval.json", help="top-1 per eval set (evaluate stage)")
     ap.add_argument("--concepts", default="metrics/concepts.json", help="|B| and coverage (concepts stage)")

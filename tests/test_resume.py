@@ -12,7 +12,7 @@ from pas.io.resume import ChunkCache, file_identity, read_json, write_atomic
 @pytest.mark.parametrize("cut", [0, 10, 100, -30])
 def test_torn_chunk_file_is_a_miss_with_a_warning(tmp_path, caplog, cut):
     cache = ChunkCache(tmp_path, "run")
-    cache.put(["item", 1], ["a", "b"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    cache.put(["item", 1], (["a", "b"], np.arange(6, dtype=np.float32).reshape(2, 3)))
     keys, x = cache.get(["item", 1])
     assert keys == ["a", "b"] and x.tolist() == [[0, 1, 2], [3, 4, 5]]
     (path,) = tmp_path.glob("*.npz")
@@ -21,7 +21,7 @@ def test_torn_chunk_file_is_a_miss_with_a_warning(tmp_path, caplog, cut):
     with caplog.at_level(logging.WARNING):
         assert cache.get(["item", 1]) is None
     assert str(path) in caplog.text and "recomputing" in caplog.text
-    cache.put(["item", 1], ["a", "b"], x)               # the recomputed item replaces it
+    cache.put(["item", 1], (["a", "b"], x))               # the recomputed item replaces it
     assert cache.get(["item", 1])[0] == ["a", "b"]
 
 

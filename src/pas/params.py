@@ -327,13 +327,14 @@ def setup_logging() -> None:
     logging.getLogger("pas").propagate = True
 
 
-def stage_parser(doc: str | None, metrics: str | None = None):
+def stage_parser(doc: str | None, metrics: str | None = None, params: bool = True):
     """The argument parser every stage script starts from: its docstring as `--help`, `--params`
-    (params.yaml) and, for a stage that writes one, `--metrics` (its metrics file)."""
+    (params.yaml; not for a stage that reads none) and, for a stage that writes one, `--metrics`."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="the params file (validated whole)")
+    if params:
+        ap.add_argument("--params", default="params.yaml", help="the params file (validated whole)")
     if metrics is not None:
         ap.add_argument("--metrics", default=metrics, help="the stage's metrics file")
     return ap

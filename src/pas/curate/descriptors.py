@@ -21,7 +21,8 @@ def sscd_on_engine(sscd_dir: str | Path, device: str, engine):
     """(model, device) for this process: locally the loaded SSCD on the resolved device; with Ray, no
     model and `device` as asked, since each actor loads SSCD and resolves `auto` on its own node (the
     driver may have no GPU)."""
-    from pas.models.sscd import load_sscd, resolve_device
+    from pas.device import resolve_device
+    from pas.models.sscd import load_sscd
 
     if engine is not None and engine.engine != "local":
         return None, device

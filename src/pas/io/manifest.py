@@ -111,13 +111,18 @@ def read_run(metrics_path: str | Path) -> dict:
 SOURCES = ("real", "synthetic")
 
 
+def source_order(sources: Iterable[str]) -> list[str]:
+    """The keys of every `by_source`: real and synthetic always, then any other source, sorted."""
+    return [*SOURCES, *sorted(set(map(str, sources)) - set(SOURCES))]
+
+
 def selection_stats(n_in: Mapping[str, int], n_kept: Mapping[str, int], dropped: Mapping[str, int]) -> dict:
     """The stats vocabulary of every stage that selects images (dedup, leakage, prune; the funnel and the
     report read it): `n_in`, `n_kept`, `dropped` by reason, and `by_source` {source: {n_in, n_kept}}
     (real and synthetic always, 0 when absent). Inputs are counts by source and by reason; the dropped
     counts must add up to n_in − n_kept."""
     by = {s: {"n_in": int(n_in.get(s, 0)), "n_kept": int(n_kept.get(s, 0))}
-          for s in (*SOURCES, *sorted(set(n_in) - set(SOURCES)))}
+          for s in source_order(n_in)}
     total_in, total_kept = sum(int(v) for v in n_in.values()), sum(int(v) for v in n_kept.values())
     drops = {str(r): int(n) for r, n in sorted(dropped.items()) if n}
     if sum(drops.values()) != total_in - total_kept:

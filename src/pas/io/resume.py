@@ -74,9 +74,9 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
 
 
 class ChunkCache:
-    """`get(item_id)` / `put(item_id, keys, array)` (or `put(item_id, (keys, array))`, as the store of
-    `pas.engine.map_resumable`) for (list of str, ndarray) results; `get_arrays` / `put_arrays` for a
-    result of several named arrays (`pool`: records, JPEGs, embeddings)."""
+    """`get(item_id)` / `put(item_id, (keys, array))` for (list of str, ndarray) results, the store of
+    `pas.engine.map_resumable`; `get_arrays` / `put_arrays` for a result of several named arrays
+    (`pool`: records, JPEGs, embeddings)."""
 
     def __init__(self, root: str | Path, run_fingerprint: str):
         self.root = Path(root)
@@ -124,9 +124,8 @@ class ChunkCache:
         z = self.get_arrays(item_id, ("keys", "x"))
         return None if z is None else ([str(k) for k in z["keys"]], z["x"])
 
-    def put(self, item_id: Any, keys: list[str] | tuple, x: np.ndarray | None = None) -> None:
-        if x is None:                  # put(id, (keys, x)): a result as map_resumable hands it over
-            keys, x = keys
+    def put(self, item_id: Any, result: tuple[list[str], np.ndarray]) -> None:
+        keys, x = result
         self.put_arrays(item_id, keys=np.asarray(keys, dtype=str), x=x)
 
     def prune(self) -> int:

@@ -397,11 +397,12 @@ def write_evalset(spec: EvalSetSpec, out_dir: str | Path, split_seed: int = 0, m
             return path
 
     for split in SPLITS:
-        keyed = sorted(((make_key("e", spec.name, rel(it.source_path)), it) for it in splits[split]),
+        keyed = sorted(((make_key("e", spec.name, r), r, it) for it in splits[split] for r in [rel(it.source_path)]),
                        key=lambda t: t[0])
         rows = []
         with ShardWriter(root / split, prefix=split) as writer:
-            for key, it in tqdm(keyed, desc=f"{spec.name}/{split}", disable=not progress, leave=False):
+            for key, source_path, it in tqdm(keyed, desc=f"{spec.name}/{split}", disable=not progress,
+                                             leave=False):
                 try:
                     src = io.BytesIO(it.data) if it.data is not None else it.source_path
                     img = load_rgb(src, max_pixels=max_pixels, max_side=max_side)
@@ -410,10 +411,10 @@ def write_evalset(spec: EvalSetSpec, out_dir: str | Path, split_seed: int = 0, m
                     log.warning("eval set %s: skipping %s (%s)", spec.name, it.source_path, e)
                     continue
                 meta = {"label": label_of[it.label_name], "label_name": it.label_name, "source": "real",
-                        "source_path": rel(it.source_path), "evalset": spec.name, "split": split}
+                        "source_path": source_path, "evalset": spec.name, "split": split}
                 shard = writer.write(key, encode_image(img), meta)
                 rows.append({"key": key, "shard": shard, "label": label_of[it.label_name],
-                             "label_name": it.label_name, "source_path": rel(it.source_path)})
+                             "label_name": it.label_name, "source_path": source_path})
         cols = ["key", "shard", "label", "label_name", "source_path"]
         write_index(pd.DataFrame(rows, columns=cols), root / split)
         stats[f"n_{split}"] = len(rows)
