@@ -16,6 +16,22 @@ REPO = Path(__file__).resolve().parents[1]
 CLIPART = Path("/usr/share/openclipart/png")
 
 
+# the longest tests, by their recorded durations (`--durations`): they start first
+LONGEST = ("tests/test_e2e.py::test_full_pipeline_offline", "tests/test_paper_rehearsal.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first, then the other end-to-end (slow) tests, then the rest: under xdist
+    (`-n auto --dist worksteal`, pyproject.toml) the longest test then starts at once on one worker
+    while the others share the rest, instead of starting last and bounding the suite's wall time."""
+    def rank(item) -> int:
+        if item.nodeid.startswith(LONGEST):
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     from pas.models.clip import build_tiny_clip
