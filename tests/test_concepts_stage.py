@@ -270,7 +270,7 @@ def test_stage_offline_smollm2_minilm(tmp_path):
     llm_dir = prepare_llm(out_dir=tmp_path / "models" / "llm")
     te_dir = prepare_text_embed(out_dir=tmp_path / "models" / "text_embed")
     spec = {"backend": "transformers", "model": str(llm_dir), "temperature": 0.8, "top_p": 0.95,
-            "repetition_penalty": 1.1, "max_new_tokens": 128, "batch_size": 8, "cpu_threads": 1}
+            "repetition_penalty": 1.1, "max_new_tokens": 128, "batch_size": 8, "threads": 1}
     params = {"lambda_1": 0.01, "lambda_2": 0.01, "seed": 0,
               "domain": {"name": "food", "description": "dishes and foods from every cuisine in the world"},
               "llm": {"l1": spec, "l2": spec, "l3": spec, "l4": spec}, "concepts": SMOKE_CONCEPTS}

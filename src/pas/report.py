@@ -655,7 +655,8 @@ def _detector(params: Mapping) -> Callable:
     from pas.curate.textblur import TextDetector
 
     ood = params.get("ood") or {}
-    kw = {k: ood[f"det_{k}"] for k in ("limit_side_len", "box_thresh", "threads") if f"det_{k}" in ood}
+    keys = {"limit_side_len": "det_limit_side_len", "box_thresh": "det_box_thresh", "threads": "threads"}
+    kw = {k: ood[key] for k, key in keys.items() if key in ood}
     return TextDetector(**kw).detect
 
 

@@ -30,11 +30,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from pas.collect.caption_files import Captions, derive_seed, write_caption_files
 from pas.models.diffusion import DTYPES, SCHEDULERS
-from pas.params import ParamsError, check_choice, check_range, check_seed
+from pas.params import ParamsError, check_choice, check_range, check_seed, renamed
 
 log = logging.getLogger(__name__)
 SHARD_PREFIX = "generated"
@@ -55,13 +55,14 @@ class DiffusionParams:
     vae_slicing: bool = False     # decode a batch's latents one image at a time (less VAE memory)
     vae_tiling: bool = False      # decode each image in overlapping tiles (768² at batch 32 on one GPU)
     jpeg_quality: int = 95        # stored JPEG quality
-    cpu_threads: int | None = None  # torch CPU threads (None = torch default); 1 on a busy small machine,
-    #                                 where threads wait on each other (benchmarks/RESULTS-engine.md)
+    threads: int = 0              # torch CPU threads (0 = torch default); 1 on a busy small machine,
+    #                               where threads wait on each other (benchmarks/RESULTS-engine.md)
+
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {"cpu_threads": renamed("threads", " (0 = torch default, was null)")}
 
     def __post_init__(self) -> None:
         check_range("steps", self.steps, 1, None, lo_open=False)
-        if self.cpu_threads is not None:
-            check_range("cpu_threads", self.cpu_threads, 1, None, lo_open=False)
+        check_range("threads", self.threads, 0, None, lo_open=False)
         check_range("guidance", self.guidance, 0.0, None, lo_open=False)
         check_range("resolution", self.resolution, 8, None, lo_open=False)
         if self.resolution % 8:
@@ -232,9 +233,9 @@ class _RenderShards:
         if self.pipe is None:
             from pas.models.diffusion import load_pipeline
 
-            if self.d.cpu_threads is not None and self.d.device == "cpu":
+            if self.d.threads > 0 and self.d.device == "cpu":
                 import torch
-                torch.set_num_threads(self.d.cpu_threads)
+                torch.set_num_threads(self.d.threads)
             self.pipe = load_pipeline(self.model_dir, self.d.device, self.d.dtype, self.d.scheduler,
                                       vae_slicing=self.d.vae_slicing, vae_tiling=self.d.vae_tiling)
         return self.run

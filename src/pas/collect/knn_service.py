@@ -395,7 +395,7 @@ def retrieve_from_service(concepts: Sequence[str], out_dir: str | Path, cache_di
 
     out = Path(out_dir)
     _clean_out(out)
-    w = write_retrieved(url_parts, hits_parts, dl_dir, plan, out, params.maxcount, SHARD_PREFIX, progress)
+    w = write_retrieved(url_parts, hits_parts, dl_dir, plan, out, params.shard_size, SHARD_PREFIX, progress)
     m = summary(concepts, w["counts"], w["n_images"], w["n_unique"])
     m.update(backend="clip_service", k_retrieve=params.k_retrieve, n_hits=q["n_hits"],
              n_urls=sum(n for _, n in url_parts), n_downloaded=w["n_unique"],

@@ -38,7 +38,7 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 
-from pas.params import ParamsError, check_choice, check_range
+from pas.params import ParamsError, check_choice, check_range, renamed
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class OodParams:
     blur_radius: float = 0.0         # Gaussian radius in px; 0 = half of each box's short side
     det_limit_side_len: int = 320    # text detector input: longer side scaled down to ≤ this
     det_box_thresh: float = 0.5      # DBNet minimum mean score of a text box
-    det_threads: int = 0             # onnxruntime threads for the detector; 0 = its default
+    threads: int = 0                 # the text detector's (onnxruntime) CPU threads; 0 = its default
     batch_size: int = 64             # images per CLIP forward pass
     concept_chunk: int = 1024        # concepts per score block (memory: image_chunk × concept_chunk)
     image_chunk: int = 4096          # images per score block
@@ -79,7 +79,8 @@ class OodParams:
     # keys of older params.yaml files, refused with where their setting lives now (`pas.params.build`)
     REMOVED_KEYS: ClassVar[dict[str, str]] = {
         "clipn_checkpoint": "CLIPN is a model family now: set `models.clipn` "
-                            "({kind: clipn, base: {...}, checkpoint: {path: ...}}, README) and delete this key"}
+                            "({kind: clipn, base: {...}, checkpoint: {path: ...}}, README) and delete this key",
+        "det_threads": renamed("ood.threads")}
 
     def __post_init__(self) -> None:
         for name in ("yes_templates", "no_templates"):
@@ -95,7 +96,7 @@ class OodParams:
         check_range("blur_radius", self.blur_radius, 0.0, None, lo_open=False)
         check_range("det_limit_side_len", self.det_limit_side_len, 32, None, lo_open=False)
         check_range("det_box_thresh", self.det_box_thresh, 0.0, 1.0)
-        check_range("det_threads", self.det_threads, 0, None, lo_open=False)
+        check_range("threads", self.threads, 0, None, lo_open=False)
         for name in ("batch_size", "concept_chunk", "image_chunk"):
             check_range(name, getattr(self, name), 1, None, lo_open=False)
 
@@ -378,7 +379,7 @@ def run_fingerprint(params: OodParams, models: dict[str, str], concepts: Sequenc
     """What every shard's scores depend on besides the shard itself: params (device and batch sizes
     excluded), model fingerprints (the CLIP used, the CLIPN checkpoint's sha256, the detector), B and B'."""
     p = dataclasses.asdict(params)
-    for k in ("device", "batch_size", "concept_chunk", "image_chunk", "det_threads"):
+    for k in ("device", "batch_size", "concept_chunk", "image_chunk", "threads"):
         p.pop(k)
     return _sha256_json({"params": p, "models": models, "B": list(concepts), "B_prime": list(generalized)})
 
@@ -418,7 +419,7 @@ class OodScorer:
 
             p = self.params
             self.detector = TextDetector(limit_side_len=p.det_limit_side_len, box_thresh=p.det_box_thresh,
-                                         threads=p.det_threads)
+                                         threads=p.threads)
         if self.texts is None:
             enc = encode_prompts(self.clip_dir, self.params, *self.prompts, clip=self.clip,
                                  clipn_checkpoint=self.clipn_checkpoint)
