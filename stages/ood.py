@@ -88,13 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     models = ood_models(args.clip, args.clipn)
     engine = EngineConfig.from_env()
     clipn_sha = sha256_file(models.clipn_checkpoint) if models.clipn_checkpoint else ""
-    # the scorer loads CLIP + the detector and encodes B and B' once with that CLIP: here (local), or
-    # on each Ray actor, so that with Ray this process loads no model (it may have no GPU)
+    # the scorer loads CLIP + the detector and encodes B and B' once with that CLIP where the engine
+    # runs it (this process, or each Ray actor: then this process loads no model, it may have no GPU);
+    # the first scored shard brings back the encoding's metrics
     scorer = OodScorer(models.clip_dir, None, p, prompts=(concepts, generalized),
                        clipn_checkpoint=models.clipn_checkpoint)
     prompt_info: dict = {}
-    if engine.engine == "local":
-        prompt_info = dict(scorer.load().prompt_info)
     timings = Timings()
     out = Path(args.out)
     fp = run_fingerprint(p, {"clip": fingerprint_dir(models.clip_dir), "clipn": clipn_sha,
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                                  engine=engine, timings=timings, prompt_info=prompt_info)
     t_score = time.perf_counter() - t_score
     write_parquet(df, out / "scores.parquet")
-    if not prompt_info:          # ray, every shard resumed: no actor ran, encode here for the metrics
+    if not prompt_info:          # every shard resumed: no scorer ran, encode here for the metrics
         # (mode, logit scale and CLIPN match do not depend on the device; this process may have no GPU)
         prompt_info = encode_prompts(models.clip_dir, dataclasses.replace(p, device="cpu"), concepts, generalized,
                                      clipn_checkpoint=models.clipn_checkpoint).info()

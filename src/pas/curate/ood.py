@@ -389,7 +389,7 @@ class OodScorer:
 
     It pickles as a spec (CLIP folder, text embeddings or prompts, params) without the loaded models,
     so a Ray actor that receives it loads CLIP and the text detector once (`load`), on its own device.
-    `texts`: B and B' already encoded (the local engine: the caller's CLIP does it once). Or None and
+    `texts`: B and B' already encoded by the caller. Or None and
     `prompts=(concepts, generalized)`: `load` encodes them once with the CLIP it has just loaded (Ray:
     once per actor, which loads CLIP anyway — encoding in the driver or a separate task loaded CLIP a
     second time, in series with the actors: 2.0x and 1.73x local on the smoke data against 1.2-1.3x,
