@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pas.concepts import load_bank
 from pas.curate.ood import (OodParams, OodScorer, Timings, derive_generalized_concepts, encode_prompts,
                             ood_models, run_fingerprint, score_shards)
 from pas.engine import EngineConfig
@@ -32,18 +33,6 @@ def _kept_keys(path: str) -> set[str]:
         if col not in df.columns:
             raise ValueError(f"{path}: manifest has no '{col}' column (columns: {list(df.columns)})")
     return set(df.loc[df["kept"].astype(bool), "key"].astype(str))
-
-
-def _accepted_concepts(path: str) -> list[str]:
-    df = read_parquet(path)
-    if "concept" not in df.columns:
-        raise ValueError(f"{path}: concept bank has no 'concept' column (columns: {list(df.columns)})")
-    if "accepted" in df.columns:
-        df = df[df["accepted"].astype(bool)]
-    concepts = sorted(dict.fromkeys(str(c).strip() for c in df["concept"] if str(c).strip()))
-    if not concepts:
-        raise ValueError(f"{path}: no accepted concepts")
-    return concepts
 
 
 def _generalized(p: OodParams, params: dict) -> tuple[list[str], str]:
@@ -80,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     if not kept:                        # leakage dropped everything: nothing to score is not a result
         log.error("ood failed: %s keeps no image (dedup/leakage removed them all)", args.manifest)
         return 2
-    concepts = _accepted_concepts(args.concepts)
+    concepts = load_bank(args.concepts)
+    if not concepts:
+        raise ValueError(f"{args.concepts}: no accepted concepts")
 
     from pas.curate.textblur import default_det_model
     from pas.models.files import fingerprint_dir, sha256_file

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pas.collect import load_concepts
 from pas.collect.retrieve import (PoolError, RetrieveParams, load_pool, merge_hits, prompt_for,
                                   retrieve, search)
 from pas.io.manifest import read_metrics, read_parquet, write_parquet
@@ -282,15 +281,6 @@ def test_stage_main_with_tiny_clip(tmp_path, monkeypatch):
     meta = json.loads((pool_dir / "pool.json").read_text())
     (pool_dir / "pool.json").write_text(json.dumps({**meta, "clip_fingerprint": "0" * 64}))
     assert stage.main(argv) == 2
-
-
-def test_load_concepts(tmp_path):
-    df = pd.DataFrame({"concept": ["pizza", " sushi ", "pizza", "bad", "", None],
-                       "accepted": [True, True, True, False, True, True]})
-    write_parquet(df, tmp_path / "bank.parquet", sort_by=None)
-    assert load_concepts(tmp_path / "bank.parquet") == ["pizza", "sushi"]
-    with pytest.raises(FileNotFoundError, match="concepts"):
-        load_concepts(tmp_path / "nope.parquet")
 
 
 def test_pool_path_writes_as_it_goes(pool, tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from pas.concepts import load_bank
 from pas.params import check_range, check_seed
 
 log = logging.getLogger(__name__)
@@ -479,8 +480,10 @@ def _section_concepts(run: _Run) -> str:
 
 def _section_collected(run: _Run) -> str:
     p = run.p
-    bank = _parquet(run.path(run.i.concepts, "bank.parquet"), ["concept", "accepted"])
-    accepted = sorted(bank.loc[bank["accepted"].astype(bool), "concept"])
+    bank = run.path(run.i.concepts, "bank.parquet")
+    if not bank.is_file():
+        raise _Missing(bank)
+    accepted = load_bank(bank)
     chosen = _pick(accepted, p.concepts, p.seed, 1)
     hits = gen = None
     try:
