@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"{args.concepts}: no accepted concepts")
 
     from pas.curate.textblur import default_det_model
-    from pas.models.files import fingerprint_dir, sha256_file
+    from pas.hashing import sha256_file
+    from pas.models.files import fingerprint_dir
 
     models = ood_models(args.clip, args.clipn)
     engine = EngineConfig.from_env()

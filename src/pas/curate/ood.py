@@ -38,6 +38,7 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 
+from pas.hashing import sha256_json
 from pas.params import ParamsError, check_choice, check_range, renamed
 
 log = logging.getLogger(__name__)
@@ -367,13 +368,6 @@ def score_images(images: Sequence, clip: Any, detector: Any, texts: TextSets, pa
 SCORE_COLUMNS = ("key", "source", "ood_b", "ood_bprime", "ood_blur_delta", "text_boxes")
 
 
-def _sha256_json(obj: Any) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
 def run_fingerprint(params: OodParams, models: dict[str, str], concepts: Sequence[str],
                     generalized: Sequence[str]) -> str:
     """What every shard's scores depend on besides the shard itself: params (device and batch sizes
@@ -381,7 +375,7 @@ def run_fingerprint(params: OodParams, models: dict[str, str], concepts: Sequenc
     p = dataclasses.asdict(params)
     for k in ("device", "batch_size", "concept_chunk", "image_chunk", "threads"):
         p.pop(k)
-    return _sha256_json({"params": p, "models": models, "B": list(concepts), "B_prime": list(generalized)})
+    return sha256_json({"params": p, "models": models, "B": list(concepts), "B_prime": list(generalized)})
 
 
 class OodScorer:
@@ -509,7 +503,6 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
     with `prompt_info`, an empty dict gets the first `OodScorer.prompt_info` that comes back (Ray actors
     encode the prompts themselves).
     """
-    import json
     import os
     from pathlib import Path
 
@@ -517,7 +510,7 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
 
     from pas.engine import map_shards
     from pas.io.manifest import read_parquet, write_parquet
-    from pas.io.resume import write_atomic
+    from pas.jsonio import write_json
     from pas.io.shards import iter_samples, list_shards, shard_sha256
 
     parts = Path(parts_dir)
@@ -541,7 +534,7 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
         part, marker = parts / f"{name}.parquet", parts / f"{name}.json"
         # keys come from the shard itself, so a marker is valid only for these exact bytes + kept set
         keys = sorted(s.key for s in iter_samples(shard) if s.key in kept)
-        fp = _sha256_json({"run": fingerprint, "shard": shard_sha256(shard), "keys": keys})
+        fp = sha256_json({"run": fingerprint, "shard": shard_sha256(shard), "keys": keys})
         frames[j] = _resumed_part(part, marker, fp)
         if frames[j] is not None:
             n_resumed += 1
@@ -555,7 +548,7 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
         tmp = parts / f".tmp-{item['name']}.parquet"
         write_parquet(df, tmp)
         os.replace(tmp, parts / f"{item['name']}.parquet")
-        write_atomic(parts / f"{item['name']}.json", json.dumps({"fingerprint": item["fp"], "n": len(df)}) + "\n")
+        write_json(parts / f"{item['name']}.json", {"fingerprint": item["fp"], "n": len(df)}, indent=None, atomic=True)
         frames[j] = df
         if timings is not None and delta is not None:
             timings.add(delta)

@@ -404,7 +404,7 @@ def unused_pool(out_dir: str | Path, reason: str) -> dict:
     (what `precision` reads), no shards, no faiss index (a `pool` retrieval refuses it). Returns
     the stage metrics."""
     from pas.io.shards import write_index
-    from pas.models.files import write_json
+    from pas.jsonio import write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -536,7 +536,8 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
     from pas.io.resume import ChunkCache, chunk_identity
     from pas.io.shards import ShardWriter, read_samples
     from pas.io.shards import write_index as write_shard_index
-    from pas.models.files import fingerprint_dir, write_json
+    from pas.jsonio import write_json
+    from pas.models.files import fingerprint_dir
 
     engine = EngineConfig.from_env() if engine is None else engine
     if clip is None and clip_dir is None:
