@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     # the scorer loads CLIP + the detector and encodes B and B' once with that CLIP where the engine
     # runs it (this process, or each Ray actor: then this process loads no model, it may have no GPU);
     # the first scored shard brings back the encoding's metrics
-    scorer = OodScorer(models.clip_dir, None, p, prompts=(concepts, generalized),
-                       clipn_checkpoint=models.clipn_checkpoint)
+    scorer = OodScorer(models.clip_dir, p, (concepts, generalized), clipn_checkpoint=models.clipn_checkpoint)
     prompt_info: dict = {}
     timings = Timings()
     out = Path(args.out)

@@ -381,24 +381,20 @@ def run_fingerprint(params: OodParams, models: dict[str, str], concepts: Sequenc
 class OodScorer:
     """`score_images` with its models bound, for `score_shards`.
 
-    It pickles as a spec (CLIP folder, text embeddings or prompts, params) without the loaded models,
-    so a Ray actor that receives it loads CLIP and the text detector once (`load`), on its own device.
-    `texts`: B and B' already encoded by the caller. Or None and
-    `prompts=(concepts, generalized)`: `load` encodes them once with the CLIP it has just loaded (Ray:
-    once per actor, which loads CLIP anyway — encoding in the driver or a separate task loaded CLIP a
-    second time, in series with the actors: 2.0x and 1.73x local on the smoke data against 1.2-1.3x,
+    It pickles as a spec (CLIP folder, prompts, params) without the loaded models, so whichever process
+    the engine runs it in (this one, or a Ray actor) loads CLIP and the text detector once (`load`), on
+    its own device, and encodes `prompts=(concepts, generalized)` once with that CLIP (Ray: once per
+    actor, which loads CLIP anyway — encoding in the driver or a separate task loaded CLIP a second
+    time, in series with the actors: 2.0x and 1.73x local on the smoke data against 1.2-1.3x,
     benchmarks/RESULTS-engine.md). `prompt_info` then holds the encoding's metrics.
     """
 
-    def __init__(self, clip_dir: str, texts: TextSets | None, params: OodParams, clip: Any = None,
-                 detector: Any = None, prompts: tuple[Sequence[str], Sequence[str]] | None = None,
+    def __init__(self, clip_dir: str, params: OodParams, prompts: tuple[Sequence[str], Sequence[str]],
                  clipn_checkpoint: str | None = None):
-        if texts is None and prompts is None:
-            raise ValueError("OodScorer needs the encoded texts or the prompts to encode")
-        self.clip_dir, self.texts, self.params, self.prompts = str(clip_dir), texts, params, prompts
+        self.clip_dir, self.params, self.prompts = str(clip_dir), params, prompts
         self.clipn_checkpoint = clipn_checkpoint
-        self.clip, self.detector, self.timings = clip, detector, Timings()
-        self.prompt_info: dict | None = None
+        self.clip = self.detector = self.texts = None
+        self.timings, self.prompt_info = Timings(), None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "clip": None, "detector": None, "timings": Timings()}
