@@ -82,7 +82,8 @@ def by_band(ok: np.ndarray, cos: np.ndarray) -> dict:
 
 
 def run(method: str, x: np.ndarray, seed: int):
-    from pas.curate.dedup import dedup_from_knn, knn_self
+    from pas.curate.dedup import dedup_from_knn
+    from pas.knn import knn_self
 
     n = len(x)
     keys = [f"k{i:07d}" for i in range(n)]

@@ -70,7 +70,7 @@ common = {
     "generate": {"shard_size": 1000},
     # 768² at batch 32: the VAE decodes one image at a time (vae_slicing; pixels within ±1), the UNet stays batched
     "diffusion": {"steps": 50, "guidance": 7.5, "resolution": 768, "scheduler": "ddim", "batch_size": 32,
-                  "dtype": "float16", "device": "cuda", "cpu_threads": None, "vae_slicing": True},
+                  "dtype": "float16", "device": "cuda", "threads": 0, "vae_slicing": True},
     "ood": {"device": "cuda", "batch_size": 256,
             "yes_templates": ["a photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.",
                               "a good photo of the {}."],

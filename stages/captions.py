@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from pas.collect import load_concepts
+from pas.concepts import load_bank
 from pas.collect.caption_files import write_caption_files
 from pas.collect.captions import CaptionsParams, load_template, write_captions
 from pas.io.manifest import write_metrics
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = build(LLMSection, params, section="llm").spec("l4")
     template = load_template(p.prompt_file)
     try:
-        concepts = load_concepts(args.concepts)
+        concepts = load_bank(args.concepts)
     except (FileNotFoundError, ValueError) as e:
         log.error("captions: %s", e)
         return 2

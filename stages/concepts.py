@@ -25,6 +25,7 @@ from pas.concepts.discovery import DiscoveryError, Prompts, discover, load_promp
 from pas.concepts.lexical import text_encoder
 from pas.concepts.params import ConceptsParams, DomainParams
 from pas.io.manifest import write_metrics, write_parquet
+from pas.jsonio import write_json
 from pas.llm import LLMError, LLMSection, make_backend
 from pas.params import build, load, run_stage, stage_parser
 
@@ -108,7 +109,7 @@ def run(args) -> dict:
         "generation_stop": found.generation_stop,
         "expansion_stop": found.expansion_stop,
     }
-    (out / "history.json").write_text(json.dumps(history, indent=2, sort_keys=True) + "\n")
+    write_json(out / "history.json", history)
     with open(out / "transcripts.jsonl", "w", encoding="utf-8") as f:
         for rec in found.transcripts:
             f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")

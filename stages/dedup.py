@@ -23,7 +23,7 @@ import pandas as pd
 from pas.curate.dedup import DedupParams, dedup, summary
 from pas.engine import EngineConfig
 from pas.io.manifest import write_metrics, write_parquet
-from pas.models.files import write_json
+from pas.jsonio import write_json
 from pas.params import build, load, run_stage, stage_parser
 
 log = logging.getLogger("pas.stages.dedup")

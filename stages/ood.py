@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pas.concepts import load_bank
 from pas.curate.ood import (OodParams, OodScorer, Timings, derive_generalized_concepts, encode_prompts,
                             ood_models, run_fingerprint, score_shards)
 from pas.engine import EngineConfig
@@ -32,18 +33,6 @@ def _kept_keys(path: str) -> set[str]:
         if col not in df.columns:
             raise ValueError(f"{path}: manifest has no '{col}' column (columns: {list(df.columns)})")
     return set(df.loc[df["kept"].astype(bool), "key"].astype(str))
-
-
-def _accepted_concepts(path: str) -> list[str]:
-    df = read_parquet(path)
-    if "concept" not in df.columns:
-        raise ValueError(f"{path}: concept bank has no 'concept' column (columns: {list(df.columns)})")
-    if "accepted" in df.columns:
-        df = df[df["accepted"].astype(bool)]
-    concepts = sorted(dict.fromkeys(str(c).strip() for c in df["concept"] if str(c).strip()))
-    if not concepts:
-        raise ValueError(f"{path}: no accepted concepts")
-    return concepts
 
 
 def _generalized(p: OodParams, params: dict) -> tuple[list[str], str]:
@@ -80,21 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     if not kept:                        # leakage dropped everything: nothing to score is not a result
         log.error("ood failed: %s keeps no image (dedup/leakage removed them all)", args.manifest)
         return 2
-    concepts = _accepted_concepts(args.concepts)
+    concepts = load_bank(args.concepts)
+    if not concepts:
+        raise ValueError(f"{args.concepts}: no accepted concepts")
 
     from pas.curate.textblur import default_det_model
-    from pas.models.files import fingerprint_dir, sha256_file
+    from pas.hashing import sha256_file
+    from pas.models.files import fingerprint_dir
 
     models = ood_models(args.clip, args.clipn)
     engine = EngineConfig.from_env()
     clipn_sha = sha256_file(models.clipn_checkpoint) if models.clipn_checkpoint else ""
-    # the scorer loads CLIP + the detector and encodes B and B' once with that CLIP: here (local), or
-    # on each Ray actor, so that with Ray this process loads no model (it may have no GPU)
-    scorer = OodScorer(models.clip_dir, None, p, prompts=(concepts, generalized),
-                       clipn_checkpoint=models.clipn_checkpoint)
+    # the scorer loads CLIP + the detector and encodes B and B' once with that CLIP where the engine
+    # runs it (this process, or each Ray actor: then this process loads no model, it may have no GPU);
+    # the first scored shard brings back the encoding's metrics
+    scorer = OodScorer(models.clip_dir, p, (concepts, generalized), clipn_checkpoint=models.clipn_checkpoint)
     prompt_info: dict = {}
-    if engine.engine == "local":
-        prompt_info = dict(scorer.load().prompt_info)
     timings = Timings()
     out = Path(args.out)
     fp = run_fingerprint(p, {"clip": fingerprint_dir(models.clip_dir), "clipn": clipn_sha,
@@ -104,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                                  engine=engine, timings=timings, prompt_info=prompt_info)
     t_score = time.perf_counter() - t_score
     write_parquet(df, out / "scores.parquet")
-    if not prompt_info:          # ray, every shard resumed: no actor ran, encode here for the metrics
+    if not prompt_info:          # every shard resumed: no scorer ran, encode here for the metrics
         # (mode, logit scale and CLIPN match do not depend on the device; this process may have no GPU)
         prompt_info = encode_prompts(models.clip_dir, dataclasses.replace(p, device="cpu"), concepts, generalized,
                                      clipn_checkpoint=models.clipn_checkpoint).info()

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.scores}: {e}") from None
         t_rank = time.perf_counter() - t0
         grid = sample_grid_keys(result.table, p.sample_fronts, p.sample_per_front, p.seed)
-        rep = export_dataset(args.images, result.table, args.out, maxcount=p.shard_maxcount,
+        rep = export_dataset(args.images, result.table, args.out, maxcount=p.shard_size,
                              buffer_bytes=p.sort_buffer_mb << 20,
                              sample_keys=[k for ks in grid.values() for k in ks],
                              takedown=takedown, progress=not args.no_progress)

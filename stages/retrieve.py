@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from pas.collect import load_concepts
+from pas.concepts import load_bank
 from pas.collect.clip_client import ServiceError
 from pas.collect.knn_service import DownloadError
 from pas.collect.retrieve import PoolError, RetrieveParams, retrieve
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = build(RetrieveParams, load(args.params), section="retrieve")
-        concepts = load_concepts(args.concepts)
+        concepts = load_bank(args.concepts)
         encoder = None
         if params.backend == "pool" or params.service_params().query == "embedding":
             from pas.models.clip import load_clip

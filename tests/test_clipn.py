@@ -131,7 +131,7 @@ def _stage(tmp_path, spec, capsys=None):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, clip):
     """A CLIPN checkpoint for the tiny CLIP of seed 0 (the `clip` fixture): (path, sha256)."""
-    from pas.models.files import sha256_file
+    from pas.hashing import sha256_file
     from tests.standins.repos import write_clipn_checkpoint
 
     path = write_clipn_checkpoint(tmp_path_factory.mktemp("ckpt") / "epoch_10.pt", clip.model.state_dict(), seed=1)

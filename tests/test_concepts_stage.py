@@ -27,6 +27,22 @@ EXPAND = {"paella": "1. Seafood paella\n2. Arroz negro", "risotto": "Risotto all
           "hammer": "1. Sledgehammer"}
 
 
+def test_load_bank_reads_accepted_concepts_whatever_the_row_order(tmp_path):
+    from pas.io.manifest import write_parquet
+
+    df = pd.DataFrame({"concept": ["pizza", " sushi ", "pizza", "bad", "", None],
+                       "accepted": [True, True, True, False, True, True]})
+    write_parquet(df, tmp_path / "bank.parquet", sort_by=None)
+    assert load_bank(tmp_path / "bank.parquet") == ["pizza", "sushi"]
+    write_parquet(df.iloc[::-1], tmp_path / "reversed.parquet", sort_by=None)
+    assert load_bank(tmp_path / "reversed.parquet") == ["pizza", "sushi"]
+    with pytest.raises(FileNotFoundError, match="concept bank not found"):
+        load_bank(tmp_path / "nope.parquet")
+    write_parquet(df[["concept"]], tmp_path / "old.parquet", sort_by=None)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['accepted'\]"):
+        load_bank(tmp_path / "old.parquet")
+
+
 class ScriptedServer(Server):
     """Chat completions: generation answers by call order, expansion by concept, yes/no by a rule."""
 
@@ -91,7 +107,7 @@ def test_stage_with_scripted_server(tmp_path, server):
     row = bank.set_index("concept").loc["sledgehammer"]
     assert row["origin"] == "hammer" and row["first_iteration"] == 1 and not row["accepted"]
     assert bank.set_index("concept").loc["pad thai", "generation_sample"] == 2
-    assert load_bank(out) == sorted(set(bank["concept"]) - {"hammer", "sledgehammer"})
+    assert load_bank(out / "bank.parquet") == sorted(set(bank["concept"]) - {"hammer", "sledgehammer"})
     hist = json.loads((out / "history.json").read_text())
     assert [g["size"] for g in hist["generation"]] == [3, 5, 5]
     assert [e["size"] for e in hist["expansion"]] == [5, 11, 11]
@@ -143,7 +159,7 @@ def test_stage_coverage_with_clip_text_tower(tmp_path, server, tiny_clip_dir):
                     str(tmp_path / "m.json"), "--no-progress", "--clip", str(tiny_clip_dir),
                     "--text-embed", str(tmp_path / "absent")])
     cov = pd.read_csv(out / "coverage.csv")
-    names, kept = load_reference("food101"), load_bank(out)
+    names, kept = load_reference("food101"), load_bank(out / "bank.parquet")
     clip = load_clip(tiny_clip_dir)
     s = clip.encode_texts(names) @ clip.encode_texts(kept).T          # (101, |B|) cosine
     assert cov["class_name"].tolist() == names
@@ -270,7 +286,7 @@ def test_stage_offline_smollm2_minilm(tmp_path):
     llm_dir = prepare_llm(out_dir=tmp_path / "models" / "llm")
     te_dir = prepare_text_embed(out_dir=tmp_path / "models" / "text_embed")
     spec = {"backend": "transformers", "model": str(llm_dir), "temperature": 0.8, "top_p": 0.95,
-            "repetition_penalty": 1.1, "max_new_tokens": 128, "batch_size": 8, "cpu_threads": 1}
+            "repetition_penalty": 1.1, "max_new_tokens": 128, "batch_size": 8, "threads": 1}
     params = {"lambda_1": 0.01, "lambda_2": 0.01, "seed": 0,
               "domain": {"name": "food", "description": "dishes and foods from every cuisine in the world"},
               "llm": {"l1": spec, "l2": spec, "l3": spec, "l4": spec}, "concepts": SMOKE_CONCEPTS}

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from scipy.sparse.csgraph import connected_components
 
-from pas.curate.dedup import (DedupParams, dedup, dedup_from_knn, duplicate_graph, knn_self, seeded_rank,
-                              summary)
+from pas.curate.dedup import DedupParams, dedup, dedup_from_knn, duplicate_graph, seeded_rank, summary
+from pas.knn import knn_self
 from pas.params import ParamsError, build
 from tests.stage_helpers import load_stage, outputs
 
@@ -177,7 +177,7 @@ def _outcome(fn, x):
 def test_check_descriptors_blocks_same_verdict_bounded_memory(monkeypatch):
     import tracemalloc
 
-    import pas.curate.dedup as dd
+    import pas.knn as dd
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1000, 16)).astype(np.float32)
@@ -219,7 +219,7 @@ def test_duplicate_graph_same_as_repeat_version():
 
 def test_bad_inputs_refused():
     with pytest.raises(ValueError, match="does not match"):
-        from pas.curate.dedup import knn_search
+        from pas.knn import knn_search
 
         knn_search(unit([1, 0, 0]), unit([1, 0]), 1)
     with pytest.raises(ValueError, match="2-D"):
@@ -282,7 +282,7 @@ def test_probe_ranks_hand_checked_and_as_faiss_scans():
     # (22° vs 23°), cos(a, b) = cos 48° = 0.669 > λ 0.6. a's centroids by angle: 0°, 45°, 315°, 90° →
     # b's list is the 4th; b's: 90°, 45°, 135°, 0° → a's is the 4th too: the edge needs nprobe 4.
     # c at 200°, d at 201° (cos 0.9998): the same list, nprobe 1.
-    from pas.curate.dedup import calibrate_nprobe, probe_ranks
+    from pas.knn import calibrate_nprobe, probe_ranks
 
     cents = _circle(np.arange(8) * 45)
     xb = _circle([20, 68, 200, 201])
@@ -353,7 +353,7 @@ def test_calibrated_nprobe_finds_the_near_threshold_pairs_a_constant_one_misses(
 
 
 def test_auto_falls_back_to_exact_when_calibration_needs_most_lists(monkeypatch):
-    import pas.curate.dedup as dd
+    import pas.knn as dd
 
     x, a, b = _planted(n=2000, pairs=200, seed=2)
     monkeypatch.setattr(dd, "AUTO_FLAT_MAX", 1000)                 # 2000 rows count as "large"
@@ -506,7 +506,7 @@ def test_gpu_wrapping_keeps_resources_on_a_real_faiss_index():
 
     import faiss
 
-    from pas.curate.dedup import _to_gpu
+    from pas.knn import _to_gpu
 
     res = object()
     fake = types.SimpleNamespace(StandardGpuResources=lambda: res,

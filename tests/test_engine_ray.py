@@ -355,7 +355,7 @@ def test_pool_ray_engine_is_byte_identical_to_local(tmp_path, monkeypatch, ray_c
     src.mkdir(parents=True)
     for f in clipart_food[:11]:
         (src / f.name).write_bytes(f.read_bytes())
-    p = PoolParams(source=str(tmp_path / "src"), max_side=96, shard_maxcount=4, batch_size=3, workers=1)
+    p = PoolParams(source=str(tmp_path / "src"), max_side=96, shard_size=4, batch_size=3, workers=1)
     m_local = build_pool(p, None, tmp_path / "local", clip_dir=tiny_clip_dir, engine=EngineConfig("local"))
     m_ray = build_pool(p, None, tmp_path / "ray", clip_dir=tiny_clip_dir,
                        engine=EngineConfig("ray", ray_address=ray_cluster), cache_dir=tmp_path / "cache")
@@ -384,7 +384,7 @@ def test_generate_ray_engine_is_byte_identical_and_resumes_across_engines(tmp_pa
 
     sd_dir = build_tiny_sd(tmp_path / "diffusion", seed=0)
     p = GenerateParams(n_synth=2, seed=0, shard_size=3)
-    d = DiffusionParams(steps=2, guidance=3.0, resolution=64, batch_size=2, cpu_threads=1)
+    d = DiffusionParams(steps=2, guidance=3.0, resolution=64, batch_size=2, threads=1)
     ray_cfg = EngineConfig("ray", ray_address=ray_cluster)
     m_local = generate(CAPS, sd_dir, tmp_path / "out_local", tmp_path / "cache_local", p, d, progress=False,
                        engine=EngineConfig("local"))
@@ -659,7 +659,7 @@ def test_generate_ray_survives_an_actor_killed_mid_shard(tmp_path, monkeypatch, 
 
     sd_dir = build_tiny_sd(tmp_path / "diffusion", seed=0)
     p = GenerateParams(n_synth=2, seed=0, shard_size=3)
-    d = DiffusionParams(steps=2, guidance=3.0, resolution=64, batch_size=2, cpu_threads=1)
+    d = DiffusionParams(steps=2, guidance=3.0, resolution=64, batch_size=2, threads=1)
     generate(CAPS, sd_dir, tmp_path / "out_local", tmp_path / "cache_local", p, d, progress=False,
              engine=EngineConfig("local"))
     monkeypatch.setattr(gen_lib, "_RenderShards", KillOnceRender)

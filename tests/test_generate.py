@@ -37,8 +37,8 @@ def test_params_validation():
         DiffusionParams(scheduler="magic")
     with pytest.raises(ParamsError, match="shard_size"):
         GenerateParams(shard_size=20_000)
-    with pytest.raises(ParamsError, match="cpu_threads"):
-        DiffusionParams(cpu_threads=0)
+    with pytest.raises(ParamsError, match="threads"):
+        DiffusionParams(threads=-1)
 
 
 def test_plan_keys_and_seeds():
@@ -198,7 +198,7 @@ def test_stage_main_reads_the_captions_out(sd_dir, tmp_path):
                         tmp_path / "captions" / "transcripts.jsonl")
     (tmp_path / "params.yaml").write_text(json.dumps({
         "n_synth": 2, "seed": 0, "generate": {"shard_size": 3},
-        "diffusion": {"steps": 2, "batch_size": 4, "guidance": 3.0, "cpu_threads": 1}}))
+        "diffusion": {"steps": 2, "batch_size": 4, "guidance": 3.0, "threads": 1}}))
     stage = load_stage("generate")
     argv = ["--captions", str(tmp_path / "captions"), "--model", str(sd_dir), "--out", str(tmp_path / "gen"),
             "--cache", str(tmp_path / "cache"), "--metrics", str(tmp_path / "m.json"),
@@ -255,7 +255,7 @@ def test_captions_then_generate_with_real_smollm2(sd_dir, tmp_path):
     write_parquet(pd.DataFrame({"concept": concepts, "accepted": [True] * 6}), tmp_path / "bank.parquet")
     (tmp_path / "params.yaml").write_text(json.dumps({
         "n_cap": 2, "n_synth": 2, "seed": 0, "generate": {"shard_size": 8},
-        "diffusion": {"steps": 2, "batch_size": 8, "guidance": 3.0, "cpu_threads": 1},
+        "diffusion": {"steps": 2, "batch_size": 8, "guidance": 3.0, "threads": 1},
         "llm": {"l4": {"backend": "transformers", "model": str(llm_dir), "max_new_tokens": 160,
                        "batch_size": 8}}}))
     common = ["--params", str(tmp_path / "params.yaml")]

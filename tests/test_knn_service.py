@@ -39,7 +39,7 @@ def service():
 
 
 def params(url, **svc):
-    return RetrieveParams(backend="clip_service", k_retrieve=10, maxcount=3, batch_size=2, service={
+    return RetrieveParams(backend="clip_service", k_retrieve=10, shard_size=3, batch_size=2, service={
         "url": url, "retries": 1, "backoff": 0.0, "image_timeout": 0.5, "workers": 4,
         "max_pixels": 200 * 200, "shard_size": 8, **svc})
 

@@ -154,7 +154,7 @@ def stage_inputs(tmp_path: Path, clipart_food) -> dict:
     from pas.data.images import BadImage, load_rgb
     from pas.io.manifest import write_parquet
     from pas.io.shards import ShardWriter, encode_image
-    from pas.models.files import write_json
+    from pas.jsonio import write_json
     from pas.models.sscd import build_tiny_sscd, descriptors, fingerprint, load_sscd
 
     imgs = []
@@ -208,7 +208,7 @@ def stage_inputs(tmp_path: Path, clipart_food) -> dict:
 
 
 def test_stage_finds_planted_copies(tmp_path, clipart_food, monkeypatch):
-    from pas.models.files import write_json
+    from pas.jsonio import write_json
     from pas.models.sscd import descriptors
 
     ctx = stage_inputs(tmp_path, clipart_food)

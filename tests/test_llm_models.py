@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pas.models.files import sha256_file
+from pas.hashing import sha256_file
 from pas.models.llm import OFFLINE_LLM, prepare_llm, read_model_info, resolve_llm_source
 from pas.models.text_embed import OFFLINE_TEXT_EMBED, prepare_text_embed
 

@@ -79,7 +79,7 @@ def smol(tmp_path_factory):
     from pas.models.llm import prepare_llm
     path = prepare_llm(out_dir=tmp_path_factory.mktemp("models") / "llm")
     llm = make_backend({"backend": "transformers", "model": str(path), "max_new_tokens": 24, "batch_size": 4,
-                        "temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.1, "cpu_threads": 1})
+                        "temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.1, "threads": 1})
     yield llm
     llm.close()
 

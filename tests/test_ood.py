@@ -355,8 +355,8 @@ def test_stage_main_clipn_mode(tmp_path, monkeypatch, tiny_clip_dir):
 
 
 def test_scorer_encodes_its_prompts_once_with_the_clip_it_loads(tiny_clip_dir):
-    """The Ray form of the scorer: no texts, the prompts; `load` encodes B and B' with its own CLIP, once,
-    to the same embeddings the local form gets from `encode_prompts` in the caller."""
+    """The scorer as an engine receives it (pickled, no models): `load` encodes B and B' with its own
+    CLIP, once, to the same embeddings `encode_prompts` gives."""
     import pickle
 
     from pas.curate.ood import OodScorer, encode_prompts
@@ -364,9 +364,7 @@ def test_scorer_encodes_its_prompts_once_with_the_clip_it_loads(tiny_clip_dir):
 
     p = OodParams()
     concepts, generalized = ["apple pie", "sushi", "ramen"], ["food"]
-    with pytest.raises(ValueError, match="texts or the prompts"):
-        OodScorer(str(tiny_clip_dir), None, p)
-    scorer = pickle.loads(pickle.dumps(OodScorer(str(tiny_clip_dir), None, p, prompts=(concepts, generalized))))
+    scorer = pickle.loads(pickle.dumps(OodScorer(str(tiny_clip_dir), p, (concepts, generalized))))
     assert scorer.texts is None and scorer.prompt_info is None
     scorer.load()
     ref = encode_prompts(str(tiny_clip_dir), p, concepts, generalized, clip=load_clip(tiny_clip_dir))

@@ -36,7 +36,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from pas.models.files import sha256_file
+from pas.hashing import sha256_file
 
 from tests.dvc_helpers import REPO, make_repo, ran_stages, run
 from tests.standins.fixtures import file_server, llm_repos, standin_repos  # noqa: F401  (fixtures)

@@ -172,6 +172,32 @@ def test_numbers_are_finite_and_bounded(path, value, msg):
     assert str(e.value).startswith(msg)
 
 
+# one name per idea: images per output shard is `shard_size`, CPU threads `threads`, in every section
+@pytest.mark.parametrize("old,new,value", [
+    ("retrieve.maxcount", "retrieve.shard_size", 10_000),
+    ("pool.shard_maxcount", "pool.shard_size", 10_000),
+    ("prune.shard_maxcount", "prune.shard_size", 10_000),
+])
+def test_old_shard_size_keys_name_the_new_key(old, new, value):
+    base = load(REPO / "params.yaml")
+    with pytest.raises(ParamsError) as e:
+        validate(_with(base, old, value))
+    assert str(e.value) == f"{old}: removed; now named `{new}`; rename the key"
+
+
+@pytest.mark.parametrize("old,msg", [
+    ("llm.l1.cpu_threads", "llm.l1.cpu_threads: removed; now named `threads` (0 = torch default, was null)"),
+    ("llm.l4.cpu_threads", "llm.l4.cpu_threads: removed; now named `threads` (0 = torch default, was null)"),
+    ("diffusion.cpu_threads", "diffusion.cpu_threads: removed; now named `threads` (0 = torch default, was null)"),
+    ("ood.det_threads", "ood.det_threads: removed; now named `ood.threads`"),
+])
+def test_old_thread_keys_name_the_new_key(old, msg):
+    base = load(REPO / "params.yaml")
+    with pytest.raises(ParamsError) as e:
+        validate(_with(base, old, 1))
+    assert str(e.value) == f"{msg}; rename the key"
+
+
 def test_largest_seed_is_accepted_and_yaml_nan_is_refused(tmp_path):
     base = load(REPO / "params.yaml")
     validate({**base, "seed": 2**32 - 1})

@@ -106,7 +106,7 @@ def test_to_rgb_on_white_keeps_opaque_pixels():
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_build_pool_folder(folder, tmp_path, tiny_clip, workers):
-    p = PoolParams(source=str(folder), max_side=128, shard_maxcount=4, workers=workers)
+    p = PoolParams(source=str(folder), max_side=128, shard_size=4, workers=workers)
     out = tmp_path / f"pool{workers}"
     m = build_pool(p, tiny_clip, out)
     assert m["n_files"] == 13 and m["n_indexed"] == 9 and m["n_skipped"] == 4
@@ -171,8 +171,8 @@ def test_category_of():
 def test_pool_params_validation():
     with pytest.raises(ParamsError, match="index"):
         PoolParams(index="annoy")
-    with pytest.raises(ParamsError, match="shard_maxcount"):
-        PoolParams(shard_maxcount=20_000)
+    with pytest.raises(ParamsError, match="shard_size"):
+        PoolParams(shard_size=20_000)
 
 
 def test_missing_source_is_clear(tmp_path, tiny_clip):
@@ -364,7 +364,7 @@ def _pool_stage_files(tmp_path, source, clip_dir):
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"pool": {"source": str(source), "max_side": 64, "batch_size": 3,
-                                               "shard_maxcount": 5}}))
+                                               "shard_size": 5}}))
     return lambda out, cache: ["--clip", str(clip_dir), "--out", str(tmp_path / out), "--params", str(params),
                                "--metrics", str(tmp_path / f"{out}.json"), "--cache", str(tmp_path / cache)]
 
@@ -381,7 +381,7 @@ def test_workers_decode_chunks_in_order_with_the_same_bytes(tmp_path, clipart_fo
     monkeypatch.setattr(pool_mod, "CHUNK", 2)
     src = _resume_folder(tmp_path / "src", clipart_food)
     for w in (1, 2):
-        m = build_pool(PoolParams(source=str(src), max_side=64, batch_size=3, shard_maxcount=5, workers=w),
+        m = build_pool(PoolParams(source=str(src), max_side=64, batch_size=3, shard_size=5, workers=w),
                        tiny_clip, tmp_path / f"w{w}")
         assert (m["n_indexed"], m["skipped_corrupt"], m["n_shards"], m["n_chunks_computed"]) == (12, 1, 3, 7)
     assert outputs(tmp_path / "w1") == outputs(tmp_path / "w2")

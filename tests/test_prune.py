@@ -142,8 +142,8 @@ def test_params_validation():
         PruneParams(stop="target_size")
     with pytest.raises(ParamsError, match="max_fronts"):
         PruneParams(stop="max_fronts")
-    with pytest.raises(ParamsError, match="shard_maxcount"):
-        PruneParams(shard_maxcount=20_000)
+    with pytest.raises(ParamsError, match="shard_size"):
+        PruneParams(shard_size=20_000)
     with pytest.raises(ParamsError, match="knee_bins"):
         PruneParams(knee_bins=2)
     with pytest.raises(ParamsError, match="knee_interp"):
@@ -347,7 +347,7 @@ def test_stage_main_end_to_end(tmp_path, monkeypatch):
     (tmp_path / "metrics/dedup.json").write_text(json.dumps({"n_kept": 67}))
     (tmp_path / "metrics/leakage.json").write_text(json.dumps({"n_kept": 66}))
     (tmp_path / "params.yaml").write_text(
-        "seed: 0\nprune:\n  stop: knee\n  knee_bins: 10\n  shard_maxcount: 16\n"
+        "seed: 0\nprune:\n  stop: knee\n  knee_bins: 10\n  shard_size: 16\n"
         "  sample_fronts: [1, 2, 100]\n  sample_per_front: 3\n")
     stage = _stage()
 

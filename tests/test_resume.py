@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from pas.io.resume import ChunkCache, file_identity, read_json, write_atomic
+from pas.io.resume import ChunkCache, file_identity, read_json
+from pas.jsonio import write_atomic
 
 
 @pytest.mark.parametrize("cut", [0, 10, 100, -30])

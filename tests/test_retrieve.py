@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pas.collect import load_concepts
 from pas.collect.retrieve import (PoolError, RetrieveParams, load_pool, merge_hits, prompt_for,
                                   retrieve, search)
 from pas.io.manifest import read_metrics, read_parquet, write_parquet
@@ -159,7 +158,7 @@ def test_shards_match_index_and_pool_bytes(pool, tmp_path):
     pool_dir, E, keys = pool
     out = tmp_path / "out"
     concepts = [f"c{i}" for i in range(9)]
-    retrieve(concepts, out, RetrieveParams(k_retrieve=5, maxcount=4, batch_size=4), encoder=FakeEncoder({}),
+    retrieve(concepts, out, RetrieveParams(k_retrieve=5, shard_size=4, batch_size=4), encoder=FakeEncoder({}),
              pool_dir=pool_dir, progress=False)
     idx = read_parquet(out / "index.parquet")
     samples = list(iter_samples(out))
@@ -183,7 +182,7 @@ def test_shards_match_index_and_pool_bytes(pool, tmp_path):
 
 def test_byte_identical_reruns(pool, tmp_path):
     pool_dir, _, _ = pool
-    p = RetrieveParams(k_retrieve=6, maxcount=5)
+    p = RetrieveParams(k_retrieve=6, shard_size=5)
     retrieve(["x", "y", "z"], tmp_path / "a", p, encoder=FakeEncoder({}), pool_dir=pool_dir, progress=False)
     retrieve(["x", "y", "z"], tmp_path / "b", p, encoder=FakeEncoder({}), pool_dir=pool_dir, progress=False)
     # a rerun into a dirty folder replaces its own files
@@ -200,7 +199,7 @@ def test_hostile_concepts_stay_inside(pool, tmp_path):
     pool_dir, _, _ = pool
     out = tmp_path / "data" / "retrieved"
     before = files_of(tmp_path)
-    m = retrieve(HOSTILE, out, RetrieveParams(k_retrieve=3, maxcount=4), encoder=FakeEncoder({}),
+    m = retrieve(HOSTILE, out, RetrieveParams(k_retrieve=3, shard_size=4), encoder=FakeEncoder({}),
                  pool_dir=pool_dir, progress=False)
     after = files_of(tmp_path)
     new = set(after) - set(before)
@@ -239,15 +238,6 @@ def test_params_validation():
     with pytest.raises(ParamsError, match="retrieve.service.bogus"):
         RetrieveParams(service={"bogus": 1})
     assert RetrieveParams(backend="clip_service", service={"url": "http://h:1/knn-service"})
-
-
-def test_load_concepts(tmp_path):
-    df = pd.DataFrame({"concept": ["pizza", " sushi ", "pizza", "bad", "", None],
-                       "accepted": [True, True, True, False, True, True]})
-    write_parquet(df, tmp_path / "bank.parquet", sort_by=None)
-    assert load_concepts(tmp_path / "bank.parquet") == ["pizza", "sushi"]
-    with pytest.raises(FileNotFoundError, match="concepts"):
-        load_concepts(tmp_path / "nope.parquet")
 
 
 def test_stage_main_with_tiny_clip(tmp_path, monkeypatch):
@@ -295,7 +285,7 @@ def test_stage_main_with_tiny_clip(tmp_path, monkeypatch):
 
 def test_pool_path_writes_as_it_goes(pool, tmp_path, monkeypatch):
     """No list of all images: when the 7th pool image is read, the shards of the first four are
-    already complete on disk (maxcount 2; the third shard is still open)."""
+    already complete on disk (shard_size 2; the third shard is still open)."""
     import tarfile
 
     import pas.collect.retrieve as R
@@ -311,6 +301,6 @@ def test_pool_path_writes_as_it_goes(pool, tmp_path, monkeypatch):
                              for f in sorted(out.glob("retrieved-*.tar"))[:-1]})
             yield s
     monkeypatch.setattr(R, "_pool_samples", spy)
-    retrieve(["x", "y"], out, RetrieveParams(k_retrieve=8, maxcount=2), encoder=FakeEncoder({}),
+    retrieve(["x", "y"], out, RetrieveParams(k_retrieve=8, shard_size=2), encoder=FakeEncoder({}),
              pool_dir=pool_dir, progress=False)
     assert seen[0] == {"retrieved-000000.tar": 4, "retrieved-000001.tar": 4}     # 2 images + 2 json each

@@ -151,6 +151,11 @@ def _coerce(value: Any, tp: Any) -> Any:
     return value
 
 
+def renamed(new: str, note: str = "") -> str:
+    """The `REMOVED_KEYS` message of a key whose setting lives on under another name."""
+    return f"now named `{new}`{note}; rename the key"
+
+
 def build(cls: type, params: Mapping[str, Any], section: str | None = None):
     """Build dataclass `cls` from `params[section]`, falling back to top-level keys.
 

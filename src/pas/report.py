@@ -29,6 +29,7 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from pas.concepts import load_bank
 from pas.params import check_range, check_seed
 
 log = logging.getLogger(__name__)
@@ -479,8 +480,10 @@ def _section_concepts(run: _Run) -> str:
 
 def _section_collected(run: _Run) -> str:
     p = run.p
-    bank = _parquet(run.path(run.i.concepts, "bank.parquet"), ["concept", "accepted"])
-    accepted = sorted(bank.loc[bank["accepted"].astype(bool), "concept"])
+    bank = run.path(run.i.concepts, "bank.parquet")
+    if not bank.is_file():
+        raise _Missing(bank)
+    accepted = load_bank(bank)
     chosen = _pick(accepted, p.concepts, p.seed, 1)
     hits = gen = None
     try:
@@ -655,7 +658,8 @@ def _detector(params: Mapping) -> Callable:
     from pas.curate.textblur import TextDetector
 
     ood = params.get("ood") or {}
-    kw = {k: ood[f"det_{k}"] for k in ("limit_side_len", "box_thresh", "threads") if f"det_{k}" in ood}
+    keys = {"limit_side_len": "det_limit_side_len", "box_thresh": "det_box_thresh", "threads": "threads"}
+    kw = {k: ood[key] for k, key in keys.items() if key in ood}
     return TextDetector(**kw).detect
 
 

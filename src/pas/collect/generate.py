@@ -30,11 +30,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from pas.collect.caption_files import Captions, derive_seed, write_caption_files
+from pas.hashing import sha256_file, sha256_json
+from pas.jsonio import write_json
 from pas.models.diffusion import DTYPES, SCHEDULERS
-from pas.params import ParamsError, check_choice, check_range, check_seed
+from pas.params import ParamsError, check_choice, check_range, check_seed, renamed
 
 log = logging.getLogger(__name__)
 SHARD_PREFIX = "generated"
@@ -55,13 +57,14 @@ class DiffusionParams:
     vae_slicing: bool = False     # decode a batch's latents one image at a time (less VAE memory)
     vae_tiling: bool = False      # decode each image in overlapping tiles (768² at batch 32 on one GPU)
     jpeg_quality: int = 95        # stored JPEG quality
-    cpu_threads: int | None = None  # torch CPU threads (None = torch default); 1 on a busy small machine,
-    #                                 where threads wait on each other (benchmarks/RESULTS-engine.md)
+    threads: int = 0              # torch CPU threads (0 = torch default); 1 on a busy small machine,
+    #                               where threads wait on each other (benchmarks/RESULTS-engine.md)
+
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {"cpu_threads": renamed("threads", " (0 = torch default, was null)")}
 
     def __post_init__(self) -> None:
         check_range("steps", self.steps, 1, None, lo_open=False)
-        if self.cpu_threads is not None:
-            check_range("cpu_threads", self.cpu_threads, 1, None, lo_open=False)
+        check_range("threads", self.threads, 0, None, lo_open=False)
         check_range("guidance", self.guidance, 0.0, None, lo_open=False)
         check_range("resolution", self.resolution, 8, None, lo_open=False)
         if self.resolution % 8:
@@ -125,22 +128,13 @@ def shards_of(items: Sequence[Item], shard_size: int) -> list[list[Item]]:
     return [list(items[i:i + shard_size]) for i in range(0, len(items), shard_size)]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def run_fingerprint(model_fp: str, d: DiffusionParams) -> str:
     """What, besides a shard's items, decides its bytes: model, params, code and library versions."""
     import diffusers
     import torch
 
-    blob = json.dumps({"format": FORMAT_VERSION, "model": model_fp, "diffusion": dataclasses.asdict(d),
-                       "torch": torch.__version__, "diffusers": diffusers.__version__}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return sha256_json({"format": FORMAT_VERSION, "model": model_fp, "diffusion": dataclasses.asdict(d),
+                        "torch": torch.__version__, "diffusers": diffusers.__version__}, ensure_ascii=True)
 
 
 def shard_fingerprint(run_fp: str, items: Sequence[Item]) -> str:
@@ -182,19 +176,13 @@ def render_shard(pipe: Any, items: Sequence[Item], d: DiffusionParams, tar_path:
     shutil.rmtree(tmp)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False))
-    os.replace(tmp, path)
-
-
 def _marker_ok(marker: Path, tar: Path, fingerprint: str) -> dict | None:
     """The marker's content if the shard is finished with this fingerprint and its tar is intact."""
     try:
         m = json.loads(marker.read_text())
     except (OSError, ValueError):
         return None
-    if m.get("fingerprint") != fingerprint or not tar.is_file() or _sha256(tar) != m.get("sha256"):
+    if m.get("fingerprint") != fingerprint or not tar.is_file() or sha256_file(tar) != m.get("sha256"):
         return None
     return m
 
@@ -232,9 +220,9 @@ class _RenderShards:
         if self.pipe is None:
             from pas.models.diffusion import load_pipeline
 
-            if self.d.cpu_threads is not None and self.d.device == "cpu":
+            if self.d.threads > 0 and self.d.device == "cpu":
                 import torch
-                torch.set_num_threads(self.d.cpu_threads)
+                torch.set_num_threads(self.d.threads)
             self.pipe = load_pipeline(self.model_dir, self.d.device, self.d.dtype, self.d.scheduler,
                                       vae_slicing=self.d.vae_slicing, vae_tiling=self.d.vae_tiling)
         return self.run
@@ -245,7 +233,7 @@ class _RenderShards:
         t0 = time.perf_counter()
         render_shard(self.pipe, shard, self.d, tar)
         secs = time.perf_counter() - t0
-        return {"sha256": _sha256(tar), "seconds": round(secs, 3)}
+        return {"sha256": sha256_file(tar), "seconds": round(secs, 3)}
 
 
 def generate_shards(items: Sequence[Item], model_dir: str | Path, cache_dir: str | Path,
@@ -280,8 +268,9 @@ def generate_shards(items: Sequence[Item], model_dir: str | Path, cache_dir: str
 
     def done(i: int, res: dict) -> None:
         name, shard, fp = todo[i]
-        _write_json_atomic(sdir / f"{name}.done.json", {"fingerprint": fp, "sha256": res["sha256"], "n": len(shard),
-                                                        "seconds": res["seconds"], "first_key": shard[0].key})
+        write_json(sdir / f"{name}.done.json", {"fingerprint": fp, "sha256": res["sha256"], "n": len(shard),
+                                                "seconds": res["seconds"], "first_key": shard[0].key},
+                   indent=1, ensure_ascii=False, newline=False, atomic=True)
         stats["n_shards_generated"] += 1
         stats["images_generated"] += len(shard)
         stats["seconds_generating"] += res["seconds"]

@@ -22,7 +22,6 @@ concepts, similarities, pool_key (None), url, caption, service_id.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -36,7 +35,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from pas.collect.clip_client import KnnClient, ServiceParams, query_all
-from pas.io.resume import read_json, write_atomic
+from pas.hashing import sha256_json
+from pas.io.resume import read_json
+from pas.jsonio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,6 @@ def _schemas():
                        ("n_concepts", pa.int64()), ("concept", pa.string()), ("similarity", pa.float64()),
                        ("concepts", pa.list_(pa.string())), ("similarities", pa.list_(pa.float64()))])
     return hits, index
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 # -------------------------------------------------------------------------------------- 1. query
@@ -108,7 +105,7 @@ def query_batches(concepts: Sequence[str], prompts: Sequence[str], client: KnnCl
     stats = {"n_batches": len(starts), "n_query_batches_resumed": 0, "n_hits": 0}
     for b, s in enumerate(tqdm(starts, desc="knn-service batches", unit="batch", disable=not progress)):
         path, marker = hits_dir / f"batch-{b:06d}.parquet", hits_dir / f"batch-{b:06d}.done.json"
-        fp = _digest([run_fp, list(concepts[s:s + batch_size]), list(prompts[s:s + batch_size])])
+        fp = sha256_json([run_fp, list(concepts[s:s + batch_size]), list(prompts[s:s + batch_size])])
         done = read_json(marker)
         if isinstance(done, dict) and done.get("fingerprint") == fp and path.is_file():
             stats["n_query_batches_resumed"] += 1
@@ -123,7 +120,7 @@ def query_batches(concepts: Sequence[str], prompts: Sequence[str], client: KnnCl
         tmp = path.with_name(f".tmp-{path.name}")
         pq.write_table(table, tmp)
         os.replace(tmp, path)
-        write_atomic(marker, json.dumps({"fingerprint": fp, "n": table.num_rows}))
+        write_json(marker, {"fingerprint": fp, "n": table.num_rows}, indent=None, newline=False, atomic=True)
         stats["n_hits"] += table.num_rows
     for p in hits_dir.glob("batch-*"):       # batches of an earlier, longer concept list
         idx = p.name.split("-")[1].split(".")[0]
@@ -358,7 +355,7 @@ def retrieve_from_service(concepts: Sequence[str], out_dir: str | Path, cache_di
     prompts = [prompt_for(c, params.prompt_template) for c in concepts]
     if sp.query == "embedding" and encoder is None:
         raise ParamsError("retrieve.service.query=embedding needs the configured CLIP")
-    run_fp = _digest({"k_retrieve": params.k_retrieve, **{k: getattr(sp, k) for k in QUERY_KEYS},
+    run_fp = sha256_json({"k_retrieve": params.k_retrieve, **{k: getattr(sp, k) for k in QUERY_KEYS},
                       "clip": encoder.fingerprint if sp.query == "embedding" else None})
     client = KnnClient(sp, num_images=params.k_retrieve)
     try:
@@ -375,11 +372,11 @@ def retrieve_from_service(concepts: Sequence[str], out_dir: str | Path, cache_di
     all_sids = [sid for _, sids in plan for sid in sids]
 
     dl_dir = cache / "download"
-    dl_fp = _digest({"urls": [(p.name, shard_sha256(p)) for p, _ in url_parts],
+    dl_fp = sha256_json({"urls": [(p.name, shard_sha256(p)) for p, _ in url_parts],
                      **{k: getattr(sp, k) for k in DOWNLOAD_KEYS}})
     if read_json(cache / "download.json") != {"fingerprint": dl_fp}:
         shutil.rmtree(dl_dir, ignore_errors=True)      # another URL list: its shards mean nothing now
-        write_atomic(cache / "download.json", json.dumps({"fingerprint": dl_fp}))
+        write_json(cache / "download.json", {"fingerprint": dl_fp}, indent=None, newline=False, atomic=True)
     resumed = sum((dl_dir / f"{_shard_name(s)}_stats.json").is_file() for s in all_sids)
     t1 = time.perf_counter()
     if len(all_sids) > resumed:
@@ -395,7 +392,7 @@ def retrieve_from_service(concepts: Sequence[str], out_dir: str | Path, cache_di
 
     out = Path(out_dir)
     _clean_out(out)
-    w = write_retrieved(url_parts, hits_parts, dl_dir, plan, out, params.maxcount, SHARD_PREFIX, progress)
+    w = write_retrieved(url_parts, hits_parts, dl_dir, plan, out, params.shard_size, SHARD_PREFIX, progress)
     m = summary(concepts, w["counts"], w["n_images"], w["n_unique"])
     m.update(backend="clip_service", k_retrieve=params.k_retrieve, n_hits=q["n_hits"],
              n_urls=sum(n for _, n in url_parts), n_downloaded=w["n_unique"],

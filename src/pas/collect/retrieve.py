@@ -24,12 +24,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from pas.collect.clip_client import ServiceParams
-from pas.params import ParamsError, build, check_choice, check_range
+from pas.params import ParamsError, build, check_choice, check_range, renamed
 
 log = logging.getLogger(__name__)
 SHARD_PREFIX = "retrieved"
@@ -45,14 +45,16 @@ class RetrieveParams:
     # concepts per text-encoding batch and per faiss search call; clip_service: per kNN batch (one
     # hits file each, the unit of resume)
     batch_size: int = 256
-    maxcount: int = 10_000                  # images per output shard
+    shard_size: int = 10_000                # images per output shard
     service: dict = field(default_factory=dict)  # clip_service settings: see ServiceParams
+
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {"maxcount": renamed("retrieve.shard_size")}
 
     def __post_init__(self) -> None:
         check_range("k_retrieve", self.k_retrieve, 1, None, lo_open=False)
         check_choice("backend", self.backend, ("pool", "clip_service"))
         check_range("batch_size", self.batch_size, 1, None, lo_open=False)
-        check_range("maxcount", self.maxcount, 1, None, lo_open=False)
+        check_range("shard_size", self.shard_size, 1, None, lo_open=False)
         if "{c}" not in self.prompt_template:
             raise ParamsError(f"prompt_template={self.prompt_template!r} must contain {{c}}")
         sp = self.service_params()
@@ -276,7 +278,7 @@ def retrieve_from_pool(concepts: Sequence[str], encoder: TextEncoder, pool_dir: 
     hits = merge_hits(concepts, S, I, pool.keys)
     out = Path(out_dir)
     _clean_out(out)
-    rows = write_images(_pool_samples(pool, set(hits)), hits, out, params.maxcount, total=len(hits))
+    rows = write_images(_pool_samples(pool, set(hits)), hits, out, params.shard_size, total=len(hits))
     missing = set(hits) - {r["key"] for r in rows}
     if missing:
         raise PoolError(f"{pool.dir}: {len(missing)} indexed key(s) not found in the shards, "

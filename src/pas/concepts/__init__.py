@@ -1,6 +1,6 @@
 """Stage 1 of PaS (§3.1): concept discovery (generation, expansion, validation) and its coverage metric.
 
-Downstream stages read the accepted bank with :func:`load_bank`.
+Downstream stages (retrieve, captions, ood, the report) read the accepted bank with :func:`load_bank`.
 """
 
 from __future__ import annotations
@@ -8,12 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def load_bank(concepts_dir: str | Path = "data/concepts", accepted_only: bool = True) -> list[str]:
-    """Concepts of `data/concepts/bank.parquet`, sorted; only the validated ones by default."""
-    import pyarrow.parquet as pq
+def load_bank(path: str | Path = "data/concepts/bank.parquet") -> list[str]:
+    """Accepted concepts of the concept bank (columns concept, accepted): stripped, non-empty, unique,
+    sorted (so what reads them does not depend on the bank's row order)."""
+    from pas.io.manifest import read_parquet
 
-    path = Path(concepts_dir) / "bank.parquet"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no concept bank (run `dvc repro concepts` first)")
-    table = pq.read_table(path, columns=["concept", "accepted"]).to_pydict()
-    return sorted(c for c, ok in zip(table["concept"], table["accepted"]) if ok or not accepted_only)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: concept bank not found; run `dvc repro concepts`")
+    df = read_parquet(path)
+    missing = {"concept", "accepted"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {sorted(missing)} (have {list(df.columns)})")
+    accepted = df[df["accepted"].astype(bool)]["concept"]
+    return sorted({str(c).strip() for c in accepted if isinstance(c, str) and c.strip()})

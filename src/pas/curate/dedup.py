@@ -5,37 +5,23 @@
 associated k-NN graph, one image is selected randomly and the others are removed from the dataset.
 To make the process faster, we use FAISS for k-NN computation." — with λ_dup = 0.6.
 
-Pure functions on descriptor arrays (no images, no DVC):
-  knn_self / knn_search — faiss inner-product kNN on L2-normalised descriptors (exact by default);
-  duplicate_graph      — edge i–j when cos > λ_dup (strictly above), made symmetric;
-  dedup                — connected components, one seeded-random representative kept per component.
+Pure functions on descriptor arrays (no images, no DVC); the kNN search is `pas.knn.knn_self`:
+  duplicate_graph — edge i–j when cos > λ_dup (strictly above), made symmetric;
+  dedup           — connected components, one seeded-random representative kept per component.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from pas.knn import INDEX_KINDS, IVF_CODES, check_descriptors, knn_self
 from pas.params import check_choice, check_range, check_seed
 
-log = logging.getLogger(__name__)
-
-INDEX_KINDS = ("flat", "ivf", "hnsw", "auto")
-IVF_CODES = ("sq8", "flat")   # what an IVF list stores per vector: 8-bit scalar codes or float32
-AUTO_FLAT_MAX = 200_000       # `auto`: exact search up to this many images, IVF above
-AUTO_IVF_MAX_PROBE = 0.2      # `auto`: back to exact search when calibrated IVF must scan more of the lists
-IVF_TRAIN_PER_LIST = 39       # IVF k-means training points per inverted list (faiss: ≥ 39)
-IVF_TRAIN_ITERS = 8           # IVF k-means iterations
-CALIB_BAND = 0.05             # calibration: nprobe must reach the target in each band (λ, λ+0.05], …
-CALIB_MIN_EDGES = 20          # … that holds at least this many sampled λ-edges
-CALIB_MARGIN = 1.25           # nprobe = margin × the sampled quantile (the sample's quantile is noisy)
-GPU_MAX_NPROBE = 2048         # faiss-gpu IVF limit
-CHECK_BLOCK = 65_536           # rows per block when checking descriptors (bounds the temporaries)
 MANIFEST_COLUMNS = ["key", "kept", "reason", "score", "component", "component_size", "representative"]
 
 
@@ -91,250 +77,6 @@ def check_resize(name: str, resize) -> None:
         return
     if len(resize) != 2 or not all(isinstance(v, int) and v >= 16 for v in resize):
         raise ParamsError(f"{name}={resize!r} must be a short side (int ≥ 16) or [H, W]")
-
-
-# ------------------------------------------------------------------------------- descriptors
-
-def check_descriptors(x: np.ndarray, name: str = "descriptors", dim: int | None = None,
-                      atol: float = 1e-3) -> np.ndarray:
-    """Return `x` as C-contiguous float32 (N, D), refusing wrong shapes, NaNs and unnormalised rows."""
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name}: expected a 2-D array (N, D), got shape {x.shape}")
-    if dim is not None and x.shape[1] != dim:
-        raise ValueError(f"{name}: descriptor dimension {x.shape[1]} does not match {dim} "
-                         "(descriptors of different SSCD models cannot be compared)")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    # in row blocks: isfinite and norm of the whole array allocate an N × D temporary (norm: a float32
-    # copy, 2 GB at 1M × 512, benchmarks/RESULTS-scale.md); each row's norm is computed the same way
-    blocks = range(0, len(x), CHECK_BLOCK)
-    if not all(np.isfinite(x[s:s + CHECK_BLOCK]).all() for s in blocks):
-        raise ValueError(f"{name}: contains NaN or inf")
-    for s in blocks:
-        norms = np.linalg.norm(x[s:s + CHECK_BLOCK], axis=1)
-        bad = np.flatnonzero(np.abs(norms - 1.0) > atol)
-        if len(bad):
-            raise ValueError(f"{name}: row {s + bad[0]} has norm {norms[bad[0]]:.4f}; descriptors must be "
-                             "L2-normalised (SSCD outputs are)")
-    return x
-
-
-# ----------------------------------------------------------------------------------------- kNN
-
-def _faiss():
-    import faiss
-
-    return faiss
-
-
-def _gpu_ok(use_gpu: bool) -> bool:
-    if not use_gpu:
-        return False
-    faiss = _faiss()
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def build_index(xb: np.ndarray, index: str = "flat", nlist: int = 0, nprobe: int = 8, hnsw_m: int = 32,
-                ef_search: int = 128, use_gpu: bool = True, seed: int = 0, ivf_codes: str = "sq8",
-                lambda_: float | None = None, target_recall: float = 0.995, calib_queries: int = 4096,
-                xq: np.ndarray | None = None, info: dict | None = None):
-    """A faiss inner-product index over rows of `xb` (float32, L2-normalised).
-
-    `ivf` with `ivf_codes="sq8"` scans 8-bit codes (a quarter of the bytes of float32 lists, so ~1.7x
-    faster scans on CPU, measured in benchmarks/RESULTS-dedup.md) and re-ranks the k candidates of each
-    query with the float32 vectors (faiss IndexRefineFlat, k_factor 1): every similarity returned is
-    exact, so the λ tests downstream never see quantisation error; only recall is approximate.
-    `ivf` with `nprobe=0` picks nprobe from the data (`calibrate_nprobe`: the λ-edges of a seeded
-    sample of queries, `lambda_` required; `xq` = the queries, None = a self-join of `xb`); `auto` above
-    AUTO_FLAT_MAX rows calibrates too and falls back to exact search when nprobe would exceed
-    AUTO_IVF_MAX_PROBE of the lists. `info`, if given, receives the IVF settings used and the
-    calibration's estimates.
-    """
-    faiss = _faiss()
-    n, d = xb.shape
-    kind = index
-    if kind == "auto":
-        kind = "flat" if n <= AUTO_FLAT_MAX else "ivf"
-    gpu = kind in ("flat", "ivf") and _gpu_ok(use_gpu)
-    if kind == "ivf":
-        check_choice("ivf_codes", ivf_codes, IVF_CODES)
-        nl = nlist or max(1, int(4 * np.sqrt(n)))
-        nl = min(nl, max(1, n // 39))        # faiss wants ≥ 39 training points per list
-        quantizer = faiss.IndexFlatIP(d)
-        if ivf_codes == "sq8":
-            base = faiss.IndexIVFScalarQuantizer(quantizer, d, nl, faiss.ScalarQuantizer.QT_8bit,
-                                                 faiss.METRIC_INNER_PRODUCT)
-        else:
-            base = faiss.IndexIVFFlat(quantizer, d, nl, faiss.METRIC_INNER_PRODUCT)
-        base.cp.seed = seed
-        base.cp.niter = IVF_TRAIN_ITERS
-        # k-means on a seeded sample of ≤ IVF_TRAIN_PER_LIST points per list: training on all points
-        # would cost as much as half an exact search at 100k (fewer points lost recall, measured)
-        n_train = min(n, IVF_TRAIN_PER_LIST * nl)
-        sample = np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False)) if n_train < n else None
-        base.train(xb if sample is None else xb[sample])
-        stats = {"index": "ivf", "nlist": nl}
-        calibrated = nprobe == 0
-        if calibrated:
-            if lambda_ is None:
-                raise ValueError("ivf with nprobe 0 (calibrated) needs lambda_")
-            centroids = quantizer.reconstruct_n(0, nl)
-            nprobe, cal = calibrate_nprobe(xb, centroids, lambda_, target_recall, calib_queries, seed, xq=xq)
-            stats.update(cal)
-        nprobe = min(nprobe, nl, GPU_MAX_NPROBE) if gpu else min(nprobe, nl)
-        stats["nprobe"] = nprobe
-        if index == "auto" and calibrated and nprobe > AUTO_IVF_MAX_PROBE * nl:
-            # no cluster structure to exploit (random-like data): the scan would cost about as much as
-            # exact search (benchmarks/RESULTS-dedup.md)
-            kind = "flat"
-            stats["index"], stats["ivf_nprobe"] = "flat", stats.pop("nprobe")
-        if info is not None:
-            info.update(stats)
-    if kind == "ivf":
-        base.nprobe = nprobe
-        if gpu:
-            base = _to_gpu(faiss, base)
-        if ivf_codes == "sq8":
-            idx = faiss.IndexRefineFlat(base)
-            idx.k_factor = 1.0                # faiss keeps `base` alive (referenced_objects)
-        else:
-            idx = base
-    elif kind == "hnsw":
-        idx = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        idx.hnsw.efSearch = ef_search
-    else:
-        idx = faiss.IndexFlatIP(d)
-        if gpu:
-            idx = _to_gpu(faiss, idx)
-    idx.add(xb)
-    return idx
-
-
-def probe_ranks(xb: np.ndarray, centroids: np.ndarray, lambda_: float, q: np.ndarray,
-                xq: np.ndarray | None = None, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """Exact λ-edges of the queries `q` and the nprobe each edge needs to be found: (cos, need), per edge.
-
-    `q`: row ids into `xq` (into `xb` for a self-join, `xq=None`). An edge is a database row j with
-    cos(query, j) > λ (float32, strictly; j ≠ the query itself in a self-join), from an exact faiss range
-    search of the queries against every row of `xb` (|q| × n × d). A query scanning its `nprobe` nearest
-    centroids finds j when j's list is among them: need = 1 + (centroids closer to the query than j's).
-    In a self-join the graph is symmetric, so the edge is also found when j's scan reaches the query's
-    list: need = the smaller of the two.
-    """
-    faiss = _faiss()
-    self_join = xq is None
-    xs = xb[q] if self_join else xq[q]
-    flat = faiss.IndexFlatIP(xb.shape[1])
-    flat.add(xb)
-    lims, sims, ids = flat.range_search(xs, float(lambda_))
-    src = np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64)))
-    keep = sims > np.float32(lambda_)
-    if self_join:
-        keep &= ids != q[src]
-    src, sims, ids = src[keep], sims[keep], ids[keep]
-    need = np.empty(len(ids), np.int64)
-    cq = xs @ centroids.T                                      # (|q|, nlist)
-    list_q = cq.argmax(1)
-    for s in range(0, len(ids), chunk):
-        e = slice(s, s + chunk)
-        cb = xb[ids[e]] @ centroids.T                          # (E, nlist) cos of each neighbour j
-        list_j = cb.argmax(1)
-        at = cq[src[e], list_j]                                # query's cos to j's centroid
-        need[e] = (cq[src[e]] > at[:, None]).sum(1) + 1
-        if self_join:
-            back = (cb > cb[np.arange(len(list_j)), list_q[src[e]]][:, None]).sum(1) + 1
-            need[e] = np.minimum(need[e], back)
-    return sims, need
-
-
-def calibrate_nprobe(xb: np.ndarray, centroids: np.ndarray, lambda_: float, target: float,
-                     n_queries: int, seed: int = 0, xq: np.ndarray | None = None,
-                     margin: float = CALIB_MARGIN) -> tuple[int, dict]:
-    """nprobe for λ-edge recall ≥ `target` in every band (λ, λ+0.05], (λ+0.05, λ+0.1], … of cosine.
-
-    Samples `n_queries` queries (seeded), finds their exact λ-edges (`probe_ranks`), takes in each band
-    with ≥ CALIB_MIN_EDGES edges the `target` quantile of the nprobe the edges need (all edges pooled
-    when no band has that many), and returns ceil(margin × the largest), ≥ 1, with its estimates:
-    calib_edges (sampled λ-edges), est_recall (fraction of them found at that nprobe) and
-    est_recall_near (the same in the band just above λ; None without edges there).
-    """
-    nq = len(xb) if xq is None else len(xq)
-    s = min(n_queries, nq)
-    q = np.sort(np.random.default_rng(seed).choice(nq, s, replace=False)) if s < nq else np.arange(nq)
-    sims, need = probe_ranks(xb, centroids, lambda_, q, xq)
-    if len(need) == 0:
-        p = 1
-    else:
-        band = np.floor((sims.astype(np.float64) - lambda_) / CALIB_BAND).astype(np.int64)
-        counts = np.bincount(band)
-        full = np.flatnonzero(counts >= CALIB_MIN_EDGES)
-        pools = [need[band == b] for b in full] if len(full) else [need]
-        p = max(int(np.quantile(v, target, method="higher")) for v in pools)
-        p = max(1, int(np.ceil(margin * p)))
-    near = need[sims <= lambda_ + CALIB_BAND]
-    stats = {"calib_queries": int(s), "calib_edges": int(len(need)),
-             "est_recall": round(float((need <= p).mean()), 4) if len(need) else None,
-             "calib_edges_near": int(len(near)),
-             "est_recall_near": round(float((near <= p).mean()), 4) if len(near) else None}
-    log.info("ivf: nprobe %d of %d lists from %d λ-edges of %d sampled queries (est. recall %s, %s in "
-             "(λ, λ+%.2f])", p, len(centroids), stats["calib_edges"], s, stats["est_recall"],
-             stats["est_recall_near"], CALIB_BAND)
-    return p, stats
-
-
-def _to_gpu(faiss, idx):
-    res = faiss.StandardGpuResources()
-    idx = faiss.index_cpu_to_gpu(res, 0, idx)
-    # keep the resources alive with the index; faiss ≥ 1.12 refuses unknown attributes on its
-    # objects but allows `referenced_objects`, its own keep-alive list
-    idx.referenced_objects = list(getattr(idx, "referenced_objects", None) or []) + [res]
-    return idx
-
-
-def knn_search(xb: np.ndarray, xq: np.ndarray, k: int, chunk: int = 16_384, progress: bool = False,
-               self_join: bool = False, **index_kw) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k inner products of each row of `xq` among rows of `xb`: (sims, ids), each (Nq, k').
-
-    k' = min(k, len(xb)); missing results (approximate indexes) have id -1 and sim -inf.
-    `self_join`: `xq` is `xb` (a calibrated IVF then counts an edge found from either end).
-    """
-    xb = check_descriptors(xb, "database")
-    xq = check_descriptors(xq, "queries", dim=xb.shape[1] if len(xb) else None)
-    k = min(k, len(xb))
-    if k == 0 or len(xq) == 0:
-        return np.zeros((len(xq), k), np.float32), np.full((len(xq), k), -1, np.int64)
-    idx = build_index(xb, xq=None if self_join else xq, **index_kw)
-    sims = np.empty((len(xq), k), np.float32)
-    ids = np.empty((len(xq), k), np.int64)
-    starts = range(0, len(xq), chunk)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="kNN", unit="chunk")
-    for s in starts:
-        D, I = idx.search(xq[s:s + chunk], k)
-        sims[s:s + chunk], ids[s:s + chunk] = D, I
-    sims[ids < 0] = -np.inf
-    return sims, ids
-
-
-def knn_self(x: np.ndarray, k: int, **kw) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest *other* rows of each row of `x`: (sims, ids), each (N, min(k, N−1)), -1/-inf padded.
-
-    Searches k+1 and removes the row itself wherever it appears (with exact copies it need not come
-    first), keeping the k best others.
-    """
-    n = len(x)
-    k = min(k, max(n - 1, 0))
-    if k == 0:
-        return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
-    sims, ids = knn_search(x, x, k + 1, self_join=True, **kw)
-    self_hit = ids == np.arange(n)[:, None]
-    # rows where self was not returned drop their last (worst) result instead
-    drop = self_hit.copy()
-    drop[~self_hit.any(1), -1] = True
-    keep = ~drop
-    return sims[keep].reshape(n, k), ids[keep].reshape(n, k)
 
 
 # ------------------------------------------------------------------------------- graph + dedup

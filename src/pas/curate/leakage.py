@@ -28,7 +28,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from pas.curate.dedup import check_descriptors, check_resize, knn_search
+from pas.curate.dedup import check_resize
+from pas.knn import check_descriptors, knn_search
 from pas.params import ParamsError, check_choice, check_range
 
 log = logging.getLogger(__name__)

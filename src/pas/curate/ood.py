@@ -38,7 +38,8 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 
-from pas.params import ParamsError, check_choice, check_range
+from pas.hashing import sha256_json
+from pas.params import ParamsError, check_choice, check_range, renamed
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class OodParams:
     blur_radius: float = 0.0         # Gaussian radius in px; 0 = half of each box's short side
     det_limit_side_len: int = 320    # text detector input: longer side scaled down to ≤ this
     det_box_thresh: float = 0.5      # DBNet minimum mean score of a text box
-    det_threads: int = 0             # onnxruntime threads for the detector; 0 = its default
+    threads: int = 0                 # the text detector's (onnxruntime) CPU threads; 0 = its default
     batch_size: int = 64             # images per CLIP forward pass
     concept_chunk: int = 1024        # concepts per score block (memory: image_chunk × concept_chunk)
     image_chunk: int = 4096          # images per score block
@@ -79,7 +80,8 @@ class OodParams:
     # keys of older params.yaml files, refused with where their setting lives now (`pas.params.build`)
     REMOVED_KEYS: ClassVar[dict[str, str]] = {
         "clipn_checkpoint": "CLIPN is a model family now: set `models.clipn` "
-                            "({kind: clipn, base: {...}, checkpoint: {path: ...}}, README) and delete this key"}
+                            "({kind: clipn, base: {...}, checkpoint: {path: ...}}, README) and delete this key",
+        "det_threads": renamed("ood.threads")}
 
     def __post_init__(self) -> None:
         for name in ("yes_templates", "no_templates"):
@@ -95,7 +97,7 @@ class OodParams:
         check_range("blur_radius", self.blur_radius, 0.0, None, lo_open=False)
         check_range("det_limit_side_len", self.det_limit_side_len, 32, None, lo_open=False)
         check_range("det_box_thresh", self.det_box_thresh, 0.0, 1.0)
-        check_range("det_threads", self.det_threads, 0, None, lo_open=False)
+        check_range("threads", self.threads, 0, None, lo_open=False)
         for name in ("batch_size", "concept_chunk", "image_chunk"):
             check_range(name, getattr(self, name), 1, None, lo_open=False)
 
@@ -366,44 +368,33 @@ def score_images(images: Sequence, clip: Any, detector: Any, texts: TextSets, pa
 SCORE_COLUMNS = ("key", "source", "ood_b", "ood_bprime", "ood_blur_delta", "text_boxes")
 
 
-def _sha256_json(obj: Any) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
 def run_fingerprint(params: OodParams, models: dict[str, str], concepts: Sequence[str],
                     generalized: Sequence[str]) -> str:
     """What every shard's scores depend on besides the shard itself: params (device and batch sizes
     excluded), model fingerprints (the CLIP used, the CLIPN checkpoint's sha256, the detector), B and B'."""
     p = dataclasses.asdict(params)
-    for k in ("device", "batch_size", "concept_chunk", "image_chunk", "det_threads"):
+    for k in ("device", "batch_size", "concept_chunk", "image_chunk", "threads"):
         p.pop(k)
-    return _sha256_json({"params": p, "models": models, "B": list(concepts), "B_prime": list(generalized)})
+    return sha256_json({"params": p, "models": models, "B": list(concepts), "B_prime": list(generalized)})
 
 
 class OodScorer:
     """`score_images` with its models bound, for `score_shards`.
 
-    It pickles as a spec (CLIP folder, text embeddings or prompts, params) without the loaded models,
-    so a Ray actor that receives it loads CLIP and the text detector once (`load`), on its own device.
-    `texts`: B and B' already encoded (the local engine: the caller's CLIP does it once). Or None and
-    `prompts=(concepts, generalized)`: `load` encodes them once with the CLIP it has just loaded (Ray:
-    once per actor, which loads CLIP anyway — encoding in the driver or a separate task loaded CLIP a
-    second time, in series with the actors: 2.0x and 1.73x local on the smoke data against 1.2-1.3x,
+    It pickles as a spec (CLIP folder, prompts, params) without the loaded models, so whichever process
+    the engine runs it in (this one, or a Ray actor) loads CLIP and the text detector once (`load`), on
+    its own device, and encodes `prompts=(concepts, generalized)` once with that CLIP (Ray: once per
+    actor, which loads CLIP anyway — encoding in the driver or a separate task loaded CLIP a second
+    time, in series with the actors: 2.0x and 1.73x local on the smoke data against 1.2-1.3x,
     benchmarks/RESULTS-engine.md). `prompt_info` then holds the encoding's metrics.
     """
 
-    def __init__(self, clip_dir: str, texts: TextSets | None, params: OodParams, clip: Any = None,
-                 detector: Any = None, prompts: tuple[Sequence[str], Sequence[str]] | None = None,
+    def __init__(self, clip_dir: str, params: OodParams, prompts: tuple[Sequence[str], Sequence[str]],
                  clipn_checkpoint: str | None = None):
-        if texts is None and prompts is None:
-            raise ValueError("OodScorer needs the encoded texts or the prompts to encode")
-        self.clip_dir, self.texts, self.params, self.prompts = str(clip_dir), texts, params, prompts
+        self.clip_dir, self.params, self.prompts = str(clip_dir), params, prompts
         self.clipn_checkpoint = clipn_checkpoint
-        self.clip, self.detector, self.timings = clip, detector, Timings()
-        self.prompt_info: dict | None = None
+        self.clip = self.detector = self.texts = None
+        self.timings, self.prompt_info = Timings(), None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "clip": None, "detector": None, "timings": Timings()}
@@ -418,7 +409,7 @@ class OodScorer:
 
             p = self.params
             self.detector = TextDetector(limit_side_len=p.det_limit_side_len, box_thresh=p.det_box_thresh,
-                                         threads=p.det_threads)
+                                         threads=p.threads)
         if self.texts is None:
             enc = encode_prompts(self.clip_dir, self.params, *self.prompts, clip=self.clip,
                                  clipn_checkpoint=self.clipn_checkpoint)
@@ -508,7 +499,6 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
     with `prompt_info`, an empty dict gets the first `OodScorer.prompt_info` that comes back (Ray actors
     encode the prompts themselves).
     """
-    import json
     import os
     from pathlib import Path
 
@@ -516,7 +506,7 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
 
     from pas.engine import map_shards
     from pas.io.manifest import read_parquet, write_parquet
-    from pas.io.resume import write_atomic
+    from pas.jsonio import write_json
     from pas.io.shards import iter_samples, list_shards, shard_sha256
 
     parts = Path(parts_dir)
@@ -540,7 +530,7 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
         part, marker = parts / f"{name}.parquet", parts / f"{name}.json"
         # keys come from the shard itself, so a marker is valid only for these exact bytes + kept set
         keys = sorted(s.key for s in iter_samples(shard) if s.key in kept)
-        fp = _sha256_json({"run": fingerprint, "shard": shard_sha256(shard), "keys": keys})
+        fp = sha256_json({"run": fingerprint, "shard": shard_sha256(shard), "keys": keys})
         frames[j] = _resumed_part(part, marker, fp)
         if frames[j] is not None:
             n_resumed += 1
@@ -554,7 +544,7 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
         tmp = parts / f".tmp-{item['name']}.parquet"
         write_parquet(df, tmp)
         os.replace(tmp, parts / f"{item['name']}.parquet")
-        write_atomic(parts / f"{item['name']}.json", json.dumps({"fingerprint": item["fp"], "n": len(df)}) + "\n")
+        write_json(parts / f"{item['name']}.json", {"fingerprint": item["fp"], "n": len(df)}, indent=None, atomic=True)
         frames[j] = df
         if timings is not None and delta is not None:
             timings.add(delta)

@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from pas.params import ParamsError, check_choice, check_range, check_seed
+from pas.params import ParamsError, check_choice, check_range, check_seed, renamed
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,15 @@ class PruneParams:
     knee_interp: str = "interp1d"       # kneed interp_method: interp1d | polynomial
     knee_poly_degree: int = 7           # polynomial degree when knee_interp = polynomial
     knee_sensitivity: float = 1.0       # kneedle's S (higher = more conservative knees)
-    shard_maxcount: int = 10_000        # images per output shard (contract: <= 10k)
+    shard_size: int = 10_000            # images per output shard (contract: <= 10k)
     sort_buffer_mb: int = 1024          # kept image bytes held in RAM before spilling a sorted run
     sample_fronts: tuple[int, ...] = (1, 10, 100)  # "Pareto n" rows of the sample grid (1 = removed first)
     sample_per_front: int = 8           # images per row of the sample grid
     seed: int = 0                       # top-level seed: which images the sample grid shows
     takedown: str | None = None         # file of keys / URLs left out of the dataset (read_takedown)
     license: str = "other"              # the dataset card's licence (a Hugging Face licence id)
+
+    REMOVED_KEYS = {"shard_maxcount": renamed("prune.shard_size")}   # keys of older params.yaml files
 
     def __post_init__(self) -> None:
         check_choice("stop", self.stop, STOPS)
@@ -105,7 +107,7 @@ class PruneParams:
             raise ParamsError(f"license={self.license!r}: expected a licence id such as cc0-1.0 or other")
         check_range("knee_poly_degree", self.knee_poly_degree, 1, 20, lo_open=False, hi_open=False)
         check_range("knee_sensitivity", self.knee_sensitivity, 0.0, None)
-        check_range("shard_maxcount", self.shard_maxcount, 1, 10_000, lo_open=False, hi_open=False)
+        check_range("shard_size", self.shard_size, 1, 10_000, lo_open=False, hi_open=False)
         check_range("sort_buffer_mb", self.sort_buffer_mb, 1, None, lo_open=False)
         for n in self.sample_fronts:
             check_range("sample_fronts[]", n, 1, None, lo_open=False)

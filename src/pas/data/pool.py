@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from pas.data.chunks import IMAGE_SUFFIXES
-from pas.params import ParamsError, check_choice, check_range
+from pas.params import ParamsError, check_choice, check_range, renamed
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class PoolParams:
     max_side: int = 512             # stored images are downscaled to this longer side
     min_side: int = 16              # smaller images are skipped
     jpeg_quality: int = 95
-    shard_maxcount: int = 10_000
+    shard_size: int = 10_000        # images per output shard (<= 10k)
     batch_size: int = 64            # CLIP batch
     index: str = "flat"             # faiss index: flat (exact) | ivf | hnsw
     nlist: int = 1024               # ivf lists (capped at N/39 for small pools)
@@ -70,14 +70,15 @@ class PoolParams:
     #                                 value), so not in params.yaml: the stage takes it from PAS_POOL_WORKERS
 
     # DVC reruns a stage when a declared param changes; a knob that changes no byte must not be one
-    REMOVED_KEYS = {"workers": "decode processes are a machine setting: set PAS_POOL_WORKERS (0 = every core)"}
+    REMOVED_KEYS = {"workers": "decode processes are a machine setting: set PAS_POOL_WORKERS (0 = every core)",
+                    "shard_maxcount": renamed("pool.shard_size")}
 
     def __post_init__(self):
         check_choice("index", self.index, ("flat", "ivf", "hnsw"))
         check_choice("format", self.format, FORMATS)
         check_range("max_pixels", self.max_pixels, 1, None, lo_open=False)
         check_range("max_side", self.max_side, 16, None, lo_open=False)
-        check_range("shard_maxcount", self.shard_maxcount, 1, 10_000, lo_open=False, hi_open=False)
+        check_range("shard_size", self.shard_size, 1, 10_000, lo_open=False, hi_open=False)
         check_range("jpeg_quality", self.jpeg_quality, 1, 100, lo_open=False, hi_open=False)
         check_range("batch_size", self.batch_size, 1, None, lo_open=False)
         check_range("max_images", self.max_images, 0, None, lo_open=False)
@@ -403,7 +404,7 @@ def unused_pool(out_dir: str | Path, reason: str) -> dict:
     (what `precision` reads), no shards, no faiss index (a `pool` retrieval refuses it). Returns
     the stage metrics."""
     from pas.io.shards import write_index
-    from pas.models.files import write_json
+    from pas.jsonio import write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -501,7 +502,7 @@ def unpack_chunk(z: dict[str, np.ndarray]) -> tuple[list[dict], list[bytes], np.
 def cache_fingerprint(p: PoolParams, clip_fingerprint: str) -> str:
     """What a chunk's result depends on besides its input bytes: CLIP, the decode/encode settings and
     libraries, batching and device (kernels round differently), the chunk size. Not the shard size or
-    faiss settings: the same chunks serve another `shard_maxcount` or `index`."""
+    faiss settings: the same chunks serve another `shard_size` or `index`."""
     import json
     from importlib.metadata import version
 
@@ -535,7 +536,8 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
     from pas.io.resume import ChunkCache, chunk_identity
     from pas.io.shards import ShardWriter, read_samples
     from pas.io.shards import write_index as write_shard_index
-    from pas.models.files import fingerprint_dir, write_json
+    from pas.jsonio import write_json
+    from pas.models.files import fingerprint_dir
 
     engine = EngineConfig.from_env() if engine is None else engine
     if clip is None and clip_dir is None:
@@ -566,7 +568,7 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
     done = False
     last_shard, pos = None, 0           # the shard being written, the next sample's place in it
     n_files = sum(len(it[2]) for it in items if it[0] == "files")
-    with ShardWriter(out, prefix="pool", maxcount=p.shard_maxcount) as w, \
+    with ShardWriter(out, prefix="pool", maxcount=p.shard_size) as w, \
             closing(decoded_chunks(items, p, todo)) as chunks, \
             tqdm(total=n_files or None, desc="pool", unit="img", mininterval=2) as bar:
         while not done:

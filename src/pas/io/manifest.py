@@ -23,6 +23,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pas.jsonio import write_json
+
 
 def write_parquet(df: pd.DataFrame, path: str | Path, sort_by: str | None = "key") -> Path:
     """Write `df` sorted by `sort_by` (stable) without the pandas index."""
@@ -86,8 +88,7 @@ def write_metrics(path: str | Path, metrics: Mapping[str, Any], run_keys: Iterab
     Run-dependent entries (see `split_run`) are logged and written to `run_path(path)` instead."""
     path = Path(path)
     results, run = split_run(metrics, run_keys)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(results), indent=2, sort_keys=True) + "\n")
+    write_json(path, _clean(results))
     rp = run_path(path)
     if run:
         text = json.dumps(_clean(run), sort_keys=True)

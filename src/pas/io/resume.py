@@ -13,7 +13,6 @@ answer per request, `pas.llm.cache`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pas.hashing import sha256_bytes, sha256_json
+from pas.jsonio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +66,6 @@ def read_json(path: str | Path) -> Any | None:
         return None
 
 
-def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write `data` to a temp name beside `path`, then rename it over `path`: a killed run leaves the
-    old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 class ChunkCache:
     """`get(item_id)` / `put(item_id, (keys, array))` for (list of str, ndarray) results, the store of
     `pas.engine.map_resumable`; `get_arrays` / `put_arrays` for a result of several named arrays
@@ -84,8 +77,7 @@ class ChunkCache:
         self.used: set[str] = set()
 
     def _path(self, item_id: Any) -> Path:
-        blob = json.dumps([self.run_fingerprint, item_id], sort_keys=True, default=str)
-        return self.root / f"{hashlib.sha256(blob.encode()).hexdigest()[:40]}.npz"
+        return self.root / f"{sha256_json([self.run_fingerprint, item_id], ensure_ascii=True, default=str)[:40]}.npz"
 
     def has(self, item_id: Any) -> bool:
         """A file is stored for `item_id` (it may still turn out torn: `get` says so)."""
@@ -162,7 +154,7 @@ class RecordStore:
 
     def _write(self, records: dict[str, Any]) -> Path:
         blob = json.dumps(records, sort_keys=True, ensure_ascii=False)
-        path = self.root / f"records-{hashlib.sha256(blob.encode('utf-8', 'surrogatepass')).hexdigest()[:20]}.json"
+        path = self.root / f"records-{sha256_bytes(blob)[:20]}.json"
         self.root.mkdir(parents=True, exist_ok=True)
         write_atomic(path, blob.encode("utf-8", "surrogatepass"))
         return path

@@ -22,10 +22,10 @@ import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 from pas.llm.parse import list_schema
-from pas.params import ParamsError, build, check_choice, check_range
+from pas.params import ParamsError, build, check_choice, check_range, renamed
 
 BACKENDS = ("transformers", "vllm", "openai")
 STRUCTURED = ("auto", "json_schema", "off")
@@ -65,7 +65,7 @@ class LLMSpec:
     retry_backoff: float = 1.0        # openai: seconds before the first retry, doubled for each next one
                                       # (each wait capped at 60 s)
     device: str = "cpu"               # transformers: torch device
-    cpu_threads: int | None = None    # transformers on CPU: torch threads (None = torch default); 1 on a
+    threads: int = 0                  # transformers on CPU: torch threads (0 = torch default); 1 on a
                                       # shared, loaded CPU, where more threads wait on each other
     dtype: str = "float32"            # transformers/vllm: float32 | float16 | bfloat16 | auto
     max_model_len: int | None = None  # vllm: context length cap
@@ -81,6 +81,9 @@ class LLMSpec:
                                       # json_schema = required (refused for transformers; an openai server
                                       # refusing it fails the stage); off = text lists
 
+    # keys of older params.yaml files (`pas.params.build`)
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {"cpu_threads": renamed("threads", " (0 = torch default, was null)")}
+
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, BACKENDS)
         if not self.model:
@@ -91,8 +94,7 @@ class LLMSpec:
         check_range("repetition_penalty", self.repetition_penalty, 0.0, None)
         check_range("batch_size", self.batch_size, 1, None, lo_open=False)
         check_range("timeout", self.timeout, 0.0, None)
-        if self.cpu_threads is not None:
-            check_range("cpu_threads", self.cpu_threads, 1, None, lo_open=False)
+        check_range("threads", self.threads, 0, None, lo_open=False)
         check_range("retries", self.retries, 0, None, lo_open=False)
         check_range("retry_backoff", self.retry_backoff, 0.0, None, lo_open=False)
         check_choice("dtype", self.dtype, ("float32", "float16", "bfloat16", "auto"))

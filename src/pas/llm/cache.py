@@ -11,11 +11,10 @@ again, so an outage does not outlive itself as template fallbacks.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 from typing import Iterable
 
+from pas.hashing import sha256_json
 from pas.io.resume import RecordStore
 from pas.llm.base import ChatRequest, ChatResult, LLMSpec
 
@@ -27,8 +26,7 @@ TRANSPORT_KEYS = ("timeout", "retries", "retry_backoff", "api_key_env", "max_con
 def answer_fingerprint(spec: LLMSpec, model_fingerprint: str | None = None) -> str:
     """What an answer depends on besides its request."""
     fields = {k: v for k, v in dataclasses.asdict(spec).items() if k not in TRANSPORT_KEYS}
-    blob = json.dumps({"spec": fields, "model": model_fingerprint}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return sha256_json({"spec": fields, "model": model_fingerprint}, ensure_ascii=True, default=str)
 
 
 class AnswerCache:
@@ -40,8 +38,7 @@ class AnswerCache:
         self.hits = 0
 
     def key(self, request: ChatRequest) -> str:
-        blob = json.dumps([self.fingerprint, request.to_json()], sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+        return sha256_json([self.fingerprint, request.to_json()])
 
     def get(self, request: ChatRequest) -> ChatResult | None:
         rec = self.store.get(self.key(request))

@@ -61,7 +61,7 @@ MODEL = EngineSlot()  # the process's transformers model, shared by roles of the
 class TransformersBackend(ChatBackend):
     def identity(self) -> tuple:
         s = self.spec
-        return ("transformers", s.model, s.dtype, s.device, s.cpu_threads)
+        return ("transformers", s.model, s.dtype, s.device, s.threads)
 
     # -- loading -------------------------------------------------------------------------------
     def _load(self) -> _Loaded:
@@ -83,8 +83,8 @@ class TransformersBackend(ChatBackend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if self.spec.cpu_threads is not None and self.spec.device == "cpu":
-            torch.set_num_threads(self.spec.cpu_threads)
+        if self.spec.threads > 0 and self.spec.device == "cpu":
+            torch.set_num_threads(self.spec.threads)
         dtype = "auto" if self.spec.dtype == "auto" else getattr(torch, self.spec.dtype)
         try:
             tok = AutoTokenizer.from_pretrained(self.spec.model, padding_side="left")

@@ -21,6 +21,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from pas.jsonio import write_json
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -118,7 +120,7 @@ def save_backbone(model, out_dir: str | Path, image_size: int | None = None) -> 
     for key in ("license", "hf_hub_id", "url", "paper_ids", "paper_name", "origin_url", "notes",
                 "test_input_size", "test_crop_pct"):
         cfg.get("pretrained_cfg", {}).pop(key, None)
-    (out_dir / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_json(out_dir / CONFIG_NAME, cfg)
     return out_dir
 
 

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pas.models.files import fingerprint_dir, seed_everything, write_json
+from pas.jsonio import write_json
+from pas.models.files import fingerprint_dir, seed_everything
 
 CONFIG = "open_clip_config.json"
 WEIGHTS = "open_clip_model.safetensors"

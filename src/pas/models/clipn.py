@@ -33,7 +33,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from pas.models.files import sha256_file, write_json
+from pas.hashing import sha256_file
+from pas.jsonio import write_json
 from pas.params import ParamsError
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ import json
 import warnings
 from pathlib import Path
 
-from pas.models.files import fingerprint_dir, seed_everything, write_json
+from pas.jsonio import write_json
+from pas.models.files import fingerprint_dir, seed_everything
 
 MODEL_INDEX = "model_index.json"
 SOURCE_FILE = "pas_model.json"

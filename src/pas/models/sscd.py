@@ -26,7 +26,9 @@ from urllib.parse import urlparse
 import numpy as np
 
 from pas.device import resolve_device
-from pas.models.files import seed_everything, sha256_file, write_json
+from pas.hashing import sha256_file
+from pas.jsonio import write_json
+from pas.models.files import seed_everything
 
 TORCHSCRIPT = "sscd.torchscript.pt"
 PRESET = "sscd.json"

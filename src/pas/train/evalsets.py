@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pas.data.images import BadImage, load_rgb
+from pas.jsonio import write_json
 from pas.params import ParamsError, build, check_choice, check_range, check_seed
 
 log = logging.getLogger(__name__)
@@ -418,7 +419,7 @@ def write_evalset(spec: EvalSetSpec, out_dir: str | Path, split_seed: int = 0, m
         cols = ["key", "shard", "label", "label_name", "source_path"]
         write_index(pd.DataFrame(rows, columns=cols), root / split)
         stats[f"n_{split}"] = len(rows)
-    (root / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
+    write_json(root / "classes.json", classes, indent=1)   # a list: sorting keys changes nothing
     stats["n_classes"] = len(classes)
     return stats
 

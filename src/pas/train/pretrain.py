@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pas.device import resolve_device
+from pas.jsonio import write_json
 from pas.params import ParamsError, check_choice, check_range, check_seed
 from pas.train.schedule import lr_factor
 
@@ -365,7 +366,7 @@ def _pretrain(cfg: PretrainParams, shard_dir: Path, init_dir: Path, out_dir: Pat
     }
     save_backbone(model.backbone.to("cpu"), out_dir, image_size=cfg.image_size)
     train_info = {k: v for k, v in summary.items() if k != "resumed_from_epoch"}
-    (out_dir / "pretrain.json").write_text(json.dumps(train_info, indent=2, sort_keys=True) + "\n")
+    write_json(out_dir / "pretrain.json", train_info)
     # not resumed_from_epoch: dvclive's metrics.json is tracked, and a resumed run must write the same bytes
     logger.close({k: v for k, v in train_info.items() if isinstance(v, (int, float)) and v is not None})
     summary["seconds"] = round(time.time() - t0, 1)
