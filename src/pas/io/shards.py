@@ -75,6 +75,11 @@ class Sample:
         return decode_image(self.image)
 
 
+def meta_json(key: str, meta: dict) -> bytes:
+    """A sample's JSON member as the writers store it: `meta` with its `key`, keys sorted, UTF-8."""
+    return json.dumps({**meta, "key": key}, sort_keys=True, ensure_ascii=False).encode()
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     ti = tarfile.TarInfo(name)
     ti.size = len(data)
@@ -112,6 +117,10 @@ class ShardWriter:
         self._count = 0
 
     def write(self, key: str, image: bytes, meta: dict, ext: str = "jpg") -> str:
+        return self.write_encoded(key, image, meta_json(key, meta), ext)
+
+    def write_encoded(self, key: str, image: bytes, meta: bytes, ext: str = "jpg") -> str:
+        """`write` with the JSON member already encoded (by `meta_json`, so the bytes are the same)."""
         check_key(key)
         if key in self._seen:
             raise ValueError(f"duplicate sample key {key!r}")
@@ -120,12 +129,11 @@ class ShardWriter:
         self.rows.append({"key": key, "shard": shard})
         return shard
 
-    def _add_sample(self, key: str, image: bytes, meta: dict, ext: str) -> str:
+    def _add_sample(self, key: str, image: bytes, meta: dict | bytes, ext: str) -> str:
         if self._tar is None or self._count >= self.maxcount:
             self._open_next()
-        meta = {**meta, "key": key}
         _add(self._tar, f"{key}.{ext}", image)
-        _add(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
+        _add(self._tar, f"{key}.json", meta if isinstance(meta, bytes) else meta_json(key, meta))
         self._count += 1
         return self.shards[-1]
 
