@@ -244,7 +244,7 @@ def run_step(step: str, n: int, d: Path) -> dict:
         extra.update(fronts=res.summary["fronts"], removed=res.summary["n_removed"])
 
     elif step == "export":
-        from pas.curate.prune import export_dataset
+        from pas.curate.export import export_dataset
 
         table = pd.read_parquet(d / "table.parquet")
         out = d / "dataset"

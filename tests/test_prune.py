@@ -15,8 +15,8 @@ from PIL import Image
 
 from pas import params as pas_params
 from pas.curate.knee import bin_curve, find_knee, front_curve, knee_stop
-from pas.curate.prune import (METRICS, PruneParams, dataset_funnel, export_dataset,
-                              sample_grid_keys, select)
+from pas.curate.export import export_dataset
+from pas.curate.prune import METRICS, PruneParams, dataset_funnel, sample_grid_keys, select
 from pas.io.manifest import read_metrics, read_parquet, read_run, write_parquet
 from pas.io.shards import ShardWriter, encode_image, iter_samples
 from pas.params import ParamsError
