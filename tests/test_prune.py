@@ -330,6 +330,13 @@ def test_export_buffer_counts_images_json_and_bookkeeping(tmp_path):
     assert (above.n_runs, exact.n_runs) == (0, 1)
     assert _dir_bytes(tmp_path / "exact") == _dir_bytes(tmp_path / "ref") == _dir_bytes(tmp_path / "above")
     pd.testing.assert_frame_equal(exact.index, ref.index)
+    # a table not in key order (select sorts it; any caller may not): same dataset
+    shuffled = res.table.sample(frac=1, random_state=0).reset_index(drop=True)
+    assert not shuffled["key"].is_monotonic_increasing
+    again = export_dataset([real, synth], shuffled, tmp_path / "shuffled", maxcount=4, buffer_bytes=held // 3,
+                           progress=False)
+    assert again.n_runs >= 2 and _dir_bytes(tmp_path / "shuffled") == _dir_bytes(tmp_path / "ref")
+    pd.testing.assert_frame_equal(again.index, ref.index)
 
 
 def test_dataset_funnel_reads_metrics(tmp_path):

@@ -189,8 +189,11 @@ class _Plan:
         row_of = {k: i for i, k in enumerate(keys)}
         if len(row_of) != len(keys):
             raise ValueError("result table has duplicate keys")
-        rank = np.empty(len(keys), np.int64)
-        rank[np.argsort(np.array(keys, dtype=object), kind="stable")] = np.arange(len(keys))
+        if table["key"].is_monotonic_increasing:     # as `select` leaves it: no string sort
+            rank = np.arange(len(keys), dtype=np.int64)
+        else:
+            rank = np.empty(len(keys), np.int64)
+            rank[np.argsort(np.array(keys, dtype=object), kind="stable")] = np.arange(len(keys))
         cols = [c for c in (*METRICS, *extra_cols) if c in table.columns]
         return cls(keys, row_of, rank, table["front"].to_numpy(np.int64), table["removed"].to_numpy(bool),
                    cols, _score_columns(table, cols))
