@@ -138,20 +138,21 @@ class _SortBuffer:
     def spill(self, path: Path) -> None:
         """Write the samples in key order as one run: `path` (the bytes) + `path`.npy (rank, ext,
         image size, JSON size per sample)."""
-        sizes = []
+        sizes = array("q")
         with open(path, "wb") as f:
             for rank, ext, image, meta in self.sorted():
                 f.write(image)
                 f.write(meta)
-                sizes.append((rank, ext, len(image), len(meta)))
-        np.save(path.with_suffix(".npy"), np.array(sizes, np.int64).reshape(-1, 4))
+                sizes.extend((rank, ext, len(image), len(meta)))
+        np.save(path.with_suffix(".npy"), np.frombuffer(sizes, np.int64).reshape(-1, 4))
         self.blob, self.rec = bytearray(), array("q")
 
 
 def _read_run(path: Path) -> Iterator[tuple[int, int, bytes, bytes]]:
     sizes = np.load(path.with_suffix(".npy"))
     with open(path, "rb", buffering=1 << 20) as f:
-        for rank, ext, n_image, n_meta in sizes.tolist():
+        for row in sizes:                   # row by row: a list of the whole run is ~0.1 KB a sample
+            rank, ext, n_image, n_meta = row.tolist()
             yield rank, ext, f.read(n_image), f.read(n_meta)
 
 
