@@ -271,8 +271,9 @@ def _ranks3_sorted(xs, ys, zs, cuts, max_summary_fronts, fine_bins=4096, front_s
     the bin's lower edge. Any bucketing that is monotone in y keeps the result exact (equal y, equal
     bucket); the cuts only decide how well the summaries work.
 
-    For each of the first `max_summary_fronts` fronts k (the rest fall back to one whole staircase
-    per front and a binary search over fronts):
+    For each of the first `max_summary_fronts` fronts k (the rest keep one whole staircase per front
+    and a coarse summary zC, the same table over buckets of 2^coarse_shift buckets, which bounds the
+    binary search over their fronts):
     - summary zT[b, k] = the largest z inserted into front k with a y bucket >= b. For p in bucket b,
       zT[b + 1, k] >= pz -> front k surely holds a dominator (its y is in a higher bucket, so > py);
       zT[b, k] < pz -> surely not. Stored bucket-major: one bucket's values over the fronts are
