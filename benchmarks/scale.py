@@ -158,7 +158,7 @@ def run_step(step: str, n: int, d: Path) -> dict:
                 meta = {"source": "real", "concepts": [f"concept {i % 997}"], "similarities": [0.31],
                         "caption": f"a photo of thing {i}", "url": f"https://example.org/{i}.jpg"}
                 w.write(key_of(i), tiny_jpeg(rng), meta)
-        write_index(pd.DataFrame(w.rows), out)
+        write_index(w.index_frame(), out)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         extra["MB_on_disk"] = round(sum(p.stat().st_size for p in out.glob("*.tar")) / 2**20, 1)
 
@@ -244,7 +244,7 @@ def run_step(step: str, n: int, d: Path) -> dict:
         extra.update(fronts=res.summary["fronts"], removed=res.summary["n_removed"])
 
     elif step == "export":
-        from pas.curate.prune import export_dataset
+        from pas.curate.export import export_dataset
 
         table = pd.read_parquet(d / "table.parquet")
         out = d / "dataset"

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from pas.curate.card import dataset_card
-from pas.curate.prune import (METRICS, PruneParams, dataset_funnel, export_dataset, read_takedown,
-                              sample_grid_keys, select)
+from pas.curate.export import export_dataset, read_takedown
+from pas.curate.prune import METRICS, PruneParams, dataset_funnel, sample_grid_keys, select
 from pas.curate.prune_plots import plot_peel, sample_grid, score_caption
 from pas.io.manifest import read_metrics, read_parquet, selection_stats, write_metrics, write_parquet
 from pas.params import ParamsError, build, load, run_stage, stage_parser

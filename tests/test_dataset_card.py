@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pas.curate.card import dataset_card
-from pas.curate.prune import SAMPLE_FIELDS, export_dataset, read_takedown
+from pas.curate.export import SAMPLE_FIELDS, export_dataset, read_takedown
 from pas.io.shards import ShardWriter, iter_samples
 
 

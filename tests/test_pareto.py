@@ -155,11 +155,11 @@ def test_auto_picks_the_grid_only_for_small_grids(monkeypatch):
 
 
 @settings(max_examples=150, deadline=None)
-@given(score_arrays(), st.integers(0, 3), st.integers(1, 6), st.booleans())
-def test_sweep_buffers_and_fallback_paths(pts, max_summary_fronts, n_cuts, tiny_pool):
+@given(score_arrays(), st.integers(0, 3), st.integers(1, 6), st.booleans(), st.integers(0, 3))
+def test_sweep_buffers_and_fallback_paths(pts, max_summary_fronts, n_cuts, tiny_pool, coarse_shift):
     """The sweep kernel with tiny starting buffers (every growth path resumes mid-sweep) and few or no
-    summarised fronts (past them: whole staircases and a binary search over fronts) still equals the
-    brute-force peel."""
+    summarised fronts (past them: the coarse summary, whole staircases and a binary search over fronts)
+    still equals the brute-force peel."""
     from pas.curate import pareto as P
 
     if len(pts) < 2 or pts.shape[1] != 3:
@@ -167,7 +167,7 @@ def test_sweep_buffers_and_fallback_paths(pts, max_summary_fronts, n_cuts, tiny_
     order, s = P._descending_lex_order(pts)
     cuts = np.unique(np.quantile(s[1], np.linspace(0, 1, n_cuts + 2)[1:-1]))
     got = P._ranks3_sorted(s[0], s[1], s[2], cuts, max_summary_fronts, fine_bins=8, front_slots=1,
-                           pool_slots=1 if tiny_pool else None)
+                           pool_slots=1 if tiny_pool else None, coarse_shift=coarse_shift)
     ranks = np.empty(len(pts), np.int64)
     ranks[order] = got
     assert ranks.tolist() == brute_force_ranks(pts).tolist()
@@ -191,3 +191,28 @@ def test_cmov_option_is_set_only_on_x86_and_restored(monkeypatch):
         with P._no_cmov_conversion():
             raise RuntimeError("compile failed")
     assert calls == ["--x86-cmov-converter=false", "--x86-cmov-converter=true"]   # restored on error too
+
+
+@pytest.mark.parametrize("max_summary_fronts", [0, 5, 10_000])
+def test_many_tied_fronts_like_the_ood_scores(max_summary_fronts):
+    """The scale benchmark's score shape: B' = B + noise clipped to [0, 1] and 80% of blur deltas
+    exactly 0, so the rows with B' = 1 (or 0) and delta 0 form one chain of one-row fronts (F grows
+    with N) and tie in y: many undecided fronts per row, past the walk limit (the binary search over
+    cells) and past the summaries (the coarse summary). Equal to the brute-force peel."""
+    from pas.curate import pareto as P
+
+    rng = np.random.default_rng(11)
+    n = 1500
+    base = rng.random(n)
+    pts = np.column_stack([base, np.clip(base + 0.1 * rng.standard_normal(n), 0, 1),
+                           np.where(rng.random(n) < 0.2, 0.2 * rng.standard_normal(n), 0.0)])
+    ref = brute_force_ranks(pts)
+    assert ref.max() + 1 > 100                              # the chains: far more fronts than buckets
+    order, s = P._descending_lex_order(pts)
+    cuts = np.unique(np.quantile(s[1], np.linspace(0, 1, 17)[1:-1]))
+    for coarse_shift in (0, 2):
+        got = P._ranks3_sorted(s[0], s[1], s[2], cuts, max_summary_fronts, coarse_shift=coarse_shift)
+        ranks = np.empty(n, np.int64)
+        ranks[order] = got
+        assert (ranks == ref).all()
+    assert (worst_first_ranks(pts) == ref).all()

@@ -15,8 +15,8 @@ from PIL import Image
 
 from pas import params as pas_params
 from pas.curate.knee import bin_curve, find_knee, front_curve, knee_stop
-from pas.curate.prune import (METRICS, PruneParams, dataset_funnel, export_dataset,
-                              sample_grid_keys, select)
+from pas.curate.export import export_dataset
+from pas.curate.prune import METRICS, PruneParams, dataset_funnel, sample_grid_keys, select
 from pas.io.manifest import read_metrics, read_parquet, read_run, write_parquet
 from pas.io.shards import ShardWriter, encode_image, iter_samples
 from pas.params import ParamsError
@@ -305,6 +305,38 @@ def test_export_streams_sorted_runs_and_refuses_missing(tmp_path):
     with pytest.raises(ValueError, match="not found.*p9999"):
         export_dataset([real, synth], bad.table, tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_export_buffer_counts_images_json_and_bookkeeping(tmp_path):
+    """sort_buffer_mb bounds what the sort buffer really holds: each kept sample's image, its encoded
+    JSON and 32 bytes of bookkeeping (no Python object per sample). A buffer of exactly that total
+    spills once (at the last sample), one byte more never; the shards are the same either way."""
+    import tarfile
+
+    real, synth = _make_images(tmp_path, 9, 6)
+    keys = [f"p{i:04d}" for i in range(9)] + [f"g{i:04d}" for i in range(6)]
+    res = select(_scores_for(keys), PruneParams(stop="target_size", target_size=10))
+    ref = export_dataset([real, synth], res.table, tmp_path / "ref", maxcount=4, progress=False)
+    held = 0
+    for shard in sorted((tmp_path / "ref").glob("*.tar")):
+        with tarfile.open(shard) as t:
+            held += sum(m.size for m in t if m.isfile())
+    held += 32 * len(ref.index)
+    assert len(ref.index) == 10
+    above = export_dataset([real, synth], res.table, tmp_path / "above", maxcount=4,
+                           buffer_bytes=held + 1, progress=False)
+    exact = export_dataset([real, synth], res.table, tmp_path / "exact", maxcount=4,
+                           buffer_bytes=held, progress=False)
+    assert (above.n_runs, exact.n_runs) == (0, 1)
+    assert _dir_bytes(tmp_path / "exact") == _dir_bytes(tmp_path / "ref") == _dir_bytes(tmp_path / "above")
+    pd.testing.assert_frame_equal(exact.index, ref.index)
+    # a table not in key order (select sorts it; any caller may not): same dataset
+    shuffled = res.table.sample(frac=1, random_state=0).reset_index(drop=True)
+    assert not shuffled["key"].is_monotonic_increasing
+    again = export_dataset([real, synth], shuffled, tmp_path / "shuffled", maxcount=4, buffer_bytes=held // 3,
+                           progress=False)
+    assert again.n_runs >= 2 and _dir_bytes(tmp_path / "shuffled") == _dir_bytes(tmp_path / "ref")
+    pd.testing.assert_frame_equal(again.index, ref.index)
 
 
 def test_dataset_funnel_reads_metrics(tmp_path):

@@ -358,3 +358,55 @@ def test_expected_shards_counts_in_row_batches(tmp_path, monkeypatch):
             zip(w.shards, (3, 3, 3, 2))}
     assert got == want and list(got) == w.shards
     assert sum(1 for _ in iter_samples(tmp_path)) == 11   # readers still check against it
+
+
+def test_writer_columns_give_the_index_a_dict_per_row_gave(tmp_path):
+    """ShardWriter keeps keys + shard numbers, not a dict per sample: its index table, the `rows`
+    view and the dicts it used to collect write the same index.parquet bytes, and writing with
+    pre-encoded JSON (`write_encoded` + `meta_json`) gives the same shard bytes as `write`."""
+    import hashlib
+
+    import pandas as pd
+
+    from pas.io.shards import meta_json, write_index
+
+    img = encode_image(Image.new("RGB", (8, 8), (4, 5, 6)), "jpg")
+    metas = [{"i": i, "text": "ünïcode ✓", "key": "ignored"} for i in range(11)]
+    keys = [make_key("y", i) for i in range(11)]
+    with ShardWriter(tmp_path / "a", maxcount=4) as a, ShardWriter(tmp_path / "b", maxcount=4) as b:
+        for k, m in zip(keys, metas):
+            a.write(k, img, m)
+            b.write_encoded(k, img, meta_json(k, m))
+    old_rows = [{"key": k, "shard": f"shard-{i // 4:06d}.tar"} for i, k in enumerate(keys)]
+    assert a.rows == old_rows and a.keys == keys
+    digests = set()
+    for name, table in (("rows", pd.DataFrame(a.rows)), ("frame", a.index_frame()),
+                        ("old", pd.DataFrame(old_rows))):
+        write_index(table, tmp_path / "a")
+        digests.add(hashlib.sha256((tmp_path / "a" / "index.parquet").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    for s in a.shards:
+        assert (tmp_path / "a" / s).read_bytes() == (tmp_path / "b" / s).read_bytes()
+    assert [x.meta for x in iter_samples(tmp_path / "a")] == [{**m, "key": k} for k, m in zip(keys, metas)]
+    with pytest.raises(ValueError, match="duplicate sample key"):
+        a.write(keys[3], img, {})
+    assert ShardWriter(tmp_path / "c").index_frame().empty
+
+
+def test_writer_bookkeeping_per_sample_is_small(tmp_path):
+    """What the writer holds per written sample once its shards are closed (key list slot, shard
+    number, the duplicate check's set: ~120 B at 20k, most of it the set's table), beyond the key
+    strings the caller made; a dict per sample made it ~300 B. (An open shard's tarfile keeps a
+    TarInfo per member until it closes: ≤ maxcount.)"""
+    import tracemalloc
+
+    n = 20_000
+    keys = [make_key("z", i) for i in range(n)]
+    tracemalloc.start()
+    with ShardWriter(tmp_path / "a", maxcount=5_000) as w:
+        for k in keys:
+            w.write(k, b"", {})
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(w.keys) == n
+    assert held / n < 160, f"{held / n:.0f} bytes per sample"

@@ -1,7 +1,7 @@
 """The dataset card of the final dataset: data/dataset/README.md.
 
 A Hugging Face dataset card: YAML metadata that makes `datasets.load_dataset("data/dataset")` read
-the webdataset shards with the declared sample schema (`pas.curate.prune.SAMPLE_FIELDS`, so no field
+the webdataset shards with the declared sample schema (`pas.curate.export.SAMPLE_FIELDS`, so no field
 is lost to schema inference from the first rows), then what the dataset is, how it was made and what
 it does not guarantee. Pure: the same inputs give the same bytes (no dates, hosts or commits; the
 commit that made a dataset is the one whose dvc.lock lists its hash).
@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from pas.curate.prune import SAMPLE_FIELDS
+from pas.curate.export import SAMPLE_FIELDS
 from pas.summary import FUNNEL
 
 

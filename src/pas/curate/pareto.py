@@ -16,8 +16,11 @@ earlier front), so those fronts are a prefix. y is cut into 128 buckets; per fro
 largest z at or above each bucket) answers "surely yes" / "surely no" for most fronts, and the sure-yes
 fronts are counted in one vectorised pass. The rest (about half a front per row) is settled by the
 front's cell for p's bucket: the 2-D staircase of the (y, z) maxima of its members in that bucket
-(all have x ≥ p.x). Identical rows share a front: a run of duplicates is ranked once, before any of
-it is inserted. Sorting is one argsort of the first column plus a multikey quicksort inside runs of
+(all have x ≥ p.x), one front after another; after CELL_WALK_MAX of them, a binary search over the
+undecided fronts (ties in y, e.g. scores clipped to 1, put many fronts in one bucket). Past the
+summarised fronts (score sets whose fronts grow with N), a coarse summary (16 buckets, 136 bytes a
+front) narrows the fronts to search the same way before the whole-front staircases decide. Identical
+rows share a front: a run of duplicates is ranked once, before any of it is inserted. Sorting is one argsort of the first column plus a multikey quicksort inside runs of
 tied values.
 
 Grid (heavily tied scores, e.g. rounded or quantised): dynamic programming over the grid of distinct
@@ -36,6 +39,8 @@ __all__ = ["worst_first_ranks", "brute_force_ranks"]
 
 SUMMARY_COUNT_MAX = 512     # up to this many fronts, count the sure ones linearly (vectorised)
 MAX_SUMMARY_CELLS = 1 << 20  # summary + cells for at most ~8k fronts (32 MB); more fronts: whole staircases
+COARSE_SHIFT = 3            # past those, a summary of 2^3 buckets merged into one (17 values per front)
+CELL_WALK_MAX = 8           # undecided fronts checked one by one before a binary search over them
 
 
 @contextlib.contextmanager
@@ -73,12 +78,12 @@ def _lower_bound(sy, o, m, py):
 
 
 @njit(cache=True)
-def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, ranks, zT, sy, sz, boff, bcap, bsize,
-                state):
+def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, cshift, ranks, zT, zC, sy, sz, boff,
+                bcap, bsize, state):
     """The sweep of `_ranks3_sorted` from row i0 on, with fixed-size buffers: returns the row at which
     a buffer is full (before touching any state for that row, so the caller grows it and resumes
     there), or n when done. state = [used, n_fronts, need]; need: 1 = block slots / summary columns,
-    2 = staircase pool (state[3] = slots required).
+    2 = staircase pool (state[3] = slots required), 3 = coarse summary columns.
 
     The buffers are arguments and never reassigned or sliced here: numba then keeps reference counting
     out of the loop (a reassigned array or a row view costs an atomic incref/decref per use, measured
@@ -118,7 +123,33 @@ def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, ranks, zT
         # holding no dominator is p's front.
         hi = n_fronts
         known, known_at = -1, 0             # a front whose cell position of py is known
+        steps = 0
         while lo < n_sum and zT[b0, np.uint64(lo)] >= pz:
+            if steps == CELL_WALK_MAX:
+                # many undecided fronts (ties in y put them all in p's bucket): "holds a dominator" is
+                # monotone in k, so binary search [lo, h) with the cells; h = first surely-not front
+                h, w = lo, n_sum - lo
+                while w > 0:
+                    half = w >> 1
+                    if zT[b0, np.uint64(h + half)] >= pz:
+                        h += half + 1
+                        w -= half + 1
+                    else:
+                        w = half
+                top = h
+                while lo < top:
+                    mid = (lo + top) >> 1
+                    blk = np.uint64(mid * nb + bp)
+                    o, m = boff[blk], bsize[blk]
+                    a = _lower_bound(sy, o, m, py)
+                    if a < o + m and sz[np.uint64(a)] >= pz:
+                        lo = mid + 1
+                    else:
+                        top = mid
+                if lo < n_sum:
+                    hi = lo
+                break
+            steps += 1
             blk = np.uint64(lo * nb + bp)
             o, m = boff[blk], bsize[blk]
             a = _lower_bound(sy, o, m, py)
@@ -128,7 +159,28 @@ def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, ranks, zT
                 hi = lo
                 known, known_at = lo, a
                 break
-        if lo >= n_sum and hi > lo:         # fronts without a summary: binary search, whole staircases
+        if lo >= n_sum and hi > lo:         # fronts without a fine summary
+            # the coarse summary zC (buckets of 2^cshift fine ones) narrows [lo, hi) as zT does: fronts
+            # surely holding a dominator are a prefix, surely holding none a suffix
+            cp = np.uint64(bp >> cshift)
+            c1 = cp + np.uint64(1)
+            w = hi - lo
+            while w > 0:
+                half = w >> 1
+                if zC[c1, np.uint64(lo + half - msf)] >= pz:
+                    lo += half + 1
+                    w -= half + 1
+                else:
+                    w = half
+            h, w = lo, hi - lo
+            while w > 0:
+                half = w >> 1
+                if zC[cp, np.uint64(h + half - msf)] >= pz:
+                    h += half + 1
+                    w -= half + 1
+                else:
+                    w = half
+            hi = h                          # the rest: binary search, whole staircases
             while lo < hi:
                 mid = (lo + hi) >> 1
                 blk = np.uint64(msf * nb + mid - msf)
@@ -143,6 +195,9 @@ def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, ranks, zT
             need = (r + 1) * nb if r < msf else msf * nb + r + 1 - msf
             if need > boff.shape[0] or (r < msf and r == zT.shape[1]):
                 state[0], state[1], state[2] = used, n_fronts, 1
+                return i
+            if r >= msf and r - msf == zC.shape[1]:
+                state[0], state[1], state[2] = used, n_fronts, 3
                 return i
         # insert p into its block: the cell (r, bucket) or, past the summaries, r's whole staircase
         blk = np.uint64(r * nb + bp) if r < msf else np.uint64(msf * nb + r - msf)
@@ -190,6 +245,11 @@ def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, ranks, zT
             while b >= 0 and zT[np.uint64(b), col] < pz:
                 zT[np.uint64(b), col] = pz
                 b -= 1
+        else:                               # so is zC[c, r - msf]
+            b, col = bp >> cshift, np.uint64(r - msf)
+            while b >= 0 and zC[np.uint64(b), col] < pz:
+                zC[np.uint64(b), col] = pz
+                b -= 1
     state[0], state[1], state[2] = used, n_fronts, 0
     return n
 
@@ -202,7 +262,8 @@ def _run_without_cmov_conversion(*args):
     return _ranks3_run(*args)
 
 
-def _ranks3_sorted(xs, ys, zs, cuts, max_summary_fronts, fine_bins=4096, front_slots=64, pool_slots=None):
+def _ranks3_sorted(xs, ys, zs, cuts, max_summary_fronts, fine_bins=4096, front_slots=64, pool_slots=None,
+                   coarse_shift=COARSE_SHIFT):
     """Fronts of rows already in descending lexicographic order (xs, ys, zs contiguous).
 
     cuts: sorted y values cutting y into len(cuts) + 1 buckets. A row's bucket is looked up in O(1): its
@@ -210,8 +271,9 @@ def _ranks3_sorted(xs, ys, zs, cuts, max_summary_fronts, fine_bins=4096, front_s
     the bin's lower edge. Any bucketing that is monotone in y keeps the result exact (equal y, equal
     bucket); the cuts only decide how well the summaries work.
 
-    For each of the first `max_summary_fronts` fronts k (the rest fall back to one whole staircase
-    per front and a binary search over fronts):
+    For each of the first `max_summary_fronts` fronts k (the rest keep one whole staircase per front
+    and a coarse summary zC, the same table over buckets of 2^coarse_shift buckets, which bounds the
+    binary search over their fronts):
     - summary zT[b, k] = the largest z inserted into front k with a y bucket >= b. For p in bucket b,
       zT[b + 1, k] >= pz -> front k surely holds a dominator (its y is in a higher bucket, so > py);
       zT[b, k] < pz -> surely not. Stored bucket-major: one bucket's values over the fronts are
@@ -233,14 +295,15 @@ def _ranks3_sorted(xs, ys, zs, cuts, max_summary_fronts, fine_bins=4096, front_s
     edges = y0 + np.arange(fine_bins) / yscale if yscale else np.full(1, y0)
     table = np.searchsorted(cuts, edges, side="right").astype(np.int64)   # non-decreasing
     zT = np.full((n_buckets + 1, front_slots), -np.inf)
+    zC = np.full((((n_buckets - 1) >> coarse_shift) + 2, front_slots), -np.inf)
     sy = np.empty(max(4096, n) if pool_slots is None else pool_slots, np.float64)
     sz = np.empty_like(sy)
     boff, bcap, bsize = (np.zeros(front_slots * n_buckets, np.int64) for _ in range(3))
     state = np.zeros(4, np.int64)
     i = 0
     while True:
-        i = _run_without_cmov_conversion(xs, ys, zs, y0, yscale, table, i, max_summary_fronts, ranks, zT, sy,
-                                         sz, boff, bcap, bsize, state)
+        i = _run_without_cmov_conversion(xs, ys, zs, y0, yscale, table, i, max_summary_fronts, coarse_shift,
+                                         ranks, zT, zC, sy, sz, boff, bcap, bsize, state)
         if i == n:
             return ranks
         if state[2] == 1:                   # more fronts: block slots (empty) and summary columns
@@ -250,6 +313,10 @@ def _ranks3_sorted(xs, ys, zs, cuts, max_summary_fronts, fine_bins=4096, front_s
                 grown = np.full((n_buckets + 1, 2 * zT.shape[1]), -np.inf)
                 grown[:, :zT.shape[1]] = zT
                 zT = grown
+        elif state[2] == 3:                 # more coarse summary columns
+            grown = np.full((zC.shape[0], 2 * zC.shape[1]), -np.inf)
+            grown[:, :zC.shape[1]] = zC
+            zC = grown
         else:                               # a larger staircase pool
             new = max(2 * sy.shape[0], int(state[3]))
             sy = np.concatenate((sy, np.empty(new - sy.shape[0], np.float64)))

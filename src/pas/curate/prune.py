@@ -1,4 +1,4 @@
-"""Pareto-front pruning of the OOD-scored images and export of the final dataset (paper §3.3).
+"""Pareto-front pruning of the OOD-scored images: which images the final dataset keeps (paper §3.3).
 
 Paper: "an image I is considered less suitable than the image J (and therefore prioritized for
 removal) if it shows higher OOD scores across the metrics"; kneedle on the per-front mean of each
@@ -7,9 +7,9 @@ among the three knees (one per metric), we can estimate the most efficient halt 
 optimization process also provides a structured guidance for filtering the dataset down to any
 desired size".
 
-`select` is the pure selection (scores in, front rank + removed flag + summary out); `export_dataset`
-writes the kept images as webdataset shards in key order (the only image bytes written after
-retrieve/generate); `dataset_funnel` assembles the per-stage dataset sizes for metrics/dataset.json.
+`select` is the pure selection (scores in, front rank + removed flag + summary out; no image is
+read); `pas.curate.export.export_dataset` then writes the images of the kept ids (issue 15's split);
+`dataset_funnel` assembles the per-stage dataset sizes for metrics/dataset.json.
 Stop modes (`PruneParams.stop`):
 - "knee" (paper): remove whole worst fronts up to the max x of the three kneedle knees
   (`pas.curate.knee`); no knee on any metric -> nothing removed, reason "no_knee".
@@ -22,15 +22,12 @@ Stop modes (`PruneParams.stop`):
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,32 +38,6 @@ log = logging.getLogger(__name__)
 
 METRICS = ("ood_b", "ood_bprime", "ood_blur_delta")
 STOPS = ("knee", "target_size", "max_fronts")
-
-# The one sample schema of the final dataset: every sample's JSON has exactly these keys (sorted on
-# disk), null (or []) where its source has no value, so readers that infer a schema from the first
-# rows (Hugging Face `datasets`, pandas) see the same fields for real and synthetic images.
-# name -> Hugging Face feature type (`pas.curate.card` declares them in the dataset card).
-SAMPLE_FIELDS: dict[str, str | list] = {
-    "key": "string",
-    "source": "string",            # real | synthetic
-    "concepts": ["string"],        # real: every concept that retrieved it; synthetic: its concept
-    "similarities": ["float64"],   # real: CLIP similarity per concept; synthetic: []
-    "caption": "string",           # real: the source's alt text; synthetic: the L4 caption
-    "url": "string",               # real images from a URL source
-    "pool_key": "string",          # real images from a local pool: its key in data/pool
-    "path": "string",              # real images from a local pool: the file's path in the pool
-    "license": "string",           # where the source states one
-    "seed": "int64",               # synthetic: the diffusion seed
-    "caption_idx": "int64",        # synthetic: which of the concept's captions
-    "image_idx": "int64",          # synthetic: which image of that caption
-    "fallback_caption": "bool",    # synthetic: the caption is the template (L4 gave none)
-    "ood_b": "float64",
-    "ood_bprime": "float64",
-    "ood_blur_delta": "float64",
-    "text_boxes": "int64",
-    "pareto_front": "int64",
-}
-
 
 @dataclass(frozen=True)
 class PruneParams:
@@ -80,7 +51,7 @@ class PruneParams:
     knee_poly_degree: int = 7           # polynomial degree when knee_interp = polynomial
     knee_sensitivity: float = 1.0       # kneedle's S (higher = more conservative knees)
     shard_size: int = 10_000            # images per output shard (contract: <= 10k)
-    sort_buffer_mb: int = 1024          # kept image bytes held in RAM before spilling a sorted run
+    sort_buffer_mb: int = 1024          # kept samples (image + JSON + 32 B) in RAM before spilling a sorted run
     sample_fronts: tuple[int, ...] = (1, 10, 100)  # "Pareto n" rows of the sample grid (1 = removed first)
     sample_per_front: int = 8           # images per row of the sample grid
     seed: int = 0                       # top-level seed: which images the sample grid shows
@@ -204,163 +175,6 @@ def select(scores: pd.DataFrame, p: PruneParams) -> PruneResult:
         "knee_bins": p.knee_bins, "knee_interp": p.knee_interp,
     }
     return PruneResult(table=table, curve=curve, binned=binned, knees=knees, summary=summary)
-
-
-# ----------------------------------------------------------------------------------------------
-# export
-
-
-def _jsonable(v):
-    if isinstance(v, np.ndarray):
-        return [_jsonable(x) for x in v.tolist()]
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
-        return v.item()
-    return v
-
-
-def _concepts(meta: dict) -> list[str]:
-    if isinstance(meta.get("concepts"), list):
-        return [str(c) for c in meta["concepts"]]
-    return [str(meta["concept"])] if meta.get("concept") else []
-
-
-# provenance columns of data/dataset/index.parquet (the scores and the front follow)
-INDEX_FIELDS = ("key", "source", "concepts", "caption", "url", "pool_key", "path", "license")
-
-
-def dataset_sample(meta: dict, scores: dict, front: int) -> dict:
-    """A sample's JSON in the final dataset: `SAMPLE_FIELDS` exactly (null / [] where absent)."""
-    full = {**meta, **scores, "pareto_front": front, "concepts": _concepts(meta),
-            "similarities": [float(x) for x in meta.get("similarities") or []]}
-    return {f: full.get(f, [] if isinstance(t, list) else None) for f, t in SAMPLE_FIELDS.items()}
-
-
-def read_takedown(path: str | Path | None) -> frozenset[str]:
-    """Keys or URLs to exclude from the dataset, one per line (`#` comments, blank lines ignored)."""
-    if path is None:
-        return frozenset()
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such takedown list (prune.takedown)")
-    return frozenset(ln.split("#", 1)[0].strip() for ln in p.read_text().splitlines()) - {""}
-
-
-@dataclass
-class ExportReport:
-    index: pd.DataFrame                      # one row per kept image, sorted by key
-    sources_in: Counter                      # every sample found in the image dirs, by source
-    sources_scored: Counter                  # scored samples, by source
-    sources_kept: Counter                    # kept samples, by source
-    thumbs: dict                             # key -> image bytes of the requested sample keys
-    n_runs: int
-    n_takedown: int = 0                      # kept images not written: their key or URL is on the takedown list
-
-
-def export_dataset(image_dirs: Sequence[str | Path], result_table: pd.DataFrame, out_dir: str | Path,
-                   *, maxcount: int = 10_000, buffer_bytes: int = 1 << 30,
-                   sample_keys: Iterable[str] = (), extra_cols: Sequence[str] = ("text_boxes",),
-                   takedown: Iterable[str] = (), progress: bool = True) -> ExportReport:
-    """Write the kept images of `result_table` (key, scores, front, removed) to `out_dir` shards.
-
-    Images are streamed once from `image_dirs` (`pas.io.shards.iter_samples`); kept samples are
-    buffered up to `buffer_bytes`, each full buffer spilled as one key-sorted run, and the runs merged
-    by key into `out_dir` (≤ `maxcount` per shard), so memory stays bounded at any dataset size.
-    Each sample's JSON follows `SAMPLE_FIELDS` (`dataset_sample`): its provenance from retrieve /
-    generate, the three scores (+ `extra_cols`) and `pareto_front`. Kept images whose key or URL is
-    in `takedown` are left out (`ExportReport.n_takedown`).
-    `out_dir` is replaced only after everything is written. Raises ValueError if a scored key is not
-    in the image dirs or a key appears twice.
-    """
-    from tqdm import tqdm
-
-    from pas.io.shards import ShardWriter, iter_samples
-
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    lacking = sorted({"key", "front", "removed", *METRICS} - set(result_table.columns))
-    if lacking:
-        raise ValueError(f"result table lacks column(s) {lacking}")
-    cols = [c for c in (*METRICS, *extra_cols) if c in result_table.columns]
-    keys = result_table["key"].tolist()
-    # key -> (scores for the JSON, front, removed); plain dicts: pandas .loc per image is slow at 1M
-    values = zip(*(result_table[c].map(_jsonable) for c in cols))
-    info = {k: (dict(zip(cols, v)), int(f), bool(r)) for k, v, f, r in
-            zip(keys, values, result_table["front"], result_table["removed"])}
-    n_keep = sum(1 for v in info.values() if not v[2])
-    want_thumbs = set(sample_keys)
-    found: set[str] = set()
-    rep = ExportReport(pd.DataFrame(), Counter(), Counter(), Counter(), {}, 0)
-    takedown = frozenset(takedown)
-
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        runs: list[Path] = []
-        buf: list = []
-        size = 0
-
-        def spill() -> None:
-            nonlocal buf, size
-            run = work / f"run{len(runs):04d}"
-            with ShardWriter(run, prefix="run", maxcount=1 << 62) as w:
-                for s in sorted(buf, key=lambda s: s.key):
-                    w.write(s.key, s.image, s.meta, ext=s.ext)
-            runs.append(run)
-            buf, size = [], 0
-
-        dirs = [str(d) for d in image_dirs]
-        for s in tqdm(iter_samples(dirs), desc="prune: read images", unit="img", disable=not progress):
-            src = str(s.meta.get("source", "unknown"))
-            rep.sources_in[src] += 1
-            if s.key not in info:
-                continue
-            if s.key in found:
-                raise ValueError(f"image key {s.key!r} appears twice in {dirs} (second in {s.shard})")
-            found.add(s.key)
-            rep.sources_scored[src] += 1
-            if s.key in want_thumbs:
-                rep.thumbs[s.key] = s.image
-            if not info[s.key][2] and (s.key in takedown or s.meta.get("url") in takedown):
-                rep.n_takedown += 1
-            elif not info[s.key][2]:
-                buf.append(s)
-                size += len(s.image)
-                if size >= buffer_bytes:
-                    spill()
-        missing = sorted(set(info) - found)
-        if missing:
-            raise ValueError(f"{len(missing)} scored image(s) not found in {dirs}, e.g. {missing[:3]}")
-        if runs and buf:
-            spill()
-        rep.n_runs = len(runs)
-        stream = (heapq.merge(*(iter_samples(r) for r in runs), key=lambda s: s.key) if runs
-                  else iter(sorted(buf, key=lambda s: s.key)))
-
-        stage = work / "out"
-        rows = []
-        with ShardWriter(stage, prefix="shard", maxcount=maxcount) as w:
-            for s in tqdm(stream, desc="prune: write dataset", unit="img", total=n_keep - rep.n_takedown,
-                          disable=not progress):
-                scores, front, _ = info[s.key]
-                meta = dataset_sample(s.meta, scores, front)
-                shard = w.write(s.key, s.image, meta, ext=s.ext)
-                rep.sources_kept[str(meta["source"])] += 1
-                rows.append({"shard": shard, **{k: meta[k] for k in INDEX_FIELDS}, **scores,
-                             "front": front})
-        index = pd.DataFrame(rows, columns=["key", "shard", *INDEX_FIELDS[1:], *cols, "front"])
-        for c in ("caption", "url", "pool_key", "path", "license"):
-            index[c] = index[c].astype(object)
-        from pas.io.shards import write_index
-
-        write_index(index, stage)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        stage.rename(out_dir)
-        rep.index = index
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return rep
 
 
 # ----------------------------------------------------------------------------------------------

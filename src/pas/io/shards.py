@@ -18,6 +18,7 @@ import os
 import re
 import tarfile
 import zlib
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -75,6 +76,11 @@ class Sample:
         return decode_image(self.image)
 
 
+def meta_json(key: str, meta: dict) -> bytes:
+    """A sample's JSON member as the writers store it: `meta` with its `key`, keys sorted, UTF-8."""
+    return json.dumps({**meta, "key": key}, sort_keys=True, ensure_ascii=False).encode()
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     ti = tarfile.TarInfo(name)
     ti.size = len(data)
@@ -88,7 +94,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 class ShardWriter:
     """Write samples into `<out_dir>/<prefix>-000000.tar`, `-000001.tar`, ... (≤ maxcount each).
 
-    `rows` collects (key, shard) for the parquet index. Use as a context manager.
+    The (key, shard) of every written sample is kept as two columns (`keys`, and each one's shard
+    number), not a dict per sample (~0.2 KB each, benchmarks/RESULTS-scale.md): `index_frame()` is the
+    parquet index's key/shard table, `rows` the same as dicts. Use as a context manager.
     """
 
     def __init__(self, out_dir: str | Path, prefix: str = "shard", maxcount: int = 10_000):
@@ -98,7 +106,8 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix, self.maxcount = prefix, maxcount
         self.shards: list[str] = []
-        self.rows: list[dict] = []
+        self.keys: list[str] = []
+        self._shard_of = array("q")     # per written sample: its shard's number in `shards`
         self._tar: tarfile.TarFile | None = None
         self._count = 0
         self._seen: set[str] = set()
@@ -112,20 +121,39 @@ class ShardWriter:
         self._count = 0
 
     def write(self, key: str, image: bytes, meta: dict, ext: str = "jpg") -> str:
+        return self.write_encoded(key, image, meta_json(key, meta), ext)
+
+    def write_encoded(self, key: str, image: bytes, meta: bytes, ext: str = "jpg") -> str:
+        """`write` with the JSON member already encoded (by `meta_json`, so the bytes are the same)."""
         check_key(key)
         if key in self._seen:
             raise ValueError(f"duplicate sample key {key!r}")
         self._seen.add(key)
         shard = self._add_sample(key, image, meta, ext)
-        self.rows.append({"key": key, "shard": shard})
+        self.keys.append(key)
+        self._shard_of.append(len(self.shards) - 1)
         return shard
 
-    def _add_sample(self, key: str, image: bytes, meta: dict, ext: str) -> str:
+    @property
+    def rows(self) -> list[dict]:
+        """{"key", "shard"} per written sample, in write order."""
+        return [{"key": k, "shard": self.shards[i]} for k, i in zip(self.keys, self._shard_of)]
+
+    def index_frame(self):
+        """The written samples' key and shard columns (the DataFrame `pd.DataFrame(self.rows)` is,
+        without a dict per sample), for `write_index`."""
+        import pandas as pd
+
+        if not self.keys:
+            return pd.DataFrame([])         # as pd.DataFrame of no rows: no columns
+        shard = np.asarray(self.shards, dtype=object)[np.frombuffer(self._shard_of, np.int64)]
+        return pd.DataFrame({"key": self.keys, "shard": shard.tolist()})
+
+    def _add_sample(self, key: str, image: bytes, meta: dict | bytes, ext: str) -> str:
         if self._tar is None or self._count >= self.maxcount:
             self._open_next()
-        meta = {**meta, "key": key}
         _add(self._tar, f"{key}.{ext}", image)
-        _add(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
+        _add(self._tar, f"{key}.json", meta if isinstance(meta, bytes) else meta_json(key, meta))
         self._count += 1
         return self.shards[-1]
 
