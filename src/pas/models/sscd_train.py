@@ -9,8 +9,8 @@ batch plus λ_KoLeo·KoLeo (lightly's NTXentLoss and KoLeoLoss); optionally view
 (dedup compares a copy with its original) and the descriptors are PCA-whitened on the pool (SSCD's
 evaluation normalises scores against background images). The trunk is a narrow ResNet of the same
 shape as `pas.models.sscd`'s (BasicBlocks → GeM p=3 → Linear → L2 norm, then the whitening Linear →
-L2 norm), scripted to TorchScript
-like the released models, so `load_sscd` / `descriptors` / dedup / leakage use it unchanged.
+L2 norm), scripted to TorchScript like the released models, so `load_sscd` / `descriptors` / dedup /
+leakage use it unchanged.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def copy_augment(size: int, rng: np.random.Generator, min_area: float = 0.25):
 
 
 def _small_module(widths, dims: int):
-    """The trained trunk: stem → one BasicBlock per stage at `widths` → GeM(3) → Linear → L2."""
+    """The trained trunk: stem → one BasicBlock per stage at `widths` → GeM(3) → Linear → L2 → whitening
+    Linear → L2."""
     import torch
     from torch import nn
     from torchvision.models.resnet import BasicBlock
@@ -119,7 +120,7 @@ def _small_module(widths, dims: int):
         layers.append(BasicBlock(c, w, stride, down))
         c = w
     whitening = nn.Linear(dims, dims)
-    with torch.no_grad():                         # identity until `whiten_on` fits it to the pool
+    with torch.no_grad():                         # identity unless train_sscd fits it (spec.whiten > 0)
         whitening.weight.copy_(torch.eye(dims))
         whitening.bias.zero_()
     return _small_class()(nn.Sequential(*layers), nn.Sequential(GeM(3.0), nn.Linear(c, dims)), whitening)
@@ -154,7 +155,7 @@ _CLASSES: dict = {}
 
 def augment_batch(x, gen, size: int, min_area: float = 0.25):
     """Copy-style views of a uint8 batch (B, S, S, 3) → normalised float (B, 3, size, size), batched
-    tensor ops (PIL per view was the bottleneck): random resized crop (area 0.25–1), flip, brightness /
+    tensor ops (PIL per view was the bottleneck): random resized crop (area min_area–1), flip, brightness /
     contrast / saturation jitter, greyscale, box blur, a coloured patch overlay, JPEG re-encode."""
     import io
 
