@@ -3,11 +3,12 @@
 CLIP: precision@k of text→image retrieval for a fixed list of food concepts (an image counts when its
 pool category is under `food/`: evaluation labels only), and the same with the alt-text embeddings
 themselves (the ceiling a perfect image tower reaches). SSCD: planted copies — each of N pool images
-edited once by `copy_augment` with a held-out seed — found above λ (recall), and distinct pool images
-whose nearest other image is above λ (the false-merge rate; openclipart holds real near-copies, e.g.
-colour and `_bw` versions, which count here too).
+edited once by `copy_augment` with a held-out seed — found above λ (recall), and pool images whose
+nearest image of another copy group (`copy_groups`: openclipart's own duplicates, e.g. one file in
+several folders, colour and `_bw` versions) is above λ (the false-merge rate).
 
     python benchmarks/offline_models.py --clip models/clip [--sscd DIR]
+    python benchmarks/offline_models.py --sscd-only --sscd DIR [--copy-min-area 0.5] [--with-tiny]
 """
 
 from __future__ import annotations
@@ -36,22 +37,87 @@ def clip_precision(clip_dir, pairs, food, k: int) -> float:
     return float(food[top].mean())
 
 
-def sscd_rates(sscd_dir, pairs, n: int, lambdas) -> dict:
+def copy_groups(paths, images) -> np.ndarray:
+    """Group id per pool image: images that are the same picture in openclipart — the same file stem
+    (one drawing filed under several folders), the same stem but for a `_bw` token (colour and
+    black-and-white versions) or pixel-identical crops. A merge inside a group is no false merge."""
+    import hashlib
+    import re
+
+    parent = list(range(len(paths)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    stems = [re.sub(r"_bw(?=_|$)", "", Path(p).stem) for p in paths]
+    digests = [hashlib.sha256(a.tobytes()).hexdigest() for a in images]
+    for names in (stems, digests):
+        first: dict = {}
+        for i, name in enumerate(names):
+            if name in first:
+                parent[root(i)] = root(first[name])
+            else:
+                first[name] = i
+    return np.asarray([root(i) for i in range(len(paths))])
+
+
+def sscd_rates(sscd_dir, pairs, groups, n: int, lambdas, min_area: float) -> dict:
+    """Planted copies of `n` pool images (one `copy_augment` edit each, held-out seed, crops of
+    ≥ `min_area`): recall = copies whose cosine to their original is above λ; false merge = pool images
+    whose nearest image of another `copy_groups` group is above λ (over the whole pool). The λ chosen is
+    the lowest with ≤ 1% false merges."""
     from pas.models.sscd import descriptors, load_sscd, read_preset
     from pas.models.sscd_train import copy_augment
 
     model, resize = load_sscd(sscd_dir), read_preset(sscd_dir)["resize"]
     rng = np.random.default_rng(12345)
     idx = rng.choice(len(pairs.keys), n, replace=False)
-    orig = [Image.fromarray(pairs.images[i]) for i in idx]
-    copies = [copy_augment(pairs.images.shape[1], rng)(im) for im in orig]
-    a, b = descriptors(model, orig, resize=resize), descriptors(model, copies, resize=resize)
-    copy_sim = (a * b).sum(1)
-    S = a @ a.T
-    np.fill_diagonal(S, -1)
-    nn = S.max(1)
-    return {str(lam): {"copy_recall": round(float((copy_sim > lam).mean()), 4),
-                       "false_merge": round(float((nn > lam).mean()), 4)} for lam in lambdas}
+    pool = [Image.fromarray(a) for a in pairs.images]
+    copies = [copy_augment(pairs.images.shape[1], rng, min_area)(pool[i]) for i in idx]
+    E = descriptors(model, pool, resize=resize, batch_size=256)
+    C = descriptors(model, copies, resize=resize, batch_size=256)
+    copy_sim = (E[idx] * C).sum(1)
+    top1 = float(((C @ E.T).argmax(1) == idx).mean())   # the copy's nearest pool image is its original
+    S = E @ E.T
+    S[groups[:, None] == groups[None, :]] = -1
+    distinct = S.max(1)
+    q = (0.01, 0.05, 0.5, 0.95, 0.99, 0.999)
+    lam = float(np.quantile(distinct, 0.99))        # the lowest λ with ≤ 1% false merges
+    return {"copy_sim_quantiles": dict(zip(map(str, q), np.round(np.quantile(copy_sim, q), 4).tolist())),
+            "nearest_distinct_quantiles": dict(zip(map(str, q), np.round(np.quantile(distinct, q), 4).tolist())),
+            "per_lambda": {str(x): {"copy_recall": round(float((copy_sim > x).mean()), 4),
+                                    "false_merge": round(float((distinct > x).mean()), 4)} for x in lambdas},
+            "lambda_false_0.01": round(lam, 4), "copy_recall_at_it": round(float((copy_sim > lam).mean()), 4),
+            "copy_top1": round(top1, 4)}
+
+
+def sscd_main(args) -> dict:
+    """The SSCD part: the given model and the random-init tiny SSCD on the same planted copies."""
+    import pandas as pd
+
+    from pas.data.pool import PoolParams
+    from pas.models import sscd as sscd_mod
+    from pas.models.pool_pairs import load_pool_pairs
+
+    pairs = load_pool_pairs(PoolParams(max_side=256), 96)         # SscdTrainSpec.train_size
+    index = pd.read_parquet(args.pool_index)
+    paths = dict(zip(index["key"], index["path"]))
+    groups = copy_groups([paths[k] for k in pairs.keys], pairs.images)
+    lambdas = (0.3, 0.4, 0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 0.9995)
+    res = {"n_pool": len(pairs.keys), "n_groups": int(len(set(groups.tolist()))), "copies": args.copies,
+           "copy_min_area": args.copy_min_area}
+    t0 = time.time()
+    res["given"] = sscd_rates(args.sscd, pairs, groups, args.copies, lambdas, args.copy_min_area)
+    res["given"]["seconds"] = round(time.time() - t0, 1)
+    if args.with_tiny:
+        with tempfile.TemporaryDirectory() as tmp:
+            sscd_mod.build_tiny_sscd(Path(tmp) / "sscd")
+            res["tiny_random"] = sscd_rates(Path(tmp) / "sscd", pairs, groups, args.copies, lambdas,
+                                            args.copy_min_area)
+    return res
 
 
 def main() -> None:
@@ -61,21 +127,28 @@ def main() -> None:
                     "models.sscd: {kind: trained}); the random-init tiny SSCD is measured beside it")
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--copies", type=int, default=1000)
+    ap.add_argument("--copy-min-area", type=float, default=0.25, help="smallest crop of a planted copy")
+    ap.add_argument("--pool-index", default="data/pool/index.parquet", help="pool paths, for copy_groups")
+    ap.add_argument("--with-tiny", action="store_true", help="measure the random-init tiny SSCD too (slow)")
+    ap.add_argument("--sscd-only", action="store_true", help="the SSCD part only (needs --sscd)")
     ap.add_argument("--out", default="benchmarks/results-offline-models.json")
     args = ap.parse_args()
     from pas.data.pool import PoolParams
     from pas.models import clip as clip_mod
-    from pas.models import sscd as sscd_mod
     from pas.models.pool_pairs import load_pool_pairs
 
     t0 = time.time()
+    if args.sscd_only:
+        res = sscd_main(args)
+        res["seconds"] = round(time.time() - t0, 1)
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps(res, indent=1))
+        return
     pairs = load_pool_pairs(PoolParams(max_side=256), 64)
     food = np.asarray([t.startswith("food") for t in pairs.texts])  # alt texts start with the folder path
     res = {"n_pool": len(pairs.keys), "chance": round(float(food.mean()), 4), "k": args.k}
     with tempfile.TemporaryDirectory() as tmp:
         clip_mod.build_tiny_clip(Path(tmp) / "clip")
-        if args.sscd:
-            sscd_mod.build_tiny_sscd(Path(tmp) / "sscd")
         res["clip_precision"] = {"trained": round(clip_precision(args.clip, pairs, food, args.k), 4),
                                  "tiny_random": round(clip_precision(Path(tmp) / "clip", pairs, food, args.k), 4)}
         from pas.models.clip import load_clip
@@ -85,10 +158,8 @@ def main() -> None:
         T = c.encode_texts([f"a photo of {x}." for x in CONCEPTS])
         res["clip_precision"]["alt_text_ceiling"] = round(float(
             food[np.argsort(-(T @ A.T), axis=1, kind="stable")[:, :args.k]].mean()), 4)
-        if args.sscd:
-            lambdas = (0.5, 0.6, 0.7, 0.8, 0.9, 0.9995)
-            res["sscd"] = {"given": sscd_rates(args.sscd, pairs, args.copies, lambdas),
-                           "tiny_random": sscd_rates(Path(tmp) / "sscd", pairs, args.copies, lambdas)}
+    if args.sscd:
+        res["sscd"] = sscd_main(args)
     res["seconds"] = round(time.time() - t0, 1)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))

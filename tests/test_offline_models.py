@@ -120,7 +120,8 @@ def trained_sscd(tmp_path_factory):
         a = rng.integers(0, 256, (6, 6, 3)).astype(np.uint8)
         ims.append(np.asarray(Image.fromarray(a).resize((size, size), Image.Resampling.NEAREST)))
     pairs = PoolPairs([f"p{i}" for i in range(n)], np.stack(ims), [""] * n)
-    spec = SscdTrainSpec(resize=32, widths=[8, 16, 32, 64], dims=32, epochs=4, batch_size=16, threads=1)
+    spec = SscdTrainSpec(resize=32, widths=[8, 16, 32, 64], dims=32, epochs=4, batch_size=16, threads=1,
+                         original_view=0.5, whiten=0.5)
     dirs = []
     for run in ("a", "b"):
         d = tmp_path_factory.mktemp(f"sscd_{run}")
@@ -130,8 +131,9 @@ def trained_sscd(tmp_path_factory):
 
 
 def test_trained_sscd_loads_as_torchscript_and_learns(trained_sscd):
-    """The mechanics: scripted, loaded by `load_sscd`, its preset read, the loss going down. Whether it
-    separates copies from other images is measured (and not yet reached) in RESULTS-offline-models.md."""
+    """The mechanics: scripted, loaded by `load_sscd`, its preset read, the loss going down, the pool
+    whitening folded in. Whether it separates copies from other images is measured (and not yet
+    reached) in RESULTS-offline-models.md."""
     from pas.models.sscd import descriptors, load_sscd, read_preset
     from pas.models.sscd_train import copy_augment
 
@@ -144,8 +146,28 @@ def test_trained_sscd_loads_as_torchscript_and_learns(trained_sscd):
     assert z.shape == (5, 32)
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
     assert stats["loss_last_epoch"] < stats["loss_first_epoch"]
+    # the whitening learnt on the pool is in the scripted model: the common component is gone
+    # (unwhitened, this model's descriptors share one direction: mean norm ≈ 0.9)
+    pool = descriptors(model, [Image.fromarray(a) for a in pairs.images], resize=32)
+    assert np.linalg.norm(pool.mean(0)) < 0.3
 
 
 def test_trained_sscd_is_byte_reproducible(trained_sscd):
     (a, b), _, _, _ = trained_sscd
     assert _sha(a) == _sha(b)
+
+
+
+def test_whitening_matrix_against_brute_force():
+    """W z + b is centred with covariance V diag(λ/(λ + s·mean λ)) Vᵀ in the eigenbasis: identity at s = 0."""
+    from pas.models.sscd_train import whitening_matrix
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(600, 6)) @ rng.normal(size=(6, 6)) + rng.normal(size=6)   # correlated, off-centre
+    for shrink in (0.0, 0.5):
+        w, b = whitening_matrix(z, shrink)
+        y = z @ w.T.astype(np.float64) + b
+        np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-4)
+        ev = np.linalg.eigvalsh(np.cov(z, rowvar=False))
+        np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(np.cov(y, rowvar=False))),
+                                   np.sort(ev / (ev + shrink * ev.mean())), rtol=1e-3, atol=1e-4)

@@ -5,9 +5,12 @@ together and different images far apart: "a contrastive self-supervised loss (In
 augmentations" plus "an entropy regularization term [KoLeo] that promotes consistent separation
 between descriptor vectors". We follow it on the pool's images: two copy-style views per image (crops,
 resizes, flips, colour jitter, greyscale, blur, patch overlays, JPEG re-encodes), InfoNCE over the
-batch at SSCD's temperature plus λ_KoLeo·KoLeo (lightly's NTXentLoss and KoLeoLoss). The trunk is a narrow ResNet of the same
-shape as `pas.models.sscd`'s (BasicBlocks → GeM p=3 → Linear → L2 norm), scripted to TorchScript
-like the released models, so `load_sscd` / `descriptors` / dedup / leakage use it unchanged.
+batch plus λ_KoLeo·KoLeo (lightly's NTXentLoss and KoLeoLoss); optionally view 1 is the unedited image
+(dedup compares a copy with its original) and the descriptors are PCA-whitened on the pool (SSCD's
+evaluation normalises scores against background images). The trunk is a narrow ResNet of the same
+shape as `pas.models.sscd`'s (BasicBlocks → GeM p=3 → Linear → L2 norm, then the whitening Linear →
+L2 norm), scripted to TorchScript like the released models, so `load_sscd` / `descriptors` / dedup /
+leakage use it unchanged.
 """
 
 from __future__ import annotations
@@ -30,18 +33,24 @@ class SscdTrainSpec:
     """`models.sscd` with `kind: trained`."""
 
     seed: int = 0
-    resize: int = 64                  # training view size = the inference preset's short side
+    # the best recipe measured on the pool (benchmarks/RESULTS-offline-models.md, run e3): copies score
+    # high, but so do distinct images — not yet a copy detector, so the default profile keeps `tiny`
+    resize: int = 48                  # training view size = the inference preset's short side
     train_size: int = 96              # pool images are centre-cropped to this before the copy edits
-    widths: list = field(default_factory=lambda: [32, 64, 128, 256])
-    dims: int = 256
-    epochs: int = 6
-    batch_size: int = 128             # images per step (2 views each)
+    widths: list = field(default_factory=lambda: [16, 32, 64, 128])
+    dims: int = 128
+    epochs: int = 12
+    batch_size: int = 256             # images per step (2 views each)
     lr: float = 2e-3
     weight_decay: float = 1e-4
     temperature: float = 0.05         # SSCD's InfoNCE temperature
-    # SSCD's entropy weight is 30; on this small model and pool 30 (and 5) spread the descriptors so much
-    # that copies were no closer than other images (benchmarks/RESULTS-offline-models.md)
-    koleo_weight: float = 1.0
+    # SSCD's entropy weight is 30; on this small model and pool 30 and 5 spread the descriptors so that
+    # copies were no closer than other images, and 1 separated them no better (RESULTS-offline-models.md)
+    koleo_weight: float = 0.0
+    min_area: float = 0.5             # smallest crop (fraction of the image) of a training copy edit
+    original_view: float = 0.5        # chance that view 1 is the unedited image (a copy's query is the original)
+    whiten: float = 0.0               # > 0: PCA-whiten on the pool's descriptors, eigenvalues + whiten·mean
+    #                                   (measured: no better separation on the pool; off)
     threads: int = 2
 
 
@@ -91,7 +100,9 @@ def copy_augment(size: int, rng: np.random.Generator, min_area: float = 0.25):
 
 
 def _small_module(widths, dims: int):
-    """The trained trunk: stem → one BasicBlock per stage at `widths` → GeM(3) → Linear → L2."""
+    """The trained trunk: stem → one BasicBlock per stage at `widths` → GeM(3) → Linear → L2 → whitening
+    Linear → L2."""
+    import torch
     from torch import nn
     from torchvision.models.resnet import BasicBlock
 
@@ -108,7 +119,11 @@ def _small_module(widths, dims: int):
                                                                  nn.BatchNorm2d(w))
         layers.append(BasicBlock(c, w, stride, down))
         c = w
-    return _small_class()(nn.Sequential(*layers), nn.Sequential(GeM(3.0), nn.Linear(c, dims)))
+    whitening = nn.Linear(dims, dims)
+    with torch.no_grad():                         # identity unless train_sscd fits it (spec.whiten > 0)
+        whitening.weight.copy_(torch.eye(dims))
+        whitening.bias.zero_()
+    return _small_class()(nn.Sequential(*layers), nn.Sequential(GeM(3.0), nn.Linear(c, dims)), whitening)
 
 
 def _small_class():
@@ -119,14 +134,16 @@ def _small_class():
     from torch import nn
 
     class SmallSSCD(nn.Module):
-        """SSCD-shaped: trunk → GeM(p=3) → Linear → L2 normalise."""
+        """SSCD-shaped: trunk → GeM(p=3) → Linear → L2 normalise, then centring/whitening → L2 normalise
+        (SSCD's descriptor post-processing, learnt on the pool)."""
 
-        def __init__(self, backbone, embeddings):
+        def __init__(self, backbone, embeddings, whitening):
             super().__init__()
-            self.backbone, self.embeddings = backbone, embeddings
+            self.backbone, self.embeddings, self.whitening = backbone, embeddings, whitening
 
         def forward(self, x):
-            return nn.functional.normalize(self.embeddings(self.backbone(x)), p=2.0, dim=1)
+            z = nn.functional.normalize(self.embeddings(self.backbone(x)), p=2.0, dim=1)
+            return nn.functional.normalize(self.whitening(z), p=2.0, dim=1)
 
     SmallSSCD.__module__, SmallSSCD.__qualname__ = __name__, "SmallSSCD"
     _CLASSES["SmallSSCD"] = SmallSSCD
@@ -136,9 +153,9 @@ def _small_class():
 _CLASSES: dict = {}
 
 
-def augment_batch(x, gen, size: int):
+def augment_batch(x, gen, size: int, min_area: float = 0.25):
     """Copy-style views of a uint8 batch (B, S, S, 3) → normalised float (B, 3, size, size), batched
-    tensor ops (PIL per view was the bottleneck): random resized crop (area 0.25–1), flip, brightness /
+    tensor ops (PIL per view was the bottleneck): random resized crop (area min_area–1), flip, brightness /
     contrast / saturation jitter, greyscale, box blur, a coloured patch overlay, JPEG re-encode."""
     import io
 
@@ -152,14 +169,14 @@ def augment_batch(x, gen, size: int):
     src = x.permute(0, 3, 1, 2).float().div_(255.0)
     u = lambda *shape: torch.rand(*shape, generator=gen)          # noqa: E731
     out = torch.empty(b, 3, size, size)
-    area, logr = u(b) * 0.75 + 0.25, (u(b) - 0.5) * 2 * math.log(4 / 3)
+    area, logr = min_area + u(b) * (1 - min_area), (u(b) - 0.5) * 2 * math.log(4 / 3)
     for i in range(b):
         cw = int(min(s, max(8, round(s * math.sqrt(float(area[i]) * math.exp(float(logr[i])))))))
         ch = int(min(s, max(8, round(s * math.sqrt(float(area[i]) / math.exp(float(logr[i])))))))
         y0 = int(u(1) * (s - ch + 1))
         x0 = int(u(1) * (s - cw + 1))
         out[i] = F.interpolate(src[i:i + 1, :, y0:y0 + ch, x0:x0 + cw], size=(size, size), mode="bilinear",
-                               align_corners=False)[0]
+                               align_corners=False, antialias=True)[0]
     flip = u(b) < 0.5
     out[flip] = out[flip].flip(-1)
     jitter = (u(b) < 0.8).float().view(b, 1, 1, 1)
@@ -190,6 +207,34 @@ def augment_batch(x, gen, size: int):
     return (out - m) / sd
 
 
+def plain_batch(x, size: int):
+    """A uint8 batch (B, S, S, 3) resized to `size` without edits, normalised as `descriptors` does: the
+    originals, as inference sees them (antialiased, like PIL's downscaling)."""
+    import torch
+    import torch.nn.functional as F
+
+    from pas.models.sscd import IMAGENET_MEAN, IMAGENET_STD
+
+    out = F.interpolate(x.permute(0, 3, 1, 2).float().div_(255.0), size=(size, size), mode="bilinear",
+                        align_corners=False, antialias=True)
+    m = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    sd = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (out - m) / sd
+
+
+def whitening_matrix(z: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]:
+    """PCA whitening of descriptors `z` (N, D): W = diag(λ + shrink·mean λ)^-½ Vᵀ, b = −W μ, so that
+    W z + b is centred with (shrunk) unit variance along every principal axis. The common component
+    a small trunk gives every image (the random-init SSCD's cosines sit in 0.92–1) is removed by the
+    centring; the shrinkage keeps near-empty directions from amplifying noise."""
+    z = z.astype(np.float64)
+    mu = z.mean(0)
+    ev, vec = np.linalg.eigh(np.cov(z - mu, rowvar=False))
+    ev = np.clip(ev, 0.0, None)
+    w = (vec / np.sqrt(ev + shrink * ev.mean())).T
+    return w.astype(np.float32), (-w @ mu).astype(np.float32)
+
+
 def train_sscd(pairs, spec: SscdTrainSpec, out_dir: str | Path) -> dict:
     """Train on the pool crops of `pairs` (`PoolPairs`), script and save `out_dir` like `build_tiny_sscd`."""
     import torch
@@ -216,10 +261,16 @@ def train_sscd(pairs, spec: SscdTrainSpec, out_dir: str | Path) -> dict:
             lr = spec.lr * lr_factor(step, steps_per_epoch, spec.epochs, 0.5, "cosine")
             for g in opt.param_groups:
                 g["lr"] = lr
-            v1 = augment_batch(images[idx], gen, spec.resize)
-            v2 = augment_batch(images[idx], gen, spec.resize)
+            v1 = augment_batch(images[idx], gen, spec.resize, spec.min_area)
+            v2 = augment_batch(images[idx], gen, spec.resize, spec.min_area)
+            if spec.original_view > 0:
+                keep = torch.rand(len(idx), generator=gen) < spec.original_view
+                if keep.any():
+                    v1[keep] = plain_batch(images[idx][keep], spec.resize)
             z1, z2 = model(v1), model(v2)
-            loss = info_nce(z1, z2) + spec.koleo_weight * koleo(torch.cat([z1, z2]))
+            loss = info_nce(z1, z2)
+            if spec.koleo_weight > 0:
+                loss = loss + spec.koleo_weight * koleo(torch.cat([z1, z2]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -227,6 +278,13 @@ def train_sscd(pairs, spec: SscdTrainSpec, out_dir: str | Path) -> dict:
             step += 1
         losses.append(run / steps_per_epoch)
         log.info("sscd: epoch %d/%d loss %.4f", epoch + 1, spec.epochs, losses[-1])
+    model.eval()
+    if spec.whiten > 0:
+        with torch.no_grad():
+            z = torch.cat([model(plain_batch(images[i:i + 512], spec.resize)) for i in range(0, n, 512)])
+            w, bias = whitening_matrix(z.numpy(), spec.whiten)
+            model.whitening.weight.copy_(torch.from_numpy(w))
+            model.whitening.bias.copy_(torch.from_numpy(bias))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = out / ".trained_state.pt"
