@@ -6,7 +6,6 @@ import hashlib
 from pathlib import Path
 
 from pas.hashing import sha256_file
-from pas.jsonio import write_json  # noqa: F401 - still imported from here by sscd_train.py (another branch)
 
 
 def fingerprint_dir(path: str | Path, suffixes=(".safetensors", ".bin", ".pt", ".pth", ".json")) -> str:

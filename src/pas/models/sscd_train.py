@@ -316,7 +316,8 @@ def _script_in_child(out: Path, state: Path, spec: SscdTrainSpec) -> None:
     import subprocess
     import sys
 
-    from pas.models.files import sha256_file, write_json
+    from pas.hashing import sha256_file
+    from pas.jsonio import write_json
     from pas.models.sscd import PRESET, TORCHSCRIPT
 
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
