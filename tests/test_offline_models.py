@@ -110,6 +110,31 @@ def test_trained_clip_is_byte_reproducible(trained_clip):
     assert stats["no_head"]["p_no_own_text"] < 0.5 < stats["no_head"]["p_no_other_text"], stats["no_head"]
 
 
+def test_soft_targets_train_a_clip_that_retrieves_by_alt_text(tmp_path):
+    from pas.models.clip import load_clip
+    from pas.models.clip_train import ClipTrainSpec, train_clip
+    from pas.models.llm import resolve_llm_source
+
+    spec = ClipTrainSpec(image_size=32, epochs=40, batch_size=24, lr=3e-3, threads=1, no_head_steps=0,
+                         text_tau=0.05, vision={"layers": [1, 1, 1, 1], "width": 8, "head_width": 8})
+    train_clip(colour_pairs(), spec, resolve_llm_source(MINILM).path, tmp_path)
+    clip = load_clip(tmp_path)
+    pairs = colour_pairs()
+    E = clip.encode_images([Image.fromarray(a) for a in pairs.images])
+    T = clip.encode_texts([f"a photo of a {c} square." for c in COLOURS])
+    labels = np.asarray([t.split()[1] for t in pairs.texts])
+    for i, c in enumerate(COLOURS):
+        assert (labels[np.argsort(-(T[i] @ E.T))[:8]] == c).mean() >= 0.75, c
+
+
+def test_negative_text_tau_is_one_clear_error():
+    from pas.models.clip_train import ClipTrainSpec
+    from pas.params import ParamsError
+
+    with pytest.raises(ParamsError, match=r"models\.clip\.text_tau=-0\.1 must be >= 0"):
+        ClipTrainSpec(text_tau=-0.1)
+
+
 def test_soft_clip_loss_hand_computed():
     import torch
 

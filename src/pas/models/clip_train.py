@@ -54,8 +54,14 @@ class ClipTrainSpec:
     no_head_steps: int = 600
     # soft contrastive targets: image i's target over the batch's texts is softmax_j(t_i·t_j / text_tau)
     # of the frozen text tower, so "food fruit apple" is not a full negative of "food fruit pear";
-    # 0 = one-hot targets (images with equal alt texts positives of each other)
+    # 0 = one-hot targets (images with equal alt texts positives of each other). 0.05 retrieved worse on
+    # the default pool (benchmarks/RESULTS-offline-models.md), hence off
     text_tau: float = 0.0
+
+    def __post_init__(self):
+        from pas.params import check_range
+
+        check_range("models.clip.text_tau", self.text_tau, 0.0, None, lo_open=False)
 
 
 
@@ -210,7 +216,7 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
                 images[i:i + 256].permute(0, 3, 1, 2).float().div(255.0), size=(spec.image_size,) * 2,
                 mode="bilinear", align_corners=False))), dim=-1) for i in range(0, n, 256)])
         W, b, head_metrics = train_no_head(f.numpy(), t.numpy(), text_ids.numpy(),
-                                           float(model.logit_scale.exp().clamp(max=100.0)), seed=spec.seed,
+                                           float(model.logit_scale.detach().exp().clamp(max=100.0)), seed=spec.seed,
                                            steps=spec.no_head_steps)
         save_no_head(out, W, b)
         log.info("clip: no head p_no own text %.3f, other text %.3f", head_metrics["p_no_own_text"],
