@@ -4,6 +4,7 @@ loaders, the frozen text tower, learning, determinism."""
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,75 @@ def test_trained_clip_is_byte_reproducible(trained_clip):
     assert _sha(a) == _sha(b) and "no_head.safetensors" in _sha(a)     # the no head too
     # the CLIPN-style head learnt: an image's own alt text is "yes", the other colours' are "no"
     assert stats["no_head"]["p_no_own_text"] < 0.5 < stats["no_head"]["p_no_other_text"], stats["no_head"]
+
+
+def test_soft_targets_train_a_clip_that_retrieves_by_alt_text(tmp_path):
+    from pas.models.clip import load_clip
+    from pas.models.clip_train import ClipTrainSpec, train_clip
+    from pas.models.llm import resolve_llm_source
+
+    spec = ClipTrainSpec(image_size=32, epochs=40, batch_size=24, lr=3e-3, threads=1, no_head_steps=0,
+                         text_tau=0.05, vision={"layers": [1, 1, 1, 1], "width": 8, "head_width": 8})
+    train_clip(colour_pairs(), spec, resolve_llm_source(MINILM).path, tmp_path)
+    clip = load_clip(tmp_path)
+    pairs = colour_pairs()
+    E = clip.encode_images([Image.fromarray(a) for a in pairs.images])
+    T = clip.encode_texts([f"a photo of a {c} square." for c in COLOURS])
+    labels = np.asarray([t.split()[1] for t in pairs.texts])
+    for i, c in enumerate(COLOURS):
+        assert (labels[np.argsort(-(T[i] @ E.T))[:8]] == c).mean() >= 0.75, c
+
+
+def test_negative_text_tau_is_one_clear_error():
+    from pas.models.clip_train import ClipTrainSpec
+    from pas.params import ParamsError
+
+    with pytest.raises(ParamsError, match=r"models\.clip\.text_tau=-0\.1 must be >= 0"):
+        ClipTrainSpec(text_tau=-0.1)
+
+
+def test_soft_clip_loss_hand_computed():
+    import torch
+
+    from pas.models.clip_train import soft_clip_loss
+
+    # logits I: each image matches its own text by 1; texts at cosine 0.5, tau 0.5 -> targets
+    # softmax([2, 1]) = (e/(1+e), 1/(1+e)). Cross-entropy per row: log(1+e^-1) + 1/(1+e) · 1
+    logits = torch.eye(2)
+    sim = torch.tensor([[1.0, 0.5], [0.5, 1.0]])
+    want = math.log1p(math.exp(-1)) + 1 / (1 + math.e)
+    assert abs(float(soft_clip_loss(logits, sim, 0.5)) - want) < 1e-6       # 0.582203
+
+
+@pytest.mark.parametrize("b", [1, 5])
+def test_soft_clip_loss_is_clip_loss_for_distinct_texts(b):
+    import torch
+    import torch.nn.functional as F
+
+    from pas.models.clip_train import soft_clip_loss
+
+    logits = torch.randn(b, b, generator=torch.Generator().manual_seed(b)) * 5
+    target = torch.arange(b)
+    clip = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    # text similarities an identity and a small tau: the targets are one-hot
+    torch.testing.assert_close(soft_clip_loss(logits, torch.eye(b), 0.01), clip)
+
+
+def test_soft_clip_loss_splits_the_target_between_equal_texts():
+    import torch
+
+    from pas.models.clip_train import soft_clip_loss
+
+    # images 0 and 1 have the same alt text (cosine 1), image 2 another (cosine 0): at a small tau image
+    # 0's target is half on text 0 and half on text 1; moving logit mass between them changes nothing
+    sim = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    a = torch.tensor([[4.0, 2.0, 0.0], [2.0, 4.0, 0.0], [0.0, 0.0, 4.0]])
+    b = torch.tensor([[3.0, 3.0, 0.0], [3.0, 3.0, 0.0], [0.0, 0.0, 4.0]])
+    la, lb = soft_clip_loss(a, sim, 0.01), soft_clip_loss(b, sim, 0.01)
+    assert float(lb) < float(la)           # equal logits on equal texts is the better of the two
+    # b is symmetric, so both directions are equal: rows 0, 1 target (1/2, 1/2, 0), row 2 one-hot
+    want = (2 * (math.log(2 * math.exp(3) + 1) - 3) + math.log(2 + math.exp(4)) - 4) / 3
+    assert abs(float(lb) - want) < 1e-6
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,16 @@ class ClipTrainSpec:
     # steps of the CLIPN-style "no" head trained after the CLIP (pas.models.no_head); 0 = none, and
     # ood falls back to negative prompts
     no_head_steps: int = 600
+    # soft contrastive targets: image i's target over the batch's texts is softmax_j(t_i·t_j / text_tau)
+    # of the frozen text tower, so "food fruit apple" is not a full negative of "food fruit pear";
+    # 0 = one-hot targets (images with equal alt texts positives of each other). 0.05 retrieved worse on
+    # the default pool (benchmarks/RESULTS-offline-models.md), hence off
+    text_tau: float = 0.0
+
+    def __post_init__(self):
+        from pas.params import check_range
+
+        check_range("models.clip.text_tau", self.text_tau, 0.0, None, lo_open=False)
 
 
 
@@ -63,6 +73,21 @@ def model_cfg(spec: ClipTrainSpec, text_dir: str, text_width: int) -> dict:
                      "hf_pooler_type": "mean_pooler", "context_length": spec.context_length},
         "custom_text": True,
     }
+
+
+def soft_clip_loss(logits, text_sim, text_tau: float):
+    """Symmetric CLIP loss with soft targets.
+
+    logits (B, B): s·cos(f_i, t_j) of image i and the text of image j; text_sim (B, B): cos(t_i, t_j)
+    of the frozen text tower (symmetric). Image i's target over texts j, and text i's over images j,
+    is q_i = softmax_j(text_sim_ij / text_tau); the loss is the mean of both cross-entropies. With
+    distinct texts and text_tau → 0, q is the identity and this is CLIP's loss."""
+    import torch.nn.functional as F
+
+    q = F.softmax(text_sim / text_tau, dim=1)
+    loss_i = -(q * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_t = -(q * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return 0.5 * (loss_i + loss_t)
 
 
 def _augment(x, gen, size: int, min_scale: float):
@@ -159,14 +184,18 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
             x = _normalize(_augment(images[idx], gen, spec.image_size, spec.min_scale))
             f = F.normalize(visual(x), dim=-1)
             ids = text_ids[idx]
-            # the batch's distinct texts are the classes; images sharing a text are all positives
-            cls, inv = torch.unique(ids, return_inverse=True)
             scale = model.logit_scale.exp().clamp(max=100.0)
-            logits = scale * f @ t[cls].T                               # (B, C)
-            loss_i = F.cross_entropy(logits, inv)
-            pos = (inv[None, :] == torch.arange(len(cls))[:, None]).float()   # (C, B)
-            loss_t = -(pos * F.log_softmax(logits.T, dim=1)).sum(1).div(pos.sum(1)).mean()
-            loss = 0.5 * (loss_i + loss_t)
+            if spec.text_tau > 0:
+                tb = t[ids]                                             # (B, D)
+                loss = soft_clip_loss(scale * f @ tb.T, tb @ tb.T, spec.text_tau)
+            else:
+                # the batch's distinct texts are the classes; images sharing a text are all positives
+                cls, inv = torch.unique(ids, return_inverse=True)
+                logits = scale * f @ t[cls].T                               # (B, C)
+                loss_i = F.cross_entropy(logits, inv)
+                pos = (inv[None, :] == torch.arange(len(cls))[:, None]).float()   # (C, B)
+                loss_t = -(pos * F.log_softmax(logits.T, dim=1)).sum(1).div(pos.sum(1)).mean()
+                loss = 0.5 * (loss_i + loss_t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -187,7 +216,7 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
                 images[i:i + 256].permute(0, 3, 1, 2).float().div(255.0), size=(spec.image_size,) * 2,
                 mode="bilinear", align_corners=False))), dim=-1) for i in range(0, n, 256)])
         W, b, head_metrics = train_no_head(f.numpy(), t.numpy(), text_ids.numpy(),
-                                           float(model.logit_scale.exp().clamp(max=100.0)), seed=spec.seed,
+                                           float(model.logit_scale.detach().exp().clamp(max=100.0)), seed=spec.seed,
                                            steps=spec.no_head_steps)
         save_no_head(out, W, b)
         log.info("clip: no head p_no own text %.3f, other text %.3f", head_metrics["p_no_own_text"],
