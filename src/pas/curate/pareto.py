@@ -77,6 +77,20 @@ def _lower_bound(sy, o, m, py):
     return a
 
 
+@njit(cache=True, inline="always")
+def _prefix_end(zrow, lo, w, off, pz):
+    """lo + the length of the prefix of fronts lo … lo + w − 1 whose coarse summary zrow[front − off]
+    is >= pz: a binary search, valid because those fronts form a prefix."""
+    while w > 0:
+        half = w >> 1
+        if zrow[np.uint64(lo + half - off)] >= pz:
+            lo += half + 1
+            w -= half + 1
+        else:
+            w = half
+    return lo
+
+
 @njit(cache=True)
 def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, cshift, ranks, zT, zC, sy, sz, boff,
                 bcap, bsize, state):
@@ -163,24 +177,8 @@ def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, cshift, r
             # the coarse summary zC (buckets of 2^cshift fine ones) narrows [lo, hi) as zT does: fronts
             # surely holding a dominator are a prefix, surely holding none a suffix
             cp = np.uint64(bp >> cshift)
-            c1 = cp + np.uint64(1)
-            w = hi - lo
-            while w > 0:
-                half = w >> 1
-                if zC[c1, np.uint64(lo + half - msf)] >= pz:
-                    lo += half + 1
-                    w -= half + 1
-                else:
-                    w = half
-            h, w = lo, hi - lo
-            while w > 0:
-                half = w >> 1
-                if zC[cp, np.uint64(h + half - msf)] >= pz:
-                    h += half + 1
-                    w -= half + 1
-                else:
-                    w = half
-            hi = h                          # the rest: binary search, whole staircases
+            lo = _prefix_end(zC[cp + np.uint64(1)], lo, hi - lo, msf, pz)
+            hi = _prefix_end(zC[cp], lo, hi - lo, msf, pz)   # the rest: binary search, whole staircases
             while lo < hi:
                 mid = (lo + hi) >> 1
                 blk = np.uint64(msf * nb + mid - msf)
