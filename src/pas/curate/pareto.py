@@ -78,12 +78,13 @@ def _lower_bound(sy, o, m, py):
 
 
 @njit(cache=True, inline="always")
-def _prefix_end(zrow, lo, w, off, pz):
-    """lo + the length of the prefix of fronts lo … lo + w − 1 whose coarse summary zrow[front − off]
-    is >= pz: a binary search, valid because those fronts form a prefix."""
+def _prefix_end(z, row, lo, w, off, pz):
+    """lo + the length of the prefix of fronts lo … lo + w − 1 whose summary z[row, front − off] is
+    >= pz: a binary search, valid because those fronts form a prefix. Takes the 2-D summary and a row
+    index, not a row view, so no reference counting enters the sweep."""
     while w > 0:
         half = w >> 1
-        if zrow[np.uint64(lo + half - off)] >= pz:
+        if z[row, np.uint64(lo + half - off)] >= pz:
             lo += half + 1
             w -= half + 1
         else:
@@ -141,16 +142,8 @@ def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, cshift, r
         while lo < n_sum and zT[b0, np.uint64(lo)] >= pz:
             if steps == CELL_WALK_MAX:
                 # many undecided fronts (ties in y put them all in p's bucket): "holds a dominator" is
-                # monotone in k, so binary search [lo, h) with the cells; h = first surely-not front
-                h, w = lo, n_sum - lo
-                while w > 0:
-                    half = w >> 1
-                    if zT[b0, np.uint64(h + half)] >= pz:
-                        h += half + 1
-                        w -= half + 1
-                    else:
-                        w = half
-                top = h
+                # monotone in k, so binary search [lo, top) with the cells; top = first surely-not front
+                top = _prefix_end(zT, b0, lo, n_sum - lo, 0, pz)
                 while lo < top:
                     mid = (lo + top) >> 1
                     blk = np.uint64(mid * nb + bp)
@@ -177,8 +170,8 @@ def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, cshift, r
             # the coarse summary zC (buckets of 2^cshift fine ones) narrows [lo, hi) as zT does: fronts
             # surely holding a dominator are a prefix, surely holding none a suffix
             cp = np.uint64(bp >> cshift)
-            lo = _prefix_end(zC[cp + np.uint64(1)], lo, hi - lo, msf, pz)
-            hi = _prefix_end(zC[cp], lo, hi - lo, msf, pz)   # the rest: binary search, whole staircases
+            lo = _prefix_end(zC, cp + np.uint64(1), lo, hi - lo, msf, pz)
+            hi = _prefix_end(zC, cp, lo, hi - lo, msf, pz)   # the rest: binary search, whole staircases
             while lo < hi:
                 mid = (lo + hi) >> 1
                 blk = np.uint64(msf * nb + mid - msf)
