@@ -26,6 +26,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from pas.hashing import sha256_file
+
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 SHARD_GLOB = "*.tar"
 INDEX_NAME = "index.parquet"
@@ -235,11 +237,7 @@ def _version(path: str | Path) -> tuple[str, int, int, int]:
 
 @functools.lru_cache(maxsize=256)
 def _sha256(path: str, size: int, mtime_ns: int, ino: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)            # the version fields are the cache key only
 
 
 def shard_sha256(path: str | Path) -> str:
