@@ -3,7 +3,7 @@
 The kNN service and the image web are tests/knn_standin.py in their own process (tiny 8×8 JPEGs).
 The measured run is a child process; a sampler here reads its memory every 0.2 s (psutil: the pas
 process's RSS, and RSS and PSS summed with its children, img2dataset's download and logger processes)
-and notes it when 10 %, 50 % and 100 % of the query batches (`hits/*.done.json`) and of the download
+and notes it when 10 %, 50 % and 100 % of the query batches (`hits/*.json`, the store's done markers) and of the download
 shards (`download/*_stats.json`) are done, and the peak of each phase (query; dedupe + download;
 write).
 
@@ -114,7 +114,7 @@ def main() -> None:
             def sample() -> None:
                 while not stop.is_set():
                     mem = tree_mem(p)
-                    q_done = count("hits", "*.done.json")
+                    q_done = count("hits", "[!.]*.json")
                     if not n_dl and (cache / "download.json").exists():
                         import pyarrow.parquet as pq
                         n_dl.append(sum(-(-pq.ParquetFile(u).metadata.num_rows // 10_000)

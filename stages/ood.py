@@ -9,7 +9,6 @@ with its trained no head (no_head) or negative prompts (negative_prompts). Write
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pas.concepts import load_bank
-from pas.curate.ood import (OodParams, OodScorer, Timings, derive_generalized_concepts, encode_prompts,
+from pas.curate.ood import (OodParams, OodScorer, Timings, derive_generalized_concepts,
                             ood_models, run_fingerprint, score_shards)
 from pas.engine import EngineConfig
 from pas.io.manifest import read_parquet, source_order, write_metrics, write_parquet
@@ -61,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clipn", default=None, help="CLIPN folder from the models stage (models/clipn); "
                     "used when models.clipn is configured, else --clip")
     ap.add_argument("--out", default="data/ood")
+    ap.add_argument("--cache", default="data/.cache/ood",
+                    help="scratch folder keeping each scored shard across (killed) runs (not a DVC out)")
     args = ap.parse_args(argv)
     params = load(args.params)
     p = build(OodParams, params, "ood")
@@ -90,15 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     fp = run_fingerprint(p, {"clip": fingerprint_dir(models.clip_dir), "clipn": clipn_sha,
                              "detector": sha256_file(default_det_model())}, concepts, generalized)
     t_score = time.perf_counter()
-    df, n_resumed = score_shards(args.images, kept, scorer, str(out / "parts"), fp, batch_size=p.batch_size,
+    df, n_resumed = score_shards(args.images, kept, scorer, args.cache, fp, batch_size=p.batch_size,
                                  engine=engine, timings=timings, prompt_info=prompt_info)
     t_score = time.perf_counter() - t_score
     write_parquet(df, out / "scores.parquet")
-    if not prompt_info:          # every shard resumed: no scorer ran, encode here for the metrics
-        # (mode, logit scale and CLIPN match do not depend on the device; this process may have no GPU)
-        prompt_info = encode_prompts(models.clip_dir, dataclasses.replace(p, device="cpu"), concepts, generalized,
-                                     clipn_checkpoint=models.clipn_checkpoint).info()
-
     n = timings.n_images
     metrics = {
         # ood drops nothing (prune's Pareto fronts do): every image in is scored and kept

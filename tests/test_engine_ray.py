@@ -201,8 +201,8 @@ def _run_stage(tmp_path: Path, out: str, monkeypatch, engine: str, address: str 
     assert load_stage("ood").main(["--manifest", str(tmp_path / "manifest.parquet"),
                      "--images", str(tmp_path / "retrieved"), str(tmp_path / "generated"),
                      "--concepts", str(tmp_path / "bank.parquet"), "--clip", str(tmp_path / "clip"),
-                     "--out", str(tmp_path / out), "--params", str(tmp_path / "params.yaml"),
-                     "--metrics", str(tmp_path / f"{out}.json")]) == 0
+                     "--out", str(tmp_path / out), "--cache", str(tmp_path / f"{out}-cache"),
+                     "--params", str(tmp_path / "params.yaml"), "--metrics", str(tmp_path / f"{out}.json")]) == 0
     # tracked results and the run log (timings, resume counters) together
     return {**json.loads((tmp_path / f"{out}.json").read_text()), **read_run(tmp_path / f"{out}.json")}
 
@@ -216,8 +216,9 @@ def test_ood_ray_engine_is_byte_identical_to_local_and_resumes(tmp_path, monkeyp
     m_local = _run_stage(tmp_path, "local", monkeypatch, "local")
     m_ray = _run_stage(tmp_path, "ray", monkeypatch, "ray", ray_cluster)
     local, ray_out = outputs(tmp_path / "local"), outputs(tmp_path / "ray")
-    assert len([k for k in local if k.startswith("parts/")]) == 6 and "scores.parquet" in local   # 3 shards
-    assert ray_out == local                                        # every byte, parts and markers included
+    assert list(local) == ["scores.parquet"] and ray_out == local
+    parts = {p.name: p.read_bytes() for p in (tmp_path / "local-cache").glob("*.parquet")}
+    assert len(parts) == 3 and parts == {p.name: p.read_bytes() for p in (tmp_path / "ray-cache").glob("*.parquet")}
     for m in (m_local, m_ray):
         assert m["n_kept"] == 4 and m["n_shards_resumed"] == 0 and m["n_timed"] == 4
         assert m["seconds_per_image"]["clip"] > 0                  # ray: timings come back from the actors
@@ -395,8 +396,10 @@ def test_generate_ray_engine_is_byte_identical_and_resumes_across_engines(tmp_pa
     # resume across engines: keep the locally drawn shard 0 (and its marker) only; Ray draws the rest
     cache = tmp_path / "cache_mixed" / "shards"
     cache.mkdir(parents=True)
-    for name in ("generated-000000.tar", "generated-000000.done.json"):
-        shutil.copy(tmp_path / "cache_local" / "shards" / name, cache / name)
+    first = (tmp_path / "out_local" / "generated-000000.tar").read_bytes()
+    tar = next(t for t in (tmp_path / "cache_local" / "shards").glob("*.tar") if t.read_bytes() == first)
+    for f in (tar, tar.with_suffix(".json")):
+        shutil.copy(f, cache / f.name)
     m_mixed = generate(CAPS, sd_dir, tmp_path / "out_mixed", tmp_path / "cache_mixed", p, d, progress=False,
                        engine=ray_cfg)
     assert (m_mixed["n_shards_resumed"], m_mixed["n_shards_generated"]) == (1, 2)
@@ -645,14 +648,14 @@ def test_generate_ray_survives_an_actor_killed_mid_shard(tmp_path, monkeypatch, 
 
     class KillOnceRender(gen_lib._RenderShards):
         def run(self, work):
-            name, _ = work
+            tar, _ = work
             try:
                 fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 return super().run(work)
-            os.write(fd, json.dumps({"pid": os.getpid(), "shard": name}).encode())
+            os.write(fd, json.dumps({"pid": os.getpid(), "shard": tar}).encode())
             os.close(fd)
-            partial = Path(self.shard_dir) / f".tmp-{name}"
+            partial = Path(tar).parent / f".tmp-{Path(tar).stem}"
             partial.mkdir(parents=True, exist_ok=True)
             (partial / "part-000000.tar").write_bytes(b"half a shard")
             os.kill(os.getpid(), signal.SIGKILL)

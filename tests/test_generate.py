@@ -105,7 +105,9 @@ def test_generate_deterministic_and_resumes(sd_dir, tmp_path):
     # fewer images: stale shards of the longer plan are removed from the cache
     generate(CAPS, sd_dir, tmp_path / "out1", tmp_path / "cache1", GenerateParams(n_synth=1,
              shard_size=5), D, progress=False)
-    assert sorted(p.name for p in (tmp_path / "cache1" / "shards").glob("*.tar")) == ["generated-000000.tar"]
+    (tar,) = (tmp_path / "cache1" / "shards").glob("*.tar")
+    assert tar.read_bytes() == (tmp_path / "out1" / "generated-000000.tar").read_bytes()
+    assert sorted(p.name for p in tar.parent.iterdir()) == sorted([tar.name, tar.with_suffix(".json").name])
 
 
 def test_regenerate_one_image_alone(sd_dir, tmp_path):
@@ -136,6 +138,11 @@ generate(caps, {model!r}, {out!r}, {cache!r}, GenerateParams(n_synth={n_synth}, 
 """
 
 
+def _markers(cache: Path) -> list[Path]:
+    """The done markers of the store (not a marker being written: `.tmp-*`)."""
+    return [m for m in (cache / "shards").glob("*.json") if not m.name.startswith(".")]
+
+
 def test_sigkill_and_resume(sd_dir, tmp_path):
     n_synth = 6                                      # 4 captions × 6 = 24 images = 6 shards of 4
     p = GenerateParams(n_synth=n_synth, shard_size=4)
@@ -149,14 +156,14 @@ def test_sigkill_and_resume(sd_dir, tmp_path):
                             stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if len(list((cache / "shards").glob("*.done.json"))) >= 2:
+        if len(_markers(cache)) >= 2:
             break
         time.sleep(0.01)
     assert proc.poll() is None, f"worker ended before the kill: {proc.stderr.read().decode()[-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    done = len(list((cache / "shards").glob("*.done.json")))
+    done = len(_markers(cache))
     assert 2 <= done < 6
     assert not out.exists() or not list(out.glob("*.tar"))           # the out is written only at the end
     m = generate(CAPS, sd_dir, out, cache, p, D, progress=False)
@@ -169,7 +176,7 @@ def test_tampered_shard_is_redone(sd_dir, tmp_path):
     p = GenerateParams(n_synth=2, shard_size=4)
     generate(CAPS, sd_dir, tmp_path / "out", tmp_path / "cache", p, D, progress=False)
     ref = files_of(tmp_path / "out")
-    tar = tmp_path / "cache" / "shards" / "generated-000001.tar"
+    tar = sorted((tmp_path / "cache" / "shards").glob("*.tar"))[1]
     data = tar.read_bytes()
     tar.unlink()                                       # never write in place: it may be hard-linked
     tar.write_bytes(data[:-1024])

@@ -34,10 +34,10 @@ def test_sha256_json_ignores_key_order_and_matches_the_dumps_it_replaced():
     # ood / knn_service / llm answer keys: ensure_ascii=False
     assert sha256_json(VALUE) == hashlib.sha256(
         json.dumps(VALUE, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-    # generate's run fingerprint, ChunkCache names, the LLM spec fingerprint: json.dumps defaults (ASCII)
+    # generate's run fingerprint, WorkStore names, the LLM spec fingerprint: json.dumps defaults (ASCII)
     assert sha256_json(VALUE, ensure_ascii=True) == hashlib.sha256(json.dumps(VALUE, sort_keys=True).encode()).hexdigest()
     assert sha256_json(VALUE, ensure_ascii=False) != sha256_json(VALUE, ensure_ascii=True)
-    odd = {"p": PurePosixPath("/x/y")}       # default=str: the LLM spec and ChunkCache ids
+    odd = {"p": PurePosixPath("/x/y")}       # default=str: the LLM spec and WorkStore ids
     assert sha256_json(odd, ensure_ascii=True, default=str) == hashlib.sha256(
         json.dumps(odd, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -46,10 +46,8 @@ def test_sha256_json_ignores_key_order_and_matches_the_dumps_it_replaced():
     ({}, json.dumps(VALUE, indent=2, sort_keys=True) + "\n"),                       # metrics, model configs
     ({"ensure_ascii": False}, json.dumps(VALUE, indent=2, sort_keys=True, ensure_ascii=False) + "\n"),
     ({"indent": 1}, json.dumps(VALUE, indent=1, sort_keys=True) + "\n"),            # evalsets classes.json
-    ({"indent": None, "atomic": True}, json.dumps(VALUE, sort_keys=True) + "\n"),   # ood part markers
-    ({"indent": None, "newline": False, "atomic": True}, json.dumps(VALUE, sort_keys=True)),   # knn markers
-    ({"indent": 1, "ensure_ascii": False, "newline": False, "atomic": True},        # generate .done.json
-     json.dumps(VALUE, indent=1, sort_keys=True, ensure_ascii=False)),
+    ({"indent": None, "atomic": True}, json.dumps(VALUE, sort_keys=True) + "\n"),   # WorkStore markers
+    ({"indent": None, "newline": False, "atomic": True}, json.dumps(VALUE, sort_keys=True)),   # knn download.json
 ])
 def test_write_json_bytes_are_those_of_the_writer_it_replaced(tmp_path, kw, want):
     path = write_json(tmp_path / "sub" / "x.json", VALUE, **kw)

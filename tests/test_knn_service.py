@@ -103,14 +103,15 @@ def test_failure_reasons(status, error, reason):
 def test_query_batches_resume_and_refetch_on_change(service, tmp_path):
     client = KnnClient(ServiceParams(url=service.url), num_images=5)
     concepts = [f"c{i}" for i in range(5)]
-    q = query_batches(concepts, concepts, client, 5, 2, tmp_path / "hits", "fp1", progress=False)
+    q, paths = query_batches(concepts, concepts, client, 5, 2, tmp_path / "hits", "fp1", progress=False)
     assert q == {"n_batches": 3, "n_query_batches_resumed": 0, "n_hits": 25} and len(service.queries) == 5
-    (tmp_path / "hits" / "batch-000001.done.json").unlink()          # as if killed while writing batch 1
-    q = query_batches(concepts, concepts, client, 5, 2, tmp_path / "hits", "fp1", progress=False)
+    paths[1].with_suffix(".json").unlink()          # as if killed while writing batch 1's marker
+    q, again = query_batches(concepts, concepts, client, 5, 2, tmp_path / "hits", "fp1", progress=False)
     assert q["n_query_batches_resumed"] == 2 and len(service.queries) == 7   # only batch 1 asked again
-    q = query_batches(concepts[:2], concepts[:2], client, 5, 2, tmp_path / "hits", "fp2", progress=False)
+    assert again == paths and [pq.read_table(p).num_rows for p in paths] == [10, 10, 5]
+    q, paths = query_batches(concepts[:2], concepts[:2], client, 5, 2, tmp_path / "hits", "fp2", progress=False)
     assert q["n_query_batches_resumed"] == 0 and sorted(p.name for p in (tmp_path / "hits").iterdir()) == \
-        ["batch-000000.done.json", "batch-000000.parquet"]             # new settings: asked again, stale gone
+        sorted([paths[0].name, paths[0].with_suffix(".json").name])     # new settings: asked again, stale gone
 
 
 def test_service_retrieval_end_to_end(service, tmp_path, monkeypatch):
@@ -174,8 +175,8 @@ def test_query_and_dedupe_memory_is_independent_of_the_hits(tmp_path):
             client = KnnClient(ServiceParams(url=s.url, query_workers=4), num_images=500)
             concepts = [f"concept {i}" for i in range(n_concepts)]
             tracemalloc.start()
-            q = query_batches(concepts, concepts, client, 500, 12, d / "hits", "fp", progress=False)
-            parts = split_parts(d / "hits", q["n_batches"], d / "parts", max(1, q["n_hits"] // 6_000))
+            q, batches = query_batches(concepts, concepts, client, 500, 12, d / "hits", "fp", progress=False)
+            parts = split_parts(batches, d / "parts", max(1, q["n_hits"] // 6_000))
             urls = write_url_parts(parts, d / "urls")
             _, top = tracemalloc.get_traced_memory()
             tracemalloc.stop()

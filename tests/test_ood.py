@@ -245,8 +245,9 @@ def _run(tmp_path, *extra):
     return load_stage("ood").main(["--manifest", str(tmp_path / "manifest.parquet"),
                      "--images", str(tmp_path / "retrieved"), str(tmp_path / "generated"),
                      "--concepts", str(tmp_path / "bank.parquet"), "--clip", str(tmp_path / "clip"),
-                     "--out", str(tmp_path / "ood"), "--params", str(tmp_path / "params.yaml"),
-                     "--metrics", str(tmp_path / "metrics.json"), *extra])
+                     "--out", str(tmp_path / "ood"), "--cache", str(tmp_path / "cache"),
+                     "--params", str(tmp_path / "params.yaml"), "--metrics", str(tmp_path / "metrics.json"),
+                     *extra])
 
 
 def test_stage_main_scores_kept_images_and_resumes(tmp_path, monkeypatch, tiny_clip_dir):
@@ -286,9 +287,11 @@ def test_stage_main_rescores_shards_whose_resume_files_are_torn(tmp_path, monkey
     _stage_inputs(tmp_path, monkeypatch, tiny_clip_dir)
     assert _run(tmp_path) == 0
     before = (tmp_path / "ood" / "scores.parquet").read_bytes()
-    parts = tmp_path / "ood" / "parts"
-    empty, cut = parts / "retrieved-shard-000000.json", parts / "retrieved-shard-000001.json"
-    torn_part = parts / "generated-shard-000000.parquet"
+    parts = tmp_path / "cache"
+    markers = sorted(parts.glob("*.json"))
+    assert len(markers) == 3 and sorted(tmp_path.joinpath("ood").iterdir()) == [tmp_path / "ood" / "scores.parquet"]
+    empty, cut = markers[:2]
+    torn_part = markers[2].with_suffix(".parquet")
     empty.write_text("")
     cut.write_text(cut.read_text()[:9])
     torn_part.write_bytes(torn_part.read_bytes()[:100])

@@ -390,13 +390,13 @@ def test_workers_decode_chunks_in_order_with_the_same_bytes(tmp_path, clipart_fo
 KILLABLE = """
 import runpy, sys, time
 import pas.data.pool as pool
-from pas.io.resume import ChunkCache
+from pas.io.resume import WorkStore
 pool.CHUNK = 2
-put = ChunkCache.put_arrays
+put = WorkStore.put
 def slow_put(self, *a, **k):            # a window to kill the run in after each finished chunk
     put(self, *a, **k)
     time.sleep(1.0)
-ChunkCache.put_arrays = slow_put
+WorkStore.put = slow_put
 sys.argv = ["pool.py"] + {argv!r}
 runpy.run_path({script!r}, run_name="__main__")
 """

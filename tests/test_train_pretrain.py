@@ -90,6 +90,31 @@ def test_torn_checkpoint_trains_from_scratch(tmp_path, data, caplog, torn):
     assert ref["loss_last_epoch"] == res["loss_last_epoch"]
 
 
+def test_fingerprint_is_the_content_of_the_shards_not_their_names_and_sizes(tmp_path, data):
+    """The one input-identity rule of resumable work: other bytes of the same size are another input,
+    the same bytes rewritten (a `dvc checkout`, a new mtime) the same one."""
+    import os
+    import shutil
+
+    from pas.train.pretrain import _fingerprint
+
+    shards, init = data
+    copy = tmp_path / "ds"
+    shutil.copytree(shards, copy)
+    layout = {"world": 1}
+    fp = _fingerprint(_cfg(), copy, init, layout)
+    assert _fingerprint(_cfg(), shards, init, layout) == fp
+    tar = sorted(copy.glob("*.tar"))[0]
+    data_ = bytearray(tar.read_bytes())
+    st = tar.stat()
+    os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert _fingerprint(_cfg(), copy, init, layout) == fp
+    data_[600] ^= 0xFF                                  # one byte of a member: same name, same size
+    tar.unlink()
+    tar.write_bytes(bytes(data_))
+    assert _fingerprint(_cfg(), copy, init, layout) != fp
+
+
 def test_checkpoint_of_other_params_is_ignored(tmp_path, data):
     _run(tmp_path, data, _cfg(epochs=2), stop_after_epoch=1)
     res = _run(tmp_path, data, _cfg(epochs=2, lr=5e-4))

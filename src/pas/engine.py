@@ -185,15 +185,17 @@ def map_shards(fn_factory: Callable[[], Callable[[Any], Any]], items: Sequence[A
 
 
 def map_resumable(fn_factory: Callable[[], Callable[[Any], Any]], items: Sequence[Any], ids: Sequence[Any],
-                  store, *, config: EngineConfig | None = None, desc: str = "shards",
+                  store, *, config: EngineConfig | None = None,
+                  on_result: Callable[[int, Any], None] | None = None, desc: str = "shards",
                   progress: bool = True) -> list:
     """`map_shards` that keeps each finished item's result in `store` (`get(id)` → result or None,
-    `put(id, result)`; e.g. `pas.io.resume.ChunkCache`), so a killed run's rerun computes only the
+    `put(id, result)`: `pas.io.resume.WorkStore`), so a killed run's rerun computes only the
     items it had not finished. `ids[i]` is item i's input identity: the content hash of what it reads
-    (`pas.io.resume.chunk_identity`), never a path or mtime. `store=None` maps everything."""
+    (`pas.io.resume.chunk_identity`), never a path or mtime. `on_result(i, result)` runs for each item
+    computed by this run, after it is stored. `store=None` maps everything."""
     items = list(items)
     if store is None:
-        return map_shards(fn_factory, items, config=config, desc=desc, progress=progress)
+        return map_shards(fn_factory, items, config=config, on_result=on_result, desc=desc, progress=progress)
     results = [store.get(ids[i]) for i in range(len(items))]
     todo = [i for i, r in enumerate(results) if r is None]
     if len(todo) < len(items):
@@ -202,6 +204,8 @@ def map_resumable(fn_factory: Callable[[], Callable[[Any], Any]], items: Sequenc
     def done(j: int, result: Any) -> None:
         results[todo[j]] = result
         store.put(ids[todo[j]], result)
+        if on_result is not None:
+            on_result(todo[j], result)
 
     map_shards(fn_factory, [items[i] for i in todo], config=config, on_result=done, desc=desc,
                progress=progress)

@@ -9,14 +9,14 @@ Determinism: image j of caption i of concept c starts from the latent noise of
 any image can be regenerated alone (up to float rounding of a different batch composition).
 
 Resumable (a pure map over shards): the sorted work list is cut into shards of `shard_size` images.
-Each shard is rendered into a scratch folder (`data/.cache/generate/` by default, *not* a DVC out)
-and marked done by `<shard>.done.json` = {fingerprint of model + diffusion params + the shard's
-(key, caption, seed) list, sha256 of the tar}. A killed run resumes: shards whose marker matches are
-kept, the unfinished one is redone from scratch (written to a temp name, renamed when complete).
-The DVC out `data/generated/` is then assembled from the finished shards (hard links, or copies
-across file systems). Because DVC deletes its outs before rerunning a stage, the progress lives in
-the scratch folder, which DVC never touches; the out itself is always complete and byte-identical
-to an uninterrupted run.
+Each shard is rendered into the scratch store `data/.cache/generate/shards/` (a
+`pas.io.resume.WorkStore`, *not* a DVC out) under a hash of the model, the diffusion params and the
+shard's (key, caption, seed) list, written to a temp name and renamed when complete, then marked done
+by its stats file. A killed run resumes: finished shards are kept, the unfinished one is redone from
+scratch. The DVC out `data/generated/` is then assembled from the finished shards (hard links, or
+copies across file systems). Because DVC deletes its outs before rerunning a stage, the progress
+lives in the scratch folder, which DVC never touches; the out itself is always complete and
+byte-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 from pas.collect.caption_files import Captions, derive_seed, write_caption_files
-from pas.hashing import sha256_file, sha256_json
-from pas.jsonio import write_json
+from pas.hashing import sha256_json
 from pas.models.diffusion import DTYPES, SCHEDULERS
 from pas.params import ParamsError, check_choice, check_range, check_seed, renamed
 
@@ -137,8 +136,9 @@ def run_fingerprint(model_fp: str, d: DiffusionParams) -> str:
                         "torch": torch.__version__, "diffusers": diffusers.__version__}, ensure_ascii=True)
 
 
-def shard_fingerprint(run_fp: str, items: Sequence[Item]) -> str:
-    h = hashlib.sha256(run_fp.encode())
+def shard_identity(items: Sequence[Item]) -> str:
+    """What a shard draws: its (key, caption, seed, fallback) list, hashed."""
+    h = hashlib.sha256()
     for it in items:
         h.update(json.dumps([it.key, it.caption, it.seed, it.fallback], ensure_ascii=False).encode("utf-8",
                                                                                                   "surrogatepass"))
@@ -176,17 +176,6 @@ def render_shard(pipe: Any, items: Sequence[Item], d: DiffusionParams, tar_path:
     shutil.rmtree(tmp)
 
 
-def _marker_ok(marker: Path, tar: Path, fingerprint: str) -> dict | None:
-    """The marker's content if the shard is finished with this fingerprint and its tar is intact."""
-    try:
-        m = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return None
-    if m.get("fingerprint") != fingerprint or not tar.is_file() or sha256_file(tar) != m.get("sha256"):
-        return None
-    return m
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Hard link (no extra disk; files are only ever replaced, never written in place) or copy."""
     try:
@@ -205,13 +194,13 @@ def _clean_out(out: Path) -> None:
 
 
 class _RenderShards:
-    """`pas.engine.map_shards` work: render one shard into the scratch folder and return its sha256
-    and seconds. Pickles without the pipeline; each Ray actor loads it once (`num_gpus` per actor from
+    """`pas.engine.map_resumable` work: render one shard to its tar in the store and return its stats.
+    Pickles without the pipeline; each Ray actor loads it once (`num_gpus` per actor from
     PAS_RAY_NUM_GPUS_PER_ACTOR). The tar is written to a temp name and renamed when complete, so a
     killed actor leaves no half shard behind and Ray's retry redraws it from scratch."""
 
-    def __init__(self, model_dir: str | Path, d: DiffusionParams, shard_dir: str | Path, pipe: Any = None):
-        self.model_dir, self.d, self.shard_dir, self.pipe = str(model_dir), d, str(shard_dir), pipe
+    def __init__(self, model_dir: str | Path, d: DiffusionParams, pipe: Any = None):
+        self.model_dir, self.d, self.pipe = str(model_dir), d, pipe
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "pipe": None}
@@ -228,68 +217,52 @@ class _RenderShards:
         return self.run
 
     def run(self, work: tuple[str, list[Item]]) -> dict:
-        name, shard = work
-        tar = Path(self.shard_dir) / f"{name}.tar"
+        tar, shard = work
         t0 = time.perf_counter()
-        render_shard(self.pipe, shard, self.d, tar)
+        render_shard(self.pipe, shard, self.d, Path(tar))
         secs = time.perf_counter() - t0
-        return {"sha256": sha256_file(tar), "seconds": round(secs, 3)}
+        log.info("generate: shard of %s done, %d images in %.1f s (%.1f img/s)", shard[0].key, len(shard),
+                 secs, len(shard) / max(secs, 1e-9))
+        return {"n": len(shard), "seconds": round(secs, 3), "first_key": shard[0].key}
 
 
 def generate_shards(items: Sequence[Item], model_dir: str | Path, cache_dir: str | Path,
-                    d: DiffusionParams, shard_size: int, progress: bool = True, engine: Any = None) -> dict:
-    """Render every unfinished shard into `cache_dir/shards/`; returns counts and timings.
+                    d: DiffusionParams, shard_size: int, progress: bool = True,
+                    engine: Any = None) -> tuple[dict, list[Path]]:
+    """Render every unfinished shard into the store `cache_dir/shards/`; returns (counts and timings,
+    the shards' tars in order).
 
     The shards left to draw run on `engine` (`pas.engine.EngineConfig`, default PAS_ENGINE): in this
     process, or one shard per task on a Ray actor pool (each actor loads the pipeline once; the scratch
-    folder must be on a file system the actors share). A shard's marker is written here as soon as it
-    is done, so a crash on either engine redraws only unfinished shards. The pipeline is loaded only if
+    folder must be on a file system the actors share). A shard is marked done here as soon as it
+    is drawn, so a crash on either engine redraws only unfinished shards. The pipeline is loaded only if
     some shard needs drawing.
     """
-    from pas.engine import map_shards
+    from pas.engine import map_resumable
+    from pas.io.resume import WorkStore, WrittenFile
     from pas.models.diffusion import fingerprint as model_fingerprint
 
-    sdir = Path(cache_dir) / "shards"
-    sdir.mkdir(parents=True, exist_ok=True)
     shards = shards_of(items, shard_size)
-    run_fp = run_fingerprint(model_fingerprint(model_dir), d)
-    stats = {"n_shards": len(shards), "n_shards_resumed": 0, "n_shards_generated": 0,
-             "images_generated": 0, "seconds_generating": 0.0}
-    todo = []
-    for s, shard in enumerate(shards):
-        name = f"{SHARD_PREFIX}-{s:06d}"
-        tar, marker = sdir / f"{name}.tar", sdir / f"{name}.done.json"
-        fp = shard_fingerprint(run_fp, shard)
-        if _marker_ok(marker, tar, fp) is not None:
-            stats["n_shards_resumed"] += 1
-            continue
-        marker.unlink(missing_ok=True)
-        todo.append((name, shard, fp))
+    store = WorkStore(Path(cache_dir) / "shards", run_fingerprint(model_fingerprint(model_dir), d),
+                      WrittenFile(".tar"))
+    ids = [shard_identity(shard) for shard in shards]
+    tars = [store.path(i) for i in ids]
+    drawn = {"images_generated": 0, "seconds_generating": 0.0}
 
-    def done(i: int, res: dict) -> None:
-        name, shard, fp = todo[i]
-        write_json(sdir / f"{name}.done.json", {"fingerprint": fp, "sha256": res["sha256"], "n": len(shard),
-                                                "seconds": res["seconds"], "first_key": shard[0].key},
-                   indent=1, ensure_ascii=False, newline=False, atomic=True)
-        stats["n_shards_generated"] += 1
-        stats["images_generated"] += len(shard)
-        stats["seconds_generating"] += res["seconds"]
-        log.info("generate: %s done, %d images in %.1f s (%.1f img/s)", name, len(shard), res["seconds"],
-                 len(shard) / max(res["seconds"], 1e-9))
+    def done(i: int, res: dict) -> None:              # a shard drawn by this run
+        drawn["images_generated"] += res["n"]
+        drawn["seconds_generating"] += res["seconds"]
 
-    if todo:
-        log.info("generate: %d of %d shards to draw (%d resumed)", len(todo), len(shards), stats["n_shards_resumed"])
-    map_shards(_RenderShards(model_dir, d, sdir), [(name, shard) for name, shard, _ in todo], config=engine,
-               on_result=done, desc="generate shards", progress=progress)
-    # shards of an earlier, longer plan are stale
-    for p in sdir.glob(f"{SHARD_PREFIX}-*"):
-        idx = p.name[len(SHARD_PREFIX) + 1:].split(".")[0]
-        if idx.isdigit() and int(idx) >= len(shards):
-            p.unlink()
-    return stats
+    results = map_resumable(_RenderShards(model_dir, d), [(str(t), s) for t, s in zip(tars, shards)], ids,
+                            store, config=engine, on_result=done, desc="generate shards", progress=progress)
+    store.prune()                       # shards of an earlier plan or model
+    return {"n_shards": len(shards), "n_shards_resumed": store.n_resumed,
+            "n_shards_generated": len(shards) - store.n_resumed, **drawn,
+            # as recorded by the run that drew each shard (stable across resumes)
+            "seconds_drawn": sum(r["seconds"] for r in results)}, tars
 
 
-def assemble(items: Sequence[Item], captions: Captions, cache_dir: str | Path, out_dir: str | Path,
+def assemble(items: Sequence[Item], captions: Captions, tars: Sequence[Path], out_dir: str | Path,
              shard_size: int) -> list[dict]:
     """Fill the DVC out from finished shards: tars, index.parquet, captions.parquet, captions_raw.jsonl."""
     import pandas as pd
@@ -298,11 +271,10 @@ def assemble(items: Sequence[Item], captions: Captions, cache_dir: str | Path, o
 
     out = Path(out_dir)
     _clean_out(out)
-    sdir = Path(cache_dir) / "shards"
     rows = []
-    for s, shard in enumerate(shards_of(items, shard_size)):
+    for s, (shard, tar) in enumerate(zip(shards_of(items, shard_size), tars)):
         name = f"{SHARD_PREFIX}-{s:06d}.tar"
-        _link_or_copy(sdir / name, out / name)
+        _link_or_copy(tar, out / name)
         rows += [{"key": it.key, "shard": name, "source": "synthetic", "concept": it.concept,
                   "caption_idx": it.caption_idx, "image_idx": it.image_idx, "caption": it.caption,
                   "fallback_caption": it.fallback, "seed": it.seed} for it in shard]
@@ -318,13 +290,10 @@ def generate(captions: Captions, model_dir: str | Path, out_dir: str | Path, cac
              p: GenerateParams, d: DiffusionParams, progress: bool = True, engine: Any = None) -> dict:
     """Draw n_synth images per caption (resumable, on `engine`), assemble `out_dir`; returns metrics."""
     items = plan(captions, p.n_synth, p.seed)
-    stats = generate_shards(items, model_dir, cache_dir, d, p.shard_size, progress, engine) if items else \
-        {"n_shards": 0, "n_shards_resumed": 0, "n_shards_generated": 0, "images_generated": 0,
-         "seconds_generating": 0.0}
-    assemble(items, captions, cache_dir, out_dir, p.shard_size)
-    # seconds per image as recorded by the run that drew each shard (stable across resumes)
-    sdir = Path(cache_dir) / "shards"
-    secs = sum(json.loads((sdir / f"{SHARD_PREFIX}-{s:06d}.done.json").read_text())["seconds"]
-               for s in range(stats["n_shards"]))
+    stats, tars = generate_shards(items, model_dir, cache_dir, d, p.shard_size, progress, engine) if items else \
+        ({"n_shards": 0, "n_shards_resumed": 0, "n_shards_generated": 0, "images_generated": 0,
+          "seconds_generating": 0.0, "seconds_drawn": 0.0}, [])
+    assemble(items, captions, tars, out_dir, p.shard_size)
+    secs = stats.pop("seconds_drawn")
     caps = {k: v for k, v in captions.metrics().items() if k != "n_requests"}
     return {**caps, "n_images": len(items), "seconds_per_image": secs / len(items) if items else 0.0, **stats}

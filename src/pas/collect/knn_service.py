@@ -4,8 +4,8 @@ it returns downloaded with img2dataset, every step streamed so memory holds one 
 Paper §3.2 / App. D.1.2: k_retrieve = 500 images for each of ~5k concepts from LAION-5B (≈ 2.5M hits).
 
   1. query     batches of `retrieve.batch_size` concepts, ≤ `service.query_workers` requests in flight
-               → <cache>/hits/batch-NNNNNN.parquet (concept, rank, url, caption, similarity, service_id,
-               key) + a `.done.json` marker holding the fingerprint of the batch's prompts and the query
+               → <cache>/hits/ (concept, rank, url, caption, similarity, service_id, key), one parquet
+               per batch in a `pas.io.resume.WorkStore` keyed by the batch's prompts and the query
                settings: a killed run asks again only for unfinished batches.
   2. dedupe    hits split by key range into parts of ≤ ~`part_hits` hits, each grouped by URL →
                <cache>/urls/part-NNNNN.parquet, one row per URL: sample_key, url, caption and service_id
@@ -95,38 +95,31 @@ def hits_table(concepts: Sequence[str], results: Sequence[list[dict]], k: int):
 
 def query_batches(concepts: Sequence[str], prompts: Sequence[str], client: KnnClient, k: int,
                   batch_size: int, hits_dir: Path, run_fp: str, encoder: Any = None,
-                  progress: bool = True) -> dict:
-    """Step 1: query every unfinished batch; returns {n_batches, n_query_batches_resumed, n_hits}."""
-    import pyarrow.parquet as pq
+                  progress: bool = True) -> tuple[dict, list[Path]]:
+    """Step 1: query every unfinished batch, each kept in a `pas.io.resume.WorkStore` under `hits_dir`
+    by (run fingerprint, its concepts and prompts); returns ({n_batches, n_query_batches_resumed,
+    n_hits}, the batches' hit files in order)."""
     from tqdm import tqdm
 
-    hits_dir.mkdir(parents=True, exist_ok=True)
+    from pas.io.resume import Table, WorkStore
+
+    store = WorkStore(hits_dir, run_fp, Table(arrow=True))
     starts = range(0, len(concepts), batch_size)
-    stats = {"n_batches": len(starts), "n_query_batches_resumed": 0, "n_hits": 0}
-    for b, s in enumerate(tqdm(starts, desc="knn-service batches", unit="batch", disable=not progress)):
-        path, marker = hits_dir / f"batch-{b:06d}.parquet", hits_dir / f"batch-{b:06d}.done.json"
-        fp = sha256_json([run_fp, list(concepts[s:s + batch_size]), list(prompts[s:s + batch_size])])
-        done = read_json(marker)
-        if isinstance(done, dict) and done.get("fingerprint") == fp and path.is_file():
-            stats["n_query_batches_resumed"] += 1
-            stats["n_hits"] += int(done["n"])
-            continue
-        marker.unlink(missing_ok=True)
-        emb = None
-        if encoder is not None:
-            emb = encoder.encode_texts(list(prompts[s:s + batch_size]), batch_size=batch_size)
-        results = query_all(client, prompts[s:s + batch_size], emb, progress=False)
-        table = hits_table(concepts[s:s + batch_size], results, k)
-        tmp = path.with_name(f".tmp-{path.name}")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-        write_json(marker, {"fingerprint": fp, "n": table.num_rows}, indent=None, newline=False, atomic=True)
-        stats["n_hits"] += table.num_rows
-    for p in hits_dir.glob("batch-*"):       # batches of an earlier, longer concept list
-        idx = p.name.split("-")[1].split(".")[0]
-        if idx.isdigit() and int(idx) >= len(starts):
-            p.unlink()
-    return stats
+    paths, n_hits = [], 0
+    for s in tqdm(starts, desc="knn-service batches", unit="batch", disable=not progress):
+        ident = [list(concepts[s:s + batch_size]), list(prompts[s:s + batch_size])]
+        table = store.get(ident)
+        if table is None:
+            emb = None
+            if encoder is not None:
+                emb = encoder.encode_texts(list(prompts[s:s + batch_size]), batch_size=batch_size)
+            table = hits_table(concepts[s:s + batch_size], query_all(client, prompts[s:s + batch_size], emb,
+                                                                     progress=False), k)
+            store.put(ident, table)
+        n_hits += table.num_rows
+        paths.append(store.path(ident))
+    store.prune()                            # batches of an earlier concept list
+    return {"n_batches": len(starts), "n_query_batches_resumed": store.n_resumed, "n_hits": n_hits}, paths
 
 
 # ------------------------------------------------------------------------------------- 2. dedupe
@@ -136,7 +129,7 @@ def part_of(keys: Sequence[str], n_parts: int) -> np.ndarray:
     return ((top * np.uint64(n_parts)) >> np.uint64(32)).astype(np.int64)
 
 
-def split_parts(hits_dir: Path, n_batches: int, parts_dir: Path, n_parts: int) -> list[Path]:
+def split_parts(batches: Sequence[Path], parts_dir: Path, n_parts: int) -> list[Path]:
     """Append each batch's hits to the part files of their key ranges (one batch in memory)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -147,8 +140,8 @@ def split_parts(hits_dir: Path, n_batches: int, parts_dir: Path, n_parts: int) -
     paths = [parts_dir / f"hits-{p:05d}.parquet" for p in range(n_parts)]
     writers = [pq.ParquetWriter(p, _schemas()[0]) for p in paths]
     try:
-        for b in range(n_batches):
-            t = pq.read_table(hits_dir / f"batch-{b:06d}.parquet")
+        for batch in batches:
+            t = pq.read_table(batch)
             part = part_of(t["key"].to_pylist(), n_parts)
             for p in np.unique(part):
                 writers[p].write_table(t.filter(pa.array(part == p)))
@@ -359,14 +352,14 @@ def retrieve_from_service(concepts: Sequence[str], out_dir: str | Path, cache_di
                       "clip": encoder.fingerprint if sp.query == "embedding" else None})
     client = KnnClient(sp, num_images=params.k_retrieve)
     try:
-        q = query_batches(concepts, prompts, client, params.k_retrieve, params.batch_size, cache / "hits",
+        q, batches = query_batches(concepts, prompts, client, params.k_retrieve, params.batch_size, cache / "hits",
                           run_fp, encoder if sp.query == "embedding" else None, progress)
     finally:
         client.close()
     t_query = time.perf_counter() - t0
 
     n_parts = max(1, math.ceil(q["n_hits"] / part_hits))
-    hits_parts = split_parts(cache / "hits", q["n_batches"], cache / "parts", n_parts)
+    hits_parts = split_parts(batches, cache / "parts", n_parts)
     url_parts = write_url_parts(hits_parts, cache / "urls")
     plan = shard_plan(url_parts, sp.shard_size)
     all_sids = [sid for _, sids in plan for sid in sids]

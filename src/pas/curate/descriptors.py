@@ -1,6 +1,6 @@
 """SSCD descriptors of image folders, as dedup and leakage compute them: cut into chunks of stored order
 (`pas.data.chunks`), each chunk one `pas.models.sscd.ChunkDescriptors` call on the engine (local or Ray
-actors), each finished chunk kept in a `ChunkCache` so a killed run resumes (`pas.engine.map_resumable`).
+actors), each finished chunk kept in a `WorkStore` so a killed run resumes (`pas.engine.map_resumable`).
 
 The chunks, hence the batches, depend only on the stored order and `chunk`, so the bytes are the same on
 either engine and after a resume.
@@ -32,21 +32,21 @@ def sscd_on_engine(sscd_dir: str | Path, device: str, engine):
 
 def descriptor_cache(root: str | Path | None, sscd_dir: str | Path, resize, batch_size: int, device: str,
                      chunk: int, max_side: int | None = None):
-    """The `ChunkCache` under `root` ('' / None: no resume) for one model and its settings: what a chunk's
+    """The `WorkStore` under `root` ('' / None: no resume) for one model and its settings: what a chunk's
     descriptors depend on besides its images are the model, input size, batching, device and torch
     (CPU and GPU kernels round differently)."""
     if not root:
         return None
     from importlib.metadata import version
 
-    from pas.io.resume import ChunkCache
+    from pas.io.resume import WorkStore
     from pas.models.sscd import fingerprint
 
     run_fp = {"model": fingerprint(sscd_dir), "resize": resize, "batch_size": batch_size, "device": device,
               "torch": version("torch"), "chunk": chunk}
     if max_side is not None:
         run_fp["max_side"] = max_side
-    return ChunkCache(root, json.dumps(run_fp, sort_keys=True, default=str))
+    return WorkStore(root, json.dumps(run_fp, sort_keys=True, default=str))
 
 
 def _map(items: list, model, resize, batch_size: int, device: str, sscd_dir, max_side, engine, cache,

@@ -467,94 +467,74 @@ class _ShardScoring:
         return df, delta, getattr(self.scorer, "prompt_info", None)
 
 
-def _resumed_part(part, marker, fp: str):
-    """The scores of a shard finished by an earlier run with fingerprint `fp`, or None (not finished,
-    other inputs, or a torn marker / part: warned, and the shard is scored again)."""
-    from pas.io.manifest import read_parquet
-    from pas.io.resume import read_json
+class _Scores:
+    """`pas.io.resume.WorkStore` codec of a scored shard: its rows as parquet; the marker keeps the
+    row count and the scorer's `prompt_info`, so a run that resumes every shard still reports it. The
+    shard's Timings are this run's only (None when resumed)."""
 
-    m = read_json(marker)
-    if not isinstance(m, dict) or m.get("fingerprint") != fp or not part.is_file():
-        return None
-    try:
-        df = read_parquet(part)
-    except Exception as e:                  # pyarrow raises several types for a damaged file
-        log.warning("ignoring unreadable resume file %s (%s); recomputing", part, e)
-        return None
-    return df if len(df) == m.get("n") else None
+    ext = ".parquet"
+
+    def write(self, path, result: tuple) -> dict:
+        from pas.io.resume import Table
+
+        df, _, info = result
+        return {**Table().write(path, df), "prompt_info": info}
+
+    def read(self, path, stats: dict) -> tuple:
+        from pas.io.resume import Table
+
+        return Table().read(path, stats), None, stats.get("prompt_info")
 
 
 def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[list], dict],
-                 parts_dir: str, fingerprint: str, batch_size: int = 64, *, engine: Any = None,
+                 cache_dir: str, fingerprint: str, batch_size: int = 64, *, engine: Any = None,
                  timings: Timings | None = None, prompt_info: dict | None = None):
-    """Score the kept samples of every shard of `image_dirs`; return the scores DataFrame (sorted by key).
+    """Score the kept samples of every shard of `image_dirs`; return (the scores DataFrame sorted by
+    key, how many shards were resumed).
 
-    Each shard's rows go to `parts_dir/<dir>-<shard>.parquet` with a `.json` marker holding a
-    fingerprint of (run fingerprint, shard bytes, kept keys of the shard); a rerun skips shards whose
-    marker matches, so a killed run resumes where it stopped. Stale parts are deleted.
-    `scorer(pils) -> dict of arrays` is `score_images` with its models bound (an `OodScorer` for Ray).
-    The shards left to score run on `engine` (a `pas.engine.EngineConfig`; default: PAS_ENGINE from the
-    environment, `local`): same bytes either way, and each part + marker is written as its shard ends.
-    With `timings`, the Timings of the scored shards are added to it (from whichever process ran them);
-    with `prompt_info`, an empty dict gets the first `OodScorer.prompt_info` that comes back (Ray actors
-    encode the prompts themselves).
+    Each shard's rows are kept in a `pas.io.resume.WorkStore` under `cache_dir`, identified by (run
+    `fingerprint`, the shard's sha256, its kept keys), so a killed run resumes where it stopped; items
+    of other inputs are deleted at the end. `scorer(pils) -> dict of arrays` is `score_images` with its
+    models bound (an `OodScorer` for Ray). The shards left to score run on `engine` (a
+    `pas.engine.EngineConfig`; default: PAS_ENGINE from the environment, `local`): same bytes either
+    way. With `timings`, the Timings of the shards scored by this run are added to it (from whichever
+    process ran them); with `prompt_info`, an empty dict gets the first `OodScorer.prompt_info` that
+    comes back (Ray actors encode the prompts themselves), or that a resumed shard's marker kept.
     """
-    import os
     from pathlib import Path
 
     import pandas as pd
 
-    from pas.engine import map_shards
-    from pas.io.manifest import read_parquet, write_parquet
-    from pas.jsonio import write_json
+    from pas.engine import map_resumable
+    from pas.io.manifest import read_parquet
+    from pas.io.resume import WorkStore
     from pas.io.shards import iter_samples, list_shards, shard_sha256
 
-    parts = Path(parts_dir)
-    parts.mkdir(parents=True, exist_ok=True)
-    shards = [(Path(d), s) for d in image_dirs for s in list_shards(d)]
-    names = [f"{d.name}-{s.stem}" for d, s in shards]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two image dirs share a name; shard part names collide: {sorted(names)}")
+    shards = [s for d in image_dirs for s in list_shards(d)]
     indexes = [Path(d) / "index.parquet" for d in image_dirs]
     if all(ix.is_file() for ix in indexes):          # fail before any scoring, not after hours of it
         indexed = set().union(*(set(read_parquet(ix)["key"].astype(str)) for ix in indexes))
         if kept - indexed:
             raise ValueError(f"{len(kept - indexed)} kept keys of the manifest are in none of "
                              f"{list(image_dirs)}, e.g. {sorted(kept - indexed)[:3]}")
-    for stale in parts.glob("*"):
-        if stale.stem not in names:
-            stale.unlink()
-    frames: list = [None] * len(shards)
-    todo, n_resumed = [], 0
-    for j, ((d, shard), name) in enumerate(zip(shards, names)):
-        part, marker = parts / f"{name}.parquet", parts / f"{name}.json"
-        # keys come from the shard itself, so a marker is valid only for these exact bytes + kept set
-        keys = sorted(s.key for s in iter_samples(shard) if s.key in kept)
-        fp = sha256_json({"run": fingerprint, "shard": shard_sha256(shard), "keys": keys})
-        frames[j] = _resumed_part(part, marker, fp)
-        if frames[j] is not None:
-            n_resumed += 1
-        else:
-            todo.append((j, {"shard": str(shard), "keys": keys, "name": name, "fp": fp}))
+    store = WorkStore(cache_dir, fingerprint, _Scores())
+    # keys come from the shard itself, so a stored item is valid only for these exact bytes + kept set
+    items = [{"shard": str(shard), "keys": sorted(s.key for s in iter_samples(shard) if s.key in kept),
+              "name": f"{shard.parent.name}-{shard.stem}"} for shard in shards]
+    ids = [[shard_sha256(it["shard"]), it["keys"]] for it in items]
 
-    def finished(i: int, result: tuple) -> None:      # in this process, as soon as a shard is done
-        j, item = todo[i]
-        df, delta, info = result
-        # part first, marker last, each renamed into place: a kill leaves no marker for a torn part
-        tmp = parts / f".tmp-{item['name']}.parquet"
-        write_parquet(df, tmp)
-        os.replace(tmp, parts / f"{item['name']}.parquet")
-        write_json(parts / f"{item['name']}.json", {"fingerprint": item["fp"], "n": len(df)}, indent=None, atomic=True)
-        frames[j] = df
-        if timings is not None and delta is not None:
-            timings.add(delta)
-        if prompt_info is not None and info and not prompt_info:
-            prompt_info.update(info)
+    def finished(i: int, result: tuple) -> None:
+        if timings is not None and result[1] is not None:
+            timings.add(result[1])
 
-    map_shards(_ShardScoring(scorer, batch_size), [item for _, item in todo], config=engine,
-               on_result=finished, desc="ood shards")
+    results = map_resumable(_ShardScoring(scorer, batch_size), items, ids, store, config=engine,
+                            on_result=finished, desc="ood shards")
+    store.prune()
+    frames = [df for df, _, _ in results]
+    if prompt_info is not None and not prompt_info:
+        prompt_info.update(next((info for _, _, info in results if info), {}))
     seen: set = set()
-    for (d, shard), df in zip(shards, frames):
+    for shard, df in zip(shards, frames):
         dup = seen.intersection(df["key"])
         if dup:
             raise ValueError(f"{shard}: key {sorted(dup)[0]} appears in more than one shard")
@@ -564,4 +544,4 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
         raise ValueError(f"{len(missing)} kept keys of the manifest are in none of {list(image_dirs)}, "
                          f"e.g. {sorted(missing)[:3]}")
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({c: [] for c in SCORE_COLUMNS})
-    return df.sort_values("key", kind="stable").reset_index(drop=True), n_resumed
+    return df.sort_values("key", kind="stable").reset_index(drop=True), store.n_resumed

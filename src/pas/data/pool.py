@@ -524,7 +524,7 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
     afterwards. Batches restart at every chunk, so the bytes are the same either way.
 
     With `cache_dir` each finished chunk (records, JPEGs, embeddings) is kept there
-    (`pas.io.resume.ChunkCache`, keyed by the chunk's file bytes and `cache_fingerprint`): a rerun
+    (`pas.io.resume.WorkStore`, keyed by the chunk's file bytes and `cache_fingerprint`): a rerun
     after a kill decodes and embeds only the chunks that were not finished, with the same bytes out."""
     from contextlib import closing
 
@@ -533,7 +533,7 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
 
     from pas.engine import EngineConfig, map_shards
     from pas.io.manifest import write_parquet
-    from pas.io.resume import ChunkCache, chunk_identity
+    from pas.io.resume import Arrays, WorkStore, chunk_identity
     from pas.io.shards import ShardWriter, read_samples
     from pas.io.shards import write_index as write_shard_index
     from pas.jsonio import write_json
@@ -555,7 +555,7 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
     # an index left by an earlier run would fail the check of the shards embedded before it is rewritten
     (out / "index.parquet").unlink(missing_ok=True)
     fp = clip.fingerprint if clip is not None else fingerprint_dir(clip_dir)
-    cache = ChunkCache(cache_dir, cache_fingerprint(p, fp)) if cache_dir else None
+    cache = WorkStore(cache_dir, cache_fingerprint(p, fp), Arrays(CACHE_ARRAYS)) if cache_dir else None
     ids = [chunk_identity(it) for it in items] if cache is not None else []
     todo = {i for i in range(len(items)) if cache is None or not cache.has(ids[i])}
 
@@ -579,7 +579,7 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
                 break
             got = None
             if decoded is None:         # finished by an earlier run
-                z = cache.get_arrays(ids[i], CACHE_ARRAYS)
+                z = cache.get(ids[i])
                 got = unpack_chunk(z) if z is not None else None
                 if got is None:         # torn or foreign: redone here
                     if z is not None:
@@ -632,7 +632,7 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
                 embs[i] = embed_jpegs(clip, written, p.batch_size)
                 t_embed += time.time() - t
                 if cache is not None and whole and got is None:
-                    cache.put_arrays(ids[i], **pack_chunk(records, written, embs[i]))
+                    cache.put(ids[i], pack_chunk(records, written, embs[i]))
     if not rows:
         raise _no_images(p, skipped)
 
@@ -642,7 +642,7 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
             embs[i] = x
             if cache is not None and records is not None:
                 jpegs = [s.image for shard, a, b in item[1] for s in read_samples(shard, a, b)]
-                cache.put_arrays(ids[i], **pack_chunk(records, jpegs, x))
+                cache.put(ids[i], pack_chunk(records, jpegs, x))
 
         t = time.time()
         map_shards(ChunkEmbeddings(clip_dir, p.device, p.batch_size), [it for _, it, _ in ray_todo],

@@ -1,14 +1,15 @@
 """Per-work-item results kept across (killed) runs, outside DVC's outs.
 
 DVC deletes a stage's outs before it reruns the stage, so progress that must survive a crash lives in
-a scratch folder DVC never touches (`data/.cache/<stage>/`, git-ignored), as `generate` does. A
-`ChunkCache` stores one `.npz` per finished work item, named by a hash of (run fingerprint, item
-identity): a rerun with the same model, params and input bytes finds it; any change misses it and the
-item is recomputed. Files are written to a temp name and renamed, so a killed run leaves no half file;
-one that cannot be read back all the same (a disk full, a copy cut short) is a miss with a warning.
-`get_arrays`/`put_arrays` keep several named arrays per item (`pool`: a chunk's records, JPEG bytes
-and CLIP embeddings). A `RecordStore` keeps small JSON records by key the same way, many per file (`captions`: one L4
-answer per request, `pas.llm.cache`).
+a scratch folder DVC never touches (`data/.cache/<stage>/`, git-ignored). `WorkStore` is the one store
+of shard-parallel work (pool chunks, dedup and leakage descriptors, ood scores, generated shards,
+knn-service query batches): one payload per finished item and beside it its stats JSON, which is the
+done marker, both named by a hash of (run fingerprint, item identity). The identity is the content
+hash of what the item reads (`chunk_identity`, `file_identity`), so a rerun with the same model,
+params and input bytes finds it and any change misses it. Payload and marker are written to temp
+names and renamed, the marker last, so a killed run leaves no half item; one that cannot be read back
+all the same (a disk full, a copy cut short) is a miss with a warning. A `RecordStore` keeps small
+JSON records by key, many per file (`captions`: one L4 answer per request, `pas.llm.cache`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import logging
 import os
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from pas.hashing import sha256_bytes, sha256_json
-from pas.jsonio import write_atomic
+from pas.hashing import sha256_bytes, sha256_file, sha256_json
+from pas.jsonio import write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -66,68 +67,175 @@ def read_json(path: str | Path) -> Any | None:
         return None
 
 
-class ChunkCache:
-    """`get(item_id)` / `put(item_id, (keys, array))` for (list of str, ndarray) results, the store of
-    `pas.engine.map_resumable`; `get_arrays` / `put_arrays` for a result of several named arrays
-    (`pool`: records, JPEGs, embeddings)."""
+class WorkStore:
+    """The one resume store of shard-parallel work (`pas.engine.map_resumable`): per finished item a
+    payload `<stem><ext>` and then its stats `<stem>.json`, the done marker (img2dataset's
+    `{shard}_stats.json`: {"stats", "size", "sha256"} of the payload). `<stem>` hashes (run fingerprint,
+    item identity), so other params, models or input bytes miss. `get(item_id)` → the result or None
+    (unfinished, torn: warned); `put(item_id, result)`. The codec says how a result is kept: `Arrays`,
+    `KeyedArray`, `Table`, `WrittenFile` (the work wrote the payload at `path(item_id)` itself)."""
 
-    def __init__(self, root: str | Path, run_fingerprint: str):
+    def __init__(self, root: str | Path, run_fingerprint: str, codec: Any = None):
         self.root = Path(root)
         self.run_fingerprint = run_fingerprint
+        self.codec = KeyedArray() if codec is None else codec
         self.used: set[str] = set()
+        self.n_resumed = 0
 
-    def _path(self, item_id: Any) -> Path:
-        return self.root / f"{sha256_json([self.run_fingerprint, item_id], ensure_ascii=True, default=str)[:40]}.npz"
+    def stem(self, item_id: Any) -> str:
+        stem = sha256_json([self.run_fingerprint, item_id], ensure_ascii=True, default=str)[:40]
+        self.used.add(stem)
+        return stem
+
+    def path(self, item_id: Any) -> Path:
+        """Where item `item_id`'s payload goes."""
+        return self.root / f"{self.stem(item_id)}{self.codec.ext}"
+
+    def _marker(self, item_id: Any) -> dict | None:
+        path = self.path(item_id)
+        m = read_json(path.with_suffix(".json"))
+        if m is None:
+            return None
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = None
+        if not isinstance(m, dict) or "stats" not in m or size != m.get("size"):
+            log.warning("ignoring resume files %s (marker and payload do not match); recomputing", path)
+            return None
+        return m
 
     def has(self, item_id: Any) -> bool:
-        """A file is stored for `item_id` (it may still turn out torn: `get` says so)."""
-        path = self._path(item_id)
-        self.used.add(path.name)
-        return path.is_file()
+        """Item `item_id` is marked done (its payload may still turn out damaged: `get` says so)."""
+        return self._marker(item_id) is not None
 
-    def get_arrays(self, item_id: Any, names: tuple[str, ...] = ()) -> dict[str, np.ndarray] | None:
-        """The arrays stored for `item_id`, or None: missing, torn, or lacking one of `names`."""
-        path = self._path(item_id)
-        self.used.add(path.name)
+    def get(self, item_id: Any) -> Any | None:
+        m = self._marker(item_id)
+        if m is None:
+            return None
+        path = self.path(item_id)
         try:
-            with np.load(path, allow_pickle=False) as z:
-                out = {k: z[k] for k in z.files}   # read all here: a torn member fails now, not later
-            missing = [k for k in names if k not in out]
-            if missing:
-                raise KeyError(missing[0])
-            return out
-        except FileNotFoundError:
-            return None
-        # a torn or foreign file (a truncated zip, a short array): a miss, recomputed and overwritten
+            if sha256_file(path) != m.get("sha256"):
+                raise ValueError("sha256 differs from its marker's")
+            result = self.codec.read(path, m["stats"])
+        # a damaged or foreign payload (a truncated zip, a short array, a missing column): a miss
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            log.warning("ignoring unreadable cache file %s (%s: %s); recomputing", path, type(e).__name__, e)
+            log.warning("ignoring unreadable resume file %s (%s: %s); recomputing", path, type(e).__name__, e)
             return None
+        self.n_resumed += 1
+        return result
 
-    def put_arrays(self, item_id: Any, **arrays: np.ndarray) -> None:
-        path = self._path(item_id)
-        self.used.add(path.name)
+    def put(self, item_id: Any, result: Any) -> None:
+        path = self.path(item_id)
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.stem}.npz")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-
-    def get(self, item_id: Any) -> tuple[list[str], np.ndarray] | None:
-        z = self.get_arrays(item_id, ("keys", "x"))
-        return None if z is None else ([str(k) for k in z["keys"]], z["x"])
-
-    def put(self, item_id: Any, result: tuple[list[str], np.ndarray]) -> None:
-        keys, x = result
-        self.put_arrays(item_id, keys=np.asarray(keys, dtype=str), x=x)
+        stats = self.codec.write(path, result)
+        # the marker last: a kill before it leaves a payload that is not done
+        write_json(path.with_suffix(".json"), {"stats": stats, "size": path.stat().st_size,
+                                               "sha256": sha256_file(path)}, indent=None, atomic=True)
 
     def prune(self) -> int:
-        """Delete the files of items this run did not ask for (older runs); returns how many."""
-        n = 0
-        for p in self.root.glob("*.npz"):
-            if p.name not in self.used:
+        """Delete the files of items this run did not ask for (older runs, other inputs); returns how
+        many items."""
+        stale = {p.name.split(".")[0] for p in self.root.glob("*") if p.is_file()} - self.used
+        for p in self.root.glob("*"):
+            if p.is_file() and p.name.split(".")[0] in stale:
                 p.unlink(missing_ok=True)
-                n += 1
-        return n
+        return len(stale)
+
+
+def _replaced(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` then rename tmp over `path`: a killed run leaves no half payload."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class Arrays:
+    """Codec: a dict of named arrays in one `.npz`; a file lacking one of `names` is a miss."""
+
+    ext = ".npz"
+
+    def __init__(self, names: tuple[str, ...] = ()):
+        self.names = tuple(names)
+
+    def write(self, path: Path, arrays: dict[str, np.ndarray]) -> dict:
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        _replaced(path, save)
+        return {"arrays": sorted(arrays)}
+
+    def read(self, path: Path, stats: dict) -> dict[str, np.ndarray]:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}       # read all here: a torn member fails now, not later
+        missing = [k for k in self.names if k not in out]
+        if missing:
+            raise KeyError(missing[0])
+        return out
+
+
+class KeyedArray(Arrays):
+    """Codec: (list of str keys, ndarray) as an `.npz` (descriptor chunks)."""
+
+    def __init__(self):
+        super().__init__(("keys", "x"))
+
+    def write(self, path: Path, result: tuple[list[str], np.ndarray]) -> dict:
+        keys, x = result
+        super().write(path, {"keys": np.asarray(keys, dtype=str), "x": x})
+        return {"n": len(keys)}
+
+    def read(self, path: Path, stats: dict) -> tuple[list[str], np.ndarray]:
+        z = super().read(path, stats)
+        return [str(k) for k in z["keys"]], z["x"]
+
+
+class Table:
+    """Codec: a DataFrame (or, with `arrow`, a pyarrow Table) as parquet, in its row order."""
+
+    ext = ".parquet"
+
+    def __init__(self, arrow: bool = False):
+        self.arrow = arrow
+
+    def write(self, path: Path, table) -> dict:
+        import pyarrow.parquet as pq
+
+        from pas.io.manifest import write_parquet
+
+        if self.arrow:
+            _replaced(path, lambda tmp: pq.write_table(table, tmp))
+            return {"n": table.num_rows}
+        _replaced(path, lambda tmp: write_parquet(table, tmp, sort_by=None))
+        return {"n": len(table)}
+
+    def read(self, path: Path, stats: dict):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except pa.ArrowException as e:          # pyarrow's errors for a damaged file
+            raise ValueError(str(e)) from None
+        if table.num_rows != stats.get("n"):
+            raise ValueError(f"{table.num_rows} rows, its marker says {stats.get('n')}")
+        return table if self.arrow else table.to_pandas()
+
+
+class WrittenFile:
+    """Codec for work that writes its payload itself at `WorkStore.path(item_id)` (written to a temp
+    name and renamed, on whichever node runs it) and returns its stats (a JSON object)."""
+
+    def __init__(self, ext: str):
+        self.ext = ext
+
+    def write(self, path: Path, stats: dict) -> dict:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the work returned without writing its payload")
+        return dict(stats)
+
+    def read(self, path: Path, stats: dict) -> dict:
+        return dict(stats)
 
 
 class RecordStore:

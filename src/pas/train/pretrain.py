@@ -15,14 +15,13 @@ Rank 0 writes checkpoints and outputs.
 Resume: DVC deletes a stage's outs before it reruns, so checkpoints live in a scratch folder that is not
 a DVC out at all (`scratch/pretrain/`, git-ignored). Not `persist: true` on an out: an uncached persisted
 out is missing in every fresh clone, which makes `dvc status` call pretrain changed and retrain for nothing.
-A checkpoint is used only when its fingerprint (params + shard names/sizes + init weights) matches the
+A checkpoint is used only when its fingerprint (params + the bytes of the shards and init weights) matches the
 run (and the process layout); a killed run then continues after its last finished epoch and ends with the
 same bytes as an uninterrupted one (tested on CPU, with a real SIGKILL, in one process and of one of two).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -114,18 +113,17 @@ def launch_processes(cfg: PretrainParams) -> int:
 
 
 def _fingerprint(cfg: PretrainParams, shard_dir: Path, init_dir: Path, layout: dict) -> str:
+    """What a checkpoint is valid for: params, process layout, and the content of the shards and the
+    init weights (`pas.io.resume.file_identity`, the one input-identity rule of resumable work)."""
+    from pas.hashing import sha256_json
+    from pas.io.resume import file_identity
     from pas.io.shards import list_shards
 
-    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
-    h.update(json.dumps(layout, sort_keys=True).encode())   # other processes/micro-batches: other numerics
-    for p in list_shards(shard_dir):
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}".encode())
-    for name in ("config.json", "model.safetensors"):
-        f = init_dir / name
-        if f.is_file():
-            h.update(hashlib.sha256(f.read_bytes()).digest())
-    return h.hexdigest()
+    inputs = [[p.name, file_identity(p)] for p in list_shards(shard_dir)]
+    inputs += [[name, file_identity(init_dir / name)] for name in ("config.json", "model.safetensors")
+               if (init_dir / name).is_file()]
+    # other processes/micro-batches: other numerics
+    return sha256_json({"params": asdict(cfg), "layout": layout, "inputs": inputs}, default=str)
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
