@@ -59,6 +59,8 @@ def test_check_descriptors_blocks_same_verdict_bounded_memory(monkeypatch):
     assert peak < big.nbytes / 4
 
 
+# ---------------------------------------------------------------------------------- IVF 8-bit codes
+
 def test_ivf_sq8_returns_exact_similarities():
     # 8-bit codes only pick the candidates; the similarities the λ test sees are re-ranked in float32
     rng = np.random.default_rng(1)
@@ -193,6 +195,8 @@ def test_calibrated_nprobe_is_deterministic_and_thread_independent():
     with pytest.raises(ValueError, match="lambda_"):
         knn_self(x, 8, index="ivf", nprobe=0, use_gpu=False)
 
+
+# ---------------------------------------------------------------------------------------------- GPU
 
 def test_gpu_wrapping_keeps_resources_on_a_real_faiss_index():
     # faiss ≥ 1.12 refuses unknown attributes on its objects; the GPU path must keep its resources
