@@ -3,20 +3,12 @@ takes (the download itself: tests/test_hub.py), dtype and VAE memory options."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-
 import pytest
 
 from pas.models import diffusion
 from pas.models.diffusion import (build_tiny_sd, check_sd_dir, load_pipeline, resolve_dtype, sd_files,
                                   write_clip_tokenizer)
-
-
-def files_of(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
+from tests.helpers import file_digests
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +17,12 @@ def tiny(tmp_path_factory):
 
 
 def test_same_seed_same_bytes(tiny, tmp_path):
-    again = files_of(build_tiny_sd(tmp_path / "b", seed=0))
-    assert again == files_of(tiny)
+    again = file_digests(build_tiny_sd(tmp_path / "b", seed=0))
+    assert again == file_digests(tiny)
     assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
             "text_encoder/model.safetensors", "tokenizer/vocab.json", "scheduler/scheduler_config.json"} <= set(again)
     assert not any(k.startswith(("safety_checker", "feature_extractor")) for k in again)
-    other = files_of(build_tiny_sd(tmp_path / "c", seed=1))
+    other = file_digests(build_tiny_sd(tmp_path / "c", seed=1))
     assert other["unet/diffusion_pytorch_model.safetensors"] != again["unet/diffusion_pytorch_model.safetensors"]
     assert other["tokenizer/vocab.json"] == again["tokenizer/vocab.json"]
 

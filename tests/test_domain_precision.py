@@ -11,7 +11,8 @@ import pytest
 
 from pas.curate.precision import PrecisionParams, domain_precision, in_domain
 from pas.params import ParamsError
-from tests.test_retrieve import FakeEncoder, files_of, make_pool
+from tests.helpers import file_digests
+from tests.test_retrieve import FakeEncoder, make_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,7 @@ def test_shuffled_labels_leave_retrieval_unchanged(tmp_path):
         out = tmp_path / f"out_{pool.name}"
         retrieve_from_pool(["x", "y"], enc, pool, out, p, progress=False)
         outs.append(out)
-    assert files_of(outs[0]) == files_of(outs[1])
+    assert file_digests(outs[0]) == file_digests(outs[1])
     got = pd.read_parquet(outs[0] / "index.parquet")["key"]
     pa = domain_precision({"retrieve": got}, idx, ["food"])["retrieve"]["domain_precision"]
     pb = domain_precision({"retrieve": got}, shuffled, ["food"])["retrieve"]["domain_precision"]

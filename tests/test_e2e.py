@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.dvc_helpers import make_repo, ran_stages, run
+from tests.helpers import file_digests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,11 +22,6 @@ ALL = ["params", "models@clip", "models@sscd", "models@diffusion", "models@llm",
        "leakage", "ood", "prune", "pretrain", "evaluate", "summary", "precision", "report"]
 AFTER_DEDUP = ["params", "dedup", "leakage", "ood", "prune", "pretrain", "evaluate", "summary", "precision",
                "report"]   # params: the check
-
-
-def _hashes(root: Path) -> dict[str, str]:
-    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(root.rglob("*")) if f.is_file()}
 
 
 def _metrics(repo: Path, name: str) -> dict:
@@ -157,7 +152,7 @@ def test_full_pipeline_offline(tmp_path, s3_server):
     wrong = run(["dvc", "pull", "-r", "s3", "data/dataset"], clone, check=False, env=no_creds)
     assert wrong.returncode != 0 and "credentials" in (wrong.stdout + wrong.stderr).lower()
     run(["dvc", "pull", "-r", "s3", "data/dataset"], clone, env=aws_env)
-    assert _hashes(clone / "data/dataset") == _hashes(repo / "data/dataset")
+    assert file_digests(clone / "data/dataset") == file_digests(repo / "data/dataset")
     assert not (clone / "data/pool").exists()
     # an interrupted pull resumes: with part of the objects already local, only the rest is fetched
     objs = sorted(f for f in (clone / ".dvc/cache").rglob("*") if f.is_file() and not f.name.endswith(".dir"))
@@ -167,7 +162,7 @@ def test_full_pipeline_offline(tmp_path, s3_server):
     shutil.rmtree(clone / "data/dataset")
     again = run(["dvc", "pull", "-r", "s3", "data/dataset"], clone, env=aws_env)
     assert f"{len(objs[::2])} file" in again.stdout or "fetched" in again.stdout.lower(), again.stdout
-    assert _hashes(clone / "data/dataset") == _hashes(repo / "data/dataset")
+    assert file_digests(clone / "data/dataset") == file_digests(repo / "data/dataset")
     st = run(["dvc", "status", "-c", "-r", "s3", "data/dataset"], clone, env=aws_env)
     assert "in sync" in st.stdout, st.stdout
     # `dvc get` / `dvc import` of a published version from the git repo, data from its S3 remote (the
@@ -175,13 +170,13 @@ def test_full_pipeline_offline(tmp_path, s3_server):
     remote = ["--remote", "s3", "--remote-config", f"endpointurl={endpoint}"]
     run(["dvc", "get", str(repo), "data/dataset", "--rev", "HEAD", "-o", str(tmp_path / "got"), *remote],
         tmp_path, env=aws_env)
-    assert _hashes(tmp_path / "got") == _hashes(repo / "data/dataset")
+    assert file_digests(tmp_path / "got") == file_digests(repo / "data/dataset")
     user = tmp_path / "user"
     user.mkdir()
     run(["git", "init", "-q"], user)
     run(["dvc", "init", "-q"], user)
     run(["dvc", "import", str(repo), "data/dataset", "--rev", "HEAD", "-o", "food", *remote], user, env=aws_env)
-    assert _hashes(user / "food") == _hashes(repo / "data/dataset")
+    assert file_digests(user / "food") == file_digests(repo / "data/dataset")
     assert "repo:" in (user / "food.dvc").read_text()
     # then everything, and a repro that reruns nothing
     run(["dvc", "pull", "-r", "s3"], clone, env=aws_env)

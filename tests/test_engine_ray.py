@@ -381,7 +381,8 @@ def test_generate_ray_engine_is_byte_identical_and_resumes_across_engines(tmp_pa
     from pas.collect.generate import DiffusionParams, GenerateParams, generate
     from pas.engine import EngineConfig
     from pas.models.diffusion import build_tiny_sd
-    from tests.test_generate import CAPS, files_of
+    from tests.helpers import file_digests
+    from tests.test_generate import CAPS
 
     sd_dir = build_tiny_sd(tmp_path / "diffusion", seed=0)
     p = GenerateParams(n_synth=2, seed=0, shard_size=3)
@@ -392,7 +393,7 @@ def test_generate_ray_engine_is_byte_identical_and_resumes_across_engines(tmp_pa
     m_ray = generate(CAPS, sd_dir, tmp_path / "out_ray", tmp_path / "cache_ray", p, d, progress=False,
                      engine=ray_cfg)
     assert m_local["n_shards"] == m_ray["n_shards"] == m_ray["n_shards_generated"] == 3
-    assert files_of(tmp_path / "out_ray") == files_of(tmp_path / "out_local")
+    assert file_digests(tmp_path / "out_ray") == file_digests(tmp_path / "out_local")
     # resume across engines: keep the locally drawn shard 0 (and its marker) only; Ray draws the rest
     cache = tmp_path / "cache_mixed" / "shards"
     cache.mkdir(parents=True)
@@ -403,7 +404,7 @@ def test_generate_ray_engine_is_byte_identical_and_resumes_across_engines(tmp_pa
     m_mixed = generate(CAPS, sd_dir, tmp_path / "out_mixed", tmp_path / "cache_mixed", p, d, progress=False,
                        engine=ray_cfg)
     assert (m_mixed["n_shards_resumed"], m_mixed["n_shards_generated"]) == (1, 2)
-    assert files_of(tmp_path / "out_mixed") == files_of(tmp_path / "out_local")
+    assert file_digests(tmp_path / "out_mixed") == file_digests(tmp_path / "out_local")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,7 +643,8 @@ def test_generate_ray_survives_an_actor_killed_mid_shard(tmp_path, monkeypatch, 
     from pas.collect.generate import DiffusionParams, GenerateParams, generate
     from pas.engine import EngineConfig
     from pas.models.diffusion import build_tiny_sd
-    from tests.test_generate import CAPS, files_of
+    from tests.helpers import file_digests
+    from tests.test_generate import CAPS
 
     flag = tmp_path / "killed.json"
 
@@ -674,5 +676,5 @@ def test_generate_ray_survives_an_actor_killed_mid_shard(tmp_path, monkeypatch, 
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert json.loads(flag.read_text())["pid"] != os.getpid()
     assert m["n_shards_generated"] == 3
-    assert files_of(tmp_path / "out_ray") == files_of(tmp_path / "out_local")
+    assert file_digests(tmp_path / "out_ray") == file_digests(tmp_path / "out_local")
     assert not list((tmp_path / "cache_ray" / "shards").glob(".tmp-*"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -19,15 +18,11 @@ from pas.collect.generate import DiffusionParams, GenerateParams, generate, gene
 from pas.io.manifest import read_parquet, read_run
 from pas.io.shards import decode_image, encode_image, iter_samples
 from pas.params import ParamsError
+from tests.helpers import file_digests
 from tests.stage_helpers import load_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 D = DiffusionParams(steps=2, guidance=3.0, resolution=64, batch_size=3)
-
-
-def files_of(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def test_params_validation():
@@ -82,11 +77,11 @@ def test_generate_deterministic_and_resumes(sd_dir, tmp_path):
     assert m1["n_images"] == 12 and m1["n_shards"] == 3 and m1["n_shards_generated"] == 3
     assert m1["n_captions"] == 4 and m1["n_fallback_captions"] == 1 and m1["seconds_per_image"] > 0
     generate(CAPS, sd_dir, tmp_path / "out2", tmp_path / "cache2", p, D, progress=False)
-    assert files_of(tmp_path / "out1") == files_of(tmp_path / "out2")       # same seed → same bytes
+    assert file_digests(tmp_path / "out1") == file_digests(tmp_path / "out2")       # same seed → same bytes
     # rerun on the finished cache: nothing drawn, same bytes
     m3 = generate(CAPS, sd_dir, tmp_path / "out1", tmp_path / "cache1", p, D, progress=False)
     assert m3["n_shards_resumed"] == 3 and m3["n_shards_generated"] == 0
-    assert files_of(tmp_path / "out1") == files_of(tmp_path / "out2")
+    assert file_digests(tmp_path / "out1") == file_digests(tmp_path / "out2")
     # index ↔ shards
     idx = read_parquet(tmp_path / "out1" / "index.parquet")
     samples = list(iter_samples(tmp_path / "out1"))
@@ -168,21 +163,21 @@ def test_sigkill_and_resume(sd_dir, tmp_path):
     assert not out.exists() or not list(out.glob("*.tar"))           # the out is written only at the end
     m = generate(CAPS, sd_dir, out, cache, p, D, progress=False)
     assert m["n_shards_resumed"] == done and m["n_shards_generated"] == 6 - done
-    assert files_of(out) == files_of(tmp_path / "ref")
+    assert file_digests(out) == file_digests(tmp_path / "ref")
     assert not [q for q in (cache / "shards").iterdir() if q.name.startswith(".tmp")]
 
 
 def test_tampered_shard_is_redone(sd_dir, tmp_path):
     p = GenerateParams(n_synth=2, shard_size=4)
     generate(CAPS, sd_dir, tmp_path / "out", tmp_path / "cache", p, D, progress=False)
-    ref = files_of(tmp_path / "out")
+    ref = file_digests(tmp_path / "out")
     tar = sorted((tmp_path / "cache" / "shards").glob("*.tar"))[1]
     data = tar.read_bytes()
     tar.unlink()                                       # never write in place: it may be hard-linked
     tar.write_bytes(data[:-1024])
     m = generate(CAPS, sd_dir, tmp_path / "out", tmp_path / "cache", p, D, progress=False)
     assert m["n_shards_generated"] == 1 and m["n_shards_resumed"] == 1
-    assert files_of(tmp_path / "out") == ref
+    assert file_digests(tmp_path / "out") == ref
 
 
 def test_hostile_concepts_stay_inside(sd_dir, tmp_path):

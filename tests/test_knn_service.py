@@ -26,6 +26,7 @@ from pas.collect.knn_service import (failure_reason, group_part, hits_table, par
 from pas.collect.retrieve import RetrieveParams, retrieve
 from pas.io.manifest import read_parquet, write_parquet
 from pas.io.shards import iter_samples, make_key
+from tests.helpers import file_digests
 from tests.knn_standin import Standin
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,10 +43,6 @@ def params(url, **svc):
     return RetrieveParams(backend="clip_service", k_retrieve=10, shard_size=3, batch_size=2, service={
         "url": url, "retries": 1, "backoff": 0.0, "image_timeout": 0.5, "workers": 4,
         "max_pixels": 200 * 200, "shard_size": 8, **svc})
-
-
-def files_of(d: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
 
 
 def res(*rows):
@@ -149,9 +146,9 @@ def test_service_retrieval_end_to_end(service, tmp_path, monkeypatch):
     assert list(iter_samples(out))                              # shards pass their index's sha256 check
 
     # a rerun finds every batch and shard done: no request, same bytes
-    before, n_queries, gets = files_of(out), len(service.queries), sum(service.gets.values())
+    before, n_queries, gets = file_digests(out), len(service.queries), sum(service.gets.values())
     m2 = retrieve(["apple", "pear", "kiwi"], out, params(service.url), cache_dir=cache, progress=False)
-    assert files_of(out) == before and len(service.queries) == n_queries and sum(service.gets.values()) == gets
+    assert file_digests(out) == before and len(service.queries) == n_queries and sum(service.gets.values()) == gets
     assert m2["n_query_batches_resumed"] == 2 and m2["n_download_shards_resumed"] == m2["n_download_shards"]
     assert {k: v for k, v in m2.items() if not k.startswith(("seconds", "n_query", "n_download_shards_r"))} == \
         {k: v for k, v in m.items() if not k.startswith(("seconds", "n_query", "n_download_shards_r"))}

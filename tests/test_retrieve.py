@@ -16,6 +16,7 @@ from pas.collect.retrieve import (PoolError, RetrieveParams, load_pool, merge_hi
 from pas.io.manifest import read_metrics, read_parquet, write_parquet
 from pas.io.shards import ShardWriter, encode_image, iter_samples, make_key
 from pas.params import ParamsError
+from tests.helpers import file_digests
 from tests.stage_helpers import load_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,11 +71,6 @@ def make_pool(d: Path, n: int = 30, seed: int = 0, fingerprint: str = "fake-clip
     (d / "pool.json").write_text(json.dumps({"clip_fingerprint": fingerprint, "clip_dir": "models/clip",
                                              "n": n, "dim": D}))
     return E, keys
-
-
-def files_of(d: Path) -> dict[str, str]:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture()
@@ -188,7 +184,7 @@ def test_byte_identical_reruns(pool, tmp_path):
     # a rerun into a dirty folder replaces its own files
     retrieve(["x"], tmp_path / "b", p, encoder=FakeEncoder({}), pool_dir=pool_dir, progress=False)
     retrieve(["x", "y", "z"], tmp_path / "b", p, encoder=FakeEncoder({}), pool_dir=pool_dir, progress=False)
-    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
+    assert file_digests(tmp_path / "a") == file_digests(tmp_path / "b")
 
 
 HOSTILE = ["../../../etc/passwd", "/abs/path", "a\\b\\..\\c", 'quote"d \'x\'', "🍕🍣 pizza party",
@@ -198,10 +194,10 @@ HOSTILE = ["../../../etc/passwd", "/abs/path", "a\\b\\..\\c", 'quote"d \'x\'', "
 def test_hostile_concepts_stay_inside(pool, tmp_path):
     pool_dir, _, _ = pool
     out = tmp_path / "data" / "retrieved"
-    before = files_of(tmp_path)
+    before = file_digests(tmp_path)
     m = retrieve(HOSTILE, out, RetrieveParams(k_retrieve=3, shard_size=4), encoder=FakeEncoder({}),
                  pool_dir=pool_dir, progress=False)
-    after = files_of(tmp_path)
+    after = file_digests(tmp_path)
     new = set(after) - set(before)
     assert all(p.startswith("data/retrieved/") for p in new)
     assert {Path(p).name for p in new} <= {"index.parquet", "hits.parquet"} | {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import zipfile
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pas.hashing import sha256_file
 from pas.models import sscd
 
 
@@ -25,21 +25,17 @@ def model(tiny_dir):
     return sscd.load_sscd(tiny_dir)
 
 
-def _sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
 def test_tiny_same_seed_same_bytes(tiny_dir, tmp_path):
     again = sscd.build_tiny_sscd(tmp_path / "b", seed=0)
     f = sscd.TORCHSCRIPT
-    assert _sha(tiny_dir / f) == _sha(again / f)
+    assert sha256_file(tiny_dir / f) == sha256_file(again / f)
     assert (tiny_dir / sscd.PRESET).read_bytes() == (again / sscd.PRESET).read_bytes()
     names = zipfile.ZipFile(tiny_dir / f).namelist()
     assert not [n for n in names if n.endswith(".debug_pkl")]       # no absolute source paths inside
     assert str(Path.cwd()) .encode() not in (tiny_dir / f).read_bytes()
     preset = json.loads((tiny_dir / sscd.PRESET).read_text())
     assert preset["dims"] == 512 and preset["resize"] == sscd.TINY_RESIZE
-    assert preset["sha256"] == _sha(tiny_dir / f) == sscd.fingerprint(tiny_dir)
+    assert preset["sha256"] == sha256_file(tiny_dir / f) == sscd.fingerprint(tiny_dir)
 
 
 def test_other_seed_other_weights(tmp_path):
@@ -99,7 +95,7 @@ def test_resolve_url():
 
 def test_download_from_file_url_records_sha256(tiny_dir, tmp_path):
     src = tiny_dir / sscd.TORCHSCRIPT
-    digest = _sha(src)
+    digest = sha256_file(src)
     out = sscd.download_sscd(src.resolve().as_uri(), tmp_path / "dl", sha256=digest, progress=False)
     preset = json.loads((out / sscd.PRESET).read_text())
     assert preset["sha256"] == digest and preset["url"].startswith("file://")

@@ -360,10 +360,6 @@ def run_stage(main: Callable[[], Any]) -> int:
     return rc if isinstance(rc, int) else 0
 
 
-def paper(params: Mapping[str, Any]) -> PaperParams:
-    return build(PaperParams, params)
-
-
 register("models", "pas.models.specs:ModelsParams")
 register("pool", "pas.data.pool:PoolParams")
 register("ood", "pas.curate.ood:OodParams")

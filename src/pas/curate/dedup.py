@@ -22,8 +22,6 @@ import pandas as pd
 from pas.knn import INDEX_KINDS, IVF_CODES, check_descriptors, knn_self
 from pas.params import check_choice, check_range, check_seed
 
-MANIFEST_COLUMNS = ["key", "kept", "reason", "score", "component", "component_size", "representative"]
-
 
 @dataclass(frozen=True)
 class DedupParams:

@@ -34,9 +34,6 @@ from pas.params import ParamsError, check_choice, check_range
 
 log = logging.getLogger(__name__)
 
-# the stage's manifest (`by_component`); `leakage` returns the first seven
-MANIFEST_COLUMNS = ["key", "kept", "reason", "score", "nearest_key", "evalset", "n_matches", "via",
-                    "component", "component_leaks"]
 SCOPES = ("component", "image")
 
 

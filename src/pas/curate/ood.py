@@ -43,8 +43,6 @@ from pas.params import ParamsError, check_choice, check_range, renamed
 
 log = logging.getLogger(__name__)
 
-MODES = ("clipn", "no_head", "negative_prompts")
-
 # A small ensemble (CLIPN uses 130 templates; 5k concepts × 130 prompts is costly on CPU — add more here).
 DEFAULT_YES_TEMPLATES = (
     "a photo of a {}.",

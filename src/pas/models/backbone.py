@@ -39,11 +39,6 @@ def read_config(path: str | Path | Mapping[str, Any]) -> dict:
         raise FileNotFoundError(f"{cfg_file}: no backbone config (run the `models` stage)") from None
 
 
-def image_size_of(cfg: Mapping[str, Any]) -> int:
-    """Square input side the backbone was built (and pretrained) for."""
-    return int(cfg["pretrained_cfg"]["input_size"][-1])
-
-
 def is_vit(cfg_or_model: Any) -> bool:
     """True for transformer backbones (linear probe: AdamW + cosine), False for CNNs (SGD + steps)."""
     if isinstance(cfg_or_model, Mapping):

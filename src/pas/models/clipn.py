@@ -39,9 +39,6 @@ from pas.params import ParamsError
 
 log = logging.getLogger(__name__)
 
-# state-dict names of the no-tower, as CLIPN's model defines them
-NO_MODULES = ("transformer_no", "token_embedding_no", "ln_final_no")
-NO_PARAMS = ("positional_embedding_no", "text_projection_no", "prompt_no")
 MANIFEST = "clipn.json"     # in models/clipn/: {"kind": "none"} or {"kind": "clipn", "checkpoint": file, …}
 BASE_DIR = "base"           # the base CLIP bundle inside models/clipn/
 SUFFIXES = (".pt", ".pth", ".safetensors")

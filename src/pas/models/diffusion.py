@@ -20,7 +20,6 @@ from pas.models.files import fingerprint_dir, seed_everything
 
 MODEL_INDEX = "model_index.json"
 SOURCE_FILE = "pas_model.json"
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 # scheduler name (params `diffusion.scheduler`) -> diffusers class name
 SCHEDULERS = {
