@@ -207,19 +207,6 @@ class _Plan:
         return {c: _jsonable(v[r]) for c, v in zip(self.cols, self.values)}
 
 
-def _index_column(v: np.ndarray, rows: np.ndarray):
-    """`[_jsonable(v[i]) for i in rows]` as the column pandas makes of it, without a Python object per
-    row where the dtype is plain: bool, int64 (any int but uint64), float64."""
-    kind, size = v.dtype.kind, v.dtype.itemsize
-    if kind == "b":
-        return v[rows]
-    if kind == "i" or (kind == "u" and size < 8):
-        return v[rows].astype(np.int64)
-    if kind == "f" and size <= 8:
-        return v[rows].astype(np.float64)
-    return [_jsonable(v[i]) for i in rows]
-
-
 @dataclass
 class _Kept:
     """What `_read_kept` leaves: the sorted runs or the buffer, and how many samples they hold."""
@@ -302,7 +289,8 @@ def _write_sorted(kept: _Kept, plan: _Plan, rep: ExportReport, stage: Path, maxc
     rows = np.frombuffer(rows, np.int64) if len(rows) else np.zeros(0, np.int64)
     head = w.index_frame()
     data = {"key": head.get("key"), "shard": head.get("shard"), **fields,
-            **{c: _index_column(v, rows) for c, v in zip(plan.cols, plan.values)}, "front": plan.fronts[rows]}
+            **{c: [_jsonable(v[i]) for i in rows.tolist()] for c, v in zip(plan.cols, plan.values)},
+            "front": plan.fronts[rows].tolist()}
     rep.sources_kept.update(str(x) for x in fields["source"])
     index = pd.DataFrame(data if len(rows) else [], columns=["key", "shard", *INDEX_FIELDS[1:], *plan.cols, "front"])
     for c in ("caption", "url", "pool_key", "path", "license"):
