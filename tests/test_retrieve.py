@@ -187,6 +187,36 @@ def test_byte_identical_reruns(pool, tmp_path):
     assert file_digests(tmp_path / "a") == file_digests(tmp_path / "b")
 
 
+def test_index_bytes_same_as_a_dict_per_image(tmp_path):
+    """write_images keeps columns, not a row dict per image: index.parquet is byte for byte the one
+    a DataFrame of those dicts gives (None and str mixed in path / url, 1-3 concepts per image)."""
+    import shutil
+
+    import pas.collect.retrieve as R
+    from pas.io.shards import write_index as write_shard_index
+
+    keys = [make_key("p", i) for i in range(11)]
+    hits = {k: [(f"c{j}", round(0.9 - 0.1 * j - 0.01 * i, 6)) for j in range(1 + i % 3)] for i, k in enumerate(keys)}
+    extra = [{"pool_key": k, "path": None if i % 4 == 0 else f"x/{i}.jpg", "url": "u" if i == 5 else None}
+             for i, k in enumerate(keys)]
+    out = tmp_path / "out"
+    out.mkdir()
+    samples = ((k, encode_image(Image.new("RGB", (8, 8), (i, 0, 0))), "jpg", e)
+               for i, (k, e) in enumerate(zip(keys, extra)))
+    R.write_index(R.write_images(samples, hits, out, maxcount=4), hits, out)
+    rows = [{"key": s.key, "shard": s.shard, **{c: e.get(c) for c in R.PROVENANCE},
+             "n_concepts": len(hits[s.key]), "concept": hits[s.key][0][0], "similarity": hits[s.key][0][1],
+             "concepts": [c for c, _ in hits[s.key]], "similarities": [v for _, v in hits[s.key]]}
+            for s, e in zip(iter_samples(out), extra)]
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for shard in out.glob("*.tar"):
+        shutil.copy(shard, ref / shard.name)
+    write_shard_index(pd.DataFrame(rows, columns=R.INDEX_COLUMNS), ref)
+    assert (out / "index.parquet").read_bytes() == (ref / "index.parquet").read_bytes()
+    assert len(rows) == len(keys) and read_parquet(out / "index.parquet")["url"].tolist().count("u") == 1
+
+
 HOSTILE = ["../../../etc/passwd", "/abs/path", "a\\b\\..\\c", 'quote"d \'x\'', "🍕🍣 pizza party",
            "x" * 1000, "{c} {0} %s", "tab\there\nnewline", "nul\x00byte", ".", "..", "-rf"]
 

@@ -209,37 +209,48 @@ def _meta(key: str, lst: list[tuple[str, float]], extra: dict) -> dict:
             "similarities": [s for _, s in lst], **extra}
 
 
+INDEX_COLUMNS = ["key", "shard", "pool_key", "path", "url", "n_concepts", "concept", "similarity", "concepts",
+                 "similarities"]
+PROVENANCE = ("pool_key", "path", "url")       # index columns taken from a sample's extra meta
+
+
 def write_images(samples: Iterable[tuple[str, bytes, str, dict]], hits: Hits, out_dir: Path,
-                 maxcount: int, total: int | None = None) -> list[dict]:
-    """Write (key, image bytes, ext, extra meta) samples that are in `hits` to shards; index rows back."""
+                 maxcount: int, total: int | None = None):
+    """Write (key, image bytes, ext, extra meta) samples that are in `hits` to shards. Returns their
+    key, shard and `PROVENANCE` columns in write order (a DataFrame; `write_index` adds the hits'
+    columns): the writer's keys and shard numbers and one list per field, no dict per image."""
+    import pandas as pd
     from tqdm import tqdm
 
     from pas.io.shards import ShardWriter
 
-    rows = []
+    extra_cols: dict[str, list] = {c: [] for c in PROVENANCE}
     with ShardWriter(out_dir, prefix=SHARD_PREFIX, maxcount=maxcount) as w:
         for key, data, ext, extra in tqdm(samples, desc="write retrieved", unit="img", total=total):
-            lst = hits[key]
-            shard = w.write(key, data, _meta(key, lst, extra), ext=ext)
-            rows.append({"key": key, "shard": shard, "pool_key": extra.get("pool_key"),
-                         "path": extra.get("path"), "url": extra.get("url"), "n_concepts": len(lst),
-                         "concept": lst[0][0],
-                         "similarity": lst[0][1], "concepts": [c for c, _ in lst],
-                         "similarities": [s for _, s in lst]})
-    return rows
+            w.write(key, data, _meta(key, hits[key], extra), ext=ext)
+            for c, col in extra_cols.items():
+                col.append(extra.get(c))
+    if not w.keys:
+        return pd.DataFrame([], columns=["key", "shard", *PROVENANCE])
+    head = w.index_frame()
+    return pd.DataFrame({"key": head["key"], "shard": head["shard"], **extra_cols})
 
 
-def write_index(rows: list[dict], hits: Hits, out_dir: Path) -> None:
-    """index.parquet (one row per stored image, by key) and hits.parquet (concept, rank, key, similarity)."""
+def write_index(written, hits: Hits, out_dir: Path) -> None:
+    """index.parquet (one row per stored image, by key: `write_images`'s columns + each image's hits)
+    and hits.parquet (concept, rank, key, similarity)."""
     import pandas as pd
 
     from pas.io.manifest import write_parquet
     from pas.io.shards import write_index as write_shard_index
 
-    cols = ["key", "shard", "pool_key", "path", "url", "n_concepts", "concept", "similarity", "concepts",
-            "similarities"]
-    write_shard_index(pd.DataFrame(rows, columns=cols), out_dir)
-    stored = {r["key"] for r in rows}
+    lists = [hits[k] for k in written["key"]]
+    data = {c: written[c] for c in written.columns}
+    data.update(n_concepts=[len(lst) for lst in lists], concept=[lst[0][0] for lst in lists],
+                similarity=[lst[0][1] for lst in lists], concepts=[[c for c, _ in lst] for lst in lists],
+                similarities=[[s for _, s in lst] for lst in lists])
+    write_shard_index(pd.DataFrame(data if lists else [], columns=INDEX_COLUMNS), out_dir)
+    stored = set(written["key"])
     long = [(c, k, s) for k, lst in hits.items() if k in stored for c, s in lst]
     df = pd.DataFrame(long, columns=["concept", "key", "similarity"])
     df = df.sort_values(["concept", "similarity", "key"], ascending=[True, False, True], kind="stable")
@@ -278,12 +289,12 @@ def retrieve_from_pool(concepts: Sequence[str], encoder: TextEncoder, pool_dir: 
     hits = merge_hits(concepts, S, I, pool.keys)
     out = Path(out_dir)
     _clean_out(out)
-    rows = write_images(_pool_samples(pool, set(hits)), hits, out, params.shard_size, total=len(hits))
-    missing = set(hits) - {r["key"] for r in rows}
+    written = write_images(_pool_samples(pool, set(hits)), hits, out, params.shard_size, total=len(hits))
+    missing = set(hits).difference(written["key"])
     if missing:
         raise PoolError(f"{pool.dir}: {len(missing)} indexed key(s) not found in the shards, "
                         f"e.g. {sorted(missing)[0]!r}")
-    write_index(rows, hits, out)
+    write_index(written, hits, out)
     m = summarize(concepts, hits, hits)
     m.update(backend="pool", k_retrieve=params.k_retrieve, k_effective=int(S.shape[1]),
              pool_size=int(pool.faiss_index.ntotal), seconds=time.perf_counter() - t0)

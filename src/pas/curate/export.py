@@ -4,17 +4,19 @@ Issue 15's split (as DataComp picks ids, then reshards): `pas.curate.prune.selec
 images stay from their scores alone (fronts, stop); `export_dataset` then writes the images of those
 ids — the only image bytes written after retrieve/generate — in key order, with the final sample
 schema (`SAMPLE_FIELDS`) and data/dataset/index.parquet. It runs in three steps:
-- `_Plan` (from the selection table): per scored key its row, key rank, front, kept flag and the
-  score values its JSON carries; no image is read;
+- `_Plan` (from the selection table): the scored keys sorted, each one's front, kept flag and the
+  score values its JSON carries, as numpy arrays; no image is read;
 - `_read_kept`: one pass over the image shards; kept samples (less the takedown list, matched on key
   or on the URL their JSON carries) are encoded once and buffered, each full buffer spilled as one
   key-sorted run (`_SortBuffer`);
-- `_write_sorted`: the runs (or the buffer) merged by key rank into shards of ≤ `maxcount` samples.
+- `_write_sorted`: the runs (or the buffer) merged by key rank into shards of ≤ `maxcount` samples,
+  the index built from what is written.
 """
 
 from __future__ import annotations
 
 import heapq
+import json
 import shutil
 import tempfile
 from array import array
@@ -171,11 +173,11 @@ def _score_columns(table: pd.DataFrame, cols: Sequence[str]) -> list:
 
 @dataclass
 class _Plan:
-    """What the export needs of the selection, per scored row (the table's order): no images."""
+    """What the export needs of the selection, no images, in key order: row r is the r-th smallest
+    key (its rank: the sort and the merge compare ints). Numpy arrays only: a key → row dict and a
+    str per scored image were ~0.2 KB each (benchmarks/RESULTS-scale.md)."""
 
-    keys: list[str]
-    row_of: dict[str, int]          # key -> row; a plain dict: pandas .loc per image is slow at 1M
-    rank: np.ndarray                # key rank of each row: the merge and the sort compare ints
+    keys: np.ndarray                # sorted keys as UTF-8 bytes ('S'): bytewise order is str order
     fronts: np.ndarray
     removed: np.ndarray
     cols: list[str]                 # score columns in each sample's JSON and the index
@@ -186,32 +188,41 @@ class _Plan:
         lacking = sorted({"key", "front", "removed", *METRICS} - set(table.columns))
         if lacking:
             raise ValueError(f"result table lacks column(s) {lacking}")
-        keys = table["key"].tolist()
-        row_of = {k: i for i, k in enumerate(keys)}
-        if len(row_of) != len(keys):
+        keys = np.char.encode(table["key"].to_numpy(dtype=str), "utf-8")
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        if (keys[1:] == keys[:-1]).any():
             raise ValueError("result table has duplicate keys")
-        if table["key"].is_monotonic_increasing:     # as `select` leaves it: no string sort
-            rank = np.arange(len(keys), dtype=np.int64)
-        else:
-            rank = np.empty(len(keys), np.int64)
-            rank[np.argsort(np.array(keys, dtype=object), kind="stable")] = np.arange(len(keys))
         cols = [c for c in (*METRICS, *extra_cols) if c in table.columns]
-        return cls(keys, row_of, rank, table["front"].to_numpy(np.int64), table["removed"].to_numpy(bool),
-                   cols, _score_columns(table, cols))
+        return cls(keys, table["front"].to_numpy(np.int64)[order], table["removed"].to_numpy(bool)[order],
+                   cols, [v[order] for v in _score_columns(table, cols)])
 
-    def scores(self, i: int) -> dict:
-        return {c: _jsonable(v[i]) for c, v in zip(self.cols, self.values)}
+    def rank(self, key: str) -> int:
+        """`key`'s rank (its row here), -1 if it is not scored."""
+        k = key.encode()
+        r = int(self.keys.searchsorted(k))
+        return r if r < len(self.keys) and self.keys[r] == k else -1
+
+    def scores(self, r: int) -> dict:
+        return {c: _jsonable(v[r]) for c, v in zip(self.cols, self.values)}
 
 
 @dataclass
 class _Kept:
-    """What `_read_kept` leaves: the sorted runs or the buffer, and the index fields of the kept
-    samples in read order (with their rows)."""
+    """What `_read_kept` leaves: the sorted runs or the buffer, and how many samples they hold."""
 
     runs: list[Path]
     buf: _SortBuffer
-    rows: array
-    fields: dict[str, list]
+    n: int = 0
+
+    def sorted(self) -> Iterator[tuple[int, int, bytes, bytes]]:
+        """(rank, ext, image, JSON) of every kept sample in key order: the runs merged, or the
+        buffer sorted and then released (before the index is built)."""
+        if self.runs:
+            yield from heapq.merge(*(_read_run(r) for r in self.runs))
+        else:
+            yield from self.buf.sorted()
+            self.buf = _SortBuffer()
 
 
 def _read_kept(dirs: list[str], plan: _Plan, rep: ExportReport, work: Path, buffer_bytes: int,
@@ -221,35 +232,33 @@ def _read_kept(dirs: list[str], plan: _Plan, rep: ExportReport, work: Path, buff
 
     from pas.io.shards import IMAGE_EXTS, iter_samples, meta_json
 
-    kept = _Kept([], _SortBuffer(), array("q"), {f: [] for f in INDEX_FIELDS[1:]})
+    kept = _Kept([], _SortBuffer())
     found = np.zeros(len(plan.keys), bool)
     for s in tqdm(iter_samples(dirs), desc="prune: read images", unit="img", disable=not progress):
         src = str(s.meta.get("source", "unknown"))
         rep.sources_in[src] += 1
-        i = plan.row_of.get(s.key)
-        if i is None:
+        r = plan.rank(s.key)
+        if r < 0:
             continue
-        if found[i]:
+        if found[r]:
             raise ValueError(f"image key {s.key!r} appears twice in {dirs} (second in {s.shard})")
-        found[i] = True
+        found[r] = True
         rep.sources_scored[src] += 1
         if s.key in want_thumbs:
             rep.thumbs[s.key] = s.image
-        if plan.removed[i]:
+        if plan.removed[r]:
             continue
         if s.key in takedown or s.meta.get("url") in takedown:
             rep.n_takedown += 1
             continue
-        meta = dataset_sample(s.meta, plan.scores(i), int(plan.fronts[i]))
-        kept.rows.append(i)
-        for f, col in kept.fields.items():
-            col.append(meta[f])
-        kept.buf.add(int(plan.rank[i]), IMAGE_EXTS.index(s.ext), s.image, meta_json(s.key, meta))
+        meta = dataset_sample(s.meta, plan.scores(r), int(plan.fronts[r]))
+        kept.buf.add(r, IMAGE_EXTS.index(s.ext), s.image, meta_json(s.key, meta))
+        kept.n += 1
         if kept.buf.nbytes >= buffer_bytes:
             kept.runs.append(work / f"run{len(kept.runs):04d}")
             kept.buf.spill(kept.runs[-1])
     if not found.all():
-        missing = sorted(k for k, f in zip(plan.keys, found) if not f)
+        missing = [k.decode() for k in plan.keys[~found]]
         raise ValueError(f"{len(missing)} scored image(s) not found in {dirs}, e.g. {missing[:3]}")
     if kept.runs and len(kept.buf):
         kept.runs.append(work / f"run{len(kept.runs):04d}")
@@ -265,25 +274,25 @@ def _write_sorted(kept: _Kept, plan: _Plan, rep: ExportReport, stage: Path, maxc
 
     from pas.io.shards import IMAGE_EXTS, ShardWriter, write_index
 
-    stream = heapq.merge(*(_read_run(r) for r in kept.runs)) if kept.runs else kept.buf.sorted()
-    row_by_rank = np.empty(len(plan.keys), np.int64)
-    row_by_rank[plan.rank] = np.arange(len(plan.keys))
-    shard_of = array("q")
+    # the index fields of a kept sample are read back from its JSON: holding them from the read on
+    # would keep Python objects for every kept sample beside the full buffer
+    fields: dict[str, list] = {f: [] for f in INDEX_FIELDS[1:]}
+    rows = array("q")
     with ShardWriter(stage, prefix="shard", maxcount=maxcount) as w:
-        for r, ext, image, meta in tqdm(stream, desc="prune: write dataset", unit="img", total=len(kept.rows),
+        for r, ext, image, meta in tqdm(kept.sorted(), desc="prune: write dataset", unit="img", total=kept.n,
                                         disable=not progress):
-            w.write_encoded(plan.keys[row_by_rank[r]], image, meta, ext=IMAGE_EXTS[ext])
-            shard_of.append(len(w.shards) - 1)
-    # written in key order: the index rows are the kept rows sorted by key rank
-    read_rows = np.frombuffer(kept.rows, np.int64) if len(kept.rows) else np.zeros(0, np.int64)
-    order = np.argsort(plan.rank[read_rows], kind="stable")
-    rows = read_rows[order].tolist()
-    data = {"key": [plan.keys[i] for i in rows], "shard": [w.shards[j] for j in shard_of],
-            **{f: [kept.fields[f][j] for j in order.tolist()] for f in INDEX_FIELDS[1:]},
-            **{c: [_jsonable(v[i]) for i in rows] for c, v in zip(plan.cols, plan.values)},
+            w.write_encoded(plan.keys[r].decode(), image, meta, ext=IMAGE_EXTS[ext])
+            rows.append(r)
+            sample = json.loads(meta)
+            for f, col in fields.items():
+                col.append(sample[f])
+    rows = np.frombuffer(rows, np.int64) if len(rows) else np.zeros(0, np.int64)
+    head = w.index_frame()
+    data = {"key": head.get("key"), "shard": head.get("shard"), **fields,
+            **{c: [_jsonable(v[i]) for i in rows.tolist()] for c, v in zip(plan.cols, plan.values)},
             "front": plan.fronts[rows].tolist()}
-    rep.sources_kept.update(str(x) for x in data["source"])
-    index = pd.DataFrame(data if rows else [], columns=["key", "shard", *INDEX_FIELDS[1:], *plan.cols, "front"])
+    rep.sources_kept.update(str(x) for x in fields["source"])
+    index = pd.DataFrame(data if len(rows) else [], columns=["key", "shard", *INDEX_FIELDS[1:], *plan.cols, "front"])
     for c in ("caption", "url", "pool_key", "path", "license"):
         index[c] = index[c].astype(object)
     write_index(index, stage)
