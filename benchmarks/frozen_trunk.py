@@ -173,7 +173,7 @@ def folds_by_group(groups: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarra
     return np.asarray([fold_of[g] for g in groups.tolist()])
 
 
-def train_scratch_cos(images, t, text_ids, seed: int, threads: int) -> "object":
+def train_scratch_cos(images, t, text_ids, seed: int, threads: int) -> np.ndarray:
     """clip_train's image tower (ModifiedResNet, `ClipTrainSpec` defaults: 64 px, 10 epochs, its
     augmentation and schedule) trained from scratch to regress the alt-text embedding (1 − cos)."""
     import open_clip.model
