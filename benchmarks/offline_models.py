@@ -44,24 +44,33 @@ def pool_images(pool_dir) -> tuple[list, list[str], np.ndarray]:
     return [by_key[k] for k in keys], keys, food
 
 
-def bank_precision(clip_dir, images, food, bank_path, template: str, k: int) -> dict:
-    """The pipeline's retrieve precision: top-k pool images by cosine(TE(template(c)), VE(I)) for each
-    accepted concept of the bank, precision over the unique images (as metrics/precision.json), and
-    the mean precision per hit."""
+def bank_prompts(bank_path, template: str) -> list[str]:
+    """The retrieve prompts of the bank's accepted concepts."""
     import pandas as pd
 
     from pas.collect.retrieve import prompt_for
-    from pas.models.clip import load_clip
 
     bank = pd.read_parquet(bank_path)
-    concepts = bank.loc[bank["accepted"], "concept"].astype(str).tolist()
-    clip = load_clip(clip_dir)
-    E = clip.encode_images(images, batch_size=256)
-    T = clip.encode_texts([prompt_for(c, template) for c in concepts])
+    return [prompt_for(c, template) for c in bank.loc[bank["accepted"], "concept"].astype(str)]
+
+
+def topk_precision(T, E, food, k: int) -> dict:
+    """Top-k images (rows of E) by cosine for each text (rows of T): precision over the unique images
+    (as metrics/precision.json) and the mean precision per hit."""
     top = np.argsort(-(T @ E.T), axis=1, kind="stable")[:, :k]
     uniq = np.unique(top)
-    return {"n_concepts": len(concepts), "unique": int(len(uniq)),
+    return {"n_concepts": len(T), "unique": int(len(uniq)),
             "precision": round(float(food[uniq].mean()), 4), "per_hit": round(float(food[top].mean()), 4)}
+
+
+def bank_precision(clip_dir, images, food, bank_path, template: str, k: int) -> dict:
+    """The pipeline's retrieve precision: top-k pool images by cosine(TE(template(c)), VE(I)) for each
+    accepted concept of the bank (`topk_precision`)."""
+    from pas.models.clip import load_clip
+
+    clip = load_clip(clip_dir)
+    E = clip.encode_images(images, batch_size=256)
+    return topk_precision(clip.encode_texts(bank_prompts(bank_path, template)), E, food, k)
 
 
 def train_candidate(spec_json: str, out_dir) -> dict:
@@ -85,8 +94,7 @@ def clip_precision(clip_dir, pairs, food, k: int) -> float:
     clip = load_clip(clip_dir)
     E = clip.encode_images([Image.fromarray(a) for a in pairs.images], batch_size=256)
     T = clip.encode_texts([f"a photo of {c}." for c in CONCEPTS])
-    top = np.argsort(-(T @ E.T), axis=1, kind="stable")[:, :k]
-    return float(food[top].mean())
+    return topk_precision(T, E, food, k)["per_hit"]
 
 
 def copy_groups(paths, images) -> np.ndarray:

@@ -157,6 +157,23 @@ def test_soft_clip_loss_is_clip_loss_for_distinct_texts(b):
     torch.testing.assert_close(soft_clip_loss(logits, torch.eye(b), 0.01), clip)
 
 
+def test_clip_loss_hand_computed_with_a_shared_text():
+    import torch
+
+    from pas.models.clip_train import clip_loss
+
+    # images 0 and 1 share text 0, image 2 has text 1; features equal to the texts, scale 1.
+    # Image→text: logits (1, 0), (1, 0), (0, 1): each row's CE is log(1 + e^-1).
+    # Text→image: text 0 over images (1, 1, 0), both first two positive, mean of their -log p;
+    # text 1 over (0, 0, 1): -log(e / (2 + e)).
+    t = torch.eye(2)
+    f = t[[0, 0, 1]]
+    ids = torch.tensor([0, 0, 1])
+    l_i = math.log1p(math.exp(-1))
+    l_t = 0.5 * (math.log(2 * math.e + 1) - 1 + math.log(2 + math.e) - 1)
+    assert abs(float(clip_loss(f, t, ids, 1.0)) - 0.5 * (l_i + l_t)) < 1e-6
+
+
 def test_soft_clip_loss_splits_the_target_between_equal_texts():
     import torch
 

@@ -90,6 +90,25 @@ def soft_clip_loss(logits, text_sim, text_tau: float):
     return 0.5 * (loss_i + loss_t)
 
 
+def clip_loss(f, t, ids, scale, text_tau: float = 0.0):
+    """The training loss of a batch: f (B, D) normalised image features, t (M, D) the frozen text
+    embeddings of the distinct alt texts, ids (B,) each image's row of t, scale the logit scale.
+    text_tau > 0: `soft_clip_loss`; 0: symmetric CLIP loss over the batch's distinct texts, images
+    sharing a text all positives of it."""
+    import torch
+    import torch.nn.functional as F
+
+    if text_tau > 0:
+        tb = t[ids]                                                     # (B, D)
+        return soft_clip_loss(scale * f @ tb.T, tb @ tb.T, text_tau)
+    cls, inv = torch.unique(ids, return_inverse=True)
+    logits = scale * f @ t[cls].T                                       # (B, C)
+    loss_i = F.cross_entropy(logits, inv)
+    pos = (inv[None, :] == torch.arange(len(cls))[:, None]).float()     # (C, B)
+    loss_t = -(pos * F.log_softmax(logits.T, dim=1)).sum(1).div(pos.sum(1)).mean()
+    return 0.5 * (loss_i + loss_t)
+
+
 def _augment(x, gen, size: int, min_scale: float):
     """uint8 (B, S, S, 3) → float (B, 3, size, size) in [0, 1]: a random square crop of area
     min_scale..1, resized back, and a random horizontal flip, per image."""
@@ -185,17 +204,7 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
             f = F.normalize(visual(x), dim=-1)
             ids = text_ids[idx]
             scale = model.logit_scale.exp().clamp(max=100.0)
-            if spec.text_tau > 0:
-                tb = t[ids]                                             # (B, D)
-                loss = soft_clip_loss(scale * f @ tb.T, tb @ tb.T, spec.text_tau)
-            else:
-                # the batch's distinct texts are the classes; images sharing a text are all positives
-                cls, inv = torch.unique(ids, return_inverse=True)
-                logits = scale * f @ t[cls].T                               # (B, C)
-                loss_i = F.cross_entropy(logits, inv)
-                pos = (inv[None, :] == torch.arange(len(cls))[:, None]).float()   # (C, B)
-                loss_t = -(pos * F.log_softmax(logits.T, dim=1)).sum(1).div(pos.sum(1)).mean()
-                loss = 0.5 * (loss_i + loss_t)
+            loss = clip_loss(f, t, ids, scale, spec.text_tau)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
