@@ -28,7 +28,8 @@ from PIL import Image
 
 from pas.hashing import sha256_file
 
-KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# ≤ 95 characters: a member name (key + "." + an extension of ≤ 4) must fit USTAR's 100-byte name field
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,95}$")
 SHARD_GLOB = "*.tar"
 INDEX_NAME = "index.parquet"
 INDEX_BATCH = 65_536    # index rows read at a time when counting samples per shard
