@@ -15,7 +15,9 @@ The pool is both training and retrieval set (as for the `models` stage's trained
 score by memorising alt texts; `--folds F` also measures out-of-fold embeddings (each image embedded
 by the head trained on the other folds, folds by `copy_groups`), the generalisation part.
 `--scratch-seeds` trains the from-scratch tower of `clip_train` (open_clip ModifiedResNet, same spec)
-with the cosine-regression loss instead of the contrastive one, for comparison.
+with the cosine-regression loss instead of the contrastive one, for comparison: in pool, or with
+`--scratch-folds` out of fold (one training per fold on the other folds, the same folds). `--oof-seeds`
+sets the out-of-fold heads' seeds; `--skip-in-pool` leaves out the in-pool heads.
 
 Needs the `onnx` package to cut the graph (not a project dependency: `pip install onnx ml_dtypes`).
 
@@ -264,7 +266,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--folds", type=int, default=0, help="also the out-of-fold measure with this many folds "
-                    "(seed 0 of each head)")
+                    "(the --oof-seeds of each head)")
     ap.add_argument("--default-folds", action="store_true", help="the out-of-fold measure (--folds) of the "
                     "committed recipe too: one train_clip per fold (slow)")
     ap.add_argument("--skip-heads", action="store_true", help="no heads, in pool or out of fold (e.g. a "
