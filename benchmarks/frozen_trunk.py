@@ -15,7 +15,9 @@ The pool is both training and retrieval set (as for the `models` stage's trained
 score by memorising alt texts; `--folds F` also measures out-of-fold embeddings (each image embedded
 by the head trained on the other folds, folds by `copy_groups`), the generalisation part.
 `--scratch-seeds` trains the from-scratch tower of `clip_train` (open_clip ModifiedResNet, same spec)
-with the cosine-regression loss instead of the contrastive one, for comparison.
+with the cosine-regression loss instead of the contrastive one, for comparison: in pool, or with
+`--scratch-folds` out of fold (one training per fold on the other folds, the same folds). `--oof-seeds`
+sets the out-of-fold heads' seeds; `--skip-in-pool` leaves out the in-pool heads.
 
 Needs the `onnx` package to cut the graph (not a project dependency: `pip install onnx ml_dtypes`).
 
@@ -173,9 +175,10 @@ def folds_by_group(groups: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarra
     return np.asarray([fold_of[g] for g in groups.tolist()])
 
 
-def train_scratch_cos(images, t, text_ids, seed: int, threads: int) -> np.ndarray:
+def train_scratch_cos(images, t, text_ids, seed: int, threads: int, train_idx=None, embed_idx=None) -> np.ndarray:
     """clip_train's image tower (ModifiedResNet, `ClipTrainSpec` defaults: 64 px, 10 epochs, its
-    augmentation and schedule) trained from scratch to regress the alt-text embedding (1 − cos)."""
+    augmentation and schedule) trained from scratch to regress the alt-text embedding (1 − cos), on the
+    images `train_idx` (default all); returns the embeddings of the images `embed_idx` (default all)."""
     import open_clip.model
     import torch
     import torch.nn.functional as F
@@ -189,9 +192,11 @@ def train_scratch_cos(images, t, text_ids, seed: int, threads: int) -> np.ndarra
     seed_everything(seed)
     visual = open_clip.model._build_vision_tower(t.shape[1], {"image_size": spec.image_size, **spec.vision})
     opt = adamw([p for p in visual.parameters() if p.requires_grad], spec.lr, spec.weight_decay)
-    x_all, t = torch.from_numpy(images), torch.from_numpy(t)
-    ids_all = torch.from_numpy(text_ids.astype(np.int64))
-    n, bs = len(images), spec.batch_size
+    train_idx = np.arange(len(images)) if train_idx is None else np.asarray(train_idx)
+    embed_idx = np.arange(len(images)) if embed_idx is None else np.asarray(embed_idx)
+    x_all, t = torch.from_numpy(images[train_idx]), torch.from_numpy(t)
+    ids_all = torch.from_numpy(text_ids[train_idx].astype(np.int64))
+    n, bs = len(train_idx), spec.batch_size
     steps = max(1, n // bs)
     gen = torch.Generator().manual_seed(seed)
     step = 0
@@ -209,9 +214,10 @@ def train_scratch_cos(images, t, text_ids, seed: int, threads: int) -> np.ndarra
             opt.step()
             step += 1
     visual.eval()
+    x_emb = torch.from_numpy(images[embed_idx])
     with torch.inference_mode():
-        return torch.cat([F.normalize(visual(_normalize(x_all[i:i + 256].permute(0, 3, 1, 2).float().div(255.0))),
-                                      dim=-1) for i in range(0, n, 256)]).numpy()
+        return torch.cat([F.normalize(visual(_normalize(x_emb[i:i + 256].permute(0, 3, 1, 2).float().div(255.0))),
+                                      dim=-1) for i in range(0, len(x_emb), 256)]).numpy()
 
 
 def oof_default_clip(pairs, images, fold: np.ndarray, threads: int) -> np.ndarray:
@@ -260,11 +266,16 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--folds", type=int, default=0, help="also the out-of-fold measure with this many folds "
-                    "(seed 0 of each head)")
+                    "(the --oof-seeds of each head)")
     ap.add_argument("--default-folds", action="store_true", help="the out-of-fold measure (--folds) of the "
                     "committed recipe too: one train_clip per fold (slow)")
-    ap.add_argument("--skip-heads", action="store_true", help="no in-pool heads (e.g. a --default-folds run)")
+    ap.add_argument("--skip-heads", action="store_true", help="no heads, in pool or out of fold (e.g. a "
+                    "--default-folds run)")
+    ap.add_argument("--skip-in-pool", action="store_true", help="no in-pool heads (the out-of-fold ones still)")
+    ap.add_argument("--oof-seeds", default="0", help="seeds of the out-of-fold heads (--folds)")
     ap.add_argument("--scratch-seeds", default="", help="seeds of the from-scratch cosine-regression tower")
+    ap.add_argument("--scratch-folds", action="store_true", help="measure the --scratch-seeds towers out of "
+                    "fold (--folds; one training per fold on the other folds) instead of in pool")
     ap.add_argument("--time-sizes", default=None, help="only time the trunk at these sides (e.g. 128,160,224)")
     ap.add_argument("--out", default="benchmarks/results-frozen-trunk.json")
     args = ap.parse_args()
@@ -325,7 +336,7 @@ def main() -> None:
 
     res["heads"] = []
     everyone = np.arange(len(keys))
-    for kind in ([] if args.skip_heads else args.heads.split(",")):
+    for kind in ([] if args.skip_heads or args.skip_in_pool else args.heads.split(",")):
         for loss in args.losses.split(","):
             for seed in map(int, args.seeds.split(",")):
                 t1 = time.time()
@@ -351,23 +362,33 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         for kind in ([] if args.skip_heads else args.heads.split(",")):
             for loss in args.losses.split(","):
-                t1 = time.time()
-                E = np.zeros((len(keys), t_alt.shape[1]), np.float32)
-                for f in range(args.folds):
-                    head = train_head(X, t_alt, text_ids, np.flatnonzero(fold != f), kind=kind, loss=loss,
-                                      seed=0, epochs=args.epochs, lr=args.lr)
-                    E[fold == f] = embed(head, X[0][fold == f])
-                row = {"head": kind, "loss": loss, "seed": 0, "folds": args.folds, **measure(E),
-                       "train_seconds": round(time.time() - t1, 1)}
-                res["out_of_fold"].append(row)
-                print(json.dumps(row), flush=True)
+                for seed in map(int, args.oof_seeds.split(",")):
+                    t1 = time.time()
+                    E = np.zeros((len(keys), t_alt.shape[1]), np.float32)
+                    for f in range(args.folds):
+                        head = train_head(X, t_alt, text_ids, np.flatnonzero(fold != f), kind=kind, loss=loss,
+                                          seed=seed, epochs=args.epochs, lr=args.lr)
+                        E[fold == f] = embed(head, X[0][fold == f])
+                    row = {"head": kind, "loss": loss, "seed": seed, "folds": args.folds, **measure(E),
+                           "train_seconds": round(time.time() - t1, 1)}
+                    res["out_of_fold"].append(row)
+                    print(json.dumps(row), flush=True)
     if args.scratch_seeds:
+        if args.scratch_folds and not args.folds:
+            raise SystemExit("--scratch-folds needs --folds")
         res["scratch_cos"] = []
         for seed in map(int, args.scratch_seeds.split(",")):
             t1 = time.time()
             # trained and embedded on the 64 px crops of the pool (as clip_train), not the stored images
-            E = train_scratch_cos(pairs.images, t_alt, text_ids, seed, args.threads)
-            row = {"seed": seed, **measure(E), "train_seconds": round(time.time() - t1, 1)}
+            if args.scratch_folds:
+                E = np.zeros((len(keys), t_alt.shape[1]), np.float32)
+                for f in range(args.folds):
+                    E[fold == f] = train_scratch_cos(pairs.images, t_alt, text_ids, seed, args.threads,
+                                                     np.flatnonzero(fold != f), np.flatnonzero(fold == f))
+            else:
+                E = train_scratch_cos(pairs.images, t_alt, text_ids, seed, args.threads)
+            row = {"seed": seed, **({"folds": args.folds} if args.scratch_folds else {}), **measure(E),
+                   "train_seconds": round(time.time() - t1, 1)}
             res["scratch_cos"].append(row)
             print(json.dumps(row), flush=True)
     res["seconds"] = round(time.time() - t0, 1)
