@@ -259,7 +259,7 @@ def generate_shards(items: Sequence[Item], model_dir: str | Path, cache_dir: str
     return {"n_shards": len(shards), "n_shards_resumed": store.n_resumed,
             "n_shards_generated": len(shards) - store.n_resumed, **drawn,
             # as recorded by the run that drew each shard (stable across resumes)
-            "seconds_drawn": sum(r["seconds"] for r in results)}, tars
+            "seconds_per_image": sum(r["seconds"] for r in results) / len(items)}, tars
 
 
 def assemble(items: Sequence[Item], captions: Captions, tars: Sequence[Path], out_dir: str | Path,
@@ -292,8 +292,7 @@ def generate(captions: Captions, model_dir: str | Path, out_dir: str | Path, cac
     items = plan(captions, p.n_synth, p.seed)
     stats, tars = generate_shards(items, model_dir, cache_dir, d, p.shard_size, progress, engine) if items else \
         ({"n_shards": 0, "n_shards_resumed": 0, "n_shards_generated": 0, "images_generated": 0,
-          "seconds_generating": 0.0, "seconds_drawn": 0.0}, [])
+          "seconds_generating": 0.0, "seconds_per_image": 0.0}, [])
     assemble(items, captions, tars, out_dir, p.shard_size)
-    secs = stats.pop("seconds_drawn")
     caps = {k: v for k, v in captions.metrics().items() if k != "n_requests"}
-    return {**caps, "n_images": len(items), "seconds_per_image": secs / len(items) if items else 0.0, **stats}
+    return {**caps, "n_images": len(items), **stats}

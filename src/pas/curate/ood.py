@@ -39,6 +39,7 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 import numpy as np
 
 from pas.hashing import sha256_json
+from pas.io.resume import Table, WorkStore, file_identity
 from pas.params import ParamsError, check_choice, check_range, renamed
 
 log = logging.getLogger(__name__)
@@ -465,23 +466,17 @@ class _ShardScoring:
         return df, delta, getattr(self.scorer, "prompt_info", None)
 
 
-class _Scores:
+class _Scores(Table):
     """`pas.io.resume.WorkStore` codec of a scored shard: its rows as parquet; the marker keeps the
     row count and the scorer's `prompt_info`, so a run that resumes every shard still reports it. The
     shard's Timings are this run's only (None when resumed)."""
 
-    ext = ".parquet"
-
     def write(self, path, result: tuple) -> dict:
-        from pas.io.resume import Table
-
         df, _, info = result
-        return {**Table().write(path, df), "prompt_info": info}
+        return {**super().write(path, df), "prompt_info": info}
 
     def read(self, path, stats: dict) -> tuple:
-        from pas.io.resume import Table
-
-        return Table().read(path, stats), None, stats.get("prompt_info")
+        return super().read(path, stats), None, stats.get("prompt_info")
 
 
 def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[list], dict],
@@ -505,8 +500,7 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
 
     from pas.engine import map_resumable
     from pas.io.manifest import read_parquet
-    from pas.io.resume import WorkStore
-    from pas.io.shards import iter_samples, list_shards, shard_sha256
+    from pas.io.shards import iter_samples, list_shards
 
     shards = [s for d in image_dirs for s in list_shards(d)]
     indexes = [Path(d) / "index.parquet" for d in image_dirs]
@@ -519,7 +513,7 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
     # keys come from the shard itself, so a stored item is valid only for these exact bytes + kept set
     items = [{"shard": str(shard), "keys": sorted(s.key for s in iter_samples(shard) if s.key in kept),
               "name": f"{shard.parent.name}-{shard.stem}"} for shard in shards]
-    ids = [[shard_sha256(it["shard"]), it["keys"]] for it in items]
+    ids = [[file_identity(it["shard"]), it["keys"]] for it in items]
 
     def finished(i: int, result: tuple) -> None:
         if timings is not None and result[1] is not None:
