@@ -1,4 +1,4 @@
-"""A frozen pretrained conv trunk + a small trained head as the offline image tower (issue 19 experiment).
+"""The frozen pretrained trunk + a small trained head as the offline image tower (behind the default).
 
 The only pretrained image networks offline are rapidocr-onnxruntime's ONNX models. This takes the
 PP-OCRv4 text detector's backbone (PPLCNetV3, the DBNet det model): the graph cut after the given
@@ -19,7 +19,8 @@ with the cosine-regression loss instead of the contrastive one, for comparison: 
 `--scratch-folds` out of fold (one training per fold on the other folds, the same folds). `--oof-seeds`
 sets the out-of-fold heads' seeds; `--skip-in-pool` leaves out the in-pool heads.
 
-Needs the `onnx` package to cut the graph (not a project dependency: `pip install onnx ml_dtypes`).
+The trunk is `pas.models.det_trunk` (the `models` stage's default CLIP tower since this measurement);
+`--nodes` cuts it elsewhere.
 
     python benchmarks/frozen_trunk.py --clip models/clip --pool data/pool --bank data/concepts/bank.parquet
 """
@@ -34,38 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-DET_MODEL = "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
-# the ends of PPLCNetV3's stages 4 (192 ch, stride 16) and 5 (384 ch, stride 32): what the det neck reads
-DEFAULT_NODES = "p2o.Add.147,p2o.Add.215"
+from pas.models.det_trunk import NODES
+
 # PaddleOCR's det training normalisation (ImageNet), on BGR images
 BGR_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
 BGR_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
-
-
-def det_model_path() -> Path:
-    import rapidocr_onnxruntime
-
-    return Path(rapidocr_onnxruntime.__file__).parent.parent / DET_MODEL
-
-
-def cut_graph(model_path, outputs: list[str]) -> bytes:
-    """The ONNX model reduced to the nodes `outputs` depend on, with `outputs` as its graph outputs."""
-    import onnx
-
-    m = onnx.load(str(model_path))
-    need, keep = set(outputs), []
-    for node in reversed(m.graph.node):
-        if any(o in need for o in node.output):
-            keep.append(node)
-            need.update(node.input)
-    missing = set(outputs) - {o for n in keep for o in n.output}
-    if missing:
-        raise ValueError(f"{model_path}: no node outputs {sorted(missing)}")
-    del m.graph.node[:]
-    m.graph.node.extend(reversed(keep))
-    del m.graph.output[:]
-    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in outputs)
-    return m.SerializeToString()
 
 
 def trunk_input(images, size: int, flip: bool) -> np.ndarray:
@@ -81,35 +55,48 @@ def trunk_input(images, size: int, flip: bool) -> np.ndarray:
 
 def trunk_features(images, size: int, nodes: list[str], flip: bool, threads: int, batch: int = 32) -> np.ndarray:
     """(N, sum 2·C) float32: each node's feature map mean- and max-pooled over space."""
-    import onnxruntime as ort
+    from pas.models.det_trunk import DetTrunk
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(cut_graph(det_model_path(), nodes), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    out = []
-    for i in range(0, len(images), batch):
-        maps = sess.run(nodes, {name: trunk_input(images[i:i + batch], size, flip)})
-        out.append(np.concatenate([f for m in maps for f in (m.mean((2, 3)), m.max((2, 3)))], axis=1))
-    return np.concatenate(out).astype(np.float32)
+    trunk = DetTrunk(nodes, threads)
+    return np.concatenate([trunk(trunk_input(images[i:i + batch], size, flip))
+                           for i in range(0, len(images), batch)]).astype(np.float32)
 
 
 def time_trunk(sizes, nodes: list[str], threads: int, batch: int = 32) -> dict:
     """Trunk-only throughput (img/s) on random input per side: one warm-up batch, one timed batch."""
-    import onnxruntime as ort
+    from pas.models.det_trunk import DetTrunk
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(cut_graph(det_model_path(), nodes), so, providers=["CPUExecutionProvider"])
+    trunk = DetTrunk(nodes, threads)
     out = {}
     for size in sizes:
         x = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
-        sess.run(nodes, {"x": x[:4]})
+        trunk(x[:4])
         t0 = time.perf_counter()
-        sess.run(nodes, {"x": x})
+        trunk(x)
         out[str(size)] = round(batch / (time.perf_counter() - t0), 1)
+    return out
+
+
+def time_head(threads, steps: int = 40, n: int = 4096, dim: int = 1152) -> list:
+    """ms per training step of the MLP head (`train_head`'s shapes and cos loss) per thread count."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for th in threads:
+        torch.set_num_threads(th)
+        torch.manual_seed(0)
+        X, t = torch.randn(2, n, dim), F.normalize(torch.randn(n, 384), dim=-1)
+        head = torch.nn.Sequential(torch.nn.Linear(dim, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 384))
+        opt = torch.optim.AdamW(head.parameters(), 1e-3)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            idx, view = torch.randint(0, n, (256,)), torch.randint(0, 2, (256,))
+            loss = (1 - (F.normalize(head(X[view, idx]), dim=-1) * t[idx]).sum(1)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out.append({"threads": th, "ms": round((time.perf_counter() - t0) / steps * 1000, 1)})
     return out
 
 
@@ -176,18 +163,18 @@ def folds_by_group(groups: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarra
 
 
 def train_scratch_cos(images, t, text_ids, seed: int, threads: int, train_idx=None, embed_idx=None) -> np.ndarray:
-    """clip_train's image tower (ModifiedResNet, `ClipTrainSpec` defaults: 64 px, 10 epochs, its
+    """clip_train's from-scratch image tower (ModifiedResNet, `RESNET_RECIPE`: 64 px, 10 epochs, its
     augmentation and schedule) trained from scratch to regress the alt-text embedding (1 − cos), on the
     images `train_idx` (default all); returns the embeddings of the images `embed_idx` (default all)."""
     import open_clip.model
     import torch
     import torch.nn.functional as F
 
-    from pas.models.clip_train import ClipTrainSpec, _augment, _normalize
+    from pas.models.clip_train import RESNET_RECIPE, ClipTrainSpec, _augment, _normalize
     from pas.models.files import seed_everything
     from pas.train.schedule import adamw, lr_factor
 
-    spec = ClipTrainSpec(seed=seed)
+    spec = ClipTrainSpec(**RESNET_RECIPE, seed=seed)
     torch.set_num_threads(threads)
     seed_everything(seed)
     visual = open_clip.model._build_vision_tower(t.shape[1], {"image_size": spec.image_size, **spec.vision})
@@ -221,16 +208,16 @@ def train_scratch_cos(images, t, text_ids, seed: int, threads: int, train_idx=No
 
 
 def oof_default_clip(pairs, images, fold: np.ndarray, threads: int) -> np.ndarray:
-    """Out-of-fold embeddings of the committed recipe (`ClipTrainSpec()`, no "no" head): per fold a
+    """Out-of-fold embeddings of the from-scratch recipe (`RESNET_RECIPE`, no "no" head): per fold a
     CLIP trained by `train_clip` on the other folds' pairs embeds this fold's stored images."""
     import tempfile
 
     from pas.models.clip import load_clip
-    from pas.models.clip_train import ClipTrainSpec, train_clip
+    from pas.models.clip_train import RESNET_RECIPE, ClipTrainSpec, train_clip
     from pas.models.llm import resolve_llm_source
     from pas.models.pool_pairs import PoolPairs
 
-    spec = ClipTrainSpec(no_head_steps=0, threads=threads)
+    spec = ClipTrainSpec(**RESNET_RECIPE, no_head_steps=0, threads=threads)
     E = None
     for f in np.unique(fold):
         tr = np.flatnonzero(fold != f)
@@ -257,7 +244,7 @@ def main() -> None:
     ap.add_argument("--prompt", default="a photo of {c}, a type of food.", help="retrieve.prompt_template")
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--size", type=int, default=224, help="trunk input side (px)")
-    ap.add_argument("--nodes", default=DEFAULT_NODES, help="comma-separated ONNX node outputs to pool")
+    ap.add_argument("--nodes", default=",".join(NODES), help="comma-separated ONNX node outputs to pool")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime / torch threads")
     ap.add_argument("--cache", default=None, help="folder for the extracted features (.npy), reused if there")
     ap.add_argument("--heads", default="linear,mlp")
@@ -277,8 +264,14 @@ def main() -> None:
     ap.add_argument("--scratch-folds", action="store_true", help="measure the --scratch-seeds towers out of "
                     "fold (--folds; one training per fold on the other folds) instead of in pool")
     ap.add_argument("--time-sizes", default=None, help="only time the trunk at these sides (e.g. 128,160,224)")
+    ap.add_argument("--time-head-threads", default=None, help="only time MLP head steps (cos loss, batch "
+                    "256, random features) at these torch thread counts (e.g. 1,2,1,2)")
+    ap.add_argument("--single-view", action="store_true", help="train the heads on the unflipped view only")
     ap.add_argument("--out", default="benchmarks/results-frozen-trunk.json")
     args = ap.parse_args()
+    if args.time_head_threads:
+        print(json.dumps({"ms_per_step": time_head(map(int, args.time_head_threads.split(",")))}))
+        return
     if args.time_sizes:
         print(json.dumps({"threads": args.threads, "img_per_s": time_trunk(
             map(int, args.time_sizes.split(",")), args.nodes.split(","), args.threads)}))
@@ -329,10 +322,10 @@ def main() -> None:
             np.save(cache, views[-1])
     if "extract_seconds" in res:
         res["extract_img_per_s"] = round(len(images) / res["extract_seconds"][0], 1)
-    X = np.stack(views)
+    X = np.stack(views[:1] if args.single_view else views)
     mu, sd = X[0].mean(0), X[0].std(0) + 1e-6                  # standardised on the pool's unflipped view
     X = ((X - mu) / sd).astype(np.float32)
-    res["feature_dim"] = int(X.shape[2])
+    res["feature_dim"], res["views"] = int(X.shape[2]), int(X.shape[0])
 
     res["heads"] = []
     everyone = np.arange(len(keys))

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if not concepts:
         raise ValueError(f"{args.concepts}: no accepted concepts")
 
-    from pas.curate.textblur import default_det_model
+    from pas.models.det_trunk import default_det_model
     from pas.hashing import sha256_file
     from pas.models.files import fingerprint_dir
 

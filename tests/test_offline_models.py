@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pas.models.clip_train import RESNET_RECIPE
 from pas.models.pool_pairs import PoolPairs, alt_text, author_words, square_crop
 from tests.helpers import file_digests
 
@@ -52,18 +53,26 @@ def colour_pairs(n_per: int = 16, size: int = 40) -> PoolPairs:
     return PoolPairs(keys, np.stack(ims), texts)
 
 
-@pytest.fixture(scope="module")
-def trained_clip(tmp_path_factory):
+# the two image towers: the default (frozen det trunk + trained head) and the from-scratch ResNet
+TOWER_SPECS = {
+    "det_trunk": {"image_size": 64, "epochs": 20, "batch_size": 24, "threads": 1, "no_head_steps": 300},
+    "resnet": {**RESNET_RECIPE, "image_size": 32, "epochs": 40, "batch_size": 24, "lr": 3e-3, "threads": 1,
+               "vision": {"layers": [1, 1, 1, 1], "width": 8, "head_width": 8}},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TOWER_SPECS))
+def trained_clip(request, tmp_path_factory):
     from pas.models.clip_train import ClipTrainSpec, train_clip
     from pas.models.llm import resolve_llm_source
 
-    spec = ClipTrainSpec(image_size=32, epochs=40, batch_size=24, lr=3e-3, threads=1,
-                         vision={"layers": [1, 1, 1, 1], "width": 8, "head_width": 8})
+    spec = ClipTrainSpec(**TOWER_SPECS[request.param])
     text = resolve_llm_source(MINILM).path
+    pairs = colour_pairs(size=40 if request.param == "resnet" else spec.image_size)   # resnet: crops augmented
     dirs = []
     for run in ("a", "b"):
-        d = tmp_path_factory.mktemp(f"clip_{run}")
-        stats = train_clip(colour_pairs(), spec, text, d)
+        d = tmp_path_factory.mktemp(f"clip_{request.param}_{run}")
+        stats = train_clip(pairs, spec, text, d)
         dirs.append(d)
     return dirs, stats, text
 
@@ -110,8 +119,7 @@ def test_soft_targets_train_a_clip_that_retrieves_by_alt_text(tmp_path):
     from pas.models.clip_train import ClipTrainSpec, train_clip
     from pas.models.llm import resolve_llm_source
 
-    spec = ClipTrainSpec(image_size=32, epochs=40, batch_size=24, lr=3e-3, threads=1, no_head_steps=0,
-                         text_tau=0.05, vision={"layers": [1, 1, 1, 1], "width": 8, "head_width": 8})
+    spec = ClipTrainSpec(**{**TOWER_SPECS["resnet"], "no_head_steps": 0, "text_tau": 0.05})
     train_clip(colour_pairs(), spec, resolve_llm_source(MINILM).path, tmp_path)
     clip = load_clip(tmp_path)
     pairs = colour_pairs()

@@ -16,24 +16,14 @@ top-left. Blurring changes only the pixels inside the boxes (a polygon mask comp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageStat
 
+from pas.models.det_trunk import default_det_model
+
 BLUR_KINDS = ("gaussian", "fill")
-DET_MODEL = "ch_PP-OCRv4_det_infer.onnx"
-
-
-def default_det_model() -> Path:
-    """The DBNet ONNX file shipped inside the `rapidocr-onnxruntime` wheel."""
-    import rapidocr_onnxruntime
-
-    path = Path(rapidocr_onnxruntime.__file__).parent / "models" / DET_MODEL
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: text detector not found; install rapidocr-onnxruntime")
-    return path
 
 
 @dataclass

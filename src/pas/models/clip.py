@@ -127,15 +127,24 @@ def _stack(chunks: list[np.ndarray], clip: Clip) -> np.ndarray:
 
 
 def load_clip(model_dir: str | Path, device: str = "cpu") -> Clip:
-    """Load a CLIP folder written by `build_tiny_clip` / `save_pretrained_clip`."""
+    """Load a CLIP folder written by `build_tiny_clip` / `save_pretrained_clip` / `clip_train.train_clip`
+    (its det_trunk tower: `pas.models.trunk_clip`, which open_clip cannot build from a config)."""
     import open_clip
 
     model_dir = Path(model_dir)
     if not (model_dir / CONFIG).is_file():
         raise FileNotFoundError(f"{model_dir}: not a CLIP model folder (no {CONFIG}); run `dvc repro models`")
+    config = json.loads((model_dir / CONFIG).read_text())
+    if config["model_cfg"].get("vision_cfg", {}).get("tower") == "det_trunk":
+        from pas.models.trunk_clip import load_trunk_clip
+
+        model, preprocess, tokenizer = load_trunk_clip(model_dir, config)
+        model.to(device)
+        return Clip(model=model, preprocess=preprocess, tokenizer=tokenizer,
+                    fingerprint=fingerprint_dir(model_dir), device=device)
     name = f"local-dir:{model_dir.resolve()}"
     kwargs = {}
-    text_cfg = json.loads((model_dir / CONFIG).read_text())["model_cfg"].get("text_cfg", {})
+    text_cfg = config["model_cfg"].get("text_cfg", {})
     if "hf_model_name" in text_cfg:
         # an HF text tower (the offline trained CLIP) keeps its config in the folder itself; the saved
         # name is a placeholder, so the folder is relocatable. Its weights are in the CLIP checkpoint.

