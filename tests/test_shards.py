@@ -404,19 +404,44 @@ def test_writer_columns_give_the_index_a_dict_per_row_gave(tmp_path):
 
 
 def test_writer_bookkeeping_per_sample_is_small(tmp_path):
-    """What the writer holds per written sample once its shards are closed (key list slot, shard
-    number, the duplicate check's set: ~120 B at 20k, most of it the set's table), beyond the key
-    strings the caller made; a dict per sample made it ~300 B. (An open shard's tarfile keeps a
-    TarInfo per member until it closes: ≤ maxcount.)"""
+    """What the writer holds per written sample once its shards are closed, the keys included (they
+    are made here and dropped): their bytes, offsets, hashes, the duplicate check's table and the
+    shard numbers, ~73 B at 20k. A list of the key strings and a set of them held ~189 B. (An open
+    shard's tarfile keeps a TarInfo per member until it closes: ≤ maxcount.)"""
     import tracemalloc
 
     n = 20_000
-    keys = [make_key("z", i) for i in range(n)]
     tracemalloc.start()
     with ShardWriter(tmp_path / "a", maxcount=5_000) as w:
-        for k in keys:
-            w.write(k, b"", {})
+        for i in range(n):
+            w.write(make_key("z", i), b"", {})
     held, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert len(w.keys) == n
-    assert held / n < 160, f"{held / n:.0f} bytes per sample"
+    assert w.n_samples == n and w.keys == [make_key("z", i) for i in range(n)]
+    assert held / n < 100, f"{held / n:.0f} bytes per sample"
+
+
+def test_writer_duplicate_check_is_exact_under_hash_collisions(tmp_path, monkeypatch):
+    """The duplicate check finds keys by hash and confirms on the stored bytes: with every key
+    hashing alike, distinct keys are all accepted and a repeated one refused; with real hashes, the
+    same across the table's growth (a repeat of any earlier key, none accepted twice)."""
+    import random
+
+    from pas.io import shards as sh
+
+    img = encode_image(Image.new("RGB", (8, 8)), "jpg")
+    rnd = random.Random(0)
+    for name, n_keys, n_writes in (("real", 3_000, 6_000), ("collide", 150, 300)):
+        if name == "collide":
+            monkeypatch.setattr(sh._KeyColumn, "hash", staticmethod(lambda key: -7))
+        seen: list[str] = []
+        with ShardWriter(tmp_path / name, maxcount=1_000) as w:
+            for _ in range(n_writes):
+                key = f"k{rnd.randrange(n_keys)}"
+                if key in seen:
+                    with pytest.raises(ValueError, match=f"duplicate sample key '{key}'"):
+                        w.write(key, img, {})
+                else:
+                    w.write(key, img, {})
+                    seen.append(key)
+        assert w.keys == seen and len(list(iter_samples(tmp_path / name))) == len(seen)

@@ -230,7 +230,7 @@ def write_images(samples: Iterable[tuple[str, bytes, str, dict]], hits: Hits, ou
             w.write(key, data, _meta(key, hits[key], extra), ext=ext)
             for c, col in extra_cols.items():
                 col.append(extra.get(c))
-    if not w.keys:
+    if not w.n_samples:
         return pd.DataFrame([], columns=["key", "shard", *PROVENANCE])
     head = w.index_frame()
     return pd.DataFrame({"key": head["key"], "shard": head["shard"], **extra_cols})

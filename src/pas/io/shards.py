@@ -94,12 +94,73 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(ti, io.BytesIO(data))
 
 
+class _KeyColumn:
+    """Keys in write order as one ASCII buffer + end offsets, with a duplicate check: an
+    open-addressing table (linear probing) of row numbers, found by each key's hash and confirmed on
+    the stored bytes, so a hash collision is only ever a slower lookup, never a false duplicate.
+    A key's bytes + 32..48 B (offset, hash, 2..4 table slots) and no Python object per key (a list
+    of str and a set of them: benchmarks/RESULTS-scale.md)."""
+
+    hash = staticmethod(hash)       # str hashes: any function works, equal hashes are compared exactly
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.ends = array("q")      # row r's key is buf[ends[r - 1]:ends[r]]
+        self.hashes = array("q")
+        self._size = 64             # home slots (a power of 2); the table runs on past them, no wrap
+        self._table = array("q", bytes(8 * self._size))    # row + 1 per slot, 0 = empty
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def _key(self, r: int) -> bytes:
+        return bytes(self.buf[self.ends[r - 1] if r else 0:self.ends[r]])
+
+    def find(self, key: str) -> tuple[int, int]:
+        """(the free slot to `add` `key` at, its hash); ValueError if `key` is already here."""
+        h = self.hash(key)
+        t, i = self._table, h & (self._size - 1)
+        while True:
+            if i == len(t):
+                t.frombytes(bytes(8 * 64))
+            r = t[i] - 1
+            if r < 0:
+                return i, h
+            if self.hashes[r] == h and self._key(r) == key.encode("ascii"):
+                raise ValueError(f"duplicate sample key {key!r}")
+            i += 1
+
+    def add(self, key: str, slot: int, h: int) -> None:
+        """Append `key` at the slot `find` gave (nothing may be added in between)."""
+        self.buf += key.encode("ascii")
+        self.ends.append(len(self.buf))
+        self.hashes.append(h)
+        self._table[slot] = len(self.ends)
+        if 2 * len(self.ends) > self._size:
+            self._rebuild(2 * self._size)
+
+    def _rebuild(self, size: int) -> None:
+        # linear probing of every key at once: in home-slot order, each key takes its home slot or
+        # the one after the previous key's, whichever is later (what inserting one by one gives)
+        home = np.frombuffer(self.hashes, np.int64) & (size - 1)
+        order = np.argsort(home, kind="stable")
+        step = np.arange(len(order))
+        pos = np.maximum.accumulate(home[order] - step) + step
+        table = np.zeros(max(size, int(pos[-1]) + 1), np.int64)
+        table[pos] = order + 1
+        self._size, self._table = size, array("q", table.tobytes())
+
+    def tolist(self) -> list[str]:
+        text, ends = self.buf.decode("ascii"), self.ends.tolist()
+        return [text[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+
+
 class ShardWriter:
     """Write samples into `<out_dir>/<prefix>-000000.tar`, `-000001.tar`, ... (≤ maxcount each).
 
-    The (key, shard) of every written sample is kept as two columns (`keys`, and each one's shard
-    number), not a dict per sample (~0.2 KB each, benchmarks/RESULTS-scale.md): `index_frame()` is the
-    parquet index's key/shard table, `rows` the same as dicts. Use as a context manager.
+    The (key, shard) of every written sample is kept as columns (the keys' bytes, each one's shard
+    number), not a Python object per sample (benchmarks/RESULTS-scale.md): `index_frame()` is the
+    parquet index's key/shard table, `keys` and `rows` the same as lists. Use as a context manager.
     """
 
     def __init__(self, out_dir: str | Path, prefix: str = "shard", maxcount: int = 10_000):
@@ -109,11 +170,10 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix, self.maxcount = prefix, maxcount
         self.shards: list[str] = []
-        self.keys: list[str] = []
+        self._keys = _KeyColumn()
         self._shard_of = array("q")     # per written sample: its shard's number in `shards`
         self._tar: tarfile.TarFile | None = None
         self._count = 0
-        self._seen: set[str] = set()
 
     def _open_next(self) -> None:
         self.close()
@@ -129,13 +189,21 @@ class ShardWriter:
     def write_encoded(self, key: str, image: bytes, meta: bytes, ext: str = "jpg") -> str:
         """`write` with the JSON member already encoded (by `meta_json`, so the bytes are the same)."""
         check_key(key)
-        if key in self._seen:
-            raise ValueError(f"duplicate sample key {key!r}")
-        self._seen.add(key)
+        slot, h = self._keys.find(key)
         shard = self._add_sample(key, image, meta, ext)
-        self.keys.append(key)
+        self._keys.add(key, slot, h)
         self._shard_of.append(len(self.shards) - 1)
         return shard
+
+    @property
+    def n_samples(self) -> int:
+        """Samples written by `write` / `write_encoded`."""
+        return len(self._keys)
+
+    @property
+    def keys(self) -> list[str]:
+        """The written keys, in write order (a new list each call)."""
+        return self._keys.tolist()
 
     @property
     def rows(self) -> list[dict]:
@@ -147,7 +215,7 @@ class ShardWriter:
         without a dict per sample), for `write_index`."""
         import pandas as pd
 
-        if not self.keys:
+        if not self.n_samples:
             return pd.DataFrame([])         # as pd.DataFrame of no rows: no columns
         shard = np.asarray(self.shards, dtype=object)[np.frombuffer(self._shard_of, np.int64)]
         return pd.DataFrame({"key": self.keys, "shard": shard.tolist()})
