@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator, Protocol, Sequence
@@ -250,12 +251,39 @@ def write_index(written, hits: Hits, out_dir: Path) -> None:
                 similarity=[lst[0][1] for lst in lists], concepts=[[c for c, _ in lst] for lst in lists],
                 similarities=[[s for _, s in lst] for lst in lists])
     write_shard_index(pd.DataFrame(data if lists else [], columns=INDEX_COLUMNS), out_dir)
-    stored = set(written["key"])
-    long = [(c, k, s) for k, lst in hits.items() if k in stored for c, s in lst]
-    df = pd.DataFrame(long, columns=["concept", "key", "similarity"])
-    df = df.sort_values(["concept", "similarity", "key"], ascending=[True, False, True], kind="stable")
-    df["rank"] = df.groupby("concept").cumcount().astype("int64")
-    write_parquet(df[["concept", "rank", "key", "similarity"]], out_dir / "hits.parquet", sort_by=None)
+    write_parquet(hits_frame(written["key"], lists), out_dir / "hits.parquet", sort_by=None)
+
+
+def hits_frame(keys: Sequence[str], lists: Sequence[list[tuple[str, float]]]):
+    """hits.parquet's table: a row per (concept, image) of the images `keys` with hits `lists`, by
+    concept, similarity descending, then key; `rank` counts within the concept. Built from arrays (a
+    concept number, the image's position, the similarity per hit), not a tuple per hit."""
+    import pandas as pd
+
+    code: dict[str, int] = {}
+    concept, image, sim = array("q"), array("q"), array("d")
+    for i, lst in enumerate(lists):
+        for c, s in lst:
+            concept.append(code.setdefault(c, len(code)))
+            image.append(i)
+            sim.append(s)
+    if not concept:                     # as a frame of no rows: object columns, rank int64
+        return pd.DataFrame({"concept": [], "rank": np.zeros(0, np.int64), "key": [],
+                             "similarity": []}).astype({"concept": object, "key": object, "similarity": object})
+    names = np.array(list(code), dtype=object)
+    concept_rank = np.empty(len(names), np.int64)
+    concept_rank[np.argsort(names, kind="stable")] = np.arange(len(names))
+    keys = np.asarray(keys, dtype=object)
+    # keys are ASCII (`check_key`): byte order is str order
+    key_rank = np.empty(len(keys), np.int64)
+    key_rank[np.argsort(keys.astype("S"), kind="stable")] = np.arange(len(keys))
+    concept, image, sim = (np.frombuffer(a, t) for a, t in ((concept, np.int64), (image, np.int64), (sim, np.float64)))
+    order = np.lexsort((key_rank[image], -sim, concept_rank[concept]))
+    c = concept_rank[concept][order]
+    step = np.arange(len(c))
+    first = np.maximum.accumulate(np.where(np.r_[True, c[1:] != c[:-1]], step, 0))
+    return pd.DataFrame({"concept": names[concept[order]], "rank": step - first,
+                         "key": keys[image[order]], "similarity": sim[order]})
 
 
 def _pool_samples(pool: Pool, wanted: set[str]) -> Iterator[tuple[str, bytes, str, dict]]:
