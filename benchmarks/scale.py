@@ -121,6 +121,16 @@ def make_data(n: int, d: Path, dim: int, n_test: int, seed: int) -> None:
     scores.assign(front=front, removed=front < 30).to_parquet(d / "table.parquet")
 
 
+def tree_sha256(d: Path) -> str:
+    """A short sha256 over a folder's file names and bytes (untimed): versions must write the same."""
+    from pas.hashing import sha256_file
+
+    h = hashlib.sha256()
+    for p in sorted(d.iterdir()):
+        h.update(p.name.encode() + bytes.fromhex(sha256_file(p)))
+    return h.hexdigest()[:16]
+
+
 def ood_dim_of(d: Path) -> int:
     return json.loads((d / "config.json").read_text())["ood_dim"]
 
@@ -161,6 +171,7 @@ def run_step(step: str, n: int, d: Path) -> dict:
         write_index(w.index_frame(), out)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         extra["MB_on_disk"] = round(sum(p.stat().st_size for p in out.glob("*.tar")) / 2**20, 1)
+        extra["sha256"] = tree_sha256(out)
 
     elif step == "chunks":
         from pas.data.chunks import load_chunk, shard_spans
@@ -252,7 +263,7 @@ def run_step(step: str, n: int, d: Path) -> dict:
         rep = export_dataset([d / "images"], table, out, maxcount=SHARD_MAX, buffer_bytes=1 << 30,
                              progress=False)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        extra.update(kept=len(rep.index), sort_runs=rep.n_runs)
+        extra.update(kept=len(rep.index), sort_runs=rep.n_runs, sha256=tree_sha256(out))
         shutil.rmtree(out)
 
     else:

@@ -445,3 +445,34 @@ def test_writer_duplicate_check_is_exact_under_hash_collisions(tmp_path, monkeyp
                     w.write(key, img, {})
                     seen.append(key)
         assert w.keys == seen and len(list(iter_samples(tmp_path / name))) == len(seen)
+
+
+def test_index_writes_the_bytes_of_a_sorted_copy(tmp_path):
+    """write_index adds shard_sha256 with `assign` and write_parquet sorts only rows out of key order:
+    the bytes are those of the old path (a deep copy, the column set, a stable sort, from_pandas),
+    for rows in order, out of order and with equal keys; the caller's frame is left as it was."""
+    import hashlib
+
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pas.io.shards import write_index
+
+    img = encode_image(Image.new("RGB", (8, 8)), "jpg")
+    with ShardWriter(tmp_path, maxcount=3) as w:
+        for i in range(8):
+            w.write(f"k{i}", img, {})
+    sha = {s: hashlib.sha256((tmp_path / s).read_bytes()).hexdigest() for s in w.shards}
+    base = w.index_frame().assign(caption=["a", None, "ü", None, "b", "c", None, "d"],
+                                  concepts=[["x"], [], ["x", "y"], ["z"], [], ["x"], ["y"], []])
+    for name, frame in (("sorted", base), ("reversed", base.iloc[::-1]),
+                        ("ties", base.assign(key=["k1", "k0", "k1", "k2", "k2", "k0", "k3", "k3"]))):
+        before = frame.copy()
+        write_index(frame, tmp_path)
+        old = frame.copy()
+        old["shard_sha256"] = old["shard"].map(sha).astype(object)
+        old = old.sort_values("key", kind="stable").reset_index(drop=True)
+        pq.write_table(pa.Table.from_pandas(old, preserve_index=False), tmp_path / "old.parquet")
+        assert (tmp_path / "index.parquet").read_bytes() == (tmp_path / "old.parquet").read_bytes(), name
+        pd.testing.assert_frame_equal(frame, before)

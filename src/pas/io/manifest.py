@@ -30,7 +30,8 @@ def write_parquet(df: pd.DataFrame, path: str | Path, sort_by: str | None = "key
     """Write `df` sorted by `sort_by` (stable) without the pandas index."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if sort_by is not None and sort_by in df.columns and len(df):
+    # a stable sort leaves sorted rows as they are: no sorted copy of a frame already in order
+    if sort_by is not None and sort_by in df.columns and len(df) and not df[sort_by].is_monotonic_increasing:
         df = df.sort_values(sort_by, kind="stable")
     table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
     pq.write_table(table, path)

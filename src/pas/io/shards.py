@@ -320,9 +320,9 @@ def write_index(index, out_dir: str | Path, sort_by: str | None = "key") -> Path
     from pas.io.manifest import write_parquet
 
     out_dir = Path(out_dir)
-    index = index.copy()
     digest = {name: shard_sha256(out_dir / name) for name in dict.fromkeys(index["shard"])}
-    index["shard_sha256"] = index["shard"].map(digest).astype(object)
+    # assign, not copy + set: a deep copy would duplicate every column for one more
+    index = index.assign(shard_sha256=index["shard"].map(digest).astype(object))
     return write_parquet(index, out_dir / INDEX_NAME, sort_by=sort_by)
 
 
