@@ -140,15 +140,24 @@ class _KeyColumn:
             self._rebuild(2 * self._size)
 
     def _rebuild(self, size: int) -> None:
-        # linear probing of every key at once: in home-slot order, each key takes its home slot or
-        # the one after the previous key's, whichever is later (what inserting one by one gives)
+        # every key placed at once, in home-slot order: each takes its home slot or the one after the
+        # previous key's, whichever is later, so every slot from a key's home to its own is taken (as
+        # linear probing needs); in place where it can, the transient arrays being ~4 int64 a key
         home = np.frombuffer(self.hashes, np.int64) & (size - 1)
         order = np.argsort(home, kind="stable")
-        step = np.arange(len(order))
-        pos = np.maximum.accumulate(home[order] - step) + step
-        table = np.zeros(max(size, int(pos[-1]) + 1), np.int64)
-        table[pos] = order + 1
-        self._size, self._table = size, array("q", table.tobytes())
+        pos = home[order]
+        del home
+        step = np.arange(len(pos))
+        pos -= step
+        np.maximum.accumulate(pos, out=pos)
+        pos += step
+        del step
+        table = array("q", [0]) * max(size, int(pos[-1]) + 1)
+        view = np.frombuffer(table, np.int64)
+        order += 1
+        view[pos] = order
+        del view                    # a buffer view would stop `find` from extending the table
+        self._size, self._table = size, table
 
     def tolist(self) -> list[str]:
         text, ends = self.buf.decode("ascii"), self.ends.tolist()
