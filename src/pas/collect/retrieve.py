@@ -257,8 +257,11 @@ def write_index(written, hits: Hits, out_dir: Path) -> None:
 def hits_frame(keys: Sequence[str], lists: Sequence[list[tuple[str, float]]]):
     """hits.parquet's table: a row per (concept, image) of the images `keys` with hits `lists`, by
     concept, similarity descending, then key; `rank` counts within the concept. Built from arrays (a
-    concept number, the image's position, the similarity per hit), not a tuple per hit."""
+    concept number, the image's position, the similarity per hit; str columns in arrow), not a
+    tuple per hit."""
     import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     code: dict[str, int] = {}
     concept, image, sim = array("q"), array("q"), array("d")
@@ -270,20 +273,21 @@ def hits_frame(keys: Sequence[str], lists: Sequence[list[tuple[str, float]]]):
     if not concept:                     # as a frame of no rows: object columns, rank int64
         return pd.DataFrame({"concept": [], "rank": np.zeros(0, np.int64), "key": [],
                              "similarity": []}).astype({"concept": object, "key": object, "similarity": object})
-    names = np.array(list(code), dtype=object)
+    # the str columns as pandas infers them from str values (pandas 3: arrow-backed), as a frame of
+    # tuples had them; taken by position, so no str object is made per hit or per key
+    names = pd.Series(list(code)).array
     concept_rank = np.empty(len(names), np.int64)
-    concept_rank[np.argsort(names, kind="stable")] = np.arange(len(names))
-    keys = np.asarray(keys, dtype=object)
-    # keys are ASCII (`check_key`): byte order is str order
-    key_rank = np.empty(len(keys), np.int64)
-    key_rank[np.argsort(keys.astype("S"), kind="stable")] = np.arange(len(keys))
+    concept_rank[np.asarray(pc.sort_indices(pa.array(names)))] = np.arange(len(names))
+    keys = pd.Series(keys).array
+    key_rank = np.empty(len(keys), np.int64)      # sort_indices: UTF-8 byte order, which is str order
+    key_rank[np.asarray(pc.sort_indices(pa.array(keys)))] = np.arange(len(keys))
     concept, image, sim = (np.frombuffer(a, t) for a, t in ((concept, np.int64), (image, np.int64), (sim, np.float64)))
     order = np.lexsort((key_rank[image], -sim, concept_rank[concept]))
     c = concept_rank[concept][order]
     step = np.arange(len(c))
     first = np.maximum.accumulate(np.where(np.r_[True, c[1:] != c[:-1]], step, 0))
-    return pd.DataFrame({"concept": names[concept[order]], "rank": step - first,
-                         "key": keys[image[order]], "similarity": sim[order]})
+    return pd.DataFrame({"concept": names.take(concept[order]), "rank": step - first,
+                         "key": keys.take(image[order]), "similarity": sim[order]})
 
 
 def _pool_samples(pool: Pool, wanted: set[str]) -> Iterator[tuple[str, bytes, str, dict]]:
