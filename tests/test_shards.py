@@ -476,3 +476,25 @@ def test_index_writes_the_bytes_of_a_sorted_copy(tmp_path):
         pq.write_table(pa.Table.from_pandas(old, preserve_index=False), tmp_path / "old.parquet")
         assert (tmp_path / "index.parquet").read_bytes() == (tmp_path / "old.parquet").read_bytes(), name
         pd.testing.assert_frame_equal(frame, before)
+
+
+def test_index_rows_share_their_shards_digest(tmp_path, monkeypatch):
+    """write_index's shard_sha256 column holds one str per shard, shared by its rows (a str per row
+    was ~0.1 KB each), and refuses rows without a shard."""
+    import pandas as pd
+
+    import pas.io.manifest as manifest
+    from pas.io.shards import write_index
+
+    img = encode_image(Image.new("RGB", (8, 8)), "jpg")
+    with ShardWriter(tmp_path, maxcount=40) as w:
+        for i in range(100):
+            w.write(make_key("s", i), img, {})
+    seen = []
+    write = manifest.write_parquet
+    monkeypatch.setattr(manifest, "write_parquet", lambda df, *a, **k: seen.append(df) or write(df, *a, **k))
+    write_index(w.index_frame(), tmp_path)
+    sha = seen[0]["shard_sha256"]
+    assert sha.dtype == object and sha.nunique() == 3 and len({id(v) for v in sha}) == 3
+    with pytest.raises(ValueError, match="without a shard"):
+        write_index(pd.DataFrame({"key": ["a", "b"], "shard": [w.shards[0], None]}), tmp_path)

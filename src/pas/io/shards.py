@@ -328,10 +328,16 @@ def write_index(index, out_dir: str | Path, sort_by: str | None = "key") -> Path
     `shard_sha256` of each row's shard: readers check every shard against it and the row count."""
     from pas.io.manifest import write_parquet
 
+    import pandas as pd
+
     out_dir = Path(out_dir)
-    digest = {name: shard_sha256(out_dir / name) for name in dict.fromkeys(index["shard"])}
-    # assign, not copy + set: a deep copy would duplicate every column for one more
-    index = index.assign(shard_sha256=index["shard"].map(digest).astype(object))
+    codes, names = pd.factorize(index["shard"])
+    if (codes < 0).any():
+        raise ValueError("index rows without a shard")
+    # one str per shard that its rows share (`map` + `astype(object)` made one per row), added with
+    # `assign`: a deep copy would duplicate every column for one more
+    sha = np.array([shard_sha256(out_dir / name) for name in names], dtype=object)
+    index = index.assign(shard_sha256=pd.Series(sha[codes], index=index.index, dtype=object))
     return write_parquet(index, out_dir / INDEX_NAME, sort_by=sort_by)
 
 
