@@ -159,6 +159,14 @@ class _KeyColumn:
         del view                    # a buffer view would stop `find` from extending the table
         self._size, self._table = size, table
 
+    def arrow(self):
+        """The keys as a pyarrow large_string array (of a copy of the buffer: a view would stop
+        `add` from growing it)."""
+        import pyarrow as pa
+
+        offsets = np.concatenate([np.zeros(1, np.int64), np.frombuffer(self.ends, np.int64)])
+        return pa.LargeStringArray.from_buffers(len(self), pa.py_buffer(offsets), pa.py_buffer(bytes(self.buf)))
+
     def tolist(self) -> list[str]:
         text, ends = self.buf.decode("ascii"), self.ends.tolist()
         return [text[a:b] for a, b in zip([0, *ends[:-1]], ends)]
@@ -223,11 +231,15 @@ class ShardWriter:
         """The written samples' key and shard columns (the DataFrame `pd.DataFrame(self.rows)` is,
         without a dict per sample), for `write_index`."""
         import pandas as pd
+        import pyarrow as pa
 
         if not self.n_samples:
             return pd.DataFrame([])         # as pd.DataFrame of no rows: no columns
-        shard = np.asarray(self.shards, dtype=object)[np.frombuffer(self._shard_of, np.int64)]
-        return pd.DataFrame({"key": self.keys, "shard": shard.tolist()})
+        # the dtype pandas infers for str values (pandas 3: arrow-backed), made from arrow arrays:
+        # no str object per sample
+        dtype = pd.Series(["key"]).dtype
+        shard = pa.array(self.shards, pa.large_string()).take(np.frombuffer(self._shard_of, np.int64))
+        return pd.DataFrame({"key": pd.array(self._keys.arrow(), dtype=dtype), "shard": pd.array(shard, dtype=dtype)})
 
     def _add_sample(self, key: str, image: bytes, meta: dict | bytes, ext: str) -> str:
         if self._tar is None or self._count >= self.maxcount:
