@@ -498,3 +498,31 @@ def test_index_rows_share_their_shards_digest(tmp_path, monkeypatch):
     assert sha.dtype == object and sha.nunique() == 3 and len({id(v) for v in sha}) == 3
     with pytest.raises(ValueError, match="without a shard"):
         write_index(pd.DataFrame({"key": ["a", "b"], "shard": [w.shards[0], None]}), tmp_path)
+
+
+@pytest.mark.parametrize("col", [
+    ["a", "b", "b", "c"], ["c", "b", "a"], ["Z", "a", "é", "🍜"], ["🍜", "é"], ["a", None, "b"],
+    [None, "a"], [1, 2, 2, 5], [3, 1], [0.5, float("nan"), 1.0], [1.0, 2.0], ["x"], [1, "a"],
+])
+def test_write_parquet_sorts_what_is_out_of_order(tmp_path, col):
+    """write_parquet skips the sort of rows already in key order (`_in_order`, in arrow): its bytes
+    are those of a stable sort + from_pandas for str (arrow-backed and object, non-ASCII), None,
+    NaN, int and mixed keys."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pas.io.manifest import _in_order, write_parquet
+
+    for key in (pd.Series(col), pd.Series(col, dtype=object)):
+        df = pd.DataFrame({"key": key, "i": range(len(col))})
+        try:
+            old = df.sort_values("key", kind="stable").reset_index(drop=True)
+        except TypeError:               # mixed types: the sort raises, as before
+            with pytest.raises(TypeError):
+                write_parquet(df, tmp_path / "new.parquet")
+            continue
+        pq.write_table(pa.Table.from_pandas(old, preserve_index=False), tmp_path / "old.parquet")
+        write_parquet(df, tmp_path / "new.parquet")
+        assert (tmp_path / "new.parquet").read_bytes() == (tmp_path / "old.parquet").read_bytes()
+        assert _in_order(key) == (old["i"].tolist() == list(range(len(col))) and bool(key.notna().all()))
