@@ -46,7 +46,7 @@ def _in_order(col: pd.Series) -> bool:
 
     try:
         a = pa.array(col)
-        return a.null_count == 0 and bool(pc.all(pc.greater_equal(a[1:], a[:-1])).as_py() is not False)
+        return a.null_count == 0 and pc.all(pc.greater_equal(a[1:], a[:-1])).as_py() is not False
     except (pa.ArrowException, TypeError, ValueError):
         return False
 
