@@ -13,7 +13,8 @@ Steps, each the library call its stage makes, on data made once per N (seeded) u
                --concepts yes/no concept embeddings and 5 for B', in batches of 64 as the stage calls it
   prune        `select` (worst-first Pareto fronts + kneedle stop) on N synthetic score triples
   export       `export_dataset`: the kept ~70% of the shards step's images sorted by key into the final
-               shards + index.parquet (shipped sort buffer, 1 GiB)
+               shards + index.parquet (--sort-buffer-mb, default the shipped 1 GiB; a small one makes the
+               write step, the index among it, the peak)
 
 Each step at each N runs in a fresh subprocess whose `ru_maxrss` is the step's peak RSS; "before" is
 its high-water mark after imports and loading the inputs. The data are made in a subprocess too (a
@@ -121,6 +122,16 @@ def make_data(n: int, d: Path, dim: int, n_test: int, seed: int) -> None:
     scores.assign(front=front, removed=front < 30).to_parquet(d / "table.parquet")
 
 
+def tree_sha256(d: Path) -> str:
+    """A short sha256 over a folder's file names and bytes (untimed): versions must write the same."""
+    from pas.hashing import sha256_file
+
+    h = hashlib.sha256()
+    for p in sorted(d.iterdir()):
+        h.update(p.name.encode() + bytes.fromhex(sha256_file(p)))
+    return h.hexdigest()[:16]
+
+
 def ood_dim_of(d: Path) -> int:
     return json.loads((d / "config.json").read_text())["ood_dim"]
 
@@ -138,7 +149,7 @@ def tiny_jpeg(rng) -> bytes:
 
 # ------------------------------------------------------------------------------------ steps (child)
 
-def run_step(step: str, n: int, d: Path) -> dict:
+def run_step(step: str, n: int, d: Path, sort_buffer_mb: int = 1024) -> dict:
     import numpy as np
     import pandas as pd
 
@@ -161,6 +172,7 @@ def run_step(step: str, n: int, d: Path) -> dict:
         write_index(w.index_frame(), out)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         extra["MB_on_disk"] = round(sum(p.stat().st_size for p in out.glob("*.tar")) / 2**20, 1)
+        extra["sha256"] = tree_sha256(out)
 
     elif step == "chunks":
         from pas.data.chunks import load_chunk, shard_spans
@@ -249,10 +261,11 @@ def run_step(step: str, n: int, d: Path) -> dict:
         table = pd.read_parquet(d / "table.parquet")
         out = d / "dataset"
         rss0, t0, c0 = rss(), time.perf_counter(), time.process_time()
-        rep = export_dataset([d / "images"], table, out, maxcount=SHARD_MAX, buffer_bytes=1 << 30,
+        rep = export_dataset([d / "images"], table, out, maxcount=SHARD_MAX, buffer_bytes=sort_buffer_mb << 20,
                              progress=False)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        extra.update(kept=len(rep.index), sort_runs=rep.n_runs)
+        extra.update(kept=len(rep.index), sort_runs=rep.n_runs, sort_buffer_mb=sort_buffer_mb,
+                     sha256=tree_sha256(out))
         shutil.rmtree(out)
 
     else:
@@ -332,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-floor", type=float, default=20.0,
                     help="MB of growth above 'before' under which memory counts as flat")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sort-buffer-mb", type=int, default=1024, help="export's sort buffer (prune.sort_buffer_mb)")
     ap.add_argument("--json", help="write the rows (and skips) to this JSON file")
     ap.add_argument("--inline", action="store_true",
                     help="run data and steps in this process (fast, for tests: RSS then is not per step)")
@@ -360,14 +374,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.one:
         n = args.sizes[0]
-        print(json.dumps(run_step(args.one, n, root / str(n))))
+        print(json.dumps(run_step(args.one, n, root / str(n), args.sort_buffer_mb)))
         return 0
 
     print(f"# sizes {args.sizes}, steps {args.steps}; dim {args.dim}, dedup.index {args.dedup_index}, "
           f"{args.test} test images, |B| {args.concepts} × ood dim {args.ood_dim}; {os.cpu_count()} cores, "
           f"load {os.getloadavg()}", flush=True)
     results, skipped = [], []
-    common = ["--root", str(root), "--seed", str(args.seed)]
+    common = ["--root", str(root), "--seed", str(args.seed), "--sort-buffer-mb", str(args.sort_buffer_mb)]
     try:
         for n in sorted(args.sizes):
             d = root / str(n)

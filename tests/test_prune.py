@@ -339,6 +339,25 @@ def test_export_buffer_counts_images_json_and_bookkeeping(tmp_path):
     pd.testing.assert_frame_equal(again.index, ref.index)
 
 
+
+def test_export_shares_repeated_index_values_without_changing_bytes(tmp_path, monkeypatch):
+    """The index keeps one object per distinct source / concepts list (json.loads makes one per
+    sample): the shards, index.parquet and the returned index are those of a value per sample."""
+    import pas.curate.export as E
+
+    real, synth = _make_images(tmp_path, 12, 9)
+    keys = [f"p{i:04d}" for i in range(12)] + [f"g{i:04d}" for i in range(9)]
+    res = select(_scores_for(keys), PruneParams(stop="target_size", target_size=15))
+    shared = export_dataset([real, synth], res.table, tmp_path / "shared", maxcount=4, progress=False)
+    concepts = shared.index["concepts"].tolist()
+    assert len({id(c) for c in concepts}) == len({tuple(c) for c in concepts}) < len(concepts)
+    monkeypatch.setattr(E, "_shared", lambda memo, v: v)
+    each = export_dataset([real, synth], res.table, tmp_path / "each", maxcount=4, progress=False)
+    assert len({id(c) for c in each.index["concepts"]}) == len(concepts)
+    assert _dir_bytes(tmp_path / "shared") == _dir_bytes(tmp_path / "each")
+    pd.testing.assert_frame_equal(shared.index, each.index)
+
+
 def test_dataset_funnel_reads_metrics(tmp_path):
     from collections import Counter
     (tmp_path / "dedup.json").write_text(json.dumps({"n_kept": 30, "by_source": {

@@ -217,6 +217,41 @@ def test_index_bytes_same_as_a_dict_per_image(tmp_path):
     assert len(rows) == len(keys) and read_parquet(out / "index.parquet")["url"].tolist().count("u") == 1
 
 
+
+def _tuple_hits_frame(keys, hits):
+    # hits.parquet's table as a DataFrame of (concept, key, similarity) tuples gave it
+    long = [(c, k, s) for k, lst in hits.items() if k in set(keys) for c, s in lst]
+    df = pd.DataFrame(long, columns=["concept", "key", "similarity"])
+    df = df.sort_values(["concept", "similarity", "key"], ascending=[True, False, True], kind="stable")
+    df["rank"] = df.groupby("concept").cumcount().astype("int64")
+    return df[["concept", "rank", "key", "similarity"]]
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 400])
+def test_hits_bytes_same_as_a_tuple_per_hit(tmp_path, n):
+    """hits.parquet from arrays (`hits_frame`) is byte for byte the one a frame of a tuple per hit
+    gave: similarity ties broken by key, concepts (non-ASCII too) in str order, a hit image that
+    was not stored left out, no hits at all."""
+    from pas.collect.retrieve import hits_frame
+
+    rng = np.random.default_rng(n)
+    keys = [make_key("p", i) for i in range(n)]
+    names = ["ramen", "Ramen", "phở", "pho", "b", "a b", "🍜"]
+    hits = {}
+    for k in keys + ["pNOTSTORED"]:
+        cs = rng.choice(len(names), int(rng.integers(1, 4)), replace=False)
+        lst = [(names[c], float(rng.choice([0.25, 0.5, round(float(rng.uniform(0, 1)), 6)]))) for c in cs]
+        hits[k] = sorted(lst, key=lambda cs: (-cs[1], cs[0]))
+    for name, df in (("tuples", _tuple_hits_frame(keys, hits)), ("arrays", hits_frame(keys, [hits[k] for k in keys]))):
+        write_parquet(df, tmp_path / f"{name}.parquet", sort_by=None)
+    assert (tmp_path / "tuples.parquet").read_bytes() == (tmp_path / "arrays.parquet").read_bytes()
+    got = read_parquet(tmp_path / "arrays.parquet")
+    assert len(got) == sum(len(hits[k]) for k in keys)
+    if n == 400:        # ties in similarity do occur, and ranks restart per concept
+        assert got.duplicated(["concept", "similarity"]).any()
+        assert (got.groupby("concept")["rank"].apply(lambda r: list(r) == list(range(len(r))))).all()
+
+
 HOSTILE = ["../../../etc/passwd", "/abs/path", "a\\b\\..\\c", 'quote"d \'x\'', "🍕🍣 pizza party",
            "x" * 1000, "{c} {0} %s", "tab\there\nnewline", "nul\x00byte", ".", "..", "-rf"]
 

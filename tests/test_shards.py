@@ -404,19 +404,125 @@ def test_writer_columns_give_the_index_a_dict_per_row_gave(tmp_path):
 
 
 def test_writer_bookkeeping_per_sample_is_small(tmp_path):
-    """What the writer holds per written sample once its shards are closed (key list slot, shard
-    number, the duplicate check's set: ~120 B at 20k, most of it the set's table), beyond the key
-    strings the caller made; a dict per sample made it ~300 B. (An open shard's tarfile keeps a
-    TarInfo per member until it closes: ≤ maxcount.)"""
+    """What the writer holds per written sample once its shards are closed, the keys included (they
+    are made here and dropped): their bytes, offsets, hashes, the duplicate check's table and the
+    shard numbers, ~73 B at 20k. A list of the key strings and a set of them held ~189 B. (An open
+    shard's tarfile keeps a TarInfo per member until it closes: ≤ maxcount.)"""
     import tracemalloc
 
     n = 20_000
-    keys = [make_key("z", i) for i in range(n)]
     tracemalloc.start()
     with ShardWriter(tmp_path / "a", maxcount=5_000) as w:
-        for k in keys:
-            w.write(k, b"", {})
+        for i in range(n):
+            w.write(make_key("z", i), b"", {})
     held, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert len(w.keys) == n
-    assert held / n < 160, f"{held / n:.0f} bytes per sample"
+    assert w.n_samples == n and w.keys == [make_key("z", i) for i in range(n)]
+    assert held / n < 100, f"{held / n:.0f} bytes per sample"
+
+
+def test_writer_duplicate_check_is_exact_under_hash_collisions(tmp_path, monkeypatch):
+    """The duplicate check finds keys by hash and confirms on the stored bytes: with every key
+    hashing alike, distinct keys are all accepted and a repeated one refused; with real hashes, the
+    same across the table's growth (a repeat of any earlier key, none accepted twice)."""
+    import random
+
+    from pas.io import shards as sh
+
+    img = encode_image(Image.new("RGB", (8, 8)), "jpg")
+    rnd = random.Random(0)
+    for name, n_keys, n_writes in (("real", 3_000, 6_000), ("collide", 150, 300)):
+        if name == "collide":
+            monkeypatch.setattr(sh._KeyColumn, "hash", staticmethod(lambda key: -7))
+        seen: list[str] = []
+        with ShardWriter(tmp_path / name, maxcount=1_000) as w:
+            for _ in range(n_writes):
+                key = f"k{rnd.randrange(n_keys)}"
+                if key in seen:
+                    with pytest.raises(ValueError, match=f"duplicate sample key '{key}'"):
+                        w.write(key, img, {})
+                else:
+                    w.write(key, img, {})
+                    seen.append(key)
+        assert w.keys == seen and len(list(iter_samples(tmp_path / name))) == len(seen)
+
+
+def test_index_writes_the_bytes_of_a_sorted_copy(tmp_path):
+    """write_index adds shard_sha256 with `assign` and write_parquet sorts only rows out of key order:
+    the bytes are those of the old path (a deep copy, the column set, a stable sort, from_pandas),
+    for rows in order, out of order and with equal keys; the caller's frame is left as it was."""
+    import hashlib
+
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pas.io.shards import write_index
+
+    img = encode_image(Image.new("RGB", (8, 8)), "jpg")
+    with ShardWriter(tmp_path, maxcount=3) as w:
+        for i in range(8):
+            w.write(f"k{i}", img, {})
+    sha = {s: hashlib.sha256((tmp_path / s).read_bytes()).hexdigest() for s in w.shards}
+    base = w.index_frame().assign(caption=["a", None, "ü", None, "b", "c", None, "d"],
+                                  concepts=[["x"], [], ["x", "y"], ["z"], [], ["x"], ["y"], []])
+    for name, frame in (("sorted", base), ("reversed", base.iloc[::-1]),
+                        ("ties", base.assign(key=["k1", "k0", "k1", "k2", "k2", "k0", "k3", "k3"]))):
+        before = frame.copy()
+        write_index(frame, tmp_path)
+        old = frame.copy()
+        old["shard_sha256"] = old["shard"].map(sha).astype(object)
+        old = old.sort_values("key", kind="stable").reset_index(drop=True)
+        pq.write_table(pa.Table.from_pandas(old, preserve_index=False), tmp_path / "old.parquet")
+        assert (tmp_path / "index.parquet").read_bytes() == (tmp_path / "old.parquet").read_bytes(), name
+        pd.testing.assert_frame_equal(frame, before)
+
+
+def test_index_rows_share_their_shards_digest(tmp_path, monkeypatch):
+    """write_index's shard_sha256 column holds one str per shard, shared by its rows (a str per row
+    was ~0.1 KB each), and refuses rows without a shard."""
+    import pandas as pd
+
+    import pas.io.manifest as manifest
+    from pas.io.shards import write_index
+
+    img = encode_image(Image.new("RGB", (8, 8)), "jpg")
+    with ShardWriter(tmp_path, maxcount=40) as w:
+        for i in range(100):
+            w.write(make_key("s", i), img, {})
+    seen = []
+    write = manifest.write_parquet
+    monkeypatch.setattr(manifest, "write_parquet", lambda df, *a, **k: seen.append(df) or write(df, *a, **k))
+    write_index(w.index_frame(), tmp_path)
+    sha = seen[0]["shard_sha256"]
+    assert sha.dtype == object and sha.nunique() == 3 and len({id(v) for v in sha}) == 3
+    with pytest.raises(ValueError, match="without a shard"):
+        write_index(pd.DataFrame({"key": ["a", "b"], "shard": [w.shards[0], None]}), tmp_path)
+
+
+@pytest.mark.parametrize("col", [
+    ["a", "b", "b", "c"], ["c", "b", "a"], ["Z", "a", "é", "🍜"], ["🍜", "é"], ["a", None, "b"],
+    [None, "a"], [1, 2, 2, 5], [3, 1], [0.5, float("nan"), 1.0], [1.0, 2.0], ["x"], [1, "a"],
+])
+def test_write_parquet_sorts_what_is_out_of_order(tmp_path, col):
+    """write_parquet skips the sort of rows already in key order (`_in_order`, in arrow): its bytes
+    are those of a stable sort + from_pandas for str (arrow-backed and object, non-ASCII), None,
+    NaN, int and mixed keys."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pas.io.manifest import _in_order, write_parquet
+
+    for key in (pd.Series(col), pd.Series(col, dtype=object)):
+        df = pd.DataFrame({"key": key, "i": range(len(col))})
+        try:
+            old = df.sort_values("key", kind="stable").reset_index(drop=True)
+        except TypeError:               # mixed types: the sort raises, as before
+            with pytest.raises(TypeError):
+                write_parquet(df, tmp_path / "new.parquet")
+            continue
+        pq.write_table(pa.Table.from_pandas(old, preserve_index=False), tmp_path / "old.parquet")
+        write_parquet(df, tmp_path / "new.parquet")
+        assert (tmp_path / "new.parquet").read_bytes() == (tmp_path / "old.parquet").read_bytes()
+        assert _in_order(key) == (old["i"].tolist() == list(range(len(col))) and bool(key.notna().all()))

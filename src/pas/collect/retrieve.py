@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator, Protocol, Sequence
@@ -230,7 +231,7 @@ def write_images(samples: Iterable[tuple[str, bytes, str, dict]], hits: Hits, ou
             w.write(key, data, _meta(key, hits[key], extra), ext=ext)
             for c, col in extra_cols.items():
                 col.append(extra.get(c))
-    if not w.keys:
+    if not w.n_samples:
         return pd.DataFrame([], columns=["key", "shard", *PROVENANCE])
     head = w.index_frame()
     return pd.DataFrame({"key": head["key"], "shard": head["shard"], **extra_cols})
@@ -250,12 +251,43 @@ def write_index(written, hits: Hits, out_dir: Path) -> None:
                 similarity=[lst[0][1] for lst in lists], concepts=[[c for c, _ in lst] for lst in lists],
                 similarities=[[s for _, s in lst] for lst in lists])
     write_shard_index(pd.DataFrame(data if lists else [], columns=INDEX_COLUMNS), out_dir)
-    stored = set(written["key"])
-    long = [(c, k, s) for k, lst in hits.items() if k in stored for c, s in lst]
-    df = pd.DataFrame(long, columns=["concept", "key", "similarity"])
-    df = df.sort_values(["concept", "similarity", "key"], ascending=[True, False, True], kind="stable")
-    df["rank"] = df.groupby("concept").cumcount().astype("int64")
-    write_parquet(df[["concept", "rank", "key", "similarity"]], out_dir / "hits.parquet", sort_by=None)
+    write_parquet(hits_frame(written["key"], lists), out_dir / "hits.parquet", sort_by=None)
+
+
+def hits_frame(keys: Sequence[str], lists: Sequence[list[tuple[str, float]]]):
+    """hits.parquet's table: a row per (concept, image) of the images `keys` with hits `lists`, by
+    concept, similarity descending, then key; `rank` counts within the concept. Built from arrays (a
+    concept number, the image's position, the similarity per hit; str columns in arrow), not a
+    tuple per hit."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    code: dict[str, int] = {}
+    concept, image, sim = array("q"), array("q"), array("d")
+    for i, lst in enumerate(lists):
+        for c, s in lst:
+            concept.append(code.setdefault(c, len(code)))
+            image.append(i)
+            sim.append(s)
+    if not concept:                     # as a frame of no rows: object columns, rank int64
+        return pd.DataFrame({"concept": [], "rank": np.zeros(0, np.int64), "key": [],
+                             "similarity": []}).astype({"concept": object, "key": object, "similarity": object})
+    # the str columns as pandas infers them from str values (pandas 3: arrow-backed), as a frame of
+    # tuples had them; taken by position, so no str object is made per hit or per key
+    names = pd.Series(list(code)).array
+    concept_rank = np.empty(len(names), np.int64)
+    concept_rank[np.asarray(pc.sort_indices(pa.array(names)))] = np.arange(len(names))
+    keys = pd.Series(keys).array
+    key_rank = np.empty(len(keys), np.int64)      # sort_indices: UTF-8 byte order, which is str order
+    key_rank[np.asarray(pc.sort_indices(pa.array(keys)))] = np.arange(len(keys))
+    concept, image, sim = (np.frombuffer(a, t) for a, t in ((concept, np.int64), (image, np.int64), (sim, np.float64)))
+    order = np.lexsort((key_rank[image], -sim, concept_rank[concept]))
+    c = concept_rank[concept][order]
+    step = np.arange(len(c))
+    first = np.maximum.accumulate(np.where(np.r_[True, c[1:] != c[:-1]], step, 0))
+    return pd.DataFrame({"concept": names.take(concept[order]), "rank": step - first,
+                         "key": keys.take(image[order]), "similarity": sim[order]})
 
 
 def _pool_samples(pool: Pool, wanted: set[str]) -> Iterator[tuple[str, bytes, str, dict]]:

@@ -266,6 +266,19 @@ def _read_kept(dirs: list[str], plan: _Plan, rep: ExportReport, work: Path, buff
     return kept
 
 
+# index fields whose values many samples share: kept once (`json.loads` makes a new object per sample)
+SHARED_FIELDS = ("source", "concepts", "license")
+
+
+def _shared(memo: dict, v):
+    """`v`, or the equal value (a str or a list of str) that `memo` already holds."""
+    if isinstance(v, str):
+        return memo.setdefault(v, v)
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return memo.setdefault(tuple(v), v)
+    return v
+
+
 def _write_sorted(kept: _Kept, plan: _Plan, rep: ExportReport, stage: Path, maxcount: int,
                   progress: bool) -> pd.DataFrame:
     """Merge the runs (or sort the buffer) by key into `stage` shards + index.parquet; the index.
@@ -277,6 +290,7 @@ def _write_sorted(kept: _Kept, plan: _Plan, rep: ExportReport, stage: Path, maxc
     # the index fields of a kept sample are read back from its JSON: holding them from the read on
     # would keep Python objects for every kept sample beside the full buffer
     fields: dict[str, list] = {f: [] for f in INDEX_FIELDS[1:]}
+    shared: dict = {}
     rows = array("q")
     with ShardWriter(stage, prefix="shard", maxcount=maxcount) as w:
         for r, ext, image, meta in tqdm(kept.sorted(), desc="prune: write dataset", unit="img", total=kept.n,
@@ -285,7 +299,7 @@ def _write_sorted(kept: _Kept, plan: _Plan, rep: ExportReport, stage: Path, maxc
             rows.append(r)
             sample = json.loads(meta)
             for f, col in fields.items():
-                col.append(sample[f])
+                col.append(_shared(shared, sample[f]) if f in SHARED_FIELDS else sample[f])
     rows = np.frombuffer(rows, np.int64) if len(rows) else np.zeros(0, np.int64)
     head = w.index_frame()
     data = {"key": head.get("key"), "shard": head.get("shard"), **fields,
@@ -293,6 +307,9 @@ def _write_sorted(kept: _Kept, plan: _Plan, rep: ExportReport, stage: Path, maxc
             "front": plan.fronts[rows].tolist()}
     rep.sources_kept.update(str(x) for x in fields["source"])
     index = pd.DataFrame(data if len(rows) else [], columns=["key", "shard", *INDEX_FIELDS[1:], *plan.cols, "front"])
+    # the frame holds its own str columns (arrow-backed): the parsed values go before the object
+    # columns below make theirs
+    data = fields = shared = head = None
     for c in ("caption", "url", "pool_key", "path", "license"):
         index[c] = index[c].astype(object)
     write_index(index, stage)

@@ -30,11 +30,25 @@ def write_parquet(df: pd.DataFrame, path: str | Path, sort_by: str | None = "key
     """Write `df` sorted by `sort_by` (stable) without the pandas index."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if sort_by is not None and sort_by in df.columns and len(df):
+    # a stable sort leaves sorted rows as they are: no sorted copy of a frame already in order
+    if sort_by is not None and sort_by in df.columns and len(df) and not _in_order(df[sort_by]):
         df = df.sort_values(sort_by, kind="stable")
     table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
     pq.write_table(table, path)
     return path
+
+
+def _in_order(col: pd.Series) -> bool:
+    """Whether `col` has no nulls and never decreases, compared in arrow (str: UTF-8 byte order, the
+    order sort_values gives) so a str column is not made into a Python object per row; False where
+    arrow cannot compare it (the caller sorts)."""
+    import pyarrow.compute as pc
+
+    try:
+        a = pa.array(col)
+        return a.null_count == 0 and pc.all(pc.greater_equal(a[1:], a[:-1])).as_py() is not False
+    except (pa.ArrowException, TypeError, ValueError):
+        return False
 
 
 def read_parquet(path: str | Path) -> pd.DataFrame:

@@ -94,12 +94,90 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(ti, io.BytesIO(data))
 
 
+class _KeyColumn:
+    """Keys in write order as one ASCII buffer + end offsets, with a duplicate check: an
+    open-addressing table (linear probing) of row numbers, found by each key's hash and confirmed on
+    the stored bytes, so a hash collision is only ever a slower lookup, never a false duplicate.
+    A key's bytes + 32..48 B (offset, hash, 2..4 table slots) and no Python object per key (a list
+    of str and a set of them: benchmarks/RESULTS-scale.md)."""
+
+    hash = staticmethod(hash)       # str hashes: any function works, equal hashes are compared exactly
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.ends = array("q")      # row r's key is buf[ends[r - 1]:ends[r]]
+        self.hashes = array("q")
+        self._size = 64             # home slots (a power of 2); the table runs on past them, no wrap
+        self._table = array("q", bytes(8 * self._size))    # row + 1 per slot, 0 = empty
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def _key(self, r: int) -> bytes:
+        return bytes(self.buf[self.ends[r - 1] if r else 0:self.ends[r]])
+
+    def find(self, key: str) -> tuple[int, int]:
+        """(the free slot to `add` `key` at, its hash); ValueError if `key` is already here."""
+        h = self.hash(key)
+        t, i = self._table, h & (self._size - 1)
+        while True:
+            if i == len(t):
+                t.frombytes(bytes(8 * 64))
+            r = t[i] - 1
+            if r < 0:
+                return i, h
+            if self.hashes[r] == h and self._key(r) == key.encode("ascii"):
+                raise ValueError(f"duplicate sample key {key!r}")
+            i += 1
+
+    def add(self, key: str, slot: int, h: int) -> None:
+        """Append `key` at the slot `find` gave (nothing may be added in between)."""
+        self.buf += key.encode("ascii")
+        self.ends.append(len(self.buf))
+        self.hashes.append(h)
+        self._table[slot] = len(self.ends)
+        if 2 * len(self.ends) > self._size:
+            self._rebuild(2 * self._size)
+
+    def _rebuild(self, size: int) -> None:
+        # every key placed at once, in home-slot order: each takes its home slot or the one after the
+        # previous key's, whichever is later, so every slot from a key's home to its own is taken (as
+        # linear probing needs); in place where it can, the transient arrays being ~4 int64 a key
+        home = np.frombuffer(self.hashes, np.int64) & (size - 1)
+        order = np.argsort(home, kind="stable")
+        pos = home[order]
+        del home
+        step = np.arange(len(pos))
+        pos -= step
+        np.maximum.accumulate(pos, out=pos)
+        pos += step
+        del step
+        table = array("q", [0]) * max(size, int(pos[-1]) + 1)
+        view = np.frombuffer(table, np.int64)
+        order += 1
+        view[pos] = order
+        del view                    # a buffer view would stop `find` from extending the table
+        self._size, self._table = size, table
+
+    def arrow(self):
+        """The keys as a pyarrow large_string array (of a copy of the buffer: a view would stop
+        `add` from growing it)."""
+        import pyarrow as pa
+
+        offsets = np.concatenate([np.zeros(1, np.int64), np.frombuffer(self.ends, np.int64)])
+        return pa.LargeStringArray.from_buffers(len(self), pa.py_buffer(offsets), pa.py_buffer(bytes(self.buf)))
+
+    def tolist(self) -> list[str]:
+        text, ends = self.buf.decode("ascii"), self.ends.tolist()
+        return [text[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+
+
 class ShardWriter:
     """Write samples into `<out_dir>/<prefix>-000000.tar`, `-000001.tar`, ... (≤ maxcount each).
 
-    The (key, shard) of every written sample is kept as two columns (`keys`, and each one's shard
-    number), not a dict per sample (~0.2 KB each, benchmarks/RESULTS-scale.md): `index_frame()` is the
-    parquet index's key/shard table, `rows` the same as dicts. Use as a context manager.
+    The (key, shard) of every written sample is kept as columns (the keys' bytes, each one's shard
+    number), not a Python object per sample (benchmarks/RESULTS-scale.md): `index_frame()` is the
+    parquet index's key/shard table, `keys` and `rows` the same as lists. Use as a context manager.
     """
 
     def __init__(self, out_dir: str | Path, prefix: str = "shard", maxcount: int = 10_000):
@@ -109,11 +187,10 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix, self.maxcount = prefix, maxcount
         self.shards: list[str] = []
-        self.keys: list[str] = []
+        self._keys = _KeyColumn()
         self._shard_of = array("q")     # per written sample: its shard's number in `shards`
         self._tar: tarfile.TarFile | None = None
         self._count = 0
-        self._seen: set[str] = set()
 
     def _open_next(self) -> None:
         self.close()
@@ -129,13 +206,21 @@ class ShardWriter:
     def write_encoded(self, key: str, image: bytes, meta: bytes, ext: str = "jpg") -> str:
         """`write` with the JSON member already encoded (by `meta_json`, so the bytes are the same)."""
         check_key(key)
-        if key in self._seen:
-            raise ValueError(f"duplicate sample key {key!r}")
-        self._seen.add(key)
+        slot, h = self._keys.find(key)
         shard = self._add_sample(key, image, meta, ext)
-        self.keys.append(key)
+        self._keys.add(key, slot, h)
         self._shard_of.append(len(self.shards) - 1)
         return shard
+
+    @property
+    def n_samples(self) -> int:
+        """Samples written by `write` / `write_encoded`."""
+        return len(self._keys)
+
+    @property
+    def keys(self) -> list[str]:
+        """The written keys, in write order (a new list each call)."""
+        return self._keys.tolist()
 
     @property
     def rows(self) -> list[dict]:
@@ -146,11 +231,15 @@ class ShardWriter:
         """The written samples' key and shard columns (the DataFrame `pd.DataFrame(self.rows)` is,
         without a dict per sample), for `write_index`."""
         import pandas as pd
+        import pyarrow as pa
 
-        if not self.keys:
+        if not self.n_samples:
             return pd.DataFrame([])         # as pd.DataFrame of no rows: no columns
-        shard = np.asarray(self.shards, dtype=object)[np.frombuffer(self._shard_of, np.int64)]
-        return pd.DataFrame({"key": self.keys, "shard": shard.tolist()})
+        # the dtype pandas infers for str values (pandas 3: arrow-backed), made from arrow arrays:
+        # no str object per sample
+        dtype = pd.Series(["key"]).dtype
+        shard = pa.array(self.shards, pa.large_string()).take(np.frombuffer(self._shard_of, np.int64))
+        return pd.DataFrame({"key": pd.array(self._keys.arrow(), dtype=dtype), "shard": pd.array(shard, dtype=dtype)})
 
     def _add_sample(self, key: str, image: bytes, meta: dict | bytes, ext: str) -> str:
         if self._tar is None or self._count >= self.maxcount:
@@ -251,10 +340,16 @@ def write_index(index, out_dir: str | Path, sort_by: str | None = "key") -> Path
     `shard_sha256` of each row's shard: readers check every shard against it and the row count."""
     from pas.io.manifest import write_parquet
 
+    import pandas as pd
+
     out_dir = Path(out_dir)
-    index = index.copy()
-    digest = {name: shard_sha256(out_dir / name) for name in dict.fromkeys(index["shard"])}
-    index["shard_sha256"] = index["shard"].map(digest).astype(object)
+    codes, names = pd.factorize(index["shard"])
+    if (codes < 0).any():
+        raise ValueError("index rows without a shard")
+    # one str per shard that its rows share (`map` + `astype(object)` made one per row), added with
+    # `assign`: a deep copy would duplicate every column for one more
+    sha = np.array([shard_sha256(out_dir / name) for name in names], dtype=object)
+    index = index.assign(shard_sha256=pd.Series(sha[codes], index=index.index, dtype=object))
     return write_parquet(index, out_dir / INDEX_NAME, sort_by=sort_by)
 
 
