@@ -1,6 +1,6 @@
 """Wall time of every stage of a full offline `dvc repro`, in a fresh copy of this repository.
 
-    python benchmarks/dag_times.py [--out benchmarks/RESULTS-dag.md]
+    python benchmarks/dag_times.py [--out benchmarks/RESULTS-dag.md] [--lock-out FILE]
 
 Streams `dvc repro` and timestamps each "Running stage" line, so a stage's time includes its
 Python start-up and model loading, as a user experiences it.
@@ -24,6 +24,7 @@ from tests.dvc_helpers import make_repo  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/RESULTS-dag.md")
+    ap.add_argument("--lock-out", help="also copy the fresh run's dvc.lock here (to compare its outs)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         repo = make_repo(Path(tmp) / "repo")
@@ -38,6 +39,8 @@ def main() -> int:
                 marks.append((line.split("'")[1], time.time()))
         rc = p.wait()
         end = time.time()
+        if args.lock_out and not rc:
+            Path(args.lock_out).write_bytes((repo / "dvc.lock").read_bytes())
     if rc:
         print(f"dvc repro failed ({rc})", file=sys.stderr)
         return rc
