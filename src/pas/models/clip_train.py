@@ -165,12 +165,6 @@ def _loss(spec: ClipTrainSpec, f, t, ids, scale):
     return clip_loss(f, t, ids, scale, spec.text_tau)
 
 
-def _set_lr(opt, spec: ClipTrainSpec, step: int, steps_per_epoch: int) -> None:
-    lr = spec.lr * lr_factor(step, steps_per_epoch, spec.epochs, spec.warmup_epochs, "cosine")
-    for g in opt.param_groups:
-        g["lr"] = lr
-
-
 def trunk_views(images: np.ndarray, trunk, batch: int = 64) -> np.ndarray:
     """uint8 (N, S, S, 3) crops → (2, N, F) raw trunk features of each crop and its horizontal flip."""
     import torch
@@ -187,6 +181,37 @@ def trunk_views(images: np.ndarray, trunk, batch: int = 64) -> np.ndarray:
     return np.stack([np.concatenate(v) for v in views])
 
 
+def _fit(model, params, n: int, t, text_ids, spec: ClipTrainSpec, gen, embed) -> list[float]:
+    """The loop both towers train with: epochs of random batches of the n pairs, AdamW with a cosine
+    schedule after warm-up, the logit scale clamped to ≤ 100. embed(idx) → the batch's normalised
+    image features. Returns the mean loss per epoch."""
+    import torch
+
+    opt = adamw(params, spec.lr, spec.weight_decay)
+    bs = min(spec.batch_size, n)
+    steps_per_epoch = max(1, n // bs)
+    losses, step = [], 0
+    for epoch in range(spec.epochs):
+        perm = torch.randperm(n, generator=gen)
+        run = 0.0
+        for b in range(steps_per_epoch):
+            idx = perm[b * bs:(b + 1) * bs]
+            for g in opt.param_groups:
+                g["lr"] = spec.lr * lr_factor(step, steps_per_epoch, spec.epochs, spec.warmup_epochs, "cosine")
+            loss = _loss(spec, embed(idx), t, text_ids[idx], model.logit_scale.exp().clamp(max=100.0))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100.0))
+            run += loss.item()
+            step += 1
+        losses.append(run / steps_per_epoch)
+        log.info("clip: epoch %d/%d loss %.4f scale %.1f", epoch + 1, spec.epochs, losses[-1],
+                 model.logit_scale.exp().item())
+    return losses
+
+
 def _train_trunk_head(model, X, t, text_ids, spec: ClipTrainSpec, gen) -> list[float]:
     """Fit `model.visual`'s standardisation on the unflipped view of X (2, N, F) and train its head,
     one random view per image and step."""
@@ -198,30 +223,14 @@ def _train_trunk_head(model, X, t, text_ids, spec: ClipTrainSpec, gen) -> list[f
     visual.feat_mean.copy_(x0.mean(0))
     visual.feat_std.copy_(x0.std(0, unbiased=False) + 1e-6)
     Z = (torch.from_numpy(X) - visual.feat_mean) / visual.feat_std
+
+    def embed(idx):
+        view = torch.randint(0, Z.shape[0], (len(idx),), generator=gen)
+        return F.normalize(visual.head(Z[view, idx]), dim=-1)
+
     params = list(visual.head.parameters()) + ([model.logit_scale] if spec.loss == "clip" else [])
-    opt = adamw(params, spec.lr, spec.weight_decay)
-    n = Z.shape[1]
-    bs = min(spec.batch_size, n)
-    steps_per_epoch = max(1, n // bs)
-    losses, step = [], 0
     visual.head.train()
-    for epoch in range(spec.epochs):
-        perm = torch.randperm(n, generator=gen)
-        run = 0.0
-        for b in range(steps_per_epoch):
-            idx = perm[b * bs:(b + 1) * bs]
-            view = torch.randint(0, Z.shape[0], (len(idx),), generator=gen)
-            _set_lr(opt, spec, step, steps_per_epoch)
-            f = F.normalize(visual.head(Z[view, idx]), dim=-1)
-            loss = _loss(spec, f, t, text_ids[idx], model.logit_scale.exp().clamp(max=100.0))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100.0))
-            run += loss.item()
-            step += 1
-        losses.append(run / steps_per_epoch)
+    losses = _fit(model, params, Z.shape[1], t, text_ids, spec, gen, embed)
     visual.head.eval()
     return losses
 
@@ -232,33 +241,14 @@ def _train_resnet(model, images, t, text_ids, spec: ClipTrainSpec, gen) -> list[
     import torch.nn.functional as F
 
     visual = model.visual
-    opt = adamw([p for p in visual.parameters() if p.requires_grad] + [model.logit_scale], spec.lr,
-                spec.weight_decay)
-    n = len(images)
-    bs = min(spec.batch_size, n)
-    steps_per_epoch = max(1, n // bs)
     images = torch.from_numpy(images)
-    losses, step = [], 0
+
+    def embed(idx):
+        return F.normalize(visual(_normalize(_augment(images[idx], gen, spec.image_size, spec.min_scale))), dim=-1)
+
+    params = [p for p in visual.parameters() if p.requires_grad] + [model.logit_scale]
     visual.train()
-    for epoch in range(spec.epochs):
-        perm = torch.randperm(n, generator=gen)
-        run = 0.0
-        for b in range(steps_per_epoch):
-            idx = perm[b * bs:(b + 1) * bs]
-            _set_lr(opt, spec, step, steps_per_epoch)
-            x = _normalize(_augment(images[idx], gen, spec.image_size, spec.min_scale))
-            f = F.normalize(visual(x), dim=-1)
-            loss = _loss(spec, f, t, text_ids[idx], model.logit_scale.exp().clamp(max=100.0))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100.0))
-            run += loss.item()
-            step += 1
-        losses.append(run / steps_per_epoch)
-        log.info("clip: epoch %d/%d loss %.4f scale %.1f", epoch + 1, spec.epochs, losses[-1],
-                 model.logit_scale.exp().item())
+    losses = _fit(model, params, len(images), t, text_ids, spec, gen, embed)
     visual.eval()
     return losses
 
@@ -332,7 +322,6 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
     n = len(pairs.keys)
     if spec.image_tower == "det_trunk":
         losses = _train_trunk_head(model, X, t, text_ids, spec, gen)
-        log.info("clip: head loss %.4f -> %.4f in %d epochs", losses[0], losses[-1], spec.epochs)
     else:
         losses = _train_resnet(model, pairs.images, t, text_ids, spec, gen)
     model.eval()
