@@ -130,6 +130,19 @@ def test_soft_targets_train_a_clip_that_retrieves_by_alt_text(tmp_path):
         assert (labels[np.argsort(-(T[i] @ E.T))[:8]] == c).mean() >= 0.75, c
 
 
+def test_bad_tower_settings_are_one_clear_error():
+    from pas.models.clip_train import ClipTrainSpec
+    from pas.params import ParamsError
+
+    with pytest.raises(ParamsError, match=r"models\.clip\.image_tower='vit' must be one of \['det_trunk', 'resnet'\]"):
+        ClipTrainSpec(image_tower="vit")
+    with pytest.raises(ParamsError, match=r"models\.clip\.image_size=16 must be >= 32"):
+        ClipTrainSpec(image_size=16)
+    ClipTrainSpec(**{**RESNET_RECIPE, "image_size": 16})      # the ResNet takes small crops
+    with pytest.raises(ParamsError, match=r"models\.clip\.loss='l2' must be one of"):
+        ClipTrainSpec(loss="l2")
+
+
 def test_negative_text_tau_is_one_clear_error():
     from pas.models.clip_train import ClipTrainSpec
     from pas.params import ParamsError

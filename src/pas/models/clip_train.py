@@ -77,6 +77,10 @@ class ClipTrainSpec:
 
         check_choice("models.clip.image_tower", self.image_tower, IMAGE_TOWERS)
         check_choice("models.clip.loss", self.loss, LOSSES)
+        check_range("models.clip.hidden", self.hidden, 1, None, lo_open=False)
+        # the trunk's last stage has stride 32: a smaller side leaves it no pixel
+        check_range("models.clip.image_size", self.image_size, 32 if self.image_tower == "det_trunk" else 8, None,
+                    lo_open=False)
         check_range("models.clip.text_tau", self.text_tau, 0.0, None, lo_open=False)
 
 
