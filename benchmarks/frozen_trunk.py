@@ -35,21 +35,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pas.models.det_trunk import NODES
-
-# PaddleOCR's det training normalisation (ImageNet), on BGR images
-BGR_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
-BGR_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
+from pas.models.det_trunk import NODES, RGB_MEAN, RGB_STD
 
 
 def trunk_input(images, size: int, flip: bool) -> np.ndarray:
-    """PIL images → (B, 3, size, size) float32: shortest side → size, centre crop, BGR, normalised."""
+    """PIL images → (B, 3, size, size) float32: shortest side → size, centre crop, normalised as
+    `DetTrunk` takes them (RGB, `RGB_MEAN` / `RGB_STD`; it flips to the detector's BGR)."""
     from pas.models.pool_pairs import square_crop
 
     x = np.stack([np.asarray(square_crop(im.convert("RGB"), size), np.float32) for im in images]) / 255.0
     if flip:
         x = x[:, :, ::-1]
-    x = (x[..., ::-1] - BGR_MEAN) / BGR_STD
+    x = (x - np.asarray(RGB_MEAN, np.float32)) / np.asarray(RGB_STD, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
 
 

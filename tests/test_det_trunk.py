@@ -30,7 +30,7 @@ def test_features_are_mean_and_max_pools_of_the_maps():
 
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
     sess = ort.InferenceSession(cut_graph(default_det_model(), NODES), providers=["CPUExecutionProvider"])
-    maps = sess.run(list(NODES), {sess.get_inputs()[0].name: x})
+    maps = sess.run(list(NODES), {sess.get_inputs()[0].name: np.ascontiguousarray(x[:, ::-1])})   # BGR
     assert [m.shape[1] for m in maps] == [192, 384]          # PPLCNetV3 stages 4 and 5
     f = DetTrunk(threads=1)(x)
     want = np.concatenate([maps[0].mean((2, 3)), maps[0].max((2, 3)), maps[1].mean((2, 3)), maps[1].max((2, 3))], 1)

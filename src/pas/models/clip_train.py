@@ -181,7 +181,7 @@ def trunk_views(images: np.ndarray, trunk, batch: int = 64) -> np.ndarray:
     for i in range(0, len(images), batch):
         x = (torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float().div(255.0) - mean) / std
         for v, xv in enumerate((x, x.flip(-1))):
-            views[v].append(trunk(xv.flip(1).numpy()))      # the trunk reads BGR
+            views[v].append(trunk(xv.numpy()))
     return np.stack([np.concatenate(v) for v in views])
 
 
@@ -335,8 +335,7 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
 
         with torch.inference_mode():     # the pool as the trained tower sees it at eval time
             if spec.image_tower == "det_trunk":
-                v = model.visual
-                f = F.normalize(v.head((torch.from_numpy(X[0]) - v.feat_mean) / v.feat_std), dim=-1)
+                f = F.normalize(model.visual.project(torch.from_numpy(X[0])), dim=-1)
             else:
                 images = torch.from_numpy(pairs.images)
                 f = torch.cat([F.normalize(model.visual(_normalize(F.interpolate(

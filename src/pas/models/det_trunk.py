@@ -21,7 +21,7 @@ DET_MODEL = "ch_PP-OCRv4_det_infer.onnx"
 # det neck's 1x1 convs
 NODES = ("p2o.Add.147", "p2o.Add.215")
 # PaddleOCR normalises BGR images with ImageNet's RGB constants in that order; open_clip's preprocess
-# gives RGB, so these are the same constants per RGB channel and the tower flips to BGR
+# gives RGB, so these are the same constants per RGB channel and `DetTrunk` flips to BGR
 RGB_MEAN = (0.406, 0.456, 0.485)
 RGB_STD = (0.225, 0.224, 0.229)
 
@@ -57,8 +57,9 @@ def cut_graph(model_path: str | Path, outputs: Sequence[str]) -> bytes:
 
 
 class DetTrunk:
-    """The cut detector as a feature extractor: (B, 3, H, W) float32 BGR, normalised → (B, 2·ΣC)
-    [mean-pool, max-pool] of each node's map. Picklable: the session is made on first use."""
+    """The cut detector as a feature extractor: (B, 3, H, W) float32 RGB, normalised with RGB_MEAN /
+    RGB_STD → (B, 2·ΣC) [mean-pool, max-pool] of each node's map. Picklable: the session is made on
+    first use."""
 
     def __init__(self, nodes: Sequence[str] = NODES, threads: int = 1, model_path: str | Path | None = None):
         self.nodes, self.threads = list(nodes), int(threads)
@@ -82,5 +83,6 @@ class DetTrunk:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         sess = self._session()
-        maps = sess.run(self.nodes, {sess.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)})
+        bgr = np.ascontiguousarray(x[:, ::-1], np.float32)         # the detector reads BGR
+        maps = sess.run(self.nodes, {sess.get_inputs()[0].name: bgr})
         return np.concatenate([f for m in maps for f in (m.mean((2, 3)), m.max((2, 3)))], axis=1)

@@ -33,11 +33,15 @@ class TrunkTower(torch.nn.Module):
                                         torch.nn.Linear(hidden, embed_dim))
 
     def trunk_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw (unstandardised) trunk features of RGB images (B, 3, H, W): the trunk reads BGR."""
-        return torch.from_numpy(self.trunk(x.detach().flip(1).cpu().numpy())).to(x.device)
+        """Raw (unstandardised) trunk features of RGB images (B, 3, H, W)."""
+        return torch.from_numpy(self.trunk(x.detach().cpu().numpy())).to(x.device)
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """The head's output for raw trunk features: standardised, then the MLP."""
+        return self.head((feats - self.feat_mean) / self.feat_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head((self.trunk_features(x) - self.feat_mean) / self.feat_std)
+        return self.project(self.trunk_features(x))
 
 
 class TrunkCLIP(torch.nn.Module):
