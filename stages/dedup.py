@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pas.curate.dedup import DedupParams, dedup, summary
+from pas.curate.dedup import DedupParams, collapse_warning, dedup, summary
 from pas.engine import EngineConfig
 from pas.io.manifest import write_metrics, write_parquet
 from pas.jsonio import write_json
@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
              by["synthetic"]["n_kept"], by["synthetic"]["n_in"], metrics["components_gt1"],
              metrics["largest_component"], t_desc,
              len(keys) / max(t_desc, 1e-9), device, time.time() - t0, n_groups, out / "groups.html")
+    warning = collapse_warning(metrics, p.lambda_dup)
+    if warning:
+        log.warning(warning)
     return 0
 
 
