@@ -1,7 +1,10 @@
 """The paper's claim in miniature: pretraining on the curated dataset vs on a same-size random sample
 of the whole pool vs random init, same architecture and recipe (params.yaml `pretrain:` / `eval:`),
 over several seeds. Reads the outputs of a finished `dvc repro` (data/dataset, data/pool,
-models/backbone_init, data/evalsets); writes benchmarks/results-claim.json.
+models/backbone_init, data/evalsets); writes benchmarks/results-claim.json (every run) and
+metrics/claim.json (the means and spreads, with the md5 of the data/dataset it measured, as dvc.lock
+records it: a DVC metrics file, so `dvc metrics show` / `dvc metrics diff` carry it; a test fails when
+the dataset changed and the claim was not rerun).
 
     python benchmarks/claim.py --seeds 0 1 2
 
@@ -38,11 +41,24 @@ def random_sample(pool_dir: Path, n: int, seed: int, out: Path) -> Path:
     return out
 
 
+def dataset_md5(lock_path: Path = Path("dvc.lock"), out: str = "data/dataset") -> str:
+    """The md5 dvc.lock records for the final dataset (the prune stage's out)."""
+    import yaml
+
+    lock = yaml.safe_load(lock_path.read_text())
+    for stage in lock["stages"].values():
+        for o in stage.get("outs", []):
+            if o["path"] == out:
+                return o["md5"]
+    raise SystemExit(f"{lock_path}: no out {out}; run `dvc repro` first")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="benchmarks/results-claim.json")
+    ap.add_argument("--metrics", default="metrics/claim.json", help="the summary as a DVC metrics file")
     args = ap.parse_args()
     import pandas as pd
 
@@ -76,6 +92,9 @@ def main() -> None:
     res = {"n_images": n, "seeds": args.seeds, "summary": summary, "runs": runs,
            "seconds": round(time.time() - t0, 1)}
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    from pas.jsonio import write_json
+
+    write_json(args.metrics, {"n_images": n, "seeds": args.seeds, "dataset_md5": dataset_md5(), **summary})
     print(json.dumps(summary, indent=1))
 
 
