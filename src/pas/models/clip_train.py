@@ -302,8 +302,8 @@ def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: 
         # synchronisation, which on a busy machine costs more than the matmul
         torch.set_num_threads(1)
         for c in (cfg, saved_cfg):
-            c["vision_cfg"] = trunk_clip.vision_cfg(spec.image_size, int(X.shape[2]), spec.hidden, spec.threads)
-        model = _quiet_hf(lambda: trunk_clip.TrunkCLIP(cfg, text_pretrained=True))
+            c["vision_cfg"] = trunk_clip.vision_cfg(spec.image_size, int(X.shape[2]), spec.hidden)
+        model = _quiet_hf(lambda: trunk_clip.TrunkCLIP(cfg, text_pretrained=True, threads=spec.threads))
         pre = trunk_clip.preprocess_cfg(spec.image_size)
     else:
         import open_clip

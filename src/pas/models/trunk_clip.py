@@ -45,12 +45,15 @@ class TrunkTower(torch.nn.Module):
 
 
 class TrunkCLIP(torch.nn.Module):
-    def __init__(self, model_cfg: dict, text_pretrained: bool):
+    """`threads`: onnxruntime's for the trunk, a property of where the model runs (not saved: the trunk's
+    features do not depend on it, tests/test_det_trunk.py)."""
+
+    def __init__(self, model_cfg: dict, text_pretrained: bool, threads: int = 1):
         from open_clip.model import _build_text_tower
 
         super().__init__()
         v = model_cfg["vision_cfg"]
-        self.visual = TrunkTower(v["feature_dim"], v["hidden"], model_cfg["embed_dim"], v["nodes"], v["threads"])
+        self.visual = TrunkTower(v["feature_dim"], v["hidden"], model_cfg["embed_dim"], v["nodes"], threads)
         self.text = _build_text_tower(model_cfg["embed_dim"],
                                       {**model_cfg["text_cfg"], "hf_model_pretrained": text_pretrained})
         # the paper's formulas use p_c = softmax(100·cos) (real CLIP ends training at 100)
@@ -65,9 +68,9 @@ class TrunkCLIP(torch.nn.Module):
         return F.normalize(f, dim=-1) if normalize else f
 
 
-def vision_cfg(image_size: int, feature_dim: int, hidden: int, threads: int) -> dict:
+def vision_cfg(image_size: int, feature_dim: int, hidden: int) -> dict:
     return {"tower": TOWER, "image_size": image_size, "nodes": list(NODES), "feature_dim": feature_dim,
-            "hidden": hidden, "threads": threads}
+            "hidden": hidden}
 
 
 def preprocess_cfg(image_size: int) -> dict:
@@ -83,11 +86,9 @@ def load_trunk_clip(model_dir: Path, config: dict):
 
     cfg = config["model_cfg"]
     here = str(model_dir.resolve())
-    # the trunk runs on the threads torch has here (a stage's or worker's setting); its features do
-    # not depend on the thread count (tests/test_det_trunk.py)
-    cfg = {**cfg, "text_cfg": {**cfg["text_cfg"], "hf_model_name": here, "hf_tokenizer_name": here},
-           "vision_cfg": {**cfg["vision_cfg"], "threads": torch.get_num_threads()}}
-    model = TrunkCLIP(cfg, text_pretrained=False)
+    cfg = {**cfg, "text_cfg": {**cfg["text_cfg"], "hf_model_name": here, "hf_tokenizer_name": here}}
+    # the trunk runs on the threads torch has here (a stage's or worker's setting)
+    model = TrunkCLIP(cfg, text_pretrained=False, threads=torch.get_num_threads())
     model.load_state_dict(load_file(str(model_dir / "open_clip_model.safetensors")), strict=True)
     model.eval()
     pre = config["preprocess_cfg"]
