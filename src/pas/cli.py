@@ -1,6 +1,7 @@
 """The `pas` command (also `python -m pas`): look at a project before and after `dvc repro`.
 
   pas check    validate params.yaml, the model specs and the inputs a run reads; one line per problem
+               (and a note when installed packages differ from requirements.lock)
   pas summary  the run's headline figures (metrics/summary.json) as the run printed them
   pas report   (re)write the run report, one offline HTML page (default data/report/index.html)
 
@@ -46,6 +47,26 @@ def _inputs(params: dict) -> list[str]:
     return out
 
 
+def lock_drift(lock: Path) -> list[tuple[str, str, str]]:
+    """(name, locked, installed) for each package pinned `name==version` in `lock` (scripts/lock.py's
+    format) whose installed version differs; packages not installed (another stack's) are skipped."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for line in lock.read_text().splitlines():
+        spec = line.split("\\")[0].split(";")[0].strip()
+        if spec.startswith("#") or "==" not in spec:
+            continue
+        name, want = (x.strip() for x in spec.split("==", 1))
+        try:
+            have = version(name)
+        except PackageNotFoundError:
+            continue
+        if have != want:
+            out.append((name, want, have))
+    return out
+
+
 def check(args: argparse.Namespace) -> int:
     try:
         params = load(args.params)
@@ -56,8 +77,18 @@ def check(args: argparse.Namespace) -> int:
         return 2
     problems = _inputs(params)
     rc = 2 if problems else 0
-    for line in outside_repo_deps(params, Path(args.dvc_yaml).resolve().parent):
+    root = Path(args.dvc_yaml).resolve().parent
+    for line in outside_repo_deps(params, root):
         print(f"note: {line}")
+    if (root / "requirements.lock").is_file():
+        # the bytes dvc.lock records come from the locked stack (parquet files even name the pandas and
+        # pyarrow that wrote them): another install reruns to other bytes
+        drift = lock_drift(root / "requirements.lock")
+        if drift:
+            shown = ", ".join(f"{n} {have} (locked {want})" for n, want, have in drift[:5])
+            more = f" and {len(drift) - 5} more" if len(drift) > 5 else ""
+            print(f"note: installed {shown}{more}: outputs will not have dvc.lock's bytes; "
+                  f"install with scripts/install.sh (requirements.lock)")
     pool = params.get("pool") or {}
     if not problems and (params.get("retrieve") or {}).get("backend", "pool") == "pool" \
             and pool.get("format", "folder") == "folder":
