@@ -372,7 +372,6 @@ def test_stage_resumes_descriptor_chunks_after_a_crash(tmp_path, monkeypatch, ca
     assert len(list(cache.glob("*.npz"))) == 3                  # the stale chunks were pruned
 
 
-
 def test_collapse_warning_when_dedup_keeps_almost_nothing():
     """The `dvc exp run -S lambda_dup=0.5` run of the offline profile (random-init SSCD): 346 images in,
     groups of 185 and 160, 2 kept — a warning; a normal run and a tiny input are not warned about."""
