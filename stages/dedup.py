@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
              by["synthetic"]["n_kept"], by["synthetic"]["n_in"], metrics["components_gt1"],
              metrics["largest_component"], t_desc,
              len(keys) / max(t_desc, 1e-9), device, time.time() - t0, n_groups, out / "groups.html")
-    warning = collapse_warning(metrics, p.lambda_dup)
+    warning = collapse_warning("dedup", metrics, "lambda_dup", p.lambda_dup)
     if warning:
         log.warning(warning)
     return 0

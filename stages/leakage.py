@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pas.curate.dedup import collapse_warning
 from pas.curate.leakage import LeakageParams, by_component, leakage, load_dedup, resolve_evalsets, summary
 from pas.engine import EngineConfig
 from pas.io.manifest import write_metrics, write_parquet
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
              metrics["n_in"] - metrics["n_kept"],
              ", ".join(f"{k} {v}" for k, v in metrics["dropped_per_evalset"].items()) or "-",
              metrics["dropped"].get("leak_component", 0), len(tkeys), len(sets), time.time() - t0)
+    warning = collapse_warning("leakage", metrics, "lambda_leak", p.lambda_leak)
+    if warning:
+        log.warning(warning)
     return 0
 
 

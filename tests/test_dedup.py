@@ -372,17 +372,16 @@ def test_stage_resumes_descriptor_chunks_after_a_crash(tmp_path, monkeypatch, ca
     assert len(list(cache.glob("*.npz"))) == 3                  # the stale chunks were pruned
 
 
-def test_collapse_warning_when_dedup_keeps_almost_nothing():
+def test_collapse_warning_when_a_threshold_stage_keeps_under_half():
     """The `dvc exp run -S lambda_dup=0.5` run of the offline profile (random-init SSCD): 346 images in,
-    groups of 185 and 160, 2 kept — a warning; a normal run and a tiny input are not warned about."""
+    2 kept — one warning line; leakage at the paper's 0.45 likewise; a normal run, exactly half kept and
+    a tiny input are not warned about."""
     from pas.curate.dedup import collapse_warning
 
-    msg = collapse_warning({"n_in": 346, "n_kept": 2, "largest_component": 185}, 0.5)
-    assert msg is not None and "kept 2 of 346" in msg and "group 185" in msg and "lambda_dup=0.5" in msg
-    assert "\n" not in msg
-    # many mid-sized groups, under 5% kept: still a collapse
-    assert collapse_warning({"n_in": 400, "n_kept": 19, "largest_component": 40}, 0.6) is not None
-    assert collapse_warning({"n_in": 346, "n_kept": 284, "largest_component": 4}, 0.9995) is None
-    assert collapse_warning({"n_in": 346, "n_kept": 174, "largest_component": 173}, 0.6) is None   # exactly half
-    assert collapse_warning({"n_in": 400, "n_kept": 20, "largest_component": 40}, 0.6) is None     # exactly 5%
-    assert collapse_warning({"n_in": 10, "n_kept": 1, "largest_component": 10}, 0.5) is None      # too few to tell
+    msg = collapse_warning("dedup", {"n_in": 346, "n_kept": 2}, "lambda_dup", 0.5)
+    assert msg is not None and msg.startswith("dedup kept 2 of 346 images at lambda_dup=0.5: ") and "\n" not in msg
+    leak = collapse_warning("leakage", {"n_in": 150, "n_kept": 20}, "lambda_leak", 0.45)
+    assert leak is not None and leak.startswith("leakage kept 20 of 150 images at lambda_leak=0.45: ")
+    assert collapse_warning("dedup", {"n_in": 346, "n_kept": 284}, "lambda_dup", 0.9995) is None
+    assert collapse_warning("dedup", {"n_in": 346, "n_kept": 173}, "lambda_dup", 0.6) is None   # exactly half
+    assert collapse_warning("dedup", {"n_in": 10, "n_kept": 1}, "lambda_dup", 0.5) is None      # too few to tell

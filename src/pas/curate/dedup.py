@@ -190,16 +190,15 @@ def dedup(keys: Sequence[str], x: np.ndarray, lambda_dup: float, k_dup: int = 64
     return dedup_from_knn(keys, sims, ids, lambda_dup, seed)
 
 
-def collapse_warning(metrics: dict, lambda_dup: float, min_images: int = 20) -> str | None:
-    """One line when dedup collapsed its input (of ≥ `min_images` images, under 5% kept or one group
-    holding over half): then the descriptor scores unrelated images above λ_dup, and the dataset that
-    follows is a handful of images. None otherwise."""
-    n, kept, big = metrics["n_in"], metrics["n_kept"], metrics["largest_component"]
-    if n < min_images or (2 * big <= n and 20 * kept >= n):
+def collapse_warning(stage: str, metrics: dict, param: str, value: float, min_images: int = 20) -> str | None:
+    """One line when an SSCD threshold stage (dedup, leakage) kept under half of ≥ `min_images`
+    images (its `metrics` in the stats vocabulary): usually the threshold `param` is below what the
+    SSCD gives unrelated images, as a random-init SSCD does at the paper's values. None otherwise."""
+    n, kept = metrics["n_in"], metrics["n_kept"]
+    if n < min_images or 2 * kept >= n:
         return None
-    return (f"dedup kept {kept} of {n} images at lambda_dup={lambda_dup:g} (largest duplicate group {big}): "
-            f"this SSCD scores unrelated images above lambda_dup (a random-init SSCD needs lambda_dup >= 0.999; "
-            f"benchmarks/RESULTS-dedup.md)")
+    return (f"{stage} kept {kept} of {n} images at {param}={value:g}: unless they really are copies, this SSCD "
+            f"scores unrelated images above {param} (a random-init SSCD needs >= 0.999; benchmarks/RESULTS-dedup.md)")
 
 
 def summary(manifest: pd.DataFrame, source: Sequence[str] | None = None) -> dict:
