@@ -67,6 +67,21 @@ def test_the_dev_install_matches_requirements_lock():
     assert lock_drift(ROOT / "requirements.lock") == []
 
 
+def test_check_notes_thresholds_below_the_random_sscd(tmp_path, monkeypatch, capsys):
+    """`dvc exp run -S lambda_dup=0.5` on the offline default keeps 2 of 346 images: `pas check`
+    says so before the run (a note, exit 0); the real SSCD of the presets gets no note."""
+    monkeypatch.chdir(_project(tmp_path, lambda_dup=0.5))
+    assert main(["check"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: lambda_dup=0.5 with models.sscd kind tiny (random-init): unrelated images score "
+                     "0.92-0.999, so dedup will keep almost nothing; use >= 0.999 (the default 0.9995)"]
+    from pas.cli import threshold_notes
+
+    real = {"lambda_dup": 0.6, "lambda_leak": 0.45, "models": {"sscd": {"kind": "url", "url": "x"}}}
+    assert threshold_notes(real) == []
+    assert len(threshold_notes({**real, "models": {"sscd": {"kind": "tiny"}}})) == 2
+
+
 def test_check_names_the_misspelt_key_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(_project(tmp_path, dedup__batch_sise=8))
     assert main(["check"]) == 2

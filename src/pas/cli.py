@@ -47,6 +47,18 @@ def _inputs(params: dict) -> list[str]:
     return out
 
 
+def threshold_notes(params: dict) -> list[str]:
+    """λ_dup / λ_leak below what the random-init tiny SSCD gives unrelated images (0.92–0.999,
+    benchmarks/RESULTS-dedup.md): the run would keep a handful of images."""
+    sscd = (params.get("models") or {}).get("sscd") or {}
+    if not isinstance(sscd, dict) or sscd.get("kind") != "tiny":
+        return []
+    return [f"{name}={params[name]:g} with models.sscd kind tiny (random-init): unrelated images score "
+            f"0.92-0.999, so {stage} will keep almost nothing; use >= 0.999 (the default 0.9995)"
+            for name, stage in (("lambda_dup", "dedup"), ("lambda_leak", "leakage"))
+            if isinstance(params.get(name), (int, float)) and params[name] < 0.999]
+
+
 def lock_drift(lock: Path) -> list[tuple[str, str, str]]:
     """(name, locked, installed) for each package pinned `name==version` in `lock` (scripts/lock.py's
     format) whose installed version differs; packages not installed (another stack's) are skipped."""
@@ -79,6 +91,8 @@ def check(args: argparse.Namespace) -> int:
     rc = 2 if problems else 0
     root = Path(args.dvc_yaml).resolve().parent
     for line in outside_repo_deps(params, root):
+        print(f"note: {line}")
+    for line in threshold_notes(params):
         print(f"note: {line}")
     if (root / "requirements.lock").is_file():
         # the bytes dvc.lock records come from the locked stack (parquet files even name the pandas and
