@@ -50,13 +50,15 @@ def _inputs(params: dict) -> list[str]:
 def threshold_notes(params: dict) -> list[str]:
     """λ_dup / λ_leak below what the random-init tiny SSCD gives unrelated images (0.92–0.999,
     benchmarks/RESULTS-dedup.md): the run would keep a handful of images."""
+    from pas.curate.dedup import RANDOM_SSCD_MIN_LAMBDA
+
     sscd = (params.get("models") or {}).get("sscd") or {}
     if not isinstance(sscd, dict) or sscd.get("kind") != "tiny":
         return []
     return [f"{name}={params[name]:g} with models.sscd kind tiny (random-init): unrelated images score "
-            f"0.92-0.999, so {stage} will keep almost nothing; use >= 0.999 (the default 0.9995)"
+            f"0.92-0.999, so {stage} will keep almost nothing; use >= {RANDOM_SSCD_MIN_LAMBDA:g} (the default 0.9995)"
             for name, stage in (("lambda_dup", "dedup"), ("lambda_leak", "leakage"))
-            if isinstance(params.get(name), (int, float)) and params[name] < 0.999]
+            if isinstance(params.get(name), (int, float)) and params[name] < RANDOM_SSCD_MIN_LAMBDA]
 
 
 def lock_drift(lock: Path) -> list[tuple[str, str, str]]:
@@ -74,7 +76,8 @@ def lock_drift(lock: Path) -> list[tuple[str, str, str]]:
             have = version(name)
         except PackageNotFoundError:
             continue
-        if have != want:
+        # the local label is the build (`+cpu`: PyTorch's CPU wheels, which scripts/install.sh picks)
+        if have.split("+")[0] != want.split("+")[0]:
             out.append((name, want, have))
     return out
 
@@ -90,9 +93,7 @@ def check(args: argparse.Namespace) -> int:
     problems = _inputs(params)
     rc = 2 if problems else 0
     root = Path(args.dvc_yaml).resolve().parent
-    for line in outside_repo_deps(params, root):
-        print(f"note: {line}")
-    for line in threshold_notes(params):
+    for line in [*outside_repo_deps(params, root), *threshold_notes(params)]:
         print(f"note: {line}")
     if (root / "requirements.lock").is_file():
         # the bytes dvc.lock records come from the locked stack (parquet files even name the pandas and

@@ -190,6 +190,11 @@ def dedup(keys: Sequence[str], x: np.ndarray, lambda_dup: float, k_dup: int = 64
     return dedup_from_knn(keys, sims, ids, lambda_dup, seed)
 
 
+# a random-init SSCD gives unrelated images cosines of 0.92-0.999 (benchmarks/RESULTS-dedup.md): a threshold
+# below this keeps almost nothing (`collapse_warning`, `pas check`)
+RANDOM_SSCD_MIN_LAMBDA = 0.999
+
+
 def collapse_warning(stage: str, metrics: dict, param: str, value: float, min_images: int = 20) -> str | None:
     """One line when an SSCD threshold stage (dedup, leakage) kept under half of ≥ `min_images`
     images (its `metrics` in the stats vocabulary): usually the threshold `param` is below what the
@@ -198,7 +203,8 @@ def collapse_warning(stage: str, metrics: dict, param: str, value: float, min_im
     if n < min_images or 2 * kept >= n:
         return None
     return (f"{stage} kept {kept} of {n} images at {param}={value:g}: unless they really are copies, this SSCD "
-            f"scores unrelated images above {param} (a random-init SSCD needs >= 0.999; benchmarks/RESULTS-dedup.md)")
+            f"scores unrelated images above {param} (a random-init SSCD needs >= {RANDOM_SSCD_MIN_LAMBDA:g}; "
+            f"benchmarks/RESULTS-dedup.md)")
 
 
 def summary(manifest: pd.DataFrame, source: Sequence[str] | None = None) -> dict:
