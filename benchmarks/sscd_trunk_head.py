@@ -39,9 +39,7 @@ def trunk_features(trunk, x, grid: bool) -> np.ndarray:
     x = ((x * sd + m - rm) / rs).numpy().astype(np.float32)
     if not grid:
         return trunk(x)
-    sess = trunk._session()
-    maps = [torch.from_numpy(a) for a in sess.run(trunk.nodes, {sess.get_inputs()[0].name:
-                                                                np.ascontiguousarray(x[:, ::-1])})]
+    maps = [torch.from_numpy(a) for a in trunk.maps(x)]
     parts = ([torch.nn.functional.adaptive_avg_pool2d(a, 3).flatten(1) for a in maps]
              + [a.amax((2, 3)) for a in maps] + [a.mean((2, 3)) for a in maps])
     return torch.cat(parts, 1).numpy()

@@ -32,6 +32,8 @@ def test_features_are_mean_and_max_pools_of_the_maps():
     sess = ort.InferenceSession(cut_graph(default_det_model(), NODES), providers=["CPUExecutionProvider"])
     maps = sess.run(list(NODES), {sess.get_inputs()[0].name: np.ascontiguousarray(x[:, ::-1])})   # BGR
     assert [m.shape[1] for m in maps] == [192, 384]          # PPLCNetV3 stages 4 and 5
+    for got, m in zip(DetTrunk(threads=1).maps(x), maps):   # the maps themselves, from RGB input
+        np.testing.assert_array_equal(got, m)
     f = DetTrunk(threads=1)(x)
     want = np.concatenate([maps[0].mean((2, 3)), maps[0].max((2, 3)), maps[1].mean((2, 3)), maps[1].max((2, 3))], 1)
     assert f.shape == (2, 1152)

@@ -81,8 +81,11 @@ class DetTrunk:
                                               providers=["CPUExecutionProvider"])
         return self._sess
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def maps(self, x: np.ndarray) -> list[np.ndarray]:
+        """The feature map (B, C, H', W') of each node for RGB images x, normalised as above."""
         sess = self._session()
         bgr = np.ascontiguousarray(x[:, ::-1], np.float32)         # the detector reads BGR
-        maps = sess.run(self.nodes, {sess.get_inputs()[0].name: bgr})
-        return np.concatenate([f for m in maps for f in (m.mean((2, 3)), m.max((2, 3)))], axis=1)
+        return sess.run(self.nodes, {sess.get_inputs()[0].name: bgr})
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([f for m in self.maps(x) for f in (m.mean((2, 3)), m.max((2, 3)))], axis=1)
