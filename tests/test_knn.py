@@ -168,10 +168,99 @@ def test_auto_falls_back_to_exact_when_calibration_needs_most_lists(monkeypatch)
     monkeypatch.setattr(dd, "AUTO_FLAT_MAX", 1000)                 # 2000 rows count as "large"
     info = {}
     sims, ids = knn_self(x, 8, index="auto", nprobe=0, lambda_=0.6, use_gpu=False, info=info)
-    # random 32-d data: no cluster structure, the near-λ pairs need more than 20% of the lists
-    assert info["index"] == "flat" and info["ivf_nprobe"] > 0.2 * info["nlist"] and "nprobe" not in info
+    # random 32-d data: no cluster structure, the near-λ pairs need more than 20% of the lists, so the
+    # Hamming scan; with dense λ-edges (every pair, as a random-init SSCD gives) exact search
+    assert info["index"] == "simhash" and info["ivf_nprobe"] > 0.2 * info["nlist"] and "nprobe" not in info
+    assert info["simhash_candidates"] > 0
+    monkeypatch.setattr(dd, "AUTO_SIMHASH_MAX_EDGES", 0.0)
+    info = {}
+    sims, ids = knn_self(x, 8, index="auto", nprobe=0, lambda_=0.6, use_gpu=False, info=info)
+    assert info["index"] == "flat"
     e_sims, e_ids = knn_self(x, 8, index="flat", use_gpu=False)
     np.testing.assert_array_equal(ids, e_ids)
+
+
+# ------------------------------------------------------------------------------------------ SimHash
+
+def _hamming(ca, cb):
+    return np.unpackbits(ca[:, None, :] ^ cb[None, :, :], axis=2).sum(2)
+
+
+def test_simhash_search_is_the_exact_top_k_of_the_rows_within_the_radius(monkeypatch):
+    """Against brute force: candidates are exactly the rows within Hamming radius r (≤, faiss keeps < r+1),
+    ranked by exact cosine, ties by id, -1 / -inf padded; the same whatever the query block size."""
+    import pas.knn as kk
+
+    x, _, _ = _planted(n=600, d=24, pairs=60, seed=4)
+    x[5] = x[7]                                                       # an exact tie
+    idx = kk.SimHashIndex(x, 0.6, 0.995, bits=64, seed=1)
+    codes = idx._encode(x)
+    ham = _hamming(codes, codes)
+    assert idx.stats["simhash_radius"] == idx.radius and np.diag(ham).max() == 0
+    g = x @ x.T
+    k = len(x)                                                        # every candidate: the set is exact
+    D, I = idx.search(x, k)
+    assert (ham == idx.radius).any()                                  # the boundary is exercised
+    for i in range(len(x)):
+        cand = np.flatnonzero(ham[i] <= idx.radius)
+        got = I[i][I[i] >= 0]
+        assert sorted(got.tolist()) == cand.tolist(), i
+        np.testing.assert_allclose(D[i][: len(got)], g[i, got], atol=1e-6)
+        assert (np.diff(D[i][: len(got)]) <= 0).all()                 # best first
+        assert np.isneginf(D[i][len(got):]).all() and (I[i][len(got):] == -1).all()
+    assert I[5][:2].tolist() == [5, 7] and I[7][:2].tolist() == [5, 7]   # a tie goes to the lower id
+    D10, I10 = idx.search(x, 10)
+    np.testing.assert_array_equal(I10, I[:, :10])
+    monkeypatch.setattr(kk, "SIMHASH_BLOCK_PAIRS", 50)                  # blocks of a query or two
+    D2, I2 = kk.SimHashIndex(x, 0.6, 0.995, bits=64, seed=1).search(x, 10)
+    np.testing.assert_array_equal(I2, I10)
+    np.testing.assert_array_equal(D2, D10)
+
+
+def test_simhash_radius_gives_the_binomial_recall_at_lambda():
+    """Charikar: a pair at angle θ differs in each random-hyperplane bit with probability θ/π, so the
+    share of pairs at cos λ within the radius is the Binomial CDF that set it (est_recall_at_lambda)."""
+    from scipy.stats import binom
+
+    from pas.knn import SimHashIndex
+
+    rng = np.random.default_rng(0)
+    m, d, lam = 4000, 64, 0.6
+    x = rng.standard_normal((m, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    u = rng.standard_normal((m, d)).astype(np.float32)
+    u -= (u * x).sum(1, keepdims=True) * x
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    y = lam * x + np.sqrt(1 - lam ** 2) * u                          # every pair at cos exactly λ
+    idx = SimHashIndex(x, lam, 0.9, bits=128, seed=2)
+    p = np.arccos(lam) / np.pi                                       # 0.2952
+    assert idx.radius == int(binom.ppf(0.9, 128, p))
+    assert idx.stats["est_recall_at_lambda"] >= 0.9
+    h = np.unpackbits(idx._encode(x) ^ idx._encode(y), axis=1).sum(1)
+    assert abs(h.mean() - 128 * p) < 0.3                             # E = bits·θ/π
+    assert abs((h <= idx.radius).mean() - binom.cdf(idx.radius, 128, p)) < 0.015
+
+
+def test_simhash_finds_the_near_threshold_pairs_in_every_band():
+    x, a, b = _planted()
+    g = x @ x.T
+    np.fill_diagonal(g, -1)
+    ei, ej = np.nonzero(np.triu(g > np.float32(0.6)))
+    ecos = g[ei, ej]
+    info = {}
+    sims, ids = knn_self(x, 16, index="simhash", lambda_=0.6, use_gpu=False, info=info)
+    assert info["index"] == "simhash" and 0 < info["simhash_candidates"] < len(x) ** 2 / 4
+    ok = _edge_found(sims, ids, ei, ej)
+    for lo in np.arange(0.6, 0.95, 0.05):
+        m = (ecos > lo) & (ecos <= lo + 0.05)
+        assert m.sum() >= 20 and ok[m].mean() >= 0.99, (lo, ok[m].mean())
+    hit = sims > np.float32(0.6)                                      # no false edges: exact cosines
+    got = {(min(i, j), max(i, j)) for i, j in zip(np.nonzero(hit)[0], ids[hit])}
+    assert got <= set(zip(ei.tolist(), ej.tolist()))
+    again = knn_self(x, 16, index="simhash", lambda_=0.6, use_gpu=False)
+    np.testing.assert_array_equal(again[1], ids)
+    with pytest.raises(ValueError, match="lambda_"):
+        knn_self(x, 8, index="simhash", use_gpu=False)
 
 
 def test_calibrated_nprobe_is_deterministic_and_thread_independent():
@@ -213,3 +302,16 @@ def test_gpu_wrapping_keeps_resources_on_a_real_faiss_index():
     idx = _to_gpu(fake, faiss.IndexFlatIP(8))
     assert res in idx.referenced_objects
 
+
+
+def test_simhash_bits_are_the_fewest_that_keep_unrelated_candidates_few():
+    from scipy.stats import binom
+
+    from pas.knn import SIMHASH_MAX_FALSE, simhash_bits
+
+    p = np.arccos(0.6) / np.pi
+    false = lambda n, b: n * binom.cdf(binom.ppf(0.995, b, p), b, 0.5)      # unrelated rows per query
+    for n, want in ((1000, 128), (100_000, 256), (1_000_000, 320)):
+        b = simhash_bits(n, p, 0.995)
+        assert b == want and false(n, b) <= SIMHASH_MAX_FALSE < false(n, b - 64)
+    assert simhash_bits(10 ** 6, np.arccos(0.9) / np.pi, 0.995) < simhash_bits(10 ** 6, p, 0.995)  # λ far from 0

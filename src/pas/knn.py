@@ -3,7 +3,8 @@ the SSCD descriptors) and leakage (images against eval test images).
 
   check_descriptors     — float32 (N, D), finite, unit rows, or one clear error;
   build_index           — flat (exact, the default) | ivf (8-bit codes + exact re-rank, nprobe calibrated
-                          to a λ-edge recall) | hnsw | auto; on GPU when faiss-gpu sees one;
+                          to a λ-edge recall) | simhash (a Hamming scan of sign codes + exact re-rank) |
+                          hnsw | auto; on GPU when faiss-gpu sees one;
   knn_search / knn_self — top-k (sims, ids) of queries / of each row among the *other* rows.
 """
 
@@ -17,15 +18,20 @@ from pas.params import check_choice
 
 log = logging.getLogger(__name__)
 
-INDEX_KINDS = ("flat", "ivf", "hnsw", "auto")
+INDEX_KINDS = ("flat", "ivf", "simhash", "hnsw", "auto")
 IVF_CODES = ("sq8", "flat")   # what an IVF list stores per vector: 8-bit scalar codes or float32
-AUTO_FLAT_MAX = 200_000       # `auto`: exact search up to this many images, IVF above
-AUTO_IVF_MAX_PROBE = 0.2      # `auto`: back to exact search when calibrated IVF must scan more of the lists
+AUTO_FLAT_MAX = 50_000        # `auto`: exact search up to this many images, IVF (or simhash) above
+AUTO_IVF_MAX_PROBE = 0.01     # `auto` on CPU: simhash when calibrated IVF must scan more of the lists, …
+AUTO_IVF_MAX_PROBE_GPU = 0.2  # … on GPU: flat
 IVF_TRAIN_PER_LIST = 39       # IVF k-means training points per inverted list (faiss: ≥ 39)
 IVF_TRAIN_ITERS = 8           # IVF k-means iterations
 CALIB_BAND = 0.05             # calibration: nprobe must reach the target in each band (λ, λ+0.05], …
 CALIB_MIN_EDGES = 20          # … that holds at least this many sampled λ-edges
 CALIB_MARGIN = 1.25           # nprobe = margin × the sampled quantile (the sample's quantile is noisy)
+AUTO_SIMHASH_MAX_EDGES = 0.01  # `auto`: flat, not simhash, when calibration finds more λ-edges per query × n
+SIMHASH_MAX_FALSE = 16        # simhash: the fewest bits whose expected unrelated (cos 0) candidates per query ≤ this
+SIMHASH_MAX_BITS = 1024
+SIMHASH_BLOCK_PAIRS = 1 << 22  # simhash: candidate pairs per block of queries (bounds the re-rank's memory)
 GPU_MAX_NPROBE = 2048         # faiss-gpu IVF limit
 CHECK_BLOCK = 65_536           # rows per block when checking descriptors (bounds the temporaries)
 
@@ -77,15 +83,15 @@ def build_index(xb: np.ndarray, index: str = "flat", nlist: int = 0, nprobe: int
                 xq: np.ndarray | None = None, info: dict | None = None):
     """A faiss inner-product index over rows of `xb` (float32, L2-normalised).
 
-    `ivf` with `ivf_codes="sq8"` scans 8-bit codes (a quarter of the bytes of float32 lists, so ~1.7x
-    faster scans on CPU, measured in benchmarks/RESULTS-dedup.md) and re-ranks the k candidates of each
-    query with the float32 vectors (faiss IndexRefineFlat, k_factor 1): every similarity returned is
-    exact, so the λ tests downstream never see quantisation error; only recall is approximate.
-    `ivf` with `nprobe=0` picks nprobe from the data (`calibrate_nprobe`: the λ-edges of a seeded
-    sample of queries, `lambda_` required; `xq` = the queries, None = a self-join of `xb`); `auto` above
-    AUTO_FLAT_MAX rows calibrates too and falls back to exact search when nprobe would exceed
-    AUTO_IVF_MAX_PROBE of the lists. `info`, if given, receives the IVF settings used and the
-    calibration's estimates.
+    `ivf` with `ivf_codes="sq8"` scans 8-bit codes (a quarter of the bytes of float32 lists) and
+    re-ranks the k candidates of each query with the float32 vectors (faiss IndexRefineFlat, k_factor 1):
+    every similarity returned is exact, so the λ tests downstream never see quantisation error; only
+    recall is approximate. `ivf` with `nprobe=0` picks nprobe from the data (`calibrate_nprobe`: the
+    λ-edges of a seeded sample of queries, `lambda_` required; `xq` = the queries, None = a self-join of
+    `xb`). `simhash` (`SimHashIndex`, `lambda_` required) finds each pair above λ with probability ≥
+    `target_recall`, exact similarities too. `auto` above AUTO_FLAT_MAX rows calibrates IVF and, when
+    nprobe would exceed AUTO_IVF_MAX_PROBE of the lists, uses simhash instead (flat when the sample's
+    λ-edges are dense, or on GPU above AUTO_IVF_MAX_PROBE_GPU). `info`, if given, receives the settings used and the estimates.
     """
     faiss = _faiss()
     n, d = xb.shape
@@ -120,13 +126,23 @@ def build_index(xb: np.ndarray, index: str = "flat", nlist: int = 0, nprobe: int
             stats.update(cal)
         nprobe = min(nprobe, nl, GPU_MAX_NPROBE) if gpu else min(nprobe, nl)
         stats["nprobe"] = nprobe
-        if index == "auto" and calibrated and nprobe > AUTO_IVF_MAX_PROBE * nl:
-            # no cluster structure to exploit (random-like data): the scan would cost about as much as
-            # exact search (benchmarks/RESULTS-dedup.md)
-            kind = "flat"
-            stats["index"], stats["ivf_nprobe"] = "flat", stats.pop("nprobe")
+        if index == "auto" and calibrated and nprobe > (AUTO_IVF_MAX_PROBE_GPU if gpu else AUTO_IVF_MAX_PROBE) * nl:
+            # little cluster structure (random-like data): scanning that many lists costs more than a
+            # Hamming scan of every row on CPU (benchmarks/RESULTS-dedup.md), unless most pairs are
+            # λ-edges anyway (each candidate costs a gathered re-rank)
+            dense = stats["calib_edges"] > AUTO_SIMHASH_MAX_EDGES * n * stats["calib_queries"]
+            kind = "flat" if gpu or dense else "simhash"
+            stats["index"], stats["ivf_nprobe"] = kind, stats.pop("nprobe")
         if info is not None:
             info.update(stats)
+    if kind == "simhash":
+        if lambda_ is None:
+            raise ValueError("simhash needs lambda_ (its Hamming radius is set from it)")
+        idx = SimHashIndex(xb, lambda_, target_recall, seed=seed)
+        if info is not None:
+            info.update(idx.stats)
+            idx.stats = info                  # search() adds its candidate count
+        return idx
     if kind == "ivf":
         base.nprobe = nprobe
         if gpu:
@@ -217,6 +233,78 @@ def calibrate_nprobe(xb: np.ndarray, centroids: np.ndarray, lambda_: float, targ
              "(λ, λ+%.2f])", p, len(centroids), stats["calib_edges"], s, stats["est_recall"],
              stats["est_recall_near"], CALIB_BAND)
     return p, stats
+
+
+def simhash_bits(n: int, p: float, target: float) -> int:
+    """Bits (a multiple of 64, ≤ SIMHASH_MAX_BITS) for a database of `n` rows and a pair flip rate `p` at λ:
+    the fewest whose radius lets ≤ SIMHASH_MAX_FALSE unrelated rows per query through, an unrelated
+    (orthogonal) pair's Hamming distance being Binomial(bits, 1/2). More bits separate λ from 0 better
+    but cost a longer scan."""
+    from scipy.stats import binom
+
+    for bits in range(64, SIMHASH_MAX_BITS + 1, 64):
+        if n * binom.cdf(binom.ppf(target, bits, p), bits, 0.5) <= SIMHASH_MAX_FALSE:
+            return bits
+    return SIMHASH_MAX_BITS
+
+
+class SimHashIndex:
+    """Top-k exact inner products among the rows whose SimHash codes are within a Hamming radius of the
+    query's: a brute-force scan of `bits`-bit sign codes (faiss IndexBinaryFlat.range_search; 0 =
+    `simhash_bits` of n and λ), then an exact float32 re-rank of the candidates.
+
+    Charikar's random-hyperplane signs: a pair at cosine c falls on opposite sides of each of `bits`
+    seeded Gaussian hyperplanes independently with probability arccos(c)/π, so its Hamming distance is
+    Binomial(bits, arccos(c)/π). The radius is the smallest r with P(Binomial(bits, arccos(λ)/π) ≤ r) ≥
+    `target`: every pair with cos ≥ λ is a candidate with probability ≥ `target` whatever the data's
+    structure; unrelated pairs (cos near 0, Hamming near bits/2) rarely are. Queries go in blocks of
+    about SIMHASH_BLOCK_PAIRS candidates. `.search(xq, k)` is faiss's: (sims, ids), -1 / -inf padded.
+    """
+
+    def __init__(self, xb: np.ndarray, lambda_: float, target: float, bits: int = 0, seed: int = 0):
+        from scipy.stats import binom
+
+        faiss = _faiss()
+        p = float(np.arccos(np.clip(lambda_, -1.0, 1.0)) / np.pi)
+        bits = bits or simhash_bits(len(xb), p, target)
+        self.xb = xb
+        self.planes = np.random.default_rng(seed).standard_normal((xb.shape[1], bits), dtype=np.float32)
+        self.radius = int(binom.ppf(target, bits, p))
+        self.codes = faiss.IndexBinaryFlat(bits)
+        for s in range(0, len(xb), CHECK_BLOCK):
+            self.codes.add(self._encode(xb[s:s + CHECK_BLOCK]))
+        self.stats = {"index": "simhash", "simhash_bits": bits, "simhash_radius": self.radius,
+                      "est_recall_at_lambda": round(float(binom.cdf(self.radius, bits, p)), 4),
+                      "simhash_candidates": 0}
+
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        return np.packbits(x @ self.planes > 0, axis=1)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        nq = len(xq)
+        D = np.full((nq, k), -np.inf, np.float32)
+        I = np.full((nq, k), -1, np.int64)
+        s, step = 0, 1024
+        while s < nq:
+            q = xq[s:s + step]
+            # faiss keeps distances < radius: +1 for ≤
+            lims, _, ids = self.codes.range_search(self._encode(q), self.radius + 1)
+            lims = lims.astype(np.int64)
+            src = np.repeat(np.arange(len(q)), np.diff(lims))
+            sims = np.empty(len(ids), np.float32)
+            for e in range(0, len(ids), 1 << 15):              # exact cosines, 32k gathered pairs at a time
+                sl = slice(e, e + (1 << 15))
+                sims[sl] = np.einsum("ij,ij->i", q[src[sl]], self.xb[ids[sl]])
+            order = np.lexsort((ids, -sims, src))              # per query: best first, ties by id
+            src, sims, ids = src[order], sims[order], ids[order]
+            rank = np.arange(len(ids)) - lims[src]
+            top = rank < k
+            D[s + src[top], rank[top]] = sims[top]
+            I[s + src[top], rank[top]] = ids[top]
+            self.stats["simhash_candidates"] += int(len(ids))
+            s += len(q)
+            step = int(np.clip(SIMHASH_BLOCK_PAIRS * len(q) / max(len(ids), 1), 1, 65_536))
+        return D, I
 
 
 def _to_gpu(faiss, idx):

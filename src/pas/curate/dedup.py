@@ -30,11 +30,11 @@ class DedupParams:
     lambda_dup: float = 0.6        # λ_dup: SSCD cosine above which two images are duplicates
     k_dup: int = 64                # neighbours searched per image (paper App. D.1.4)
     seed: int = 0                  # picks each component's kept image
-    index: str = "flat"            # faiss index: flat (exact) | ivf | hnsw | auto (flat ≤ 200k, else
-                                   # ivf, or flat again when calibrated ivf would scan > 20% of lists)
+    index: str = "flat"            # faiss index: flat (exact) | ivf | simhash | hnsw | auto (flat ≤ 50k,
+                                   # else ivf, or simhash when calibrated ivf would scan > 1% of lists)
     nlist: int = 0                 # ivf: inverted lists; 0 = 4·sqrt(n)
     nprobe: int = 0                # ivf: lists visited per query; 0 = calibrated to target_recall
-    target_recall: float = 0.995   # ivf, nprobe 0: λ-edge recall to reach in every 0.05 band above λ
+    target_recall: float = 0.995   # ivf, nprobe 0: λ-edge recall in every 0.05 band above λ; simhash: at λ
     calib_queries: int = 4096      # ivf, nprobe 0: seeded sample whose exact λ-neighbours calibrate nprobe
     ivf_codes: str = "sq8"         # ivf list storage: sq8 (8-bit codes, exact re-rank) | flat (float32)
     hnsw_m: int = 32               # hnsw: graph degree
