@@ -91,7 +91,8 @@ def build_index(xb: np.ndarray, index: str = "flat", nlist: int = 0, nprobe: int
     `xb`). `simhash` (`SimHashIndex`, `lambda_` required) finds each pair above λ with probability ≥
     `target_recall`, exact similarities too. `auto` above AUTO_FLAT_MAX rows calibrates IVF and, when
     nprobe would exceed AUTO_IVF_MAX_PROBE of the lists, uses simhash instead (flat when the sample's
-    λ-edges are dense, or on GPU above AUTO_IVF_MAX_PROBE_GPU). `info`, if given, receives the settings used and the estimates.
+    λ-edges are dense, or on GPU above AUTO_IVF_MAX_PROBE_GPU). `info`, if given, receives the settings
+    used and the estimates.
     """
     faiss = _faiss()
     n, d = xb.shape
@@ -126,7 +127,8 @@ def build_index(xb: np.ndarray, index: str = "flat", nlist: int = 0, nprobe: int
             stats.update(cal)
         nprobe = min(nprobe, nl, GPU_MAX_NPROBE) if gpu else min(nprobe, nl)
         stats["nprobe"] = nprobe
-        if index == "auto" and calibrated and nprobe > (AUTO_IVF_MAX_PROBE_GPU if gpu else AUTO_IVF_MAX_PROBE) * nl:
+        max_probe = AUTO_IVF_MAX_PROBE_GPU if gpu else AUTO_IVF_MAX_PROBE
+        if index == "auto" and calibrated and nprobe > max_probe * nl:
             # little cluster structure (random-like data): scanning that many lists costs more than a
             # Hamming scan of every row on CPU (benchmarks/RESULTS-dedup.md), unless most pairs are
             # λ-edges anyway (each candidate costs a gathered re-rank)
