@@ -1,11 +1,12 @@
-"""retrieve's output step at N images: `write_images` + `write_index` (pool backend), baseline vs current.
+"""retrieve's pool backend after the faiss search at N images: `merge_hits` + `write_images` +
+`write_index`, baseline vs current.
 
 Each (version, N) runs in a fresh child process with that version's src/ first on sys.path: it builds
-synthetic hits (1-3 of 1,000 concepts per image, similarities rounded as `merge_hits` does) and streams
-N samples as `_pool_samples` does (hashed keys in pool order, one ~1.2 KB image blob, a pool path,
-none for every 10th), then writes data/retrieved's shards, index.parquet and hits.parquet. Peak RSS is
-the child's `ru_maxrss`, "before" its high-water mark after the hits are built; the sha256 over the
-output files checks that both versions write the same bytes.
+synthetic top-k lists (1-3 distinct of 1,000 concepts per image, as faiss returns them: best first,
+-1 padded), merges them and streams N samples as `_pool_samples` does (hashed keys in pool order, one
+~1.2 KB image blob, a pool path, none for every 10th), then writes data/retrieved's shards,
+index.parquet and hits.parquet. Peak RSS is the child's `ru_maxrss`, "before" its high-water mark
+before the merge; the sha256 over the output files checks that both versions write the same bytes.
 
     PYTHONPATH=src python benchmarks/retrieve_write.py --sizes 100000 1000000 --baseline /tmp/base/src
 """
@@ -32,23 +33,32 @@ def run_one(n: int, out: Path) -> dict:
     import pyarrow.parquet  # noqa: F401
     import tqdm  # noqa: F401
 
-    from pas.collect.retrieve import write_images, write_index
+    from pas.collect.retrieve import merge_hits, write_images, write_index
     from pas.io import manifest, shards  # noqa: F401
 
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731  (MB)
     rng = np.random.default_rng(0)
-    keys = ["p" + hashlib.sha1(str(i).encode()).hexdigest()[:16] for i in range(n)]
-    n_hits, sims = rng.integers(1, 4, n), np.round(rng.uniform(0.2, 0.4, (n, 3)), 6)
-    conc = rng.integers(0, CONCEPTS, (n, 3))
-    hits = {k: sorted(((f"concept {c}", float(s)) for c, s in zip(conc[i, :m], sims[i, :m])),
-                      key=lambda cs: (-cs[1], cs[0]))
-            for i, (k, m) in enumerate(zip(keys, n_hits.tolist()))}
+    keys = np.array(["p" + hashlib.sha1(str(i).encode()).hexdigest()[:16] for i in range(n)], dtype=object)
+    n_hits, sims = rng.integers(1, 4, n), rng.uniform(0.2, 0.4, (n, 3)).astype(np.float32)
+    conc = (rng.integers(0, CONCEPTS, n)[:, None] + 7 * np.arange(3)) % CONCEPTS   # distinct per image
+    img = np.repeat(np.arange(n), n_hits)
+    slot = np.arange(len(img)) - np.repeat(np.cumsum(n_hits) - n_hits, n_hits)
+    hit_c, hit_s = conc[img, slot], sims[img, slot]
+    # each concept's top-k as faiss returns it: best first, -1 past its last hit
+    order = np.lexsort((-hit_s, hit_c))
+    per = np.bincount(hit_c, minlength=CONCEPTS)
+    rank = np.arange(len(order)) - np.repeat(np.cumsum(per) - per, per)
+    S = np.zeros((CONCEPTS, per.max()), np.float32)
+    I = np.full(S.shape, -1, np.int64)
+    S[hit_c[order], rank], I[hit_c[order], rank] = hit_s[order], img[order]
+    concepts = [f"concept {c}" for c in range(CONCEPTS)]
     image = rng.integers(0, 256, IMAGE_BYTES, dtype=np.uint8).tobytes()
     samples = ((k, image, "jpg", {"pool_key": k, "path": None if i % 10 == 0 else f"img/{i}.jpg"})
-               for i, k in enumerate(keys))
+               for i, k in enumerate(keys.tolist()))
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     rss0, t0, c0 = rss(), time.perf_counter(), time.process_time()
+    hits = merge_hits(concepts, S, I, keys)
     written = write_images(samples, hits, out, SHARD_MAX, total=n)
     write_index(written, hits, out)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0

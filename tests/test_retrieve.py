@@ -118,7 +118,9 @@ def test_merge_hits_hand_case():
     S = np.array([[0.9, 0.5], [0.7, 0.6]], np.float32)
     I = np.array([[0, 1], [1, -1]])
     hits = merge_hits(["x", "y"], S, I, keys)
-    assert hits == {"pa": [("x", 0.9)], "pb": [("y", 0.7), ("x", 0.5)]}
+    assert list(hits.keys) == ["pa", "pb"] and "pc" not in hits
+    assert hits.of("pa") == (["x"], [0.9]) and hits.of("pb") == (["y", "x"], [0.7, 0.5])
+    assert hits.counts() == {"x": 2, "y": 1}
 
 
 def test_planted_top_k_and_merge(pool, tmp_path):
@@ -187,6 +189,25 @@ def test_byte_identical_reruns(pool, tmp_path):
     assert file_digests(tmp_path / "a") == file_digests(tmp_path / "b")
 
 
+def as_hits(hits: dict, pool_keys: list[str]):
+    """`merge_hits` of the top-k lists that give the per-image lists `hits` (pool order: `pool_keys`);
+    checks it gives back every image's list, ties in similarity by concept name."""
+    concepts = sorted({c for lst in hits.values() for c, _ in lst}, reverse=True)
+    per = {c: [] for c in concepts}
+    for i, k in enumerate(pool_keys):
+        for c, sim in hits.get(k, []):
+            per[c].append((sim, i))
+    S = np.zeros((len(concepts), max(map(len, per.values()), default=0)), np.float32)
+    I = np.full(S.shape, -1, np.int64)
+    for r, c in enumerate(concepts):
+        for j, (sim, i) in enumerate(per[c]):
+            S[r, j], I[r, j] = sim, i
+    H = merge_hits(concepts, S, I, np.array(pool_keys, dtype=object))
+    assert list(H.keys) == [k for k in pool_keys if hits.get(k)]
+    assert all(H.of(k) == ([c for c, _ in lst], [v for _, v in lst]) for k, lst in hits.items() if lst)
+    return H
+
+
 def test_index_bytes_same_as_a_dict_per_image(tmp_path):
     """write_images keeps columns, not a row dict per image: index.parquet is byte for byte the one
     a DataFrame of those dicts gives (None and str mixed in path / url, 1-3 concepts per image)."""
@@ -203,7 +224,8 @@ def test_index_bytes_same_as_a_dict_per_image(tmp_path):
     out.mkdir()
     samples = ((k, encode_image(Image.new("RGB", (8, 8), (i, 0, 0))), "jpg", e)
                for i, (k, e) in enumerate(zip(keys, extra)))
-    R.write_index(R.write_images(samples, hits, out, maxcount=4), hits, out)
+    H = as_hits(hits, keys)
+    R.write_index(R.write_images(samples, H, out, maxcount=4), H, out)
     rows = [{"key": s.key, "shard": s.shard, **{c: e.get(c) for c in R.PROVENANCE},
              "n_concepts": len(hits[s.key]), "concept": hits[s.key][0][0], "similarity": hits[s.key][0][1],
              "concepts": [c for c, _ in hits[s.key]], "similarities": [v for _, v in hits[s.key]]}
@@ -242,7 +264,8 @@ def test_hits_bytes_same_as_a_tuple_per_hit(tmp_path, n):
         cs = rng.choice(len(names), int(rng.integers(1, 4)), replace=False)
         lst = [(names[c], float(rng.choice([0.25, 0.5, round(float(rng.uniform(0, 1)), 6)]))) for c in cs]
         hits[k] = sorted(lst, key=lambda cs: (-cs[1], cs[0]))
-    for name, df in (("tuples", _tuple_hits_frame(keys, hits)), ("arrays", hits_frame(keys, [hits[k] for k in keys]))):
+    H = as_hits(hits, keys + ["pNOTSTORED"])
+    for name, df in (("tuples", _tuple_hits_frame(keys, hits)), ("arrays", hits_frame(keys, H, H.positions(keys)))):
         write_parquet(df, tmp_path / f"{name}.parquet", sort_by=None)
     assert (tmp_path / "tuples.parquet").read_bytes() == (tmp_path / "arrays.parquet").read_bytes()
     got = read_parquet(tmp_path / "arrays.parquet")

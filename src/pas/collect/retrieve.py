@@ -20,9 +20,10 @@ best first. Keys never come from concept text: pool images keep their pool key, 
 from __future__ import annotations
 
 import json
+import functools
 import logging
 import time
-from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator, Protocol, Sequence
@@ -91,10 +92,6 @@ class Pool:
     index: Any              # pandas DataFrame: key, shard, ... (row i ↔ faiss id i)
     faiss_index: Any
 
-    @property
-    def keys(self) -> np.ndarray:
-        return self.index["key"].to_numpy()
-
 
 def load_pool(pool_dir: str | Path) -> Pool:
     """Read `pool.json`, `index.parquet` and `faiss.index`; check they agree."""
@@ -147,39 +144,72 @@ def search(faiss_index: Any, T: np.ndarray, k: int, batch_size: int,
     return S, I
 
 
-Hits = dict[str, list[tuple[str, float]]]   # image key -> [(concept, similarity)], best first
+@dataclass(frozen=True)
+class Hits:
+    """Every retrieved image's (concept, similarity) list, best first, as arrays (CSR), not a tuple
+    per hit: image i (`keys[i]`, in pool order) was retrieved by `concepts[code[j]]` with similarity
+    `sim[j]` for j in `start[i]:start[i + 1]`."""
+
+    concepts: Sequence[str]
+    keys: np.ndarray            # object (str), one per image
+    start: np.ndarray           # int64, len(keys) + 1
+    code: np.ndarray            # int64, index into `concepts`, one per hit
+    sim: np.ndarray             # float64, one per hit
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @functools.cached_property
+    def _pos(self):
+        import pandas as pd
+
+        return pd.Index(self.keys)          # a hash table over the keys, no Python int per key
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._pos
+
+    def positions(self, keys: Sequence[str]) -> np.ndarray:
+        pos = self._pos.get_indexer(keys)
+        if (pos < 0).any():
+            raise KeyError(f"{list(keys)[int(np.argmax(pos < 0))]!r}: no hits")
+        return pos
+
+    def of(self, key: str) -> tuple[list[str], list[float]]:
+        """One image's concepts and similarities, best first."""
+        i = self._pos.get_loc(key)
+        a, b = self.start[i], self.start[i + 1]
+        return [self.concepts[c] for c in self.code[a:b].tolist()], self.sim[a:b].tolist()
+
+    def counts(self) -> dict[str, int]:
+        """Images per concept."""
+        counts: Counter = Counter()
+        for c, n in zip(self.concepts, np.bincount(self.code, minlength=len(self.concepts)).tolist()):
+            counts[c] += n
+        return counts
 
 
-def merge_hits(concepts: Sequence[str], S: np.ndarray, I: np.ndarray, keys: np.ndarray) -> Hits:
+def merge_hits(concepts: Sequence[str], S: np.ndarray, I: np.ndarray, keys: Any) -> Hits:
     """Invert per-concept top-k lists into per-image (concept, similarity) lists.
 
-    Similarities are rounded to 6 decimals (stable metadata); each list is sorted by similarity
-    descending, then concept. Ids < 0 (faiss: fewer results than k) are skipped.
+    `keys`: the pool's keys by faiss id (only the hit ones are taken). Similarities are rounded to 6
+    decimals (stable metadata); each image's hits are sorted by similarity descending, then concept.
+    Ids < 0 (faiss: fewer results than k) are skipped.
     """
-    hits: Hits = {}
-    for c, sims, ids in zip(concepts, S, I):
-        for s, i in zip(sims, ids):
-            if i < 0:
-                continue
-            hits.setdefault(str(keys[i]), []).append((c, round(float(s), 6)))
-    for lst in hits.values():
-        lst.sort(key=lambda cs: (-cs[1], cs[0]))
-    return hits
-
-
-def hit_counts(concepts: Sequence[str], hits: Hits) -> dict[str, int]:
-    counts = {c: 0 for c in concepts}
-    for lst in hits.values():
-        for c, _ in lst:
-            counts[c] += 1
-    return counts
-
-
-def summarize(concepts: Sequence[str], hits: Hits, stored: Iterable[str]) -> dict:
-    """metrics/retrieve.json: n_images counts an image once per concept that retrieved it."""
-    stored = set(stored)
-    kept = {k: v for k, v in hits.items() if k in stored}
-    return summary(concepts, hit_counts(concepts, kept), int(sum(len(v) for v in kept.values())), len(kept))
+    concepts = list(concepts)
+    ids, S = np.asarray(I, np.int64).ravel(), np.asarray(S).ravel()
+    code = np.repeat(np.arange(len(concepts), dtype=np.int64), I.shape[1] if I.ndim == 2 else 0)
+    hit = ids >= 0
+    ids, code = ids[hit], code[hit]
+    # Python's round (correctly rounded), as the metadata always had it; np.round can differ by an ulp
+    sim = np.fromiter((round(x, 6) for x in S[hit].astype(np.float64).tolist()), np.float64, len(ids))
+    name_rank = np.empty(len(concepts), np.int64)
+    name_rank[sorted(range(len(concepts)), key=concepts.__getitem__)] = np.arange(len(concepts))
+    order = np.lexsort((name_rank[code], -sim, ids))     # stable: equal names keep concept order
+    ids, code, sim = ids[order], code[order], sim[order]
+    first = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
+    take = getattr(keys, "take", None)
+    hit_keys = np.asarray(take(ids[first]) if take else np.asarray(keys)[ids[first]], dtype=object)
+    return Hits(concepts, hit_keys, np.r_[first, len(ids)].astype(np.int64), code, sim)
 
 
 def summary(concepts: Sequence[str], counts: dict[str, int], n_images: int, n_unique: int) -> dict:
@@ -205,9 +235,8 @@ def _clean_out(out_dir: Path) -> None:
             p.unlink()
 
 
-def _meta(key: str, lst: list[tuple[str, float]], extra: dict) -> dict:
-    return {"key": key, "source": "real", "concepts": [c for c, _ in lst],
-            "similarities": [s for _, s in lst], **extra}
+def _meta(key: str, concepts: list[str], sims: list[float], extra: dict) -> dict:
+    return {"key": key, "source": "real", "concepts": concepts, "similarities": sims, **extra}
 
 
 INDEX_COLUMNS = ["key", "shard", "pool_key", "path", "url", "n_concepts", "concept", "similarity", "concepts",
@@ -228,7 +257,7 @@ def write_images(samples: Iterable[tuple[str, bytes, str, dict]], hits: Hits, ou
     extra_cols: dict[str, list] = {c: [] for c in PROVENANCE}
     with ShardWriter(out_dir, prefix=SHARD_PREFIX, maxcount=maxcount) as w:
         for key, data, ext, extra in tqdm(samples, desc="write retrieved", unit="img", total=total):
-            w.write(key, data, _meta(key, hits[key], extra), ext=ext)
+            w.write(key, data, _meta(key, *hits.of(key), extra), ext=ext)
             for c, col in extra_cols.items():
                 col.append(extra.get(c))
     if not w.n_samples:
@@ -245,43 +274,47 @@ def write_index(written, hits: Hits, out_dir: Path) -> None:
     from pas.io.manifest import write_parquet
     from pas.io.shards import write_index as write_shard_index
 
-    lists = [hits[k] for k in written["key"]]
+    keys = written["key"]
+    pos = hits.positions(keys)
+    a, b = hits.start[pos], hits.start[pos + 1]
+    # the list columns stay Python lists (an arrow list column would change the file's pandas
+    # metadata), of the concept names' own str objects
+    names, sim = np.asarray(list(hits.concepts) or [""], dtype=object)[hits.code].tolist(), hits.sim.tolist()
     data = {c: written[c] for c in written.columns}
-    data.update(n_concepts=[len(lst) for lst in lists], concept=[lst[0][0] for lst in lists],
-                similarity=[lst[0][1] for lst in lists], concepts=[[c for c, _ in lst] for lst in lists],
-                similarities=[[s for _, s in lst] for lst in lists])
-    write_shard_index(pd.DataFrame(data if lists else [], columns=INDEX_COLUMNS), out_dir)
-    write_parquet(hits_frame(written["key"], lists), out_dir / "hits.parquet", sort_by=None)
+    data.update(n_concepts=(b - a).tolist(), concept=[names[i] for i in a.tolist()],
+                similarity=[sim[i] for i in a.tolist()],
+                concepts=[names[i:j] for i, j in zip(a.tolist(), b.tolist())],
+                similarities=[sim[i:j] for i, j in zip(a.tolist(), b.tolist())])
+    names = sim = None
+    write_shard_index(pd.DataFrame(data if len(keys) else [], columns=INDEX_COLUMNS), out_dir)
+    write_parquet(hits_frame(keys, hits, pos), out_dir / "hits.parquet", sort_by=None)
 
 
-def hits_frame(keys: Sequence[str], lists: Sequence[list[tuple[str, float]]]):
-    """hits.parquet's table: a row per (concept, image) of the images `keys` with hits `lists`, by
-    concept, similarity descending, then key; `rank` counts within the concept. Built from arrays (a
-    concept number, the image's position, the similarity per hit; str columns in arrow), not a
-    tuple per hit."""
+def hits_frame(keys: Sequence[str], hits: Hits, pos: np.ndarray):
+    """hits.parquet's table: a row per (concept, image) of the images `keys` (at `pos` in `hits`),
+    by concept, similarity descending, then key; `rank` counts within the concept. Built from the
+    hits' arrays, not a tuple per hit."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    code: dict[str, int] = {}
-    concept, image, sim = array("q"), array("q"), array("d")
-    for i, lst in enumerate(lists):
-        for c, s in lst:
-            concept.append(code.setdefault(c, len(code)))
-            image.append(i)
-            sim.append(s)
-    if not concept:                     # as a frame of no rows: object columns, rank int64
+    n = hits.start[pos + 1] - hits.start[pos]
+    image = np.repeat(np.arange(len(pos), dtype=np.int64), n)
+    j = np.repeat(hits.start[pos] - np.r_[0, np.cumsum(n)[:-1]], n) + np.arange(int(n.sum()))
+    concept, sim = hits.code[j], hits.sim[j]
+    if not len(concept):                # as a frame of no rows: object columns, rank int64
         return pd.DataFrame({"concept": [], "rank": np.zeros(0, np.int64), "key": [],
                              "similarity": []}).astype({"concept": object, "key": object, "similarity": object})
     # the str columns as pandas infers them from str values (pandas 3: arrow-backed), as a frame of
     # tuples had them; taken by position, so no str object is made per hit or per key
+    code: dict[str, int] = {}                   # one number per distinct name
+    concept = np.array([code.setdefault(c, len(code)) for c in hits.concepts], np.int64)[concept]
     names = pd.Series(list(code)).array
     concept_rank = np.empty(len(names), np.int64)
     concept_rank[np.asarray(pc.sort_indices(pa.array(names)))] = np.arange(len(names))
     keys = pd.Series(keys).array
     key_rank = np.empty(len(keys), np.int64)      # sort_indices: UTF-8 byte order, which is str order
     key_rank[np.asarray(pc.sort_indices(pa.array(keys)))] = np.arange(len(keys))
-    concept, image, sim = (np.frombuffer(a, t) for a, t in ((concept, np.int64), (image, np.int64), (sim, np.float64)))
     order = np.lexsort((key_rank[image], -sim, concept_rank[concept]))
     c = concept_rank[concept][order]
     step = np.arange(len(c))
@@ -290,11 +323,11 @@ def hits_frame(keys: Sequence[str], lists: Sequence[list[tuple[str, float]]]):
                          "key": keys.take(image[order]), "similarity": sim[order]})
 
 
-def _pool_samples(pool: Pool, wanted: set[str]) -> Iterator[tuple[str, bytes, str, dict]]:
-    """Stream the pool's samples whose key is wanted, in pool order; only shards holding one are read."""
+def _pool_samples(pool: Pool, wanted: Hits) -> Iterator[tuple[str, bytes, str, dict]]:
+    """Stream the pool's samples that have hits, in pool order; only shards holding one are read."""
     from pas.io.shards import iter_samples
 
-    shards = sorted(set(pool.index.loc[pool.index["key"].isin(wanted), "shard"]))
+    shards = sorted(set(pool.index.loc[pool.index["key"].isin(wanted.keys), "shard"]))
     for shard in shards:
         path = pool.dir / shard
         if not path.is_file():
@@ -318,16 +351,16 @@ def retrieve_from_pool(concepts: Sequence[str], encoder: TextEncoder, pool_dir: 
         raise PoolError(f"{pool.dir}: pool embeddings have dim {pool.faiss_index.d}, "
                         f"text embeddings {T.shape[1]}")
     S, I = search(pool.faiss_index, T, params.k_retrieve, params.batch_size, progress)
-    hits = merge_hits(concepts, S, I, pool.keys)
+    hits = merge_hits(concepts, S, I, pool.index["key"])
     out = Path(out_dir)
     _clean_out(out)
-    written = write_images(_pool_samples(pool, set(hits)), hits, out, params.shard_size, total=len(hits))
-    missing = set(hits).difference(written["key"])
-    if missing:
+    written = write_images(_pool_samples(pool, hits), hits, out, params.shard_size, total=len(hits))
+    if len(written) < len(hits):
+        missing = sorted(set(hits.keys).difference(written["key"]))
         raise PoolError(f"{pool.dir}: {len(missing)} indexed key(s) not found in the shards, "
-                        f"e.g. {sorted(missing)[0]!r}")
+                        f"e.g. {missing[0]!r}")
     write_index(written, hits, out)
-    m = summarize(concepts, hits, hits)
+    m = summary(concepts, hits.counts(), len(hits.code), len(hits))
     m.update(backend="pool", k_retrieve=params.k_retrieve, k_effective=int(S.shape[1]),
              pool_size=int(pool.faiss_index.ntotal), seconds=time.perf_counter() - t0)
     return m
@@ -350,4 +383,4 @@ def retrieve(concepts: Sequence[str], out_dir: str | Path, params: RetrieveParam
 
 
 __all__ = ["RetrieveParams", "Pool", "PoolError", "load_pool", "check_pool_model", "search",
-           "merge_hits", "hit_counts", "summarize", "summary", "retrieve", "retrieve_from_pool", "prompt_for"]
+           "Hits", "merge_hits", "summary", "retrieve", "retrieve_from_pool", "prompt_for"]
