@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 INDEX_KINDS = ("flat", "ivf", "simhash", "hnsw", "auto")
 IVF_CODES = ("sq8", "flat")   # what an IVF list stores per vector: 8-bit scalar codes or float32
-AUTO_FLAT_MAX = 50_000        # `auto`: exact search up to this many images, IVF (or simhash) above
+AUTO_FLAT_MAX = 20_000        # `auto`: exact search up to this many images, IVF (or simhash) above
 AUTO_IVF_MAX_PROBE = 0.01     # `auto` on CPU: simhash when calibrated IVF must scan more of the lists, …
 AUTO_IVF_MAX_PROBE_GPU = 0.2  # … on GPU: flat
 IVF_TRAIN_PER_LIST = 39       # IVF k-means training points per inverted list (faiss: ≥ 39)

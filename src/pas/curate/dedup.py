@@ -30,7 +30,7 @@ class DedupParams:
     lambda_dup: float = 0.6        # λ_dup: SSCD cosine above which two images are duplicates
     k_dup: int = 64                # neighbours searched per image (paper App. D.1.4)
     seed: int = 0                  # picks each component's kept image
-    index: str = "flat"            # faiss index: flat (exact) | ivf | simhash | hnsw | auto (flat ≤ 50k,
+    index: str = "flat"            # faiss index: flat (exact) | ivf | simhash | hnsw | auto (flat ≤ 20k,
                                    # else ivf, or simhash when calibrated ivf would scan > 1% of lists)
     nlist: int = 0                 # ivf: inverted lists; 0 = 4·sqrt(n)
     nprobe: int = 0                # ivf: lists visited per query; 0 = calibrated to target_recall
