@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from pas.hashing import sha256_file
 
 
@@ -11,3 +13,35 @@ def file_digests(root: Path) -> dict[str, str]:
     """sha256 of every file below `root` (subdirectories too) by its path relative to `root`: compare
     two runs' outputs without holding their bytes."""
     return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def ood_scores_dense(f: np.ndarray, g_yes: np.ndarray, g_no: np.ndarray, scale: float = 100.0) -> np.ndarray:
+    """Reference for `pas.curate.ood.ood_scores`: the formula written out on the full (N, C) matrices
+    (float64)."""
+    f, g_yes, g_no = (np.asarray(a, np.float64) for a in (f, g_yes, g_no))
+    ly, ln = scale * f @ g_yes.T, scale * f @ g_no.T
+    p = np.exp(ly - ly.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)                               # p_c
+    p_no = np.exp(ln) / (np.exp(ly) + np.exp(ln))                   # softmax([yes, no])[1]
+    return 1.0 - ((1.0 - p_no) * p).sum(axis=1)
+
+
+def brute_force_ranks(scores: np.ndarray) -> np.ndarray:
+    """Reference for `pas.curate.pareto.worst_first_ranks`: the O(N² · F) peel, repeatedly removing
+    the rows no remaining row is worse than; any number of objectives."""
+    a = np.asarray(scores, dtype=np.float64)
+    if a.ndim != 2 or not np.isfinite(a).all():
+        raise ValueError("scores must be a finite 2-D array")
+    n = a.shape[0]
+    ranks = np.full(n, -1, np.int64)
+    remaining = np.arange(n)
+    front = 0
+    while remaining.size:
+        r = a[remaining]
+        ge = (r[:, None, :] >= r[None, :, :]).all(axis=2)   # (M, M): row q >= row p everywhere
+        gt = (r[:, None, :] > r[None, :, :]).any(axis=2)
+        dominated = (ge & gt).any(axis=0)                    # p has some q worse than it
+        ranks[remaining[~dominated]] = front
+        remaining = remaining[dominated]
+        front += 1
+    return ranks
