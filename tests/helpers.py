@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from pas.hashing import sha256_file
+from pas.io.manifest import run_path
 
 
 def file_digests(root: Path) -> dict[str, str]:
     """sha256 of every file below `root` (subdirectories too) by its path relative to `root`: compare
     two runs' outputs without holding their bytes."""
     return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def read_run(metrics_path: str | Path) -> dict:
+    """The run log written beside `metrics_path` ({} when the last run had nothing run-dependent)."""
+    rp = run_path(metrics_path)
+    return json.loads(rp.read_text()) if rp.is_file() else {}
+
+
+def read_model_info(model_dir: str | Path) -> dict:
+    """pas_model.json of a folder written by `pas.models.llm.prepare_llm` ({} when absent)."""
+    path = Path(model_dir) / "pas_model.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def ood_scores_dense(f: np.ndarray, g_yes: np.ndarray, g_no: np.ndarray, scale: float = 100.0) -> np.ndarray:
