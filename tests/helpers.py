@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
+from pas.data.chunks import load_chunk, plan_chunks
 from pas.hashing import sha256_file
 from pas.io.manifest import run_path
 
@@ -27,6 +29,18 @@ def read_model_info(model_dir: str | Path) -> dict:
     """pas_model.json of a folder written by `pas.models.llm.prepare_llm` ({} when absent)."""
     path = Path(model_dir) / "pas_model.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def iter_test_images(d: str | Path, max_side: int = 512) -> Iterator[tuple[str, object]]:
+    """(key, PIL RGB) of a test folder: webdataset shards (`*.tar`) or an ImageFolder / flat folder
+    of images (key = path relative to the folder). Unreadable files are skipped with a warning."""
+    for item in plan_chunks(d, chunk=1 << 62):
+        yield from load_chunk(item, max_side)
+
+
+def chunk_size(item: tuple) -> int:
+    """Images in a `pas.data.chunks.plan_chunks` item."""
+    return sum(stop - start for _, start, stop in item[1]) if item[0] == "shards" else len(item[2])
 
 
 def ood_scores_dense(f: np.ndarray, g_yes: np.ndarray, g_no: np.ndarray, scale: float = 100.0) -> np.ndarray:
