@@ -129,8 +129,8 @@ def sscd_rates(sscd_dir, pairs, groups, n: int, lambdas, min_area: float) -> dic
     ≥ `min_area`): recall = copies whose cosine to their original is above λ; false merge = pool images
     whose nearest image of another `copy_groups` group is above λ (over the whole pool). The λ chosen is
     the lowest with ≤ 1% false merges."""
+    from _common import copy_augment
     from pas.models.sscd import descriptors, load_sscd, read_preset
-    from pas.models.sscd_train import copy_augment
 
     model, resize = load_sscd(sscd_dir), read_preset(sscd_dir)["resize"]
     rng = np.random.default_rng(12345)

@@ -80,11 +80,12 @@ def main() -> int:
     from lightly.loss import NTXentLoss
     from PIL import Image
 
+    from _common import copy_augment
     from offline_models import copy_groups
     from pas.data.pool import PoolParams
     from pas.models.det_trunk import DetTrunk
     from pas.models.pool_pairs import load_pool_pairs
-    from pas.models.sscd_train import augment_batch, copy_augment, plain_batch
+    from pas.models.sscd_train import augment_batch, plain_batch
 
     torch.set_num_threads(1)
     t0 = time.time()
