@@ -3,9 +3,24 @@ is first on sys.path (the convention of `from pareto import make` in knee_stop.p
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:          # stdlib only at import: benchmarks that measure memory or import time import this
+    import numpy as np
+
+
+def emit(result: str | dict, out: str | Path | None = None, *, append: bool = False, indent: int | None = 1) -> None:
+    """A benchmark's output tail: print `result` and, given `out`, save it there — a markdown table (str)
+    as it is, a dict as JSON (`indent`; None: one line) ending in a newline. `append` adds to `out` (the
+    RESULTS-*.md tables and the *.jsonl logs collect runs); otherwise `out` is replaced."""
+    text = result if isinstance(result, str) else json.dumps(result, indent=indent)
+    print(text)
+    if out:
+        with open(out, "a" if append else "w") as f:
+            f.write(text if isinstance(result, str) else text + "\n")
 
 
 def copy_augment(size: int, rng: np.random.Generator, min_area: float = 0.25):

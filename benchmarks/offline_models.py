@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from _common import emit
+
 CONCEPTS = ["pizza", "sushi", "apple pie", "hamburger", "spaghetti", "fruit salad", "cheese", "bread",
             "ice cream", "roast chicken", "tacos", "soup", "banana", "grapes", "steak", "chocolate cake",
             "coffee", "wine", "salad", "french fries"]
@@ -207,8 +209,7 @@ def main() -> None:
     if args.sscd_only:
         res = sscd_main(args)
         res["seconds"] = round(time.time() - t0, 1)
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-        print(json.dumps(res, indent=1))
+        emit(res, args.out)
         return
     pairs = load_pool_pairs(PoolParams(max_side=256), 64)
     food = np.asarray([t.startswith("food") for t in pairs.texts])  # alt texts start with the folder path
@@ -236,8 +237,7 @@ def main() -> None:
     if args.sscd:
         res["sscd"] = sscd_main(args)
     res["seconds"] = round(time.time() - t0, 1)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps(res, indent=1))
+    emit(res, args.out)
 
 
 if __name__ == "__main__":
