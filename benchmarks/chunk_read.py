@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from _common import emit
 from pas.data.chunks import load_chunk, plan_chunks
 from pas.io.shards import ShardWriter, _expected, _sha256, _table, encode_image, iter_samples, write_index
 
@@ -94,10 +95,7 @@ def main() -> None:
         print(row, flush=True)
     text = (f"\n{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, chunk={args.chunk}, "
             f"{args.side}x{args.side} JPEGs, best of {args.repeats}\n\n" + "\n".join(rows) + "\n")
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text)
+    emit(text, args.out, append=True)
 
 
 if __name__ == "__main__":

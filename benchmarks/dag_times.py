@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import emit
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.dvc_helpers import make_repo  # noqa: E402
 
@@ -51,8 +53,7 @@ def main() -> int:
              "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {n} | {s:.1f} |" for n, s in rows]
     lines += [f"| **total** (`dvc repro` wall) | **{end - t0:.1f}** |", ""]
-    Path(args.out).write_text("\n".join(lines))
-    print("\n".join(lines))
+    emit("\n".join(lines), args.out)
     return 0
 
 

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import emit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 STARTUP = r"""
@@ -117,9 +119,7 @@ def main() -> None:
     res["n_files"] = {st: len(d["local"]) for st, d in digests.items()}
     res["best_s"] = {st: {k: min(v) for k, v in r.items()} for st, r in res["runs"].items()}
     res["ratio_vs_local"] = {st: {k: b[k] / b["local"] for k in modes} for st, b in res["best_s"].items()}
-    print(json.dumps(res, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    emit(res, args.json, indent=2)
 
 
 if __name__ == "__main__":

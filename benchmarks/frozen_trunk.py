@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import emit
 from pas.models.det_trunk import NODES, RGB_MEAN, RGB_STD
 
 
@@ -382,8 +383,7 @@ def main() -> None:
             res["scratch_cos"].append(row)
             print(json.dumps(row), flush=True)
     res["seconds"] = round(time.time() - t0, 1)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps(res, indent=1))
+    emit(res, args.out)
 
 
 if __name__ == "__main__":

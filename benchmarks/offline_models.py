@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from _common import emit
+
 CONCEPTS = ["pizza", "sushi", "apple pie", "hamburger", "spaghetti", "fruit salad", "cheese", "bread",
             "ice cream", "roast chicken", "tacos", "soup", "banana", "grapes", "steak", "chocolate cake",
             "coffee", "wine", "salad", "french fries"]
@@ -129,8 +131,8 @@ def sscd_rates(sscd_dir, pairs, groups, n: int, lambdas, min_area: float) -> dic
     ≥ `min_area`): recall = copies whose cosine to their original is above λ; false merge = pool images
     whose nearest image of another `copy_groups` group is above λ (over the whole pool). The λ chosen is
     the lowest with ≤ 1% false merges."""
+    from _common import copy_augment
     from pas.models.sscd import descriptors, load_sscd, read_preset
-    from pas.models.sscd_train import copy_augment
 
     model, resize = load_sscd(sscd_dir), read_preset(sscd_dir)["resize"]
     rng = np.random.default_rng(12345)
@@ -207,8 +209,7 @@ def main() -> None:
     if args.sscd_only:
         res = sscd_main(args)
         res["seconds"] = round(time.time() - t0, 1)
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-        print(json.dumps(res, indent=1))
+        emit(res, args.out)
         return
     pairs = load_pool_pairs(PoolParams(max_side=256), 64)
     food = np.asarray([t.startswith("food") for t in pairs.texts])  # alt texts start with the folder path
@@ -236,8 +237,7 @@ def main() -> None:
     if args.sscd:
         res["sscd"] = sscd_main(args)
     res["seconds"] = round(time.time() - t0, 1)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps(res, indent=1))
+    emit(res, args.out)
 
 
 if __name__ == "__main__":

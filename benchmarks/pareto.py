@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from _common import emit
 from pas.curate.pareto import worst_first_ranks
 
 SHAPES = ("uniform", "correlated", "rounded", "ood")
@@ -162,10 +163,7 @@ def main(argv=None) -> None:
                   f"{r['ours_s']:.4f} | {r['ours_cpu']:.4f} | {r['old_cpu'] / max(r['ours_cpu'], 1e-9):.1f}x | "
                   f"{r['load']:.1f} |" for r in rows]
     table = "\n".join(lines) + f"\n\n({env})\n"
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(table)
+    emit(table, args.out, append=True)
 
 
 if __name__ == "__main__":

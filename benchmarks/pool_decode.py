@@ -32,6 +32,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from _common import emit
+
 
 def sample_pool(src: Path, dst: Path, n: int) -> list[Path]:
     files = sorted(p for p in src.rglob("*.png") if p.is_file() and not p.is_symlink())
@@ -138,10 +140,7 @@ def main() -> None:
             f"{os.getloadavg()[0]:.1f}\n\n" + "\n".join(rows) + "\n\n"
             f"Same bytes for every worker count: {len(set(digests.values())) == 1}. With {w_best} worker(s) "
             f"preparing takes {t_prep[w_best]:.2f} s and CLIP {t_clip:.2f} s: **{bound}**.\n")
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text)
+    emit(text, args.out, append=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from _common import emit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -145,10 +147,7 @@ def main() -> None:
     line = {"mode": args.mode, "concepts": args.concepts, "k": args.k, **res}
     for k, (own, rss, pss) in [*marks.items(), *((f"peak_{ph}", v) for ph, v in peak.items() if v[0])]:
         line[k] = {"pas_rss_mb": mb(own), "tree_rss_mb": mb(rss), "tree_pss_mb": mb(pss)}
-    print(json.dumps(line))
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps(line) + "\n")
+    emit(line, args.json, append=True, indent=None)
 
 
 if __name__ == "__main__":

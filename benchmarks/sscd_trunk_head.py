@@ -16,12 +16,12 @@ distractor set, not the whole pool with its near-identical siblings).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+
+from _common import emit
 
 LAMBDAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -80,11 +80,12 @@ def main() -> int:
     from lightly.loss import NTXentLoss
     from PIL import Image
 
+    from _common import copy_augment
     from offline_models import copy_groups
     from pas.data.pool import PoolParams
     from pas.models.det_trunk import DetTrunk
     from pas.models.pool_pairs import load_pool_pairs
-    from pas.models.sscd_train import augment_batch, copy_augment, plain_batch
+    from pas.models.sscd_train import augment_batch, plain_batch
 
     torch.set_num_threads(1)
     t0 = time.time()
@@ -135,9 +136,7 @@ def main() -> int:
     with torch.no_grad():
         res["head"] = rates(norm(head(O_)).numpy(), norm(head(C_)).numpy(), idx, groups)
     res["head"]["final_loss"], res["head"]["train_seconds"] = round(loss.item(), 4), round(time.time() - t1, 1)
-    print(json.dumps(res, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    emit(res, args.out)
     return 0
 
 

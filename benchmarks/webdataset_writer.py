@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from _common import emit
 from pas.io.shards import ShardWriter, encode_image, iter_samples, meta_json
 
 FIELDS = ("name", "size", "mtime", "mode", "uid", "gid", "uname", "gname", "type", "pax_headers", "offset")
@@ -203,10 +204,7 @@ def main() -> None:
               f"webdataset {import_seconds('webdataset'):.2f} s (`import webdataset` imports torch: "
               f"{'torch' in sys.modules})"]
     text = "\n" + "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text)
+    emit(text, args.out, append=True)
 
 
 if __name__ == "__main__":

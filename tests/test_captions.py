@@ -18,10 +18,11 @@ import pytest
 from pas.collect.caption_files import read_captions
 from pas.collect.captions import (CaptionsParams, clean_captions, derive_seed, fallback_captions, load_template,
                                   render, write_captions)
-from pas.io.manifest import read_run, write_parquet
+from pas.io.manifest import write_parquet
 from pas.llm.base import ChatBackend, ChatResult, LLMSpec
 from pas.llm.parse import list_schema
 from pas.params import ParamsError, run_stage
+from tests.helpers import read_run
 from tests.stage_helpers import load_stage
 from tests.test_llm_openai import Server
 

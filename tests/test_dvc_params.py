@@ -146,8 +146,9 @@ def test_a_machine_knob_leaves_the_outputs_byte_identical(tmp_path):
 
     import numpy as np
 
-    from pas.io.manifest import read_run, write_parquet
+    from pas.io.manifest import write_parquet
     from pas.io.shards import ShardWriter, encode_image
+    from tests.helpers import read_run
     from tests.stage_helpers import load_stage, outputs
     from tests.test_prune import _scores_for
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from pas.engine import EngineConfig, _pool_shape, _pool_size, map_shards
-from pas.io.manifest import read_run
+from tests.helpers import read_run
 from tests.stage_helpers import load_stage, outputs
 
 

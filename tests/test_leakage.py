@@ -259,9 +259,9 @@ def test_stage_finds_planted_copies(tmp_path, clipart_food, monkeypatch):
 def test_test_chunks_span_shards_and_skip_bad_files(tmp_path, clipart_food):
     """The chunk plan (`pas.data.chunks`) behind the test descriptors: shard items span shards, file
     items list paths; loading every item gives exactly `iter_test_images`."""
-    from pas.curate.leakage import iter_test_images
-    from pas.data.chunks import chunk_size, load_chunk, plan_chunks
+    from pas.data.chunks import load_chunk, plan_chunks
     from pas.io.shards import ShardWriter, encode_image
+    from tests.helpers import chunk_size, iter_test_images
 
     imgs = [Image.new("RGB", (20 + i, 20), (10 * i, 0, 0)) for i in range(7)]
     with ShardWriter(tmp_path / "wds", prefix="t", maxcount=3) as w:

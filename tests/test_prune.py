@@ -17,9 +17,10 @@ from pas import params as pas_params
 from pas.curate.knee import bin_curve, find_knee, front_curve, knee_stop
 from pas.curate.export import export_dataset
 from pas.curate.prune import METRICS, PruneParams, dataset_funnel, sample_grid_keys, select
-from pas.io.manifest import read_metrics, read_parquet, read_run, write_parquet
+from pas.io.manifest import read_metrics, read_parquet, write_parquet
 from pas.io.shards import ShardWriter, encode_image, iter_samples
 from pas.params import ParamsError
+from tests.helpers import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

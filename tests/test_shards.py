@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pas.io.manifest import read_metrics, read_run, run_path, write_metrics
+from pas.io.manifest import read_metrics, run_path, write_metrics
 from pas.io.shards import IMAGE_EXTS, ShardWriter, encode_image, iter_samples, make_key
+from tests.helpers import read_run
 
 
 def _write(out, n, maxcount=3):

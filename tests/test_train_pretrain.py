@@ -17,9 +17,9 @@ import timm
 import torch
 import yaml
 
-from pas.io.manifest import read_run
 from pas.params import ParamsError, build
 from pas.train.pretrain import CKPT_NAME, PretrainParams, lr_factor, pretrain
+from tests.helpers import read_run
 from tests.stage_helpers import load_stage
 from tests.train_helpers import TINY_PRETRAIN, TINY_VIT, synthetic_shards, tiny_backbone_init, write_params
 

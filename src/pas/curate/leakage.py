@@ -23,7 +23,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -100,15 +100,6 @@ def resolve_evalsets(root: str | Path | None, names: Sequence[str], split: str =
             raise FileNotFoundError(f"eval set {name!r}: {d} is not a directory")
         out[name] = d / split if (d / split).is_dir() else d
     return out
-
-
-def iter_test_images(d: str | Path, max_side: int = 512) -> Iterator[tuple[str, object]]:
-    """(key, PIL RGB) of a test folder: webdataset shards (`*.tar`) or an ImageFolder / flat folder
-    of images (key = path relative to the folder). Unreadable files are skipped with a warning."""
-    from pas.data.chunks import load_chunk, plan_chunks
-
-    for item in plan_chunks(d, chunk=1 << 62):
-        yield from load_chunk(item, max_side)
 
 
 # ------------------------------------------------------------------------------------ leakage

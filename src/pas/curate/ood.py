@@ -177,16 +177,6 @@ def ood_scores(f: np.ndarray, g_yes: np.ndarray, g_no: np.ndarray, scale: float 
     return np.clip(out, 0.0, 1.0)
 
 
-def ood_scores_dense(f: np.ndarray, g_yes: np.ndarray, g_no: np.ndarray, scale: float = 100.0) -> np.ndarray:
-    """Reference: the formula written out on the full (N, C) matrices (float64). For tests/small sets."""
-    f, g_yes, g_no = (np.asarray(a, np.float64) for a in (f, g_yes, g_no))
-    ly, ln = scale * f @ g_yes.T, scale * f @ g_no.T
-    p = np.exp(ly - ly.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)                               # p_c
-    p_no = np.exp(ln) / (np.exp(ly) + np.exp(ln))                   # softmax([yes, no])[1]
-    return 1.0 - ((1.0 - p_no) * p).sum(axis=1)
-
-
 def ensemble(per_template: Iterable[np.ndarray]) -> np.ndarray:
     """Prompt ensemble as CLIPN: Σ_t normalise(e_t) then normalise. Input: iterable of (C, D)."""
     total = None

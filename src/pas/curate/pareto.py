@@ -34,7 +34,7 @@ import contextlib
 import numpy as np
 from numba import njit
 
-__all__ = ["worst_first_ranks", "brute_force_ranks"]
+__all__ = ["worst_first_ranks"]
 
 
 SUMMARY_COUNT_MAX = 512     # up to this many fronts, count the sure ones linearly (vectorised)
@@ -557,27 +557,4 @@ def worst_first_ranks(scores: np.ndarray, method: str = "auto") -> np.ndarray:
         sample = np.sort(s[1][:: max(1, n // (16 * n_buckets))])
         cuts = np.unique(sample[(np.arange(1, n_buckets) * len(sample)) // n_buckets])
         ranks[order] = _ranks3_sorted(s[0], s[1], s[2], cuts, MAX_SUMMARY_CELLS // (n_buckets + 1))
-    return ranks
-
-
-def brute_force_ranks(scores: np.ndarray) -> np.ndarray:
-    """Reference O(N² · F) peel: repeatedly remove the rows no remaining row is worse than.
-
-    For tests and benchmarks only; any number of objectives.
-    """
-    a = np.asarray(scores, dtype=np.float64)
-    if a.ndim != 2 or not np.isfinite(a).all():
-        raise ValueError("scores must be a finite 2-D array")
-    n = a.shape[0]
-    ranks = np.full(n, -1, np.int64)
-    remaining = np.arange(n)
-    front = 0
-    while remaining.size:
-        r = a[remaining]
-        ge = (r[:, None, :] >= r[None, :, :]).all(axis=2)   # (M, M): row q >= row p everywhere
-        gt = (r[:, None, :] > r[None, :, :]).any(axis=2)
-        dominated = (ge & gt).any(axis=0)                    # p has some q worse than it
-        ranks[remaining[~dominated]] = front
-        remaining = remaining[dominated]
-        front += 1
     return ranks

@@ -55,10 +55,6 @@ def plan_chunks(d: str | Path, chunk: int) -> list[tuple]:
     return [("files", str(d), files[i:i + chunk]) for i in range(0, len(files), chunk)]
 
 
-def chunk_size(item: tuple) -> int:
-    return sum(stop - start for _, start, stop in item[1]) if item[0] == "shards" else len(item[2])
-
-
 def load_chunk(item: tuple, max_side: int | None = None) -> Iterator[tuple[str, object]]:
     """(key, PIL RGB) of one item, in order. Shard samples are decoded as stored; files go through
     `load_rgb` (composited on white, longer side ≤ max_side) and unreadable ones are skipped with a

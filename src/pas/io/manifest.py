@@ -117,12 +117,6 @@ def read_metrics(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def read_run(metrics_path: str | Path) -> dict:
-    """The run log written beside `metrics_path` ({} when the last run had nothing run-dependent)."""
-    rp = run_path(metrics_path)
-    return json.loads(rp.read_text()) if rp.is_file() else {}
-
-
 SOURCES = ("real", "synthetic")
 
 

@@ -113,8 +113,3 @@ def prepare_llm(source: str = OFFLINE_LLM, out_dir: str | Path = "models/llm") -
     write_json(out / "pas_model.json", {"source": source, "kind": src.kind,
                                         "fingerprint": fingerprint_dir(out)})
     return out
-
-
-def read_model_info(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / "pas_model.json"
-    return json.loads(path.read_text()) if path.exists() else {}

@@ -54,51 +54,6 @@ class SscdTrainSpec:
     threads: int = 2
 
 
-
-def copy_augment(size: int, rng: np.random.Generator, min_area: float = 0.25):
-    """One SSCD-style copy edit as a function PIL → PIL (size × size), drawn from `rng`: the planted
-    copies of the calibration benchmark and tests (training uses the batched `augment_batch`)."""
-    import io
-
-    from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
-
-    def edit(img: Image.Image) -> Image.Image:
-        w, h = img.size
-        area = rng.uniform(min_area, 1.0) * w * h
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw = int(min(w, max(8, round(math.sqrt(area * ratio)))))
-        ch = int(min(h, max(8, round(math.sqrt(area / ratio)))))
-        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        img = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((size, size), Image.Resampling.BILINEAR)
-        if rng.random() < 0.5:
-            img = ImageOps.mirror(img)
-        if rng.random() < 0.8:
-            for enh in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-                img = enh(img).enhance(float(rng.uniform(0.6, 1.4)))
-        if rng.random() < 0.2:
-            img = ImageOps.grayscale(img).convert("RGB")
-        if rng.random() < 0.3:
-            img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.1, 1.5))))
-        if rng.random() < 0.3:                       # overlay: a caption or a patch, as edited copies carry
-            d = ImageDraw.Draw(img)
-            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-            if rng.random() < 0.5:
-                text = "".join(chr(int(c)) for c in rng.integers(65, 91, int(rng.integers(3, 9))))
-                d.text((int(rng.integers(0, size // 2)), int(rng.integers(0, size - 12))), text, fill=colour)
-            else:
-                s = int(rng.integers(size // 8, size // 3))
-                px, py = int(rng.integers(0, size - s)), int(rng.integers(0, size - s))
-                d.rectangle((px, py, px + s, py + s), fill=colour)
-        if rng.random() < 0.5:
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=int(rng.integers(20, 96)))
-            buf.seek(0)
-            img = Image.open(buf).convert("RGB")
-        return img
-
-    return edit
-
-
 def _small_module(widths, dims: int):
     """The trained trunk: stem → one BasicBlock per stage at `widths` → GeM(3) → Linear → L2 → whitening
     Linear → L2."""
