@@ -184,15 +184,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _clean_out(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for p in list(out.glob(f"{SHARD_PREFIX}-*.tar")) + [out / n for n in
-                                                         ("index.parquet", "captions.parquet",
-                                                          "captions_raw.jsonl")]:
-        if p.is_file():
-            p.unlink()
-
-
 class _RenderShards:
     """`pas.engine.map_resumable` work: render one shard to its tar in the store and return its stats.
     Pickles without the pipeline; each Ray actor loads it once (`num_gpus` per actor from
@@ -267,10 +258,11 @@ def assemble(items: Sequence[Item], captions: Captions, tars: Sequence[Path], ou
     """Fill the DVC out from finished shards: tars, index.parquet, captions.parquet, captions_raw.jsonl."""
     import pandas as pd
 
+    from pas.io.shards import clean_out
     from pas.io.shards import write_index as write_shard_index
 
     out = Path(out_dir)
-    _clean_out(out)
+    clean_out(out, SHARD_PREFIX, ("index.parquet", "captions.parquet", "captions_raw.jsonl"))
     rows = []
     for s, (shard, tar) in enumerate(zip(shards_of(items, shard_size), tars)):
         name = f"{SHARD_PREFIX}-{s:06d}.tar"

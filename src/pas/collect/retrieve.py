@@ -197,12 +197,7 @@ def summary(concepts: Sequence[str], counts: dict[str, int], n_images: int, n_un
 
 
 # ------------------------------------------------------------------------------------------- output
-def _clean_out(out_dir: Path) -> None:
-    """Remove what a previous run of this stage wrote (only our own file names)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for p in list(out_dir.glob(f"{SHARD_PREFIX}-*.tar")) + [out_dir / "index.parquet", out_dir / "hits.parquet"]:
-        if p.is_file():
-            p.unlink()
+OUT_FILES = ("index.parquet", "hits.parquet")     # besides our shards: what a rerun first removes
 
 
 def _meta(key: str, lst: list[tuple[str, float]], extra: dict) -> dict:
@@ -320,7 +315,8 @@ def retrieve_from_pool(concepts: Sequence[str], encoder: TextEncoder, pool_dir: 
     S, I = search(pool.faiss_index, T, params.k_retrieve, params.batch_size, progress)
     hits = merge_hits(concepts, S, I, pool.keys)
     out = Path(out_dir)
-    _clean_out(out)
+    from pas.io.shards import clean_out
+    clean_out(out, SHARD_PREFIX, OUT_FILES)
     written = write_images(_pool_samples(pool, set(hits)), hits, out, params.shard_size, total=len(hits))
     missing = set(hits).difference(written["key"])
     if missing:
