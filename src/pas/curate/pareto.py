@@ -101,8 +101,8 @@ def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, cshift, r
     2 = staircase pool (state[3] = slots required), 3 = coarse summary columns.
 
     The buffers are arguments and never reassigned or sliced here: numba then keeps reference counting
-    out of the loop (a reassigned array or a row view costs an atomic incref/decref per use, measured
-    ~40% of the time). Indices are unsigned where they can be: signed ones make numba emit
+    out of the loop (a reassigned array or a row view costs an atomic incref/decref per use:
+    benchmarks/RESULTS-pareto.md). Indices are unsigned where they can be: signed ones make numba emit
     negative-index wraparound code on every access, and keep the staircase moves from vectorising.
     """
     n = xs.shape[0]
@@ -473,7 +473,7 @@ def _ranks_grid(cx, cy, cz, gx, gy, gz):
 def _grid_ranks(a: np.ndarray, force: bool = False) -> np.ndarray | None:
     """Ranks by `_ranks_grid` when the distinct values make a small enough grid, else None.
 
-    A sample of rows rules continuous scores out for ~0.1 ms (its distinct values bound the grid from
+    A sample of rows rules continuous scores out cheaply (its distinct values bound the grid from
     below); otherwise every column is coded by np.unique and the grid size checked exactly.
     """
     n, d = a.shape

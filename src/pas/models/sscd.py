@@ -165,9 +165,9 @@ def build_tiny_sscd(out_dir: str | Path, seed: int = 0) -> Path:
     """Seeded random-init SSCD-shaped TorchScript model in `out_dir`. Same seed → byte-identical files.
 
     Scripted in a child process with PYTHONHASHSEED=0 (`_script_in_child`).
-    A random trunk is a weak copy detector: its descriptors share a large common component (unrelated
-    food clipart: median cosine 0.983, p99.9 0.9989; JPEG re-encodes ≥ 0.9993), so the paper's
-    thresholds 0.6/0.45 do not apply to it (offline profile: 0.9995); see benchmarks/RESULTS-dedup.md.
+    A random trunk is a weak copy detector: its descriptors share a large common component, so the
+    paper's thresholds 0.6/0.45 do not apply to it (offline profile: 0.9995); see
+    benchmarks/RESULTS-dedup.md.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -228,8 +228,8 @@ def plain_batch(x, size: int):
 def whitening_matrix(z: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]:
     """PCA whitening of descriptors `z` (N, D): W = diag(λ + shrink·mean λ)^-½ Vᵀ, b = −W μ, so that
     W z + b is centred with (shrunk) unit variance along every principal axis. The common component
-    a small trunk gives every image (the random-init SSCD's cosines sit in 0.92–1) is removed by the
-    centring; the shrinkage keeps near-empty directions from amplifying noise."""
+    a small trunk gives every image (the random-init SSCD's: benchmarks/RESULTS-dedup.md) is removed by
+    the centring; the shrinkage keeps near-empty directions from amplifying noise."""
     z = z.astype(np.float64)
     mu = z.mean(0)
     ev, vec = np.linalg.eigh(np.cov(z - mu, rowvar=False))
