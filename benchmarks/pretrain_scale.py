@@ -44,7 +44,7 @@ TRANSIENT = 1.25    # peak / saved activations: backward's activation gradients 
 def _model(arch, kwargs, method, hidden, pred_hidden):
     import timm
 
-    from pas.train.data import seed_everything
+    from pas.models.files import seed_everything
     from pas.train.ssl import build_model
 
     seed_everything(0)

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from pas.models.backbone import create_backbone
+from pas.models.files import seed_everything
 from pas.params import ParamsError, build
-from pas.train.data import seed_everything, slot_shards, ssl_loader, steps_per_epoch, two_view_transform
+from pas.train.data import slot_shards, ssl_loader, steps_per_epoch, two_view_transform
 from pas.train.distributed import processes_per_node, split_batch, torchrun_argv
 from pas.train.pretrain import PretrainParams, launch_processes, pretrain
 from pas.train.ssl import build_model, momentum_at

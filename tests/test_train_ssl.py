@@ -9,7 +9,8 @@ import torch
 
 from pas.data.images import load_rgb
 from pas.models.backbone import create_backbone
-from pas.train.data import seed_everything, two_view_transform
+from pas.models.files import seed_everything
+from pas.train.data import two_view_transform
 from pas.train.ssl import MoCoV3Loss, build_model, momentum_at
 from tests.train_helpers import tiny_backbone_init
 

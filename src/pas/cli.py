@@ -48,8 +48,8 @@ def _inputs(params: dict) -> list[str]:
 
 
 def threshold_notes(params: dict) -> list[str]:
-    """λ_dup / λ_leak below what the random-init tiny SSCD gives unrelated images (0.92–0.999,
-    benchmarks/RESULTS-dedup.md): the run would keep a handful of images."""
+    """λ_dup / λ_leak below what the random-init tiny SSCD gives unrelated images
+    (benchmarks/RESULTS-dedup.md): the run would keep a handful of images."""
     from pas.curate.dedup import RANDOM_SSCD_MIN_LAMBDA
 
     sscd = (params.get("models") or {}).get("sscd") or {}

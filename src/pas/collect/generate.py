@@ -30,7 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 from pas.collect.caption_files import Captions, derive_seed, write_caption_files
 from pas.hashing import sha256_json
@@ -156,8 +156,7 @@ def generate_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], d: 
     return out.images
 
 
-def render_shard(pipe: Any, items: Sequence[Item], d: DiffusionParams, tar_path: Path,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+def render_shard(pipe: Any, items: Sequence[Item], d: DiffusionParams, tar_path: Path) -> None:
     """Draw a shard's images in batches of d.batch_size and write them to `tar_path` atomically."""
     from pas.io.shards import ShardWriter, encode_image
 
@@ -170,8 +169,6 @@ def render_shard(pipe: Any, items: Sequence[Item], d: DiffusionParams, tar_path:
             images = generate_images(pipe, [it.caption for it in batch], [it.seed for it in batch], d)
             for it, im in zip(batch, images):
                 w.write(it.key, encode_image(im, "jpg", d.jpeg_quality), it.meta())
-            if on_batch:
-                on_batch(len(batch))
     os.replace(tmp / "part-000000.tar", tar_path)
     shutil.rmtree(tmp)
 
@@ -182,15 +179,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
-
-
-def _clean_out(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for p in list(out.glob(f"{SHARD_PREFIX}-*.tar")) + [out / n for n in
-                                                         ("index.parquet", "captions.parquet",
-                                                          "captions_raw.jsonl")]:
-        if p.is_file():
-            p.unlink()
 
 
 class _RenderShards:
@@ -267,10 +255,11 @@ def assemble(items: Sequence[Item], captions: Captions, tars: Sequence[Path], ou
     """Fill the DVC out from finished shards: tars, index.parquet, captions.parquet, captions_raw.jsonl."""
     import pandas as pd
 
+    from pas.io.shards import clean_out
     from pas.io.shards import write_index as write_shard_index
 
     out = Path(out_dir)
-    _clean_out(out)
+    clean_out(out, SHARD_PREFIX, ("index.parquet", "captions.parquet", "captions_raw.jsonl"))
     rows = []
     for s, (shard, tar) in enumerate(zip(shards_of(items, shard_size), tars)):
         name = f"{SHARD_PREFIX}-{s:06d}.tar"

@@ -338,8 +338,8 @@ def write_retrieved(url_parts: Sequence[tuple[Path, int]], hits_parts: Sequence[
 def retrieve_from_service(concepts: Sequence[str], out_dir: str | Path, cache_dir: str | Path, params: Any,
                           encoder: Any = None, progress: bool = True, part_hits: int = PART_HITS) -> dict:
     """Backend `clip_service` (`params`: pas.collect.retrieve.RetrieveParams). Returns the metrics."""
-    from pas.collect.retrieve import SHARD_PREFIX, _clean_out, prompt_for, summary
-    from pas.io.shards import shard_sha256
+    from pas.collect.retrieve import OUT_FILES, SHARD_PREFIX, prompt_for, summary
+    from pas.io.shards import clean_out, shard_sha256
     from pas.params import ParamsError
 
     t0 = time.perf_counter()
@@ -384,7 +384,7 @@ def retrieve_from_service(concepts: Sequence[str], out_dir: str | Path, cache_di
     t_download = time.perf_counter() - t1
 
     out = Path(out_dir)
-    _clean_out(out)
+    clean_out(out, SHARD_PREFIX, OUT_FILES)
     w = write_retrieved(url_parts, hits_parts, dl_dir, plan, out, params.shard_size, SHARD_PREFIX, progress)
     m = summary(concepts, w["counts"], w["n_images"], w["n_unique"])
     m.update(backend="clip_service", k_retrieve=params.k_retrieve, n_hits=q["n_hits"],

@@ -227,12 +227,7 @@ def summary(concepts: Sequence[str], counts: dict[str, int], n_images: int, n_un
 
 
 # ------------------------------------------------------------------------------------------- output
-def _clean_out(out_dir: Path) -> None:
-    """Remove what a previous run of this stage wrote (only our own file names)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for p in list(out_dir.glob(f"{SHARD_PREFIX}-*.tar")) + [out_dir / "index.parquet", out_dir / "hits.parquet"]:
-        if p.is_file():
-            p.unlink()
+OUT_FILES = ("index.parquet", "hits.parquet")     # besides our shards: what a rerun first removes
 
 
 def _meta(key: str, concepts: list[str], sims: list[float], extra: dict) -> dict:
@@ -341,6 +336,8 @@ def _pool_samples(pool: Pool, wanted: Hits) -> Iterator[tuple[str, bytes, str, d
 def retrieve_from_pool(concepts: Sequence[str], encoder: TextEncoder, pool_dir: str | Path,
                        out_dir: str | Path, params: RetrieveParams, progress: bool = True) -> dict:
     """Backend `pool`: embed prompts, batched faiss top-k, merge, copy the pool's bytes. Returns metrics."""
+    from pas.io.shards import clean_out
+
     t0 = time.perf_counter()
     pool = load_pool(pool_dir)
     check_pool_model(pool, encoder)
@@ -353,7 +350,7 @@ def retrieve_from_pool(concepts: Sequence[str], encoder: TextEncoder, pool_dir: 
     S, I = search(pool.faiss_index, T, params.k_retrieve, params.batch_size, progress)
     hits = merge_hits(concepts, S, I, pool.index["key"])
     out = Path(out_dir)
-    _clean_out(out)
+    clean_out(out, SHARD_PREFIX, OUT_FILES)
     written = write_images(_pool_samples(pool, hits), hits, out, params.shard_size, total=len(hits))
     if len(written) < len(hits):
         missing = sorted(set(hits.keys).difference(written["key"]))

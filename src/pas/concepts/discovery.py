@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from pas.concepts.normalize import normalize_concept
+from pas.concepts.normalize import normalize_all
 from pas.concepts.params import ConceptsParams, DomainParams
 from pas.llm.base import ChatBackend, ChatRequest, ChatResult
 from pas.llm.parse import parse_answer
@@ -122,13 +122,8 @@ def _keys(result: ChatResult, step: str, where: str, answers: Counter, schema: d
         answers[f"{step}_{'structured' if parsed.source == 'json' else 'text_fallback'}"] += 1
     if parsed.status != "ok":
         log.warning("%s: malformed answer (%s): %r", where, parsed.status, result.text[:200])
-    keys = []
-    for item in parsed.items:
-        k = normalize_concept(item)
-        if k is not None and k not in keys:
-            keys.append(k)
     answers[f"{step}_dropped_lines"] += len(parsed.dropped)
-    return keys, parsed.status
+    return normalize_all(parsed.items), parsed.status
 
 
 def _user(text: str) -> dict:

@@ -107,8 +107,8 @@ class ExportReport:
 class _SortBuffer:
     """Kept samples waiting for the key sort: every image and encoded JSON in one bytearray, and per
     sample (key rank, image ext, image start, JSON start) in one int64 array. `nbytes` is what it
-    holds, per-sample bookkeeping included (a list of Sample objects held ~1.4 KB of Python objects
-    per sample beyond the image, benchmarks/RESULTS-scale.md)."""
+    holds, per-sample bookkeeping included (a list of Sample objects cost far more per sample beyond the
+    image: benchmarks/RESULTS-scale.md)."""
 
     PER_SAMPLE = 4 * 8
 
@@ -174,8 +174,8 @@ def _score_columns(table: pd.DataFrame, cols: Sequence[str]) -> list:
 @dataclass
 class _Plan:
     """What the export needs of the selection, no images, in key order: row r is the r-th smallest
-    key (its rank: the sort and the merge compare ints). Numpy arrays only: a key → row dict and a
-    str per scored image were ~0.2 KB each (benchmarks/RESULTS-scale.md)."""
+    key (its rank: the sort and the merge compare ints). Numpy arrays only, no key → row dict or str
+    per scored image (their cost: benchmarks/RESULTS-scale.md)."""
 
     keys: np.ndarray                # sorted keys as UTF-8 bytes ('S'): bytewise order is str order
     fronts: np.ndarray

@@ -15,7 +15,7 @@ threshold). Two options, both params:
 - `bins`: group consecutive fronts into `bins` bins holding about the same number of images
   (x_k in equal-width slices of [0, N]); a bin's x is the x of its last front (a front boundary, so
   the stop still removes whole fronts) and its y the image-weighted mean of its fronts. 0 = no binning.
-  Not the paper's curve: on 100k synthetic score sets binning to 50 moves the stop by 1-29% of N
+  Not the paper's curve: on 100k synthetic score sets binning to 50 moves the stop far
   (benchmarks/RESULTS-knee.md).
 - `interp`: kneed's "interp1d" (default) or "polynomial" (a degree-`degree` polynomial fit).
 x is passed to kneed divided by N (kneedle is invariant to scaling x; polyfit on raw counts is

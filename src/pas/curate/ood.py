@@ -374,8 +374,8 @@ class OodScorer:
     the engine runs it in (this one, or a Ray actor) loads CLIP and the text detector once (`load`), on
     its own device, and encodes `prompts=(concepts, generalized)` once with that CLIP (Ray: once per
     actor, which loads CLIP anyway — encoding in the driver or a separate task loaded CLIP a second
-    time, in series with the actors: 2.0x and 1.73x local on the smoke data against 1.2-1.3x,
-    benchmarks/RESULTS-engine.md). `prompt_info` then holds the encoding's metrics.
+    time, in series with the actors: benchmarks/RESULTS-engine.md). `prompt_info` then holds the
+    encoding's metrics.
     """
 
     def __init__(self, clip_dir: str, params: OodParams, prompts: tuple[Sequence[str], Sequence[str]],

@@ -101,8 +101,8 @@ def _ranks3_run(xs, ys, zs, y0, yscale, table, i0, max_summary_fronts, cshift, r
     2 = staircase pool (state[3] = slots required), 3 = coarse summary columns.
 
     The buffers are arguments and never reassigned or sliced here: numba then keeps reference counting
-    out of the loop (a reassigned array or a row view costs an atomic incref/decref per use, measured
-    ~40% of the time). Indices are unsigned where they can be: signed ones make numba emit
+    out of the loop (a reassigned array or a row view costs an atomic incref/decref per use:
+    benchmarks/RESULTS-pareto.md). Indices are unsigned where they can be: signed ones make numba emit
     negative-index wraparound code on every access, and keep the staircase moves from vectorising.
     """
     n = xs.shape[0]
@@ -298,20 +298,14 @@ def _ranks3_sorted(xs, ys, zs, cuts, max_summary_fronts, fine_bins=4096, front_s
         if i == n:
             return ranks
         if state[2] == 1:                   # more fronts: block slots (empty) and summary columns
-            k = boff.shape[0]
-            boff, bcap, bsize = (np.concatenate((a, np.zeros(k, np.int64))) for a in (boff, bcap, bsize))
+            boff, bcap, bsize = (np.pad(a, (0, a.shape[0])) for a in (boff, bcap, bsize))
             if zT.shape[1] < max_summary_fronts and zT.shape[1] <= state[1]:
-                grown = np.full((n_buckets + 1, 2 * zT.shape[1]), -np.inf)
-                grown[:, :zT.shape[1]] = zT
-                zT = grown
+                zT = np.pad(zT, ((0, 0), (0, zT.shape[1])), constant_values=-np.inf)
         elif state[2] == 3:                 # more coarse summary columns
-            grown = np.full((zC.shape[0], 2 * zC.shape[1]), -np.inf)
-            grown[:, :zC.shape[1]] = zC
-            zC = grown
+            zC = np.pad(zC, ((0, 0), (0, zC.shape[1])), constant_values=-np.inf)
         else:                               # a larger staircase pool
-            new = max(2 * sy.shape[0], int(state[3]))
-            sy = np.concatenate((sy, np.empty(new - sy.shape[0], np.float64)))
-            sz = np.concatenate((sz, np.empty(new - sz.shape[0], np.float64)))
+            grow = max(2 * sy.shape[0], int(state[3])) - sy.shape[0]
+            sy, sz = (np.pad(a, (0, grow), mode="empty") for a in (sy, sz))
 
 
 @njit(cache=True)
@@ -479,7 +473,7 @@ def _ranks_grid(cx, cy, cz, gx, gy, gz):
 def _grid_ranks(a: np.ndarray, force: bool = False) -> np.ndarray | None:
     """Ranks by `_ranks_grid` when the distinct values make a small enough grid, else None.
 
-    A sample of rows rules continuous scores out for ~0.1 ms (its distinct values bound the grid from
+    A sample of rows rules continuous scores out cheaply (its distinct values bound the grid from
     below); otherwise every column is coded by np.unique and the grid size checked exactly.
     """
     n, d = a.shape

@@ -1,11 +1,10 @@
 """Safe decoding of untrusted image files.
 
-Real collections contain decompression bombs (openclipart-png has a 623-Mpix PNG that needs 13 GB to
-decode), transparency in every flavour (RGBA, LA, palette with tRNS), truncated files and photos stored
-sideways with an EXIF orientation tag. Pillow's own bomb guard stays on (`open_image`); we read the
-header size before decoding, let Pillow downscale
-JPEGs while decoding (`draft`), turn images upright, composite anything transparent on white, and turn
-every failure into a `BadImage` with a short reason the caller counts.
+Real collections contain decompression bombs (openclipart-png has a 623-Mpix PNG), transparency in
+every flavour (RGBA, LA, palette with tRNS), truncated files and photos stored sideways with an EXIF
+orientation tag. Pillow's own bomb guard stays on (`open_image`); we read the header size before
+decoding, let Pillow downscale JPEGs while decoding (`draft`), turn images upright, composite anything
+transparent on white, and turn every failure into a `BadImage` with a short reason the caller counts.
 """
 
 from __future__ import annotations

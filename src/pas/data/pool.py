@@ -403,15 +403,11 @@ def unused_pool(out_dir: str | Path, reason: str) -> dict:
     """The pool folder when nothing searches it: pool.json saying why and an empty index.parquet
     (what `precision` reads), no shards, no faiss index (a `pool` retrieval refuses it). Returns
     the stage metrics."""
-    from pas.io.shards import write_index
+    from pas.io.shards import clean_out, write_index
     from pas.jsonio import write_json
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for f in ("embeddings.npy", "faiss.index", "skipped.parquet", "index.parquet"):
-        (out / f).unlink(missing_ok=True)
-    for f in out.glob("pool-*.tar"):
-        f.unlink()
+    clean_out(out, "pool", ("embeddings.npy", "faiss.index", "skipped.parquet", "index.parquet"))
     write_index(pd.DataFrame(columns=POOL_INDEX_COLUMNS), out)
     write_json(out / "pool.json", {"n": 0, "unused": reason})
     log.info("pool: nothing indexed (%s)", reason)

@@ -353,6 +353,16 @@ def write_index(index, out_dir: str | Path, sort_by: str | None = "key") -> Path
     return write_parquet(index, out_dir / INDEX_NAME, sort_by=sort_by)
 
 
+def clean_out(out_dir: str | Path, prefix: str, names: Iterable[str]) -> None:
+    """Make `out_dir` and remove what a previous run of its stage wrote: `<prefix>-*.tar` and `names`
+    (plain files only, so nothing else that lives there is touched)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for p in [*out_dir.glob(f"{prefix}-*.tar"), *(out_dir / n for n in names)]:
+        if p.is_file():
+            p.unlink()
+
+
 @functools.lru_cache(maxsize=16)
 def _expected(path: str, size: int, mtime_ns: int, ino: int) -> dict[str, tuple[int, str | None]] | None:
     import pyarrow.parquet as pq

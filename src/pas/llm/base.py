@@ -225,11 +225,7 @@ def yes_no_from_text(text: str) -> float | None:
     validation, and not a "no" either)."""
     m = re.match(r"\W*([A-Za-z]+)", text or "")
     word = m.group(1).lower() if m else ""
-    if word in YES_WORDS:
-        return 1.0
-    if word in NO_WORDS:
-        return 0.0
-    return None
+    return 1.0 if word in YES_WORDS else 0.0 if word in NO_WORDS else None
 
 
 def text_verdict(text: str) -> YesNo:
@@ -267,9 +263,7 @@ def yes_no_from_logprobs(top: Mapping[str, float]) -> float | None:
             p_yes += math.exp(lp)
         elif word in ("no", "n"):
             p_no += math.exp(lp)
-    if p_yes + p_no <= 0.0:
-        return None
-    return p_yes / (p_yes + p_no)
+    return None if p_yes + p_no <= 0.0 else p_yes / (p_yes + p_no)
 
 
 def yes_no_verdict(candidates: Iterable[tuple[Any, Any]], text: str) -> YesNo:
@@ -327,8 +321,8 @@ class EngineSlot:
 
 
 # Token counts where no tokenizer is at hand (openai): an over-estimate, so a budgeted prompt fits.
-# BPE tokenizers average 3-4 UTF-8 bytes per token on English; SmolLM2's measured 3.0 on the smoke
-# run's L1 answers (numbered dish names), 2.6 on the densest one (benchmarks/RESULTS-token-estimate.md).
+# BPE tokenizers average 3-4 UTF-8 bytes per token on English (SmolLM2 on the smoke run's L1 answers:
+# benchmarks/RESULTS-token-estimate.md).
 ESTIMATE_BYTES_PER_TOKEN = 2
 ESTIMATE_TOKENS_PER_MESSAGE = 8     # role markers around each turn
 ESTIMATE_TOKENS_PER_CHAT = 64       # generation prompt + a template's default system prompt (SmolLM2: 20)

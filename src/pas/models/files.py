@@ -19,6 +19,7 @@ def fingerprint_dir(path: str | Path, suffixes=(".safetensors", ".bin", ".pt", "
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch global generators (torchvision/lightly transforms draw from them)."""
     import random
 
     import numpy as np

@@ -136,36 +136,42 @@ def _write_reproducible(script_module, path: Path) -> None:
     tmp.replace(path)
 
 
-def _build_tiny_here(out: Path, seed: int) -> None:
+def _script_in_child(fn, *args, what: str) -> None:
+    """Run `fn(*args)` (a module-level function, JSON-able args) in a child Python with
+    PYTHONHASHSEED=0, for byte-reproducible TorchScript (see `_write_reproducible`)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    code = f"import json, sys; from {fn.__module__} import {fn.__name__}; {fn.__name__}(*json.loads(sys.argv[1]))"
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code, json.dumps(args)], env=env,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{r.stderr[-2000:]}")
+
+
+def _build_tiny_here(out: str, seed: int) -> None:
     import torch
 
     seed_everything(seed)
     model = _tiny_module().eval()
     with torch.no_grad():
         scripted = torch.jit.script(model)
-    _write_reproducible(scripted, out / TORCHSCRIPT)
+    _write_reproducible(scripted, Path(out) / TORCHSCRIPT)
 
 
 def build_tiny_sscd(out_dir: str | Path, seed: int = 0) -> Path:
     """Seeded random-init SSCD-shaped TorchScript model in `out_dir`. Same seed → byte-identical files.
 
-    Scripted in a child process with PYTHONHASHSEED=0 (see `_write_reproducible`).
-    A random trunk is a weak copy detector: its descriptors share a large common component (unrelated
-    food clipart: median cosine 0.983, p99.9 0.9989; JPEG re-encodes ≥ 0.9993), so the paper's
-    thresholds 0.6/0.45 do not apply to it (offline profile: 0.9995); see benchmarks/RESULTS-dedup.md.
+    Scripted in a child process with PYTHONHASHSEED=0 (`_script_in_child`).
+    A random trunk is a weak copy detector: its descriptors share a large common component, so the
+    paper's thresholds 0.6/0.45 do not apply to it (offline profile: 0.9995); see
+    benchmarks/RESULTS-dedup.md.
     """
-    import os
-    import subprocess
-    import sys
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    code = f"from pathlib import Path; from pas.models.sscd import _build_tiny_here; " \
-           f"_build_tiny_here(Path({str(out.resolve())!r}), {int(seed)})"
-    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"building the tiny SSCD model failed:\n{r.stderr[-2000:]}")
+    _script_in_child(_build_tiny_here, str(out.resolve()), int(seed), what="building the tiny SSCD model")
     write_json(out / PRESET, {"kind": "tiny", "seed": seed, "arch": "resnet10-basic+gem3+linear",
                               "resize": TINY_RESIZE, "dims": DIMS, "file": TORCHSCRIPT,
                               "sha256": sha256_file(out / TORCHSCRIPT)})

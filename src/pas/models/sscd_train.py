@@ -22,7 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pas.hashing import sha256_file
+from pas.jsonio import write_json
 from pas.models.files import seed_everything
+from pas.models.sscd import PRESET, TORCHSCRIPT, _script_in_child, _write_reproducible
 from pas.train.schedule import adamw, lr_factor
 
 log = logging.getLogger(__name__)
@@ -180,8 +183,8 @@ def plain_batch(x, size: int):
 def whitening_matrix(z: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarray]:
     """PCA whitening of descriptors `z` (N, D): W = diag(λ + shrink·mean λ)^-½ Vᵀ, b = −W μ, so that
     W z + b is centred with (shrunk) unit variance along every principal axis. The common component
-    a small trunk gives every image (the random-init SSCD's cosines sit in 0.92–1) is removed by the
-    centring; the shrinkage keeps near-empty directions from amplifying noise."""
+    a small trunk gives every image (the random-init SSCD's: benchmarks/RESULTS-dedup.md) is removed by
+    the centring; the shrinkage keeps near-empty directions from amplifying noise."""
     z = z.astype(np.float64)
     mu = z.mean(0)
     ev, vec = np.linalg.eigh(np.cov(z - mu, rowvar=False))
@@ -245,43 +248,22 @@ def train_sscd(pairs, spec: SscdTrainSpec, out_dir: str | Path) -> dict:
     state = out / ".trained_state.pt"
     torch.save(model.state_dict(), state)
     try:
-        _script_in_child(out, state, spec)
+        _script_in_child(_script_here, str(out.resolve()), str(state.resolve()), list(spec.widths), int(spec.dims),
+                         what="scripting the trained SSCD model")
     finally:
         state.unlink(missing_ok=True)
+    write_json(out / PRESET, {"kind": "trained", "seed": spec.seed, "arch": f"basic{list(spec.widths)}+gem3+linear",
+                              "resize": spec.resize, "dims": spec.dims, "file": TORCHSCRIPT,
+                              "sha256": sha256_file(out / TORCHSCRIPT)})
     return {"n_images": n, "epochs": spec.epochs, "loss_first_epoch": round(losses[0], 6),
             "loss_last_epoch": round(losses[-1], 6)}
 
 
-def _script_here(out: Path, state: Path, widths, dims: int) -> None:
+def _script_here(out: str, state: str, widths: list, dims: int) -> None:
     import torch
 
-    from pas.models.sscd import TORCHSCRIPT, _write_reproducible
-
-    model = _small_module(list(widths), int(dims)).eval()
+    model = _small_module(widths, dims).eval()
     model.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
     with torch.no_grad():
         scripted = torch.jit.script(model)
-    _write_reproducible(scripted, out / TORCHSCRIPT)
-
-
-def _script_in_child(out: Path, state: Path, spec: SscdTrainSpec) -> None:
-    """Script with PYTHONHASHSEED=0 in a child process, for byte-reproducible TorchScript (see
-    `pas.models.sscd._write_reproducible`); then write the preset."""
-    import os
-    import subprocess
-    import sys
-
-    from pas.hashing import sha256_file
-    from pas.jsonio import write_json
-    from pas.models.sscd import PRESET, TORCHSCRIPT
-
-    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    code = (f"from pathlib import Path; from pas.models.sscd_train import _script_here; "
-            f"_script_here(Path({str(out.resolve())!r}), Path({str(state.resolve())!r}), "
-            f"{list(spec.widths)!r}, {int(spec.dims)})")
-    r = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"scripting the trained SSCD model failed:\n{r.stderr[-2000:]}")
-    write_json(out / PRESET, {"kind": "trained", "seed": spec.seed, "arch": f"basic{list(spec.widths)}+gem3+linear",
-                              "resize": spec.resize, "dims": spec.dims, "file": TORCHSCRIPT,
-                              "sha256": sha256_file(out / TORCHSCRIPT)})
+    _write_reproducible(scripted, Path(out) / TORCHSCRIPT)

@@ -21,21 +21,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pas.io.shards import list_shards
+from pas.models.files import seed_everything
 
 
 def epoch_seed(seed: int, epoch: int, stream: int = 0, slot: int | None = None) -> int:
     """A 63-bit seed for (seed, epoch, stream[, data slot]), independent across epochs, streams and slots."""
     entropy = [seed, epoch, stream] + ([] if slot is None else [slot + 1])   # SeedSequence ignores trailing 0s
     return int(np.random.SeedSequence(entropy).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch global generators (torchvision/lightly transforms draw from them)."""
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:

@@ -249,8 +249,9 @@ def _pretrain(cfg: PretrainParams, shard_dir: Path, init_dir: Path, out_dir: Pat
     from tqdm import tqdm
 
     from pas.models.backbone import create_backbone, is_vit, read_config, save_backbone
-    from pas.train.data import (count_samples, epoch_seed, rng_state, seed_everything, set_rng_state, ssl_loader,
-                                steps_per_epoch, two_view_transform)
+    from pas.models.files import seed_everything
+    from pas.train.data import (count_samples, epoch_seed, rng_state, set_rng_state, ssl_loader, steps_per_epoch,
+                                two_view_transform)
     from pas.train.distributed import Parallel, split_batch
     from pas.train.ssl import build_model
 
