@@ -10,7 +10,7 @@ With `--dvc-yaml` it also checks what DVC templating cannot express: the `evalse
 on every eval set's folder. dvc.yaml lists `${eval.root}`, the folder holding the sets, so a profile may
 have any number of them (a template cannot loop over `eval.sets`); a set outside it needs its own
 `${eval.sets[i].path}` (or literal path) line. And with `retrieve.backend: clip_service` nothing reads
-`pool.source`, yet dvc.yaml's pool stage (and models@clip/@sscd) depend on it: it must exist, or DVC
+`pool.source`, yet dvc.yaml's pool stage (and pool_models@clip/@sscd) depend on it: it must exist, or DVC
 stops on a missing dep; the presets name the placeholder `configs/no-pool`. Input folders outside the
 repository get a warning (`pas.params.outside_repo_deps`: `dvc exp show` misnames them).
 """

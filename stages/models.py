@@ -1,4 +1,5 @@
-"""DVC stage `models@<family>`: resolve the family's spec in params.yaml to `models/<family>/`.
+"""DVC stages `models@<family>` and `pool_models@<family>` (clip, sscd): resolve the family's spec in
+params.yaml to `models/<family>/`.
 
 Real specs download once (network); tiny specs are built offline from a seed; `trained` specs (the
 offline CLIP and SSCD) are trained on the image pool of `pool.source`. Either way the
@@ -18,9 +19,8 @@ import time
 
 from pas.io.manifest import write_metrics
 from pas.models.files import fingerprint_dir
-from pas.data.pool import PoolParams
 from pas.models.hub import check_access
-from pas.models.specs import FAMILIES, TRAINED_ON_POOL, ModelsParams, hub_repos, resolve
+from pas.models.specs import FAMILIES, ModelsParams, hub_repos, resolve
 from pas.params import build, load, run_stage, stage_parser
 
 log = logging.getLogger("pas.models")
@@ -36,13 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     params = load(args.params)
     p = build(ModelsParams, params, "models")
     spec = getattr(p, args.family)
-    # `trained` specs learn from the image pool (the offline CLIP and SSCD)
-    pool = build(PoolParams, params, "pool") if args.family in TRAINED_ON_POOL else None
     t0 = time.time()
     repos = hub_repos(dataclasses.asdict(p))
     if repos:
         check_access(repos)
-    out = resolve(args.family, spec, args.out, pool=pool)
+    out = resolve(args.family, spec, args.out, params=params)   # `trained` specs read its pool
     secs = time.time() - t0
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     log.info("models: %s (%s) -> %s, %.1f MB in %.1fs", args.family,

@@ -24,7 +24,7 @@ FAMILIES = ("diffusion", "llm", "vision")
 SECTIONS = ("%files", "%post", "%environment", "%runscript", "%test", "%labels", "%help")
 # which container runs each GPU stage of dvc.yaml (models: one foreach item each)
 STAGE_FAMILY = {
-    "models@clip": "vision", "models@sscd": "vision", "models@backbone_init": "vision",
+    "pool_models@clip": "vision", "pool_models@sscd": "vision", "models@backbone_init": "vision",
     "models@clipn": "vision", "models@diffusion": "diffusion", "models@llm": "llm", "models@text_embed": "llm",
     "pool": "vision", "concepts": "llm", "captions": "llm", "retrieve": "vision", "generate": "diffusion",
     "dedup": "vision", "leakage": "vision", "ood": "vision", "pretrain": "vision", "evaluate": "vision",

@@ -196,14 +196,14 @@ def test_dvc_plots_output_is_git_ignored():
 
 @pytest.mark.parametrize("preset", ["paper-food", "paper-birds"])
 def test_service_presets_depend_on_no_missing_pool_folder(preset):
-    """The presets retrieve through a kNN service: every `${pool.source}` dep in dvc.yaml (pool,
-    models@clip, models@sscd) names a path that exists in the checkout, the configs/no-pool placeholder."""
+    """The presets retrieve through a kNN service: every `${pool.source}` dep in dvc.yaml (pool and the
+    pool_models group) names a path that exists in the checkout, the configs/no-pool placeholder."""
     from pas.params import _interpolate
 
     cfg = yaml.safe_load((ROOT / "configs" / f"{preset}.yaml").read_text())
     assert cfg["retrieve"]["backend"] == "clip_service"
     text = (ROOT / "dvc.yaml").read_text()
-    assert text.count("${pool.source}") == 3
+    assert text.count("${pool.source}") == 2
     path = ROOT / _interpolate("${pool.source}", cfg)
     assert path == ROOT / "configs" / "no-pool" and path.is_dir()
 

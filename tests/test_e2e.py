@@ -16,7 +16,7 @@ from tests.helpers import file_digests
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ALL = ["params", "models@clip", "models@sscd", "models@diffusion", "models@llm", "models@text_embed",
+ALL = ["params", "pool_models@clip", "pool_models@sscd", "models@diffusion", "models@llm", "models@text_embed",
        "models@backbone_init", "models@clipn", "pool", "concepts", "retrieve", "captions", "generate", "evalsets",
        "dedup",
        "leakage", "ood", "prune", "pretrain", "evaluate", "summary", "precision", "report"]

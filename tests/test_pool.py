@@ -510,7 +510,7 @@ def test_torn_or_stale_chunk_files_are_recomputed(tmp_path, clipart_food, tiny_c
 
 
 def test_decode_workers_are_a_machine_setting_not_a_param(tmp_path):
-    """PAS_POOL_WORKERS, like PAS_ENGINE: a params.yaml key would rerun the stage (and models@clip)
+    """PAS_POOL_WORKERS, like PAS_ENGINE: a params.yaml key would rerun the stage (and pool_models@clip)
     for a setting that changes no byte, so the old key is refused with where it went."""
     from pas.data.pool import workers_from_env
     from pas.params import ParamsError, build

@@ -107,8 +107,8 @@ def ensure_ray(address: str = "") -> None:
         return
     ray.init(address=address or None, include_dashboard=False, log_to_driver=True,
              configure_logging=False)
-    # Ray's own exit hook sleeps 0.5 s for late worker logs and exits after Ray Data's threads: ~1 s
-    # per stage run (measured). Ours runs first (atexit is LIFO), once every result is back.
+    # Ray's own exit hook sleeps for late worker logs and waits for Ray Data's threads (cost in
+    # benchmarks/RESULTS-engine.md); ours runs first (atexit is LIFO), once every result is back
     atexit.register(ray.shutdown)
     log.info("ray: %s, resources %s", address or "local instance", ray.cluster_resources())
 

@@ -255,8 +255,7 @@ def assemble(items: Sequence[Item], captions: Captions, tars: Sequence[Path], ou
     """Fill the DVC out from finished shards: tars, index.parquet, captions.parquet, captions_raw.jsonl."""
     import pandas as pd
 
-    from pas.io.shards import clean_out
-    from pas.io.shards import write_index as write_shard_index
+    from pas.io.shards import clean_out, write_index as write_shard_index
 
     out = Path(out_dir)
     clean_out(out, SHARD_PREFIX, ("index.parquet", "captions.parquet", "captions_raw.jsonl"))

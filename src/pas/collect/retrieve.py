@@ -19,8 +19,8 @@ best first. Keys never come from concept text: pool images keep their pool key, 
 
 from __future__ import annotations
 
-import json
 import functools
+import json
 import logging
 import time
 from collections import Counter
@@ -196,7 +196,8 @@ def merge_hits(concepts: Sequence[str], S: np.ndarray, I: np.ndarray, keys: Any)
     Ids < 0 (faiss: fewer results than k) are skipped.
     """
     concepts = list(concepts)
-    ids, S = np.asarray(I, np.int64).ravel(), np.asarray(S).ravel()
+    I = np.asarray(I, np.int64)
+    ids, S = I.ravel(), np.asarray(S).ravel()
     code = np.repeat(np.arange(len(concepts), dtype=np.int64), I.shape[1] if I.ndim == 2 else 0)
     hit = ids >= 0
     ids, code = ids[hit], code[hit]
@@ -274,7 +275,7 @@ def write_index(written, hits: Hits, out_dir: Path) -> None:
     a, b = hits.start[pos], hits.start[pos + 1]
     # the list columns stay Python lists (an arrow list column would change the file's pandas
     # metadata), of the concept names' own str objects
-    names, sim = np.asarray(list(hits.concepts) or [""], dtype=object)[hits.code].tolist(), hits.sim.tolist()
+    names, sim = np.asarray(list(hits.concepts), dtype=object)[hits.code].tolist(), hits.sim.tolist()
     data = {c: written[c] for c in written.columns}
     data.update(n_concepts=(b - a).tolist(), concept=[names[i] for i in a.tolist()],
                 similarity=[sim[i] for i in a.tolist()],

@@ -372,8 +372,8 @@ def _expected(path: str, size: int, mtime_ns: int, ino: int) -> dict[str, tuple[
         if "shard" not in names:            # not an index of shards
             return None
         cols = ["shard"] + (["shard_sha256"] if "shard_sha256" in names else [])
-        # in row batches: the whole index as Python lists cost ~0.5 KB a row (460 MB at 1M rows,
-        # benchmarks/RESULTS-scale.md) for a dict of one entry per shard
+        # in row batches: the whole index as Python lists costs far more than the dict of one entry
+        # per shard it is read for (benchmarks/RESULTS-scale.md)
         out: dict[str, tuple[int, str | None]] = {}
         for batch in pq.ParquetFile(path).iter_batches(batch_size=INDEX_BATCH, columns=cols):
             table = batch.to_pydict()

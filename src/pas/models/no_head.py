@@ -4,7 +4,7 @@ CLIPN (Wang et al., 2023) adds a "no" text encoder that says how likely an image
 describes, trained with an image-text binary-opposite loss: an image and its own caption are "yes", an
 image and another caption are "no". Offline there are no CLIPN weights for the pool-trained CLIP, and
 negative prompts ("a photo of no {}") mean nothing to its frozen MiniLM text tower (it hardly encodes
-negation: p^no stays ≈ 0.5 for every image and OOD_B ≈ 0.5 for all). So the `models@clip` stage trains
+negation: p^no stays ≈ 0.5 for every image and OOD_B ≈ 0.5 for all). So the `pool_models@clip` stage trains
 the same loss on the pool with a small head on the frozen text embedding, g^no = normalise(W·g + b),
 and p^no = σ(s·(cos(f, g^no) − cos(f, g))) with the CLIP's own logit scale s — exactly the p^no that
 `pas.curate.ood.ood_scores` computes from a no-tower's embeddings. The head is saved beside the CLIP

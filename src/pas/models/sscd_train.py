@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,36 +24,11 @@ import numpy as np
 from pas.hashing import sha256_file
 from pas.jsonio import write_json
 from pas.models.files import seed_everything
+from pas.models.specs import SscdTrainSpec
 from pas.models.sscd import PRESET, TORCHSCRIPT, _script_in_child, _write_reproducible
 from pas.train.schedule import adamw, lr_factor
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SscdTrainSpec:
-    """`models.sscd` with `kind: trained`."""
-
-    seed: int = 0
-    # the best recipe measured on the pool (benchmarks/RESULTS-offline-models.md, run e3): copies score
-    # high, but so do distinct images — not yet a copy detector, so the default profile keeps `tiny`
-    resize: int = 48                  # training view size = the inference preset's short side
-    train_size: int = 96              # pool images are centre-cropped to this before the copy edits
-    widths: list = field(default_factory=lambda: [16, 32, 64, 128])
-    dims: int = 128
-    epochs: int = 12
-    batch_size: int = 256             # images per step (2 views each)
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    temperature: float = 0.05         # SSCD's InfoNCE temperature
-    # SSCD's entropy weight is 30; on this small model and pool 30 and 5 spread the descriptors so that
-    # copies were no closer than other images, and 1 separated them no better (RESULTS-offline-models.md)
-    koleo_weight: float = 0.0
-    min_area: float = 0.5             # smallest crop (fraction of the image) of a training copy edit
-    original_view: float = 0.5        # chance that view 1 is the unedited image (a copy's query is the original)
-    whiten: float = 0.0               # > 0: PCA-whiten on the pool's descriptors, eigenvalues + whiten·mean
-    #                                   (measured: no better separation on the pool; off)
-    threads: int = 2
 
 
 def _small_module(widths, dims: int):
@@ -191,6 +165,16 @@ def whitening_matrix(z: np.ndarray, shrink: float) -> tuple[np.ndarray, np.ndarr
     ev = np.clip(ev, 0.0, None)
     w = (vec / np.sqrt(ev + shrink * ev.mean())).T
     return w.astype(np.float32), (-w @ mu).astype(np.float32)
+
+
+def train_on_pool(spec: dict, params, out_dir: str | Path) -> dict:
+    """`models.sscd` with `kind: trained` (`spec`), trained on the pool of `params` (params.yaml)."""
+    from pas.data.pool import PoolParams
+    from pas.models.pool_pairs import load_pool_pairs
+    from pas.params import build
+
+    s = SscdTrainSpec(**{k: v for k, v in spec.items() if k != "kind"})
+    return train_sscd(load_pool_pairs(build(PoolParams, params, "pool"), s.train_size), s, out_dir)
 
 
 def train_sscd(pairs, spec: SscdTrainSpec, out_dir: str | Path) -> dict:

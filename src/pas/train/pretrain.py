@@ -22,7 +22,6 @@ same bytes as an uninterrupted one (tested on CPU, with a real SIGKILL, in one p
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
