@@ -30,6 +30,7 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 import numpy as np
 
 from pas.concepts import load_bank
+from pas.curate.prune_plots import score_caption
 from pas.params import check_range, check_seed
 from pas.summary import FUNNEL
 
@@ -329,6 +330,11 @@ class _Run:
             return _note("none")
         return "<div class='thumbs'>" + "".join(f"<div class='pair'>{lab}<div>{''.join(figs)}</div></div>"
                                                 for lab, figs in blocks) + "</div>"
+
+
+def _score_lines(r) -> list[str]:
+    """An image's OOD scores as caption lines: the words of the prune stage's sample grid."""
+    return score_caption(r.ood_b, r.ood_bprime, r.ood_blur_delta).split("\n")
 
 
 def _short(text: Any, n: int = 48) -> str:
@@ -676,8 +682,7 @@ def _section_ood(run: _Run) -> str:
             drawn[k] = draw_boxes(im, detect(im))
 
     def fig(r) -> str:
-        lines = [f"B {r.ood_b:.3f} · B′ {r.ood_bprime:.3f}", f"Δblur {r.ood_blur_delta:+.4f}",
-                 f"{int(r.text_boxes)} text box{'es' if r.text_boxes != 1 else ''}"]
+        lines = [*_score_lines(r), f"{int(r.text_boxes)} text box{'es' if r.text_boxes != 1 else ''}"]
         return run.figure(r.key, imgs.get(r.key), lines, image=drawn.get(r.key))
 
     parts = [_note(f"{len(sc):,} images scored (mode {m.get('mode', '?')}); {m.get('n_with_text', '?')} "
@@ -728,9 +733,7 @@ def _section_prune(run: _Run) -> str:
     for n, f, rs in rows_by_front:
         state = "removed" if f["removed"].all() else ("kept" if not f["removed"].any() else "partly removed")
         parts.append(run.row(f"Pareto {n}: {len(f):,} images, {state}",
-                             [run.figure(r.key, imgs.get(r.key), [f"B {r.ood_b:.3f} · B′ {r.ood_bprime:.3f}",
-                                                                   f"Δblur {r.ood_blur_delta:+.4f}"])
-                              for r in rs]))
+                             [run.figure(r.key, imgs.get(r.key), _score_lines(r)) for r in rs]))
     return "".join(parts)
 
 
