@@ -360,7 +360,7 @@ def _section_summary(run: _Run) -> str:
     return table(("", "value"), rows)
 
 
-def plot_funnel(funnel: Mapping[str, Mapping], path: Path, title: str = "") -> Path:
+def plot_funnel(funnel: Mapping[str, Mapping], path: Path, title: str) -> Path:
     """Horizontal bars in pipeline order (first stage on top), real and synthetic stacked."""
     from pas.plots import REAL, SYNTHETIC, figure, save_png
 
@@ -383,8 +383,7 @@ def plot_funnel(funnel: Mapping[str, Mapping], path: Path, title: str = "") -> P
         ax.set_xlabel("images after the stage")
         ax.grid(axis="y", visible=False)
         ax.legend(loc="lower right")
-        if title:
-            ax.set_title(title)
+        ax.set_title(title)
         return save_png(fig, path)
 
 
@@ -394,12 +393,8 @@ def _section_funnel(run: _Run) -> str:
     run.figures.append(fig)
     prec = run.metrics_or_empty("precision")
     prec_of = {"retrieve": "retrieve", "dedup": "dedup", "leakage": "leakage", "prune": "final"}
-    rows = []
-    for s in FUNNEL:
-        if s in f:
-            e = f[s]
-            pr = prec.get(prec_of.get(s, ""), {}).get("domain_precision")
-            rows.append((s, e.get("n"), e.get("real"), e.get("synthetic"), pr))
+    rows = [(s, f[s].get("n"), f[s].get("real"), f[s].get("synthetic"),
+             prec.get(prec_of.get(s, ""), {}).get("domain_precision")) for s in FUNNEL if s in f]
     parts = [f"<img class='plot' src='{fig.name}' alt='dataset funnel'>",
              table(("stage", "images", "real", "synthetic", "domain precision of the real images"), rows)]
     if prec.get("domain_categories"):
