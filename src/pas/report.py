@@ -30,7 +30,6 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 import numpy as np
 
 from pas.concepts import load_bank
-from pas.curate.prune_plots import score_caption
 from pas.params import check_range, check_seed
 from pas.summary import FUNNEL
 
@@ -334,6 +333,8 @@ class _Run:
 
 def _score_lines(r) -> list[str]:
     """An image's OOD scores as caption lines: the words of the prune stage's sample grid."""
+    from pas.curate.prune_plots import score_caption   # imports PIL: not on `import pas.report` (params)
+
     return score_caption(r.ood_b, r.ood_bprime, r.ood_blur_delta).split("\n")
 
 
