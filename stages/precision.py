@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from pas.curate.precision import PrecisionParams, domain_precision
+from pas.curate.precision import STAGES, PrecisionParams, domain_precision
 from pas.io.manifest import read_parquet, write_metrics
 from pas.params import build, load, run_stage, stage_parser
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         {"domain_categories": [], "note": "precision.domain_categories is empty: not measured"}
     write_metrics(args.metrics, m)
     log.info("precision (%s): %s", ", ".join(p.domain_categories) or "-", "; ".join(
-        f"{s} {m[s]['domain_precision']}" for s in ("pool", "retrieve", "dedup", "leakage", "final") if s in m))
+        f"{s} {m[s]['domain_precision']}" for s in ("pool", *STAGES) if s in m))
     return 0
 
 

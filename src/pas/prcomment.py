@@ -78,12 +78,9 @@ def headline_rows(metrics_diff: Mapping[str, Mapping]) -> list[tuple[str, str, s
 
 def other_changes(metrics_diff: Mapping[str, Mapping]) -> dict[str, int]:
     """{metrics file: figures that differ} for the files besides metrics/summary.json."""
-    out = {}
-    for path, entries in sorted(metrics_diff.items()):
-        n = sum(1 for e in entries.values() if e.get("old") != e.get("new"))
-        if path != SUMMARY and n:
-            out[path] = n
-    return out
+    counts = {path: sum(e.get("old") != e.get("new") for e in entries.values())
+              for path, entries in sorted(metrics_diff.items()) if path != SUMMARY}
+    return {path: n for path, n in counts.items() if n}
 
 
 def plot_problems(plots: Mapping[str, Any], rev: str = "main") -> list[str]:

@@ -31,6 +31,7 @@ import numpy as np
 
 from pas.concepts import load_bank
 from pas.params import check_range, check_seed
+from pas.summary import FUNNEL
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +113,13 @@ class _Missing(Exception):
 # reading
 
 
-def _parquet(path: Path, columns: Sequence[str] | None = None):
+def _parquet(path: Path, columns: Sequence[str] | None = None, optional: bool = False):
+    """The table at `path`; absent: _Missing, or None where the input is `optional`."""
     import pyarrow.parquet as pq
 
     if not path.is_file():
+        if optional:
+            return None
         raise _Missing(path)
     try:
         return pq.read_table(path, columns=list(columns) if columns else None).to_pandas()
@@ -136,7 +140,7 @@ def read_images(dirs: Iterable[str | Path], keys: Iterable[str]) -> dict[str, by
     """Encoded image bytes of `keys` from webdataset folders: each folder's index.parquet says which
     shard holds a key, its tar headers where (`pas.io.shards.sample_table`); only those members are
     read. Keys found in no folder are left out."""
-    from pas.io.shards import INDEX_NAME, read_samples, sample_table
+    from pas.io.shards import INDEX_NAME, iter_samples, read_samples, sample_table
 
     want, out = set(keys), {}
     for d in dirs:
@@ -155,8 +159,6 @@ def read_images(dirs: Iterable[str | Path], keys: Iterable[str]) -> dict[str, by
                     out[key] = s.image
                     want.discard(key)
             if table is None:           # compressed: one pass
-                from pas.io.shards import iter_samples
-
                 for s in iter_samples(path):
                     if s.key in want:
                         out[s.key] = s.image
@@ -212,24 +214,25 @@ def esc(v: Any) -> str:
     return html.escape(str(v), quote=True)
 
 
-def _num(v: Any, digits: int = 3) -> str:
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> str:
     if v is None:
         return "–"
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+    if not _is_number(v):
         return esc(v)
     if isinstance(v, (int, np.integer)):
         return f"{int(v):,}"
-    return "–" if not np.isfinite(v) else f"{float(v):.{digits}f}"
+    return "–" if not np.isfinite(v) else f"{float(v):.3f}"
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """An HTML table; numbers right-aligned, everything escaped."""
     out = ["<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
     for r in rows:
-        cells = []
-        for v in r:
-            numeric = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-            cells.append(f"<td class='n'>{_num(v)}</td>" if numeric else f"<td>{esc('–' if v is None else v)}</td>")
+        cells = (f"<td class='n'>{_num(v)}</td>" if _is_number(v) else f"<td>{_num(v)}</td>" for v in r)
         out.append("<tr>" + "".join(cells) + "</tr>")
     return "".join(out) + "</table>"
 
@@ -281,22 +284,20 @@ class _Run:
                      (self.path(self.i.prune, "ranks.parquet"), "removed", "prune", True))
             pruned_kept: list[str] = []
             for path, col, stage, flag in steps:
-                try:
-                    df = _parquet(path, ["key", col])
-                except _Missing:
+                df = _parquet(path, ["key", col], optional=True)
+                if df is None:
                     continue
                 for k in df.loc[df[col].astype(bool) == flag, "key"]:
                     fates.setdefault(k, stage)
                 if stage == "prune":
                     pruned_kept = list(df.loc[~df[col].astype(bool), "key"])
-            try:
-                final = set(_parquet(self.path(self.i.dataset, "index.parquet"), ["key"])["key"])
+            index = _parquet(self.path(self.i.dataset, "index.parquet"), ["key"], optional=True)
+            if index is not None:
+                final = set(index["key"])
                 for k in pruned_kept:          # kept by prune but not exported: the takedown list
                     fates.setdefault(k, "final" if k in final else "takedown")
                 for k in final:
                     fates[k] = "final"
-            except _Missing:
-                pass
             self._fates = fates
         return self._fates.get(key, "")
 
@@ -330,6 +331,13 @@ class _Run:
                                                 for lab, figs in blocks) + "</div>"
 
 
+def _score_lines(r) -> list[str]:
+    """An image's OOD scores as caption lines: the words of the prune stage's sample grid."""
+    from pas.curate.prune_plots import score_caption   # imports PIL: not on `import pas.report` (params)
+
+    return score_caption(r.ood_b, r.ood_bprime, r.ood_blur_delta).split("\n")
+
+
 def _short(text: Any, n: int = 48) -> str:
     s = " ".join(str(text or "").split())
     return s if len(s) <= n else s[: n - 1] + "…"
@@ -353,10 +361,9 @@ def _section_summary(run: _Run) -> str:
     return table(("", "value"), rows)
 
 
-def plot_funnel(funnel: Mapping[str, Mapping], path: Path, title: str = "") -> Path:
+def plot_funnel(funnel: Mapping[str, Mapping], path: Path, title: str) -> Path:
     """Horizontal bars in pipeline order (first stage on top), real and synthetic stacked."""
     from pas.plots import REAL, SYNTHETIC, figure, save_png
-    from pas.summary import FUNNEL
 
     stages = [s for s in FUNNEL if s in funnel]
     with figure(8.0, 0.45 * max(len(stages), 1) + 1.2) as (fig, ax):
@@ -377,25 +384,18 @@ def plot_funnel(funnel: Mapping[str, Mapping], path: Path, title: str = "") -> P
         ax.set_xlabel("images after the stage")
         ax.grid(axis="y", visible=False)
         ax.legend(loc="lower right")
-        if title:
-            ax.set_title(title)
+        ax.set_title(title)
         return save_png(fig, path)
 
 
 def _section_funnel(run: _Run) -> str:
-    from pas.summary import FUNNEL
-
     f = run.metrics("dataset")
     fig = plot_funnel(f, run.out / "funnel.png", "Dataset size after each stage (pipeline order)")
     run.figures.append(fig)
     prec = run.metrics_or_empty("precision")
     prec_of = {"retrieve": "retrieve", "dedup": "dedup", "leakage": "leakage", "prune": "final"}
-    rows = []
-    for s in FUNNEL:
-        if s in f:
-            e = f[s]
-            pr = prec.get(prec_of.get(s, ""), {}).get("domain_precision")
-            rows.append((s, e.get("n"), e.get("real"), e.get("synthetic"), pr))
+    rows = [(s, f[s].get("n"), f[s].get("real"), f[s].get("synthetic"),
+             prec.get(prec_of.get(s, ""), {}).get("domain_precision")) for s in FUNNEL if s in f]
     parts = [f"<img class='plot' src='{fig.name}' alt='dataset funnel'>",
              table(("stage", "images", "real", "synthetic", "domain precision of the real images"), rows)]
     if prec.get("domain_categories"):
@@ -485,23 +485,18 @@ def _section_collected(run: _Run) -> str:
         raise _Missing(bank)
     accepted = load_bank(bank)
     chosen = _pick(accepted, p.concepts, p.seed, 1)
-    hits = gen = None
-    try:
-        hits = _parquet(run.path(run.i.retrieved, "hits.parquet"))
-        hits = hits[hits["concept"].isin(chosen)].sort_values(["concept", "rank"], kind="stable")
-    except _Missing:
-        pass
-    try:
-        gen = _parquet(run.path(run.i.generated, "index.parquet"))
-        gen = gen[gen["concept"].isin(chosen)].sort_values(["concept", "caption_idx", "image_idx", "key"],
-                                                            kind="stable")
-    except _Missing:
-        pass
+    hits = _parquet(run.path(run.i.retrieved, "hits.parquet"), optional=True)
+    gen = _parquet(run.path(run.i.generated, "index.parquet"), optional=True)
     if hits is None and gen is None:
         raise _Missing(run.path(run.i.retrieved, "hits.parquet"))
-    per = {c: ([] if hits is None else hits[hits["concept"] == c].head(p.per_concept).to_dict("records"),
-               [] if gen is None else gen[gen["concept"] == c].head(p.per_concept).to_dict("records"))
-           for c in chosen}
+
+    def first(df, c: str, order: list[str]) -> list[dict]:
+        """The first `per_concept` rows of concept `c` in `order` (none where the input is absent)."""
+        if df is None:
+            return []
+        return df[df["concept"] == c].sort_values(order, kind="stable").head(p.per_concept).to_dict("records")
+
+    per = {c: (first(hits, c, ["rank"]), first(gen, c, ["caption_idx", "image_idx", "key"])) for c in chosen}
     imgs = run.images({r["key"] for rs in per.values() for part in rs for r in part})
     parts = [_note(f"{len(chosen)} of {len(accepted):,} accepted concepts (seeded choice); per concept "
                    f"the top {p.per_concept} retrieved pool images (CLIP similarity) and the first "
@@ -609,12 +604,9 @@ def _section_leakage(run: _Run) -> str:
             d = run.path(run.i.evalsets, ev)
         want = {r.nearest_key for r in shown if r.evalset == ev}
         tests.update(read_images([d], want))
-        try:
-            idx = _parquet(d / "index.parquet")
-            if "label_name" in idx:
-                labels.update(zip(idx["key"], idx["label_name"].astype(str)))
-        except _Missing:
-            pass
+        idx = _parquet(d / "index.parquet", optional=True)
+        if idx is not None and "label_name" in idx:
+            labels.update(zip(idx["key"], idx["label_name"].astype(str)))
 
     def pair(r) -> tuple[str, list[str]]:
         return (f"cos {r.score:.5f}, {int(r.n_matches)} test image{'s' if r.n_matches != 1 else ''} above λ_leak",
@@ -686,8 +678,7 @@ def _section_ood(run: _Run) -> str:
             drawn[k] = draw_boxes(im, detect(im))
 
     def fig(r) -> str:
-        lines = [f"B {r.ood_b:.3f} · B′ {r.ood_bprime:.3f}", f"Δblur {r.ood_blur_delta:+.4f}",
-                 f"{int(r.text_boxes)} text box{'es' if r.text_boxes != 1 else ''}"]
+        lines = [*_score_lines(r), f"{int(r.text_boxes)} text box{'es' if r.text_boxes != 1 else ''}"]
         return run.figure(r.key, imgs.get(r.key), lines, image=drawn.get(r.key))
 
     parts = [_note(f"{len(sc):,} images scored (mode {m.get('mode', '?')}); {m.get('n_with_text', '?')} "
@@ -738,9 +729,7 @@ def _section_prune(run: _Run) -> str:
     for n, f, rs in rows_by_front:
         state = "removed" if f["removed"].all() else ("kept" if not f["removed"].any() else "partly removed")
         parts.append(run.row(f"Pareto {n}: {len(f):,} images, {state}",
-                             [run.figure(r.key, imgs.get(r.key), [f"B {r.ood_b:.3f} · B′ {r.ood_bprime:.3f}",
-                                                                   f"Δblur {r.ood_blur_delta:+.4f}"])
-                              for r in rs]))
+                             [run.figure(r.key, imgs.get(r.key), _score_lines(r)) for r in rs]))
     return "".join(parts)
 
 
@@ -760,8 +749,7 @@ def _section_dataset(run: _Run) -> str:
                    + ", ".join(f"{len(v):,} {src}" for src, v in sorted(by_source.items()))
                    + f"); {sum(len(v) for v in chosen.values())} shown (seeded choice, hover for the caption).")]
     for src, rows in sorted(chosen.items()):
-        figs = [run.figure(r.key, imgs.get(r.key), [_short(", ".join(list(r.concepts) if r.concepts is not None
-                                                                      else []), 36)],
+        figs = [run.figure(r.key, imgs.get(r.key), [_short(", ".join(() if r.concepts is None else r.concepts), 36)],
                            fate="final", title=str(r.caption or "")) for r in rows]
         parts.append(run.row(f"{esc(src)} ({len(by_source[src]):,})", figs))
     return "".join(parts)
@@ -776,14 +764,12 @@ def _section_eval(run: _Run) -> str:
         rows.append((name, r.get("n_train"), r.get("n_test"), r.get("n_classes"),
                      pre.get("knn_top1"), base.get("knn_top1"), r.get("gain_knn_top1"),
                      pre.get("linear_top1"), base.get("linear_top1"), r.get("gain_linear_top1")))
-    parts = [table(("eval set", "train", "test", "classes", "kNN top-1", "baseline", "gain",
-                    "linear top-1", "baseline", "gain"), rows)]
-    parts.append(_note(
+    return table(("eval set", "train", "test", "classes", "kNN top-1", "baseline", "gain",
+                  "linear top-1", "baseline", "gain"), rows) + _note(
         f"Backbone {e.get('backbone', '?')} ({pt.get('method', '?')}, {e.get('image_size', '?')} px), "
         f"pretrained {e.get('pretrain_epochs', '?')} epochs on {_num(e.get('pretrain_images'))} images "
         f"({_num(e.get('pretrain_forward_passes'))} forward passes); baseline: {e.get('baseline', '?')}; "
-        f"kNN k = {e.get('knn_k', '?')}, linear probe {e.get('linear_epochs', '?')} epochs."))
-    return "".join(parts)
+        f"kNN k = {e.get('knn_k', '?')}, linear probe {e.get('linear_epochs', '?')} epochs.")
 
 
 SECTIONS: tuple[tuple[str, str, Callable[[_Run], str]], ...] = (
