@@ -32,12 +32,6 @@ from pas.params import build, load, run_stage, stage_parser
 log = logging.getLogger("pas.stages.concepts")
 
 
-def _backends(llm: LLMSection, roles):
-    """One backend per role, each with its own sampling settings; roles whose model is loaded the
-    same way (vLLM: same engine arguments) share the loaded model (pas.llm.base.EngineSlot)."""
-    return {role: make_backend(llm.spec(role), f"llm.{role}") for role in roles}
-
-
 def main(argv=None) -> dict:
     ap = stage_parser(__doc__, "metrics/concepts.json")
     ap.add_argument("--text-embed", default="models/text_embed", help="sentence-transformers folder")
@@ -59,7 +53,9 @@ def run(args) -> dict:
     domain = build(DomainParams, params, section="domain")
     llm = build(LLMSection, params, section="llm")
     roles = ["l1", "l2"] + (["l3"] if p.validator == "llm" else [])
-    backends = _backends(llm, roles)
+    # one backend per role, each with its own sampling settings; roles whose model is loaded the same
+    # way (vLLM: same engine arguments) share the loaded model (pas.llm.base.EngineSlot)
+    backends = {role: make_backend(llm.spec(role), f"llm.{role}") for role in roles}
     out = Path(args.out)
 
     found = discover(backends["l1"], backends["l2"], domain, p, Prompts.default(), progress=not args.no_progress)
