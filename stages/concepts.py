@@ -32,12 +32,6 @@ from pas.params import build, load, run_stage, stage_parser
 log = logging.getLogger("pas.stages.concepts")
 
 
-def _backends(llm: LLMSection, roles):
-    """One backend per role, each with its own sampling settings; roles whose model is loaded the
-    same way (vLLM: same engine arguments) share the loaded model (pas.llm.base.EngineSlot)."""
-    return {role: make_backend(llm.spec(role), f"llm.{role}") for role in roles}
-
-
 def main(argv=None) -> dict:
     ap = stage_parser(__doc__, "metrics/concepts.json")
     ap.add_argument("--text-embed", default="models/text_embed", help="sentence-transformers folder")
@@ -59,7 +53,9 @@ def run(args) -> dict:
     domain = build(DomainParams, params, section="domain")
     llm = build(LLMSection, params, section="llm")
     roles = ["l1", "l2"] + (["l3"] if p.validator == "llm" else [])
-    backends = _backends(llm, roles)
+    # one backend per role, each with its own sampling settings; roles whose model is loaded the same
+    # way (vLLM: same engine arguments) share the loaded model (pas.llm.base.EngineSlot)
+    backends = {role: make_backend(llm.spec(role), f"llm.{role}") for role in roles}
     out = Path(args.out)
 
     found = discover(backends["l1"], backends["l2"], domain, p, Prompts.default(), progress=not args.no_progress)
@@ -74,11 +70,10 @@ def run(args) -> dict:
     if p.validator == "embedding" or (p.references and p.coverage_embedder == "text_embed"):
         from pas.models.text_embed import load_text_embed
         embedder = load_text_embed(args.text_embed)
+    from pas.concepts.validate import EmbeddingValidator, LLMValidator
     if p.validator == "llm":
-        from pas.concepts.validate import LLMValidator
         validator = LLMValidator(backends["l3"], domain, load_prompt("concepts_validate"), seed=p.seed)
     else:
-        from pas.concepts.validate import EmbeddingValidator
         validator = EmbeddingValidator(embedder, domain, load_prompt("concepts_embedding_anchor"))
     scores, accepted = validate_bank(found, validator, p.validator_threshold)
     for b in backends.values():
@@ -126,9 +121,8 @@ def run(args) -> dict:
                                 "mean_max_similarity": cov.mean_max_similarity}
             rows += [{"reference": ref, "class_name": y, "nearest_concept": kept[j] if j >= 0 else None,
                       "similarity": float(s)} for y, j, s in zip(names, cov.nearest.tolist(), cov.similarity)]
-            centres, counts = histogram(cov.similarity, p.coverage_bins)
-            hist[ref] = counts
-        hist_df = pd.DataFrame({"similarity": centres.round(4), **{r: hist[r] for r in p.references}})
+            centres, hist[ref] = histogram(cov.similarity, p.coverage_bins)
+        hist_df = pd.DataFrame({"similarity": centres.round(4), **hist})
     else:
         hist_df = pd.DataFrame({"similarity": []})
     pd.DataFrame(rows, columns=["reference", "class_name", "nearest_concept", "similarity"]).to_csv(

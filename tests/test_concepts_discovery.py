@@ -131,8 +131,8 @@ def test_expansion_equality_boundary_and_new_only():
 
 def test_history_limit():
     conv = [(({"role": "user", "content": "q"},), "ans1"), (({"role": "user", "content": "q"},), "ans2")]
-    assert history_messages(conv, 1) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ans1"}]
-    assert len(history_messages(conv, None)) == 4 and history_messages(conv, 0) == []
+    assert history_messages(conv[:1]) == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ans1"}]
+    assert len(history_messages(conv)) == 4 and history_messages(conv[:0]) == []
 
 
 def test_caps_are_stop_reasons(caplog):

@@ -190,11 +190,11 @@ def generate_initial(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, 
     return sizes, news, stop, conversations, n
 
 
-def history_messages(conversations: Sequence[tuple], limit: int | None) -> list[dict]:
-    """The L1 conversation given to L2 as history: (prompt, answer) turns of the first `limit` samples
+def history_messages(conversations: Sequence[tuple]) -> list[dict]:
+    """The L1 conversation given to L2 as history: (prompt, answer) turns of the samples
     (conversations: (request messages, answer[, concept keys]) per used sample)."""
     msgs: list[dict] = []
-    for request_msgs, answer, *_ in conversations[: len(conversations) if limit is None else limit]:
+    for request_msgs, answer, *_ in conversations:
         msgs += [dict(m) for m in request_msgs]
         msgs.append({"role": "assistant", "content": answer})
     return msgs
@@ -224,16 +224,16 @@ def fit_history(llm: ChatBackend, conversations: Sequence[tuple], final: dict, m
     tokenizer (:meth:`ChatBackend.count_tokens`). All of them when they fit or the context is unknown;
     else in :func:`coverage_order`, each that still fits, kept in their original order."""
     context = llm.context_length()
-    everything = history_messages(conversations, None)
+    everything = history_messages(conversations)
     if context is None or llm.count_tokens(everything + [final]) + max_new_tokens <= context:
         return everything, 0
     kept: list[int] = []
-    for i in coverage_order([c[2] if len(c) > 2 else [] for c in conversations]):
+    for i in coverage_order([keys for _, _, keys in conversations]):
         trial = sorted(kept + [i])
-        msgs = history_messages([conversations[j] for j in trial], None)
+        msgs = history_messages([conversations[j] for j in trial])
         if llm.count_tokens(msgs + [final]) + max_new_tokens <= context:
             kept = trial
-    return history_messages([conversations[j] for j in kept], None), len(conversations) - len(kept)
+    return history_messages([conversations[j] for j in kept]), len(conversations) - len(kept)
 
 
 def expand(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, prompts: Prompts,
@@ -270,7 +270,7 @@ def expand(llm: ChatBackend, domain: DomainParams, p: ConceptsParams, prompts: P
                             max_new_tokens=p.expansion_max_new_tokens, schema=llm.list_schema())
                 for c, final in zip(targets, finals)]
         results: list[ChatResult] = []
-        chunk = max(1, getattr(llm.spec, "batch_size", 8)) * 4  # progress granularity only
+        chunk = llm.spec.batch_size * 4  # progress granularity only (batch_size ≥ 1: LLMSpec checks it)
         for k in tqdm(range(0, len(reqs), chunk), desc=f"concepts: L2 round {i + 1}", disable=not progress):
             results += llm.chat(reqs[k:k + chunk])
         prev = len(bank)
@@ -316,8 +316,7 @@ def discover(l1: ChatBackend, l2: ChatBackend, domain: DomainParams, p: Concepts
     if g_stop == "max_concepts":
         e_sizes, e_new, e_stop = [len(bank)], [], "max_concepts"
     else:
-        limit = len(conversations) if p.history_samples is None else p.history_samples
-        e_sizes, e_new, e_stop, kept, dropped = expand(l2, domain, p, prompts, bank, conversations[:limit],
+        e_sizes, e_new, e_stop, kept, dropped = expand(l2, domain, p, prompts, bank, conversations[:p.history_samples],
                                                        transcripts, answers, progress)
     found = Discovery(bank, g_sizes, g_new, e_sizes, e_new, drawn, g_stop, e_stop, transcripts, answers,
                       kept, dropped, l2.context_length())

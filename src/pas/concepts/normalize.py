@@ -38,9 +38,4 @@ def normalize_concept(text: str | None) -> str | None:
 
 def normalize_all(texts: Iterable[str]) -> list[str]:
     """Keys of `texts`, first occurrence order, duplicates and unnameable strings removed."""
-    seen: dict[str, None] = {}
-    for t in texts:
-        k = normalize_concept(t)
-        if k is not None and k not in seen:
-            seen[k] = None
-    return list(seen)
+    return list(dict.fromkeys(k for k in map(normalize_concept, texts) if k is not None))

@@ -17,10 +17,9 @@ class DomainParams:
     description: str = "dishes and foods from every cuisine in the world"  # d_D, e.g. "bird species"
 
     def __post_init__(self) -> None:
-        if not self.name.strip():
-            raise ParamsError("name: must not be empty")
-        if not self.description.strip():
-            raise ParamsError("description: must not be empty")
+        for name in ("name", "description"):
+            if not getattr(self, name).strip():
+                raise ParamsError(f"{name}: must not be empty")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ STRUCTURED = ("auto", "json_schema", "off")
 CONSTRAINED = ("vllm", "openai")  # backends that decode to a JSON schema (ChatBackend.constrained)
 Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 SURROGATE = re.compile("[\ud800-\udfff]")
+YES_NO_TOP_LOGPROBS = 20  # first-token candidates a yes/no verdict reads (every backend)
 
 
 class LLMError(RuntimeError):

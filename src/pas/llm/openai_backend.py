@@ -36,11 +36,10 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any, Sequence
 
-from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, LLMError, LLMSpec, YesNo, error_verdict,
-                          yes_no_verdict)
+from pas.llm.base import (YES_NO_TOP_LOGPROBS, ChatBackend, ChatRequest, ChatResult, LLMError, LLMSpec, YesNo,
+                          error_verdict, yes_no_verdict)
 
 log = logging.getLogger(__name__)
-YES_NO_TOP_LOGPROBS = 20
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 FATAL_STATUS = {401: "not authorised (check api_key_env)", 403: "forbidden (check api_key_env)",
                 404: "not found (check base_url and model)"}
@@ -113,11 +112,15 @@ def message_text(message: Any) -> str:
     return text
 
 
-def first_choice(resp: Any) -> dict:
+def first_choice(resp: Any) -> tuple[dict, str]:
+    """The first choice of an answer and its message's text; RequestFailed when the request failed
+    (`resp` is its RequestFailed) or the answer is malformed."""
+    if isinstance(resp, RequestFailed):
+        raise resp
     choices = resp.get("choices") if isinstance(resp, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise RequestFailed(f"malformed response (no choices): {str(resp)[:200]}")
-    return choices[0]
+    return choices[0], message_text(choices[0].get("message"))
 
 
 class _Deadline:
@@ -348,10 +351,7 @@ class OpenAIBackend(ChatBackend):
         results = []
         for resp in self._chat_responses(requests):
             try:
-                if isinstance(resp, RequestFailed):
-                    raise resp
-                choice = first_choice(resp)
-                text = message_text(choice.get("message"))
+                choice, text = first_choice(resp)
             except RequestFailed as e:
                 results.append(ChatResult(text="", error=str(e)))
                 continue
@@ -366,10 +366,7 @@ class OpenAIBackend(ChatBackend):
         verdicts = []
         for resp in self._map([request_body(self.spec, r, yes_no=True) for r in requests]):
             try:
-                if isinstance(resp, RequestFailed):
-                    raise resp
-                choice = first_choice(resp)
-                text = message_text(choice.get("message"))
+                choice, text = first_choice(resp)
                 lp = choice.get("logprobs") or {}
                 content = (lp.get("content") if isinstance(lp, dict) else None) or []
                 first = content[0] if isinstance(content, list) and content else {}

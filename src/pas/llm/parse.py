@@ -53,6 +53,7 @@ def list_schema(max_items: int | None = None) -> dict:
 
 
 CUT_JSON = re.compile(r'^\s*\{\s*"items"\s*:\s*\[')  # how a list answer starts, before a cut
+SPACE = re.compile(r"\s*")  # \s is str.isspace
 
 
 def _cut_json_items(text: str) -> list[str] | None:
@@ -63,17 +64,14 @@ def _cut_json_items(text: str) -> list[str] | None:
         return None
     decoder, pos, items = json.JSONDecoder(), m.end(), []
     while True:
-        while text[pos:pos + 1].isspace():
-            pos += 1
         try:
-            item, pos = decoder.raw_decode(text, pos)
+            item, pos = decoder.raw_decode(text, SPACE.match(text, pos).end())
         except ValueError:   # the cut: an unfinished string (or the end)
             return items
         if not isinstance(item, str):
             return None
         items.append(item)
-        while text[pos:pos + 1].isspace():
-            pos += 1
+        pos = SPACE.match(text, pos).end()
         if text[pos:pos + 1] != ",":
             return items
         pos += 1

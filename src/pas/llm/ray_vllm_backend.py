@@ -26,6 +26,7 @@ handful of rounds and minutes-long batches that is the price of a stateless batc
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from typing import Any, Iterator, Sequence
 
@@ -72,14 +73,8 @@ def _preprocess(row: dict, spec: LLMSpec, yes_no: bool) -> dict:
 
 def _candidates(step: Any) -> list[tuple[int, str, float]]:
     """(token id, text, log-prob) of one generated position (`{token_id: {decoded_token, logprob}}`)."""
-    if not step:
-        return []
-    out = []
-    for tid, info in dict(step).items():
-        if info is None:
-            continue
-        out.append((int(tid), str(info.get("decoded_token") or ""), float(info["logprob"])))
-    return out
+    return [(int(tid), str(info.get("decoded_token") or ""), float(info["logprob"]))
+            for tid, info in dict(step or {}).items() if info is not None]
 
 
 def _postprocess(row: dict, yes_no: bool) -> dict:
@@ -121,6 +116,8 @@ class RayVLLMBackend(ChatBackend):
     def _rows(self, requests: Sequence[ChatRequest], yes_no: bool) -> Iterator[dict]:
         """Output rows (`_postprocess`'s shape) in the order Ray finishes them; checks that every
         request came back."""
+        if not requests:
+            return
         import ray
         from ray.data import llm as ray_llm
 
@@ -157,22 +154,13 @@ class RayVLLMBackend(ChatBackend):
         return ChatResult(text=o["text"], logprobs=lps, n_tokens=int(o["n_tokens"]))
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
-        if not requests:
-            return []
         return [self._chat_result(o) for o in self._run(requests, yes_no=False)]
 
     def chat_stream(self, requests: Sequence[ChatRequest]) -> Iterator[tuple[list[int], list[ChatResult]]]:
         """One Ray Data job (one engine start) for all requests; pieces of `stream_waves * batch_size`
         rows as Ray streams them out."""
-        if not requests:
-            return
-        step, piece = max(1, self.stream_waves * self.spec.batch_size), []
-        for o in self._rows(requests, yes_no=False):
-            piece.append(o)
-            if len(piece) >= step:
-                yield [int(o["i"]) for o in piece], [self._chat_result(o) for o in piece]
-                piece = []
-        if piece:
+        rows = self._rows(requests, yes_no=False)
+        while piece := list(itertools.islice(rows, max(1, self.stream_waves * self.spec.batch_size))):
             yield [int(o["i"]) for o in piece], [self._chat_result(o) for o in piece]
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
@@ -182,12 +170,6 @@ class RayVLLMBackend(ChatBackend):
         return context_length(self.spec)
 
     def yes_no(self, requests: Sequence[ChatRequest]) -> list[YesNo]:
-        if not requests:
-            return []
-        verdicts = []
-        for o in self._run(requests, yes_no=True):
-            if o["error"]:
-                verdicts.append(error_verdict(o["error"]))
-                continue
-            verdicts.append(yes_no_verdict(((str(t), lp) for t, lp in o["logprobs"]), o["text"]))
-        return verdicts
+        return [error_verdict(o["error"]) if o["error"]
+                else yes_no_verdict(((str(t), lp) for t, lp in o["logprobs"]), o["text"])
+                for o in self._run(requests, yes_no=True)]

@@ -13,8 +13,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, EngineSlot, Message, YesNo, config_context_length,
-                          yes_no_verdict)
+from pas.llm.base import (YES_NO_TOP_LOGPROBS, ChatBackend, ChatRequest, ChatResult, EngineSlot, Message, YesNo,
+                          config_context_length, yes_no_verdict)
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,6 @@ class TransformersBackend(ChatBackend):
     def _tok(self):
         return self._load().tok
 
-    @property
-    def _model(self):
-        return self._load().model
-
-    @property
-    def _stop_ids(self):
-        return self._load().stop_ids
-
     def _build(self) -> _Loaded:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,15 +87,11 @@ class TransformersBackend(ChatBackend):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         model.to(self.spec.device).eval()
-        stops = {tok.eos_token_id}
-        im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
-        if im_end is not None:
-            stops.add(im_end)
+        stops = {tok.eos_token_id, tok.get_vocab().get("<|im_end|>")}
         return _Loaded(tok, model, sorted(s for s in stops if s is not None))
 
     def render(self, request: ChatRequest) -> str:
         """The prompt text the model sees (chat template + generation prompt)."""
-        self._load()
         return self._tok.apply_chat_template(list(request.messages), add_generation_prompt=True,
                                              tokenize=False)
 
@@ -144,9 +132,9 @@ class TransformersBackend(ChatBackend):
 
         if not requests:
             return
-        self._load()
         ids, batches = self._batches(requests)
         for batch in batches:
+            loaded = self._load()
             limits = [requests[i].max_new_tokens or self.spec.max_new_tokens for i in batch]
             input_ids, mask = self._pad([ids[i] for i in batch])
             procs = LogitsProcessorList()
@@ -159,17 +147,17 @@ class TransformersBackend(ChatBackend):
                 sampler = _RowSampler(gens, self.spec.temperature, self.spec.top_p)
                 procs.append(sampler)
             cfg = GenerationConfig(max_new_tokens=max(limits), do_sample=False, num_beams=1,
-                                   eos_token_id=self._stop_ids, pad_token_id=self._tok.pad_token_id)
+                                   eos_token_id=loaded.stop_ids, pad_token_id=self._tok.pad_token_id)
             with torch.inference_mode():
-                out = self._model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg,
-                                           logits_processor=procs)
+                out = loaded.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg,
+                                            logits_processor=procs)
             new = out[:, input_ids.shape[1]:].tolist()
             results = []
             for row, i in enumerate(batch):
                 toks = new[row][:limits[row]]
                 finish = "length"
                 for k, t in enumerate(toks):
-                    if t in self._stop_ids:
+                    if t in loaded.stop_ids:
                         toks, finish = toks[:k], "stop"
                         break
                 lps = None
@@ -180,22 +168,22 @@ class TransformersBackend(ChatBackend):
             yield list(batch), results
 
     # -- yes/no --------------------------------------------------------------------------------
-    def yes_no(self, requests: Sequence[ChatRequest], top_k: int = 20) -> list[YesNo]:
+    def yes_no(self, requests: Sequence[ChatRequest]) -> list[YesNo]:
         """P(yes) from the next-token distribution right after the generation prompt (one forward)."""
         import torch
 
         if not requests:
             return []
-        self._load()
         ids, batches = self._batches(requests)
         verdicts: list[YesNo | None] = [None] * len(requests)
         for batch in batches:
+            loaded = self._load()
             input_ids, mask = self._pad([ids[i] for i in batch])
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
-                logits = self._model(input_ids=input_ids, attention_mask=mask, position_ids=pos).logits
+                logits = loaded.model(input_ids=input_ids, attention_mask=mask, position_ids=pos).logits
             logp = logits[:, -1, :].float().log_softmax(-1)
-            top = logp.topk(top_k, dim=-1)
+            top = logp.topk(YES_NO_TOP_LOGPROBS, dim=-1)
             for row, i in enumerate(batch):
                 # distinct ids that decode alike add up
                 cands = [(self._tok.decode([t]), lp)

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from pas.llm.base import (ChatBackend, ChatRequest, ChatResult, EngineSlot, LLMSpec, Message, YesNo,
-                          config_context_length, yes_no_verdict)
-
-YES_NO_TOP_LOGPROBS = 20
+from pas.llm.base import (YES_NO_TOP_LOGPROBS, ChatBackend, ChatRequest, ChatResult, EngineSlot, LLMSpec, Message,
+                          YesNo, config_context_length, yes_no_verdict)
 
 
 def engine_kwargs(spec: LLMSpec) -> dict[str, Any]:
@@ -103,6 +101,8 @@ class VLLMBackend(ChatBackend):
         return context_length(self.spec)
 
     def _generate(self, requests: Sequence[ChatRequest], yes_no: bool):
+        if not requests:
+            return []
         llm = self._load()
         from vllm import SamplingParams
 
@@ -117,8 +117,6 @@ class VLLMBackend(ChatBackend):
         return llm.generate(self.prompts(requests), sampling_params=params, use_tqdm=False)
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
-        if not requests:
-            return []
         results = []
         for out in self._generate(requests, yes_no=False):
             c = out.outputs[0]
@@ -131,8 +129,6 @@ class VLLMBackend(ChatBackend):
         return results
 
     def yes_no(self, requests: Sequence[ChatRequest]) -> list[YesNo]:
-        if not requests:
-            return []
         verdicts = []
         for out in self._generate(requests, yes_no=True):
             c = out.outputs[0]
