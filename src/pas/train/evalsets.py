@@ -156,12 +156,8 @@ def _list_imagefolder(spec: EvalSetSpec) -> list[Item]:
     root = Path(spec.path)
     if not root.is_dir():
         raise FileNotFoundError(f"eval set {spec.name!r}: image folder {root} not found")
-    items = []
-    for cdir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for f in sorted(cdir.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
-                items.append(Item(str(f), cdir.name))
-    return items
+    return [Item(str(f), cdir.name) for cdir in sorted(p for p in root.iterdir() if p.is_dir())
+            for f in sorted(cdir.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTS]
 
 
 def _list_wds(spec: EvalSetSpec) -> list[Item]:
@@ -411,11 +407,10 @@ def write_evalset(spec: EvalSetSpec, out_dir: str | Path, split_seed: int = 0, m
                     stats[f"dropped_{split}_{e.reason}"] = stats.get(f"dropped_{split}_{e.reason}", 0) + 1
                     log.warning("eval set %s: skipping %s (%s)", spec.name, it.source_path, e)
                     continue
-                meta = {"label": label_of[it.label_name], "label_name": it.label_name, "source": "real",
-                        "source_path": source_path, "evalset": spec.name, "split": split}
-                shard = writer.write(key, encode_image(img), meta)
-                rows.append({"key": key, "shard": shard, "label": label_of[it.label_name],
-                             "label_name": it.label_name, "source_path": source_path})
+                row = {"label": label_of[it.label_name], "label_name": it.label_name, "source_path": source_path}
+                shard = writer.write(key, encode_image(img), {**row, "source": "real", "evalset": spec.name,
+                                                             "split": split})
+                rows.append({"key": key, "shard": shard, **row})
         cols = ["key", "shard", "label", "label_name", "source_path"]
         write_index(pd.DataFrame(rows, columns=cols), root / split)
         stats[f"n_{split}"] = len(rows)
