@@ -275,7 +275,6 @@ class IndexedShardWriter(ShardWriter):
         if schema.names[:2] != ["key", "shard"]:
             raise ValueError("index schema must start with key, shard")
         self.schema = schema.append(pa.field("shard_sha256", pa.string()))
-        self.n = 0
         self._last: str | None = None
         self._pending: list[dict] = []
         self._tmp = self.out_dir / f".tmp-{INDEX_NAME}"
@@ -288,7 +287,6 @@ class IndexedShardWriter(ShardWriter):
         self._last = key
         shard = self._add_sample(key, image, meta, ext)
         self._pending.append({**(row or {}), "key": key, "shard": shard})
-        self.n += 1
         return shard
 
     def close(self) -> None:
