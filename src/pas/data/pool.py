@@ -419,8 +419,7 @@ def build_faiss_index(emb: np.ndarray, p: PoolParams):
         index.nprobe = min(32, nlist)
     else:
         index = faiss.IndexHNSWFlat(d, p.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    if n:
-        index.add(emb)
+    index.add(emb)
     return index
 
 
