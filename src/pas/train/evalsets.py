@@ -207,8 +207,7 @@ def _list_food101(spec: EvalSetSpec) -> list[Item]:
             rels = [r for c in sorted(meta) for r in meta[c]]
         else:
             raise FileNotFoundError(f"eval set {spec.name!r}: Food-101 not found: no {txt}")
-        for rel in sorted(rels):
-            items.append(Item(str(base / "images" / f"{rel}.jpg"), rel.split("/")[0], split))
+        items.extend(Item(str(base / "images" / f"{rel}.jpg"), rel.split("/")[0], split) for rel in sorted(rels))
     return items
 
 
