@@ -387,10 +387,8 @@ def write_evalset(spec: EvalSetSpec, out_dir: str | Path, split_seed: int = 0, m
     def rel(path: str) -> str:
         """A path under the set's folder, relative to it: keys and stored provenance must not depend
         on where a machine keeps the set (same bytes in any clone, for any eval.root)."""
-        try:
-            return Path(path).relative_to(spec.path).as_posix()
-        except ValueError:
-            return path
+        p = Path(path)
+        return p.relative_to(spec.path).as_posix() if p.is_relative_to(spec.path) else path
 
     for split in SPLITS:
         keyed = sorted(((make_key("e", spec.name, r), r, it) for it in splits[split] for r in [rel(it.source_path)]),
