@@ -25,10 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out)   # a set removed from params must not linger
     out.mkdir(parents=True)
     t0 = time.time()
-    metrics = {}
-    for spec in p.specs:
-        metrics[spec.name] = write_evalset(spec, out, split_seed=p.split_seed, max_pixels=p.max_pixels,
-                                           max_side=p.max_side)
+    metrics = {spec.name: write_evalset(spec, out, split_seed=p.split_seed, max_pixels=p.max_pixels,
+                                        max_side=p.max_side) for spec in p.specs}
     write_metrics(args.metrics, metrics)
     log.info("evalsets: %s in %.1fs", ", ".join(f"{k} {v['n_classes']} classes {v['n_train']}/{v['n_test']} "
                                                  f"train/test" for k, v in metrics.items()) or "none", time.time() - t0)

@@ -101,7 +101,6 @@ def _with_retries(fn, retries: int, backoff: float, what: str):
             if attempt >= retries:
                 raise ServiceError(f"{what}: failed after {retries + 1} attempts: {e}") from None
             time.sleep(backoff * (2 ** attempt))
-    raise AssertionError("unreachable")
 
 
 class KnnClient:
@@ -158,12 +157,9 @@ class KnnClient:
             raise ServiceError(f"{what}: {data['error']}")
         if not isinstance(data, list):
             raise ServiceError(f"{what}: expected a list of results, got {type(data).__name__}")
-        out = []
-        for r in data:
-            if isinstance(r, dict) and isinstance(r.get("url"), str) and r["url"]:
-                out.append({"url": r["url"], "caption": r.get("caption"),
-                            "similarity": float(r.get("similarity", float("nan"))), "id": r.get("id")})
-        return out
+        return [{"url": r["url"], "caption": r.get("caption"),
+                 "similarity": float(r.get("similarity", float("nan"))), "id": r.get("id")}
+                for r in data if isinstance(r, dict) and isinstance(r.get("url"), str) and r["url"]]
 
     def close(self) -> None:
         for session in self._sessions:

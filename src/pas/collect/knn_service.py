@@ -107,14 +107,12 @@ def query_batches(concepts: Sequence[str], prompts: Sequence[str], client: KnnCl
     starts = range(0, len(concepts), batch_size)
     paths, n_hits = [], 0
     for s in tqdm(starts, desc="knn-service batches", unit="batch", disable=not progress):
-        ident = [list(concepts[s:s + batch_size]), list(prompts[s:s + batch_size])]
+        cs, ps = list(concepts[s:s + batch_size]), list(prompts[s:s + batch_size])
+        ident = [cs, ps]
         table = store.get(ident)
         if table is None:
-            emb = None
-            if encoder is not None:
-                emb = encoder.encode_texts(list(prompts[s:s + batch_size]), batch_size=batch_size)
-            table = hits_table(concepts[s:s + batch_size], query_all(client, prompts[s:s + batch_size], emb,
-                                                                     progress=False), k)
+            emb = encoder.encode_texts(ps, batch_size=batch_size) if encoder is not None else None
+            table = hits_table(cs, query_all(client, ps, emb, progress=False), k)
             store.put(ident, table)
         n_hits += table.num_rows
         paths.append(store.path(ident))
@@ -179,10 +177,8 @@ def group_part(hits):
     first = hits.take(pa.array(starts, type=pa.int64()))
     table = pa.table({"sample_key": first["key"], "url": first["url"], "caption": first["caption"],
                       "service_id": first["service_id"],
-                      "concepts": pa.ListArray.from_arrays(offsets, hits["concept"].chunk(0) if n else
-                                                           pa.array([], pa.string())),
-                      "similarities": pa.ListArray.from_arrays(offsets, hits["similarity"].chunk(0) if n else
-                                                               pa.array([], pa.float64()))})
+                      "concepts": pa.ListArray.from_arrays(offsets, hits["concept"].combine_chunks()),
+                      "similarities": pa.ListArray.from_arrays(offsets, hits["similarity"].combine_chunks())})
     return table, hits
 
 
@@ -209,7 +205,7 @@ def failure_reason(status: str, error: str | None) -> str:
     m = (error or "").lower()
     if "x-robots-tag" in m:
         return "opted_out"
-    if m.startswith("http error 404") or m.startswith("http error 410"):
+    if m.startswith(("http error 404", "http error 410")):
         return "not_found"
     if m.startswith("http error"):
         return "http_error"
@@ -309,14 +305,11 @@ def write_retrieved(url_parts: Sequence[tuple[Path, int]], hits_parts: Sequence[
                     for (key, _), s in zip(ok, samples):
                         i = row_of[key]
                         concepts, sims = cols["concepts"][i], cols["similarities"][i]
-                        meta = {"source": "real", "concepts": concepts, "similarities": sims,
-                                "pool_key": None, "url": cols["url"][i], "caption": cols["caption"][i],
-                                "service_id": cols["service_id"][i]}
-                        w.write(key, s.image, meta, ext="jpg", row={
-                            "pool_key": None, "url": cols["url"][i], "caption": cols["caption"][i],
-                            "service_id": cols["service_id"][i], "n_concepts": len(concepts),
-                            "concept": concepts[0], "similarity": sims[0], "concepts": concepts,
-                            "similarities": sims})
+                        # what the sample's JSON and its index row both carry
+                        both = {"concepts": concepts, "similarities": sims, "pool_key": None, "url": cols["url"][i],
+                                "caption": cols["caption"][i], "service_id": cols["service_id"][i]}
+                        w.write(key, s.image, {"source": "real", **both}, ext="jpg", row={
+                            **both, "n_concepts": len(concepts), "concept": concepts[0], "similarity": sims[0]})
                         counts.update(concepts)
                         n_images += len(concepts)
                         n_unique += 1

@@ -15,7 +15,6 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 
-
 class BadImage(Exception):
     """An image that cannot be used. `reason` is a short label for metrics (e.g. "too_large")."""
 

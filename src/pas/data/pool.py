@@ -21,6 +21,7 @@ a name that is not UTF-8) is skipped with its reason; a pool of 0 images is an e
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import stat
@@ -135,7 +136,7 @@ def entry_problem(f: Path, root_real: Path, follow_outside: bool) -> str | None:
     return None if stat.S_ISREG(st.st_mode) else "not_a_file"   # FIFO, socket, device
 
 
-def list_image_files(root: Path, p: PoolParams, skipped: list[dict] | None = None) -> list[Path]:
+def list_image_files(root: Path, p: PoolParams, skipped: list[dict]) -> list[Path]:
     """Image files under `root` in sorted path order, filtered by category and cut at `max_images`.
     Entries named like images that are not readable files are appended to `skipped` instead."""
     root_real = root.resolve()
@@ -151,8 +152,8 @@ def list_image_files(root: Path, p: PoolParams, skipped: list[dict] | None = Non
             files.append(f)
             if p.max_images and len(files) >= p.max_images:
                 break
-        elif reason and skipped is not None:
-            skipped.append({"path": shown(rel.as_posix()), "reason": reason, "detail": _link_detail(f)})
+        elif reason:
+            skipped.append(_skipped_entry(root, f, reason))
     return files
 
 
@@ -168,20 +169,17 @@ def check_source(p: PoolParams) -> list[dict]:
     if not root.is_dir():
         return []
     root_real = root.resolve()
-    out = []
-    for f in sorted(root.rglob("*")):
-        reason = entry_problem(f, root_real, p.follow_symlinks_outside)
-        if reason:
-            out.append({"path": shown(f.relative_to(root).as_posix()), "reason": reason,
-                        "detail": _link_detail(f)})
-    return out
+    return [_skipped_entry(root, f, reason) for f in sorted(root.rglob("*"))
+            if (reason := entry_problem(f, root_real, p.follow_symlinks_outside))]
 
 
-def _link_detail(f: Path) -> str:
+def _skipped_entry(root: Path, f: Path, reason: str) -> dict:
+    """The skipped row of folder entry `f`: its path under `root`, `reason`, where a link points."""
     try:
-        return shown(f"-> {os.readlink(f)}") if f.is_symlink() else ""
+        detail = shown(f"-> {os.readlink(f)}") if f.is_symlink() else ""
     except OSError:
-        return ""
+        detail = ""
+    return {"path": shown(f.relative_to(root).as_posix()), "reason": reason, "detail": detail}
 
 
 CHUNK = 256   # input entries per work item: one decode task, one resume file; CLIP batches restart at each
@@ -262,14 +260,14 @@ def _decode_file(root: str, rel: str, p: PoolParams) -> tuple[dict, bytes | None
     except BadImage as e:
         return {"path": rel, "reason": e.reason, "detail": e.detail}, None
     orientation = img.info.get("exif_orientation", 1)
-    if orientation >= 5:  # EXIF 5-8 turn by 90°: the header's size is the sideways one
-        w, h = h, w
     return _stored(make_key("p", rel), rel, category_of(Path(rel)), w, h, img, orientation, "", p)
 
 
 def _stored(key, path, category, w, h, img, orientation, caption, p) -> tuple[dict, bytes]:
     from pas.io.shards import encode_image
 
+    if orientation >= 5:  # EXIF 5-8 turn by 90°: the header's size (w, h) is the sideways one
+        w, h = h, w
     return ({"path": path, "key": key, "category": category, "width": w, "height": h,
              "stored_width": img.width, "stored_height": img.height, "rotated": orientation != 1,
              "caption": caption}, encode_image(img, "jpg", p.jpeg_quality))
@@ -301,8 +299,6 @@ def _decode_sample(s, p: PoolParams) -> tuple[dict, bytes | None] | None:
             raise BadImage("corrupt", f"{ref}: {e}") from None
     except BadImage as e:
         return {"path": shown(ref), "reason": e.reason, "detail": e.detail}, None
-    if orientation >= 5:  # EXIF 5-8 turn by 90°
-        w, h = h, w
     if max(img.size) > p.max_side:
         img.thumbnail((p.max_side, p.max_side))
     if not _keep_category(cat, p.include, p.exclude):
@@ -343,17 +339,12 @@ def decoded_chunks(items: list[tuple], p: PoolParams, todo: set[int]) -> Iterato
 
     # spawn, not fork: the caller may hold torch's threads, which a forked child can deadlock on
     ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    ahead, queue = deque(sorted(todo)), deque()
+    ahead, queue = deque(sorted(todo)), deque()     # chunks to submit, futures in chunk order
     try:
         for i in range(len(items)):
             while ahead and len(queue) < 2 * workers:
-                j = ahead.popleft()
-                queue.append((j, ex.submit(decode_chunk, items[j], p)))
-            if i not in todo:
-                yield i, None
-                continue
-            j, fut = queue.popleft()
-            yield i, fut.result()
+                queue.append(ex.submit(decode_chunk, items[ahead.popleft()], p))
+            yield i, queue.popleft().result() if i in todo else None
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
 
@@ -428,8 +419,7 @@ def build_faiss_index(emb: np.ndarray, p: PoolParams):
         index.nprobe = min(32, nlist)
     else:
         index = faiss.IndexHNSWFlat(d, p.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    if n:
-        index.add(emb)
+    index.add(emb)
     return index
 
 
@@ -470,8 +460,6 @@ CACHE_ARRAYS = ("records", "jpeg", "jpeg_sizes", "x")
 
 def pack_chunk(records: list[dict], jpegs: list[bytes], x: np.ndarray) -> dict[str, np.ndarray]:
     """One chunk's result as the arrays of its resume file."""
-    import json
-
     blob = json.dumps(records, sort_keys=True, ensure_ascii=True).encode()
     return {"records": np.frombuffer(blob, np.uint8), "jpeg": np.frombuffer(b"".join(jpegs), np.uint8),
             "jpeg_sizes": np.array([len(j) for j in jpegs], np.int64), "x": np.asarray(x, np.float32)}
@@ -479,8 +467,6 @@ def pack_chunk(records: list[dict], jpegs: list[bytes], x: np.ndarray) -> dict[s
 
 def unpack_chunk(z: dict[str, np.ndarray]) -> tuple[list[dict], list[bytes], np.ndarray] | None:
     """`pack_chunk`'s arrays back, or None when they do not fit together (a foreign file)."""
-    import json
-
     try:
         records = json.loads(z["records"].tobytes())
     except ValueError:
@@ -499,7 +485,6 @@ def cache_fingerprint(p: PoolParams, clip_fingerprint: str) -> str:
     """What a chunk's result depends on besides its input bytes: CLIP, the decode/encode settings and
     libraries, batching and device (kernels round differently), the chunk size. Not the shard size or
     faiss settings: the same chunks serve another `shard_size` or `index`."""
-    import json
     from importlib.metadata import version
 
     return json.dumps({"clip": clip_fingerprint, "source": str(p.source), "format": p.format,

@@ -159,10 +159,7 @@ class Arrays:
         self.names = tuple(names)
 
     def write(self, path: Path, arrays: dict[str, np.ndarray]) -> dict:
-        def save(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-        _replaced(path, save)
+        _replaced(path, lambda tmp: np.savez(tmp, **arrays))   # tmp ends in .npz: savez adds none
         return {"arrays": sorted(arrays)}
 
     def read(self, path: Path, stats: dict) -> dict[str, np.ndarray]:

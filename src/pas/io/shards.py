@@ -62,9 +62,7 @@ def encode_image(img: Image.Image, fmt: str = "jpg", quality: int = 95) -> bytes
 
 
 def decode_image(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img.convert("RGB")
+    return Image.open(io.BytesIO(data)).convert("RGB")     # convert loads the pixels first
 
 
 @dataclass(frozen=True)
@@ -277,7 +275,6 @@ class IndexedShardWriter(ShardWriter):
         if schema.names[:2] != ["key", "shard"]:
             raise ValueError("index schema must start with key, shard")
         self.schema = schema.append(pa.field("shard_sha256", pa.string()))
-        self.n = 0
         self._last: str | None = None
         self._pending: list[dict] = []
         self._tmp = self.out_dir / f".tmp-{INDEX_NAME}"
@@ -290,7 +287,6 @@ class IndexedShardWriter(ShardWriter):
         self._last = key
         shard = self._add_sample(key, image, meta, ext)
         self._pending.append({**(row or {}), "key": key, "shard": shard})
-        self.n += 1
         return shard
 
     def close(self) -> None:
@@ -461,9 +457,8 @@ def iter_samples(paths: str | Path | Iterable[str | Path]) -> Iterator[Sample]:
                     # data is read in member order: a compressed tar cannot seek back cheaply
                     members = ((m.name, tar.extractfile(m).read()) for m in tar if m.isfile())
                     for key, ext, image, meta in _samples_of(members):
-                        sample = Sample(key=key, image=image, ext=ext, meta=json.loads(meta), shard=shard.name)
                         n += 1
-                        yield sample
+                        yield Sample(key=key, image=image, ext=ext, meta=json.loads(meta), shard=shard.name)
             except ShardError:
                 raise
             except _READ_ERRORS as e:
@@ -559,10 +554,9 @@ def _read_at_spans(shard: Path, table: SampleTable, order: Iterable[int]) -> Ite
         for i in order:
             img_off, img_size, meta_off, meta_size = (int(v) for v in table.spans[i])
             image = _read_at(f, img_off, img_size, shard)
+            blob = _read_at(f, meta_off, meta_size, shard)
             try:
-                meta = json.loads(_read_at(f, meta_off, meta_size, shard))
+                meta = json.loads(blob)
             except ValueError as e:
-                if isinstance(e, ShardError):
-                    raise
                 raise ShardError(f"{shard}: unreadable json of sample {table.keys[i]!r} ({e})") from e
             yield Sample(key=table.keys[i], image=image, ext=table.exts[i], meta=meta, shard=shard.name)

@@ -156,12 +156,8 @@ def _list_imagefolder(spec: EvalSetSpec) -> list[Item]:
     root = Path(spec.path)
     if not root.is_dir():
         raise FileNotFoundError(f"eval set {spec.name!r}: image folder {root} not found")
-    items = []
-    for cdir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for f in sorted(cdir.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
-                items.append(Item(str(f), cdir.name))
-    return items
+    return [Item(str(f), cdir.name) for cdir in sorted(p for p in root.iterdir() if p.is_dir())
+            for f in sorted(cdir.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTS]
 
 
 def _list_wds(spec: EvalSetSpec) -> list[Item]:
@@ -211,8 +207,7 @@ def _list_food101(spec: EvalSetSpec) -> list[Item]:
             rels = [r for c in sorted(meta) for r in meta[c]]
         else:
             raise FileNotFoundError(f"eval set {spec.name!r}: Food-101 not found: no {txt}")
-        for rel in sorted(rels):
-            items.append(Item(str(base / "images" / f"{rel}.jpg"), rel.split("/")[0], split))
+        items.extend(Item(str(base / "images" / f"{rel}.jpg"), rel.split("/")[0], split) for rel in sorted(rels))
     return items
 
 
@@ -392,10 +387,8 @@ def write_evalset(spec: EvalSetSpec, out_dir: str | Path, split_seed: int = 0, m
     def rel(path: str) -> str:
         """A path under the set's folder, relative to it: keys and stored provenance must not depend
         on where a machine keeps the set (same bytes in any clone, for any eval.root)."""
-        try:
-            return Path(path).relative_to(spec.path).as_posix()
-        except ValueError:
-            return path
+        p = Path(path)
+        return p.relative_to(spec.path).as_posix() if p.is_relative_to(spec.path) else path
 
     for split in SPLITS:
         keyed = sorted(((make_key("e", spec.name, r), r, it) for it in splits[split] for r in [rel(it.source_path)]),
@@ -411,11 +404,10 @@ def write_evalset(spec: EvalSetSpec, out_dir: str | Path, split_seed: int = 0, m
                     stats[f"dropped_{split}_{e.reason}"] = stats.get(f"dropped_{split}_{e.reason}", 0) + 1
                     log.warning("eval set %s: skipping %s (%s)", spec.name, it.source_path, e)
                     continue
-                meta = {"label": label_of[it.label_name], "label_name": it.label_name, "source": "real",
-                        "source_path": source_path, "evalset": spec.name, "split": split}
-                shard = writer.write(key, encode_image(img), meta)
-                rows.append({"key": key, "shard": shard, "label": label_of[it.label_name],
-                             "label_name": it.label_name, "source_path": source_path})
+                row = {"label": label_of[it.label_name], "label_name": it.label_name, "source_path": source_path}
+                shard = writer.write(key, encode_image(img), {**row, "source": "real", "evalset": spec.name,
+                                                             "split": split})
+                rows.append({"key": key, "shard": shard, **row})
         cols = ["key", "shard", "label", "label_name", "source_path"]
         write_index(pd.DataFrame(rows, columns=cols), root / split)
         stats[f"n_{split}"] = len(rows)
