@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pas.collect.caption_files import Captions, derive_seed, read_captions, write_caption_files
+from pas.collect.caption_files import Captions, read_captions, write_caption_files
 from pas.collect.generate import DiffusionParams, GenerateParams, generate, generate_images, plan
 from pas.io.manifest import read_parquet
 from pas.io.shards import decode_image, encode_image, iter_samples
 from pas.params import ParamsError
+from pas.seeds import derive_seed
 from tests.helpers import file_digests, read_run
 from tests.stage_helpers import load_stage
 

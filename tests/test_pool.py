@@ -520,3 +520,51 @@ def test_decode_workers_are_a_machine_setting_not_a_param(tmp_path):
         workers_from_env({"PAS_POOL_WORKERS": "two"})
     with pytest.raises(ParamsError, match="pool.workers: removed; .*PAS_POOL_WORKERS"):
         build(PoolParams, {"pool": {"source": "x", "workers": 2}}, "pool")
+
+
+def _shard_input(root, clipart_food, n=9, bad=(3,)):
+    """One tar of `n` clipart PNGs, members `bad` replaced by bytes that are no image."""
+    import io
+    import tarfile
+
+    root.mkdir(parents=True)
+    with tarfile.open(root / "s.tar", "w") as tar:
+        for i in range(n):
+            data = b"not an image" if i in bad else clipart_food[i].read_bytes()
+            for name, blob in ((f"x{i:02d}.png", data), (f"x{i:02d}.json", b"{}")):
+                ti = tarfile.TarInfo(name)
+                ti.size = len(blob)
+                tar.addfile(ti, io.BytesIO(blob))
+    return root
+
+
+def test_skipped_rows_of_shard_input_are_the_same_bytes_every_run(tmp_path, clipart_food, tiny_clip):
+    # Pillow's message names the in-memory file with its address: it must not reach skipped.parquet
+    src = _shard_input(tmp_path / "in", clipart_food)
+    p = PoolParams(source=str(src), format="shards", max_side=32, workers=1)
+    for out in ("a", "b"):
+        build_pool(p, tiny_clip, tmp_path / out)
+    a, b = ((tmp_path / o / "skipped.parquet").read_bytes() for o in ("a", "b"))
+    assert a == b
+    detail = pd.read_parquet(tmp_path / "a" / "skipped.parquet").loc[0, "detail"]
+    assert detail.startswith("s.tar/x03: cannot identify image file") and " at 0x" not in detail
+
+
+def test_max_images_cut_is_not_served_from_an_uncut_resume_file(tmp_path, clipart_food, tiny_clip, monkeypatch):
+    """A shards pool cut at max_images inside a chunk: the chunk's resume file (written whole by an
+    uncut run) must not stand in for it, and the cut run must not cache the cut chunk as whole."""
+    import pas.data.pool as pool_mod
+
+    monkeypatch.setattr(pool_mod, "CHUNK", 4)
+    src = _shard_input(tmp_path / "in", clipart_food, n=9, bad=())
+    kw = dict(source=str(src), format="shards", max_side=32, shard_size=4, batch_size=3, workers=1)
+    build_pool(PoolParams(**kw), tiny_clip, tmp_path / "whole", cache_dir=tmp_path / "cache")
+    cut = build_pool(PoolParams(**kw, max_images=6), tiny_clip, tmp_path / "cut", cache_dir=tmp_path / "cache")
+    fresh = build_pool(PoolParams(**kw, max_images=6), tiny_clip, tmp_path / "fresh")
+    assert cut["n_indexed"] == fresh["n_indexed"] == 6
+    for name in ("index.parquet", "embeddings.npy", "pool-000000.tar", "pool-000001.tar"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+    # and the cut run's cache still serves the uncut pool
+    again = build_pool(PoolParams(**kw), tiny_clip, tmp_path / "again", cache_dir=tmp_path / "cache")
+    assert again["n_indexed"] == 9
+    assert (tmp_path / "again" / "embeddings.npy").read_bytes() == (tmp_path / "whole" / "embeddings.npy").read_bytes()

@@ -14,8 +14,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pas.seeds import derive_seed  # noqa: F401 - re-exported: captions and generate seed per item
-
 
 @dataclass
 class Captions:

@@ -38,8 +38,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from pas.collect.caption_files import Captions, derive_seed
+from pas.collect.caption_files import Captions
 from pas.params import ParamsError, check_range, check_seed
+from pas.seeds import derive_seed
 
 # deterministic fallbacks when L4 does not deliver: still the concept in a (plain) scene
 FALLBACK_TEMPLATES = (

@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from pas.collect.caption_files import Captions, derive_seed, write_caption_files
+from pas.collect.caption_files import Captions, write_caption_files
 from pas.hashing import sha256_json
 from pas.models.diffusion import DTYPES, SCHEDULERS
 from pas.params import ParamsError, check_choice, check_range, check_seed, renamed
+from pas.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 SHARD_PREFIX = "generated"

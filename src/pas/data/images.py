@@ -9,10 +9,17 @@ transparent on white, and turn every failure into a `BadImage` with a short reas
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps
+
+
+def error_text(e: BaseException) -> str:
+    """`str(e)` without object addresses: Pillow names an in-memory file `<_io.BytesIO object at
+    0x7f…>`, which would make the skipped rows' bytes differ from run to run."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(e))
 
 
 class BadImage(Exception):
@@ -68,11 +75,11 @@ def open_image(fp, max_pixels: int, name: str) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(fp)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage("too_large", f"{name}: {e}") from None
+        raise BadImage("too_large", f"{name}: {error_text(e)}") from None
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for non-images
-        raise BadImage("unreadable", f"{name}: {e}") from None
+        raise BadImage("unreadable", f"{name}: {error_text(e)}") from None
     w, h = img.size
     if w * h > max_pixels:
         img.close()
@@ -103,7 +110,7 @@ def load_rgb(path: str | Path, max_pixels: int = 50_000_000, max_side: int | Non
             turned, orientation = upright(img)
             out = to_rgb_on_white(turned)
         except Exception as e:  # noqa: BLE001
-            raise BadImage("corrupt", f"{path}: {e}") from None
+            raise BadImage("corrupt", f"{path}: {error_text(e)}") from None
     if max_side and max(out.size) > max_side:
         out.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     if orientation != 1:

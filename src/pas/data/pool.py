@@ -277,7 +277,7 @@ def _decode_sample(s, p: PoolParams) -> tuple[dict, bytes | None] | None:
     """One sample of an existing webdataset shard (e.g. a LAION subset written by img2dataset)."""
     import io
 
-    from pas.data.images import BadImage, open_image, to_rgb_on_white, upright
+    from pas.data.images import BadImage, error_text, open_image, to_rgb_on_white, upright
     from pas.io.shards import KEY_RE, make_key
 
     ref = f"{s.shard}/{s.key}"
@@ -296,7 +296,7 @@ def _decode_sample(s, p: PoolParams) -> tuple[dict, bytes | None] | None:
             im, orientation = upright(im)
             img = to_rgb_on_white(im)
         except Exception as e:  # noqa: BLE001
-            raise BadImage("corrupt", f"{ref}: {e}") from None
+            raise BadImage("corrupt", f"{ref}: {error_text(e)}") from None
     except BadImage as e:
         return {"path": shown(ref), "reason": e.reason, "detail": e.detail}, None
     if max(img.size) > p.max_side:
@@ -574,13 +574,12 @@ def build_pool(p: PoolParams, clip, out_dir: str | Path, clip_dir: str | Path | 
             spans: list[list] = []
             written: list[bytes] = []
             jpeg_of = iter(jpegs)
-            n_ok = 0
+            n_ok = sum("reason" not in r for r in records)
             for r in records:
                 if "reason" in r:
                     skipped.append({k: r[k] for k in ("path", "reason", "detail")})
                     continue
                 jpeg = next(jpeg_of)
-                n_ok += 1
                 if r["key"] in seen:    # the same sample twice in shard input
                     skipped.append({"path": r["path"], "reason": "duplicate_key", "detail": r["key"]})
                     continue
