@@ -41,8 +41,11 @@ def rows(dvc_yaml: dict) -> list[tuple[str, str, str, str, str]]:
             name = f"{name}@{{{', '.join(st['foreach'])}}}"
         cmd = " ".join(body["cmd"]) if isinstance(body["cmd"], list) else body["cmd"]
         script = re.search(r"stages/[\w]+\.py", cmd)
-        deps = _paths(body.get("deps"))
-        mods = sorted({"pas." + d[len("src/pas/"):-3].replace("/", ".").replace("${item.module}", "${item}")
+        items = list((st.get("foreach") or {}).values())
+        # a foreach dep naming `${item.x}` stands for each item's value: the table lists them all
+        deps = [re.sub(r"\$\{item\.(\w+)\}", lambda m: str(it[m.group(1)]), d) if "${item." in d else d
+                for d in _paths(body.get("deps")) for it in (items if "${item." in d else [None])]
+        mods = sorted({"pas." + d[len("src/pas/"):-3].replace("/", ".")
                        for d in deps if d.startswith("src/pas/") and d.endswith(".py")})
         reads = [d for d in deps if d != "data/params.ok" and not d.startswith(("src/", "stages/", "containers/"))
                  and d not in ("params.yaml",)]
