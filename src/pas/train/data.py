@@ -75,11 +75,7 @@ def count_samples(shard_dir: str | Path) -> int:
         import pyarrow.parquet as pq
 
         return pq.read_metadata(index).num_rows
-    n = 0
-    for shard in list_shards(shard_dir):
-        with tarfile.open(shard) as tar:
-            n += sum(1 for m in tar if m.isfile() and m.name.endswith(".json"))
-    return n
+    return sum(shard_sizes(shard_dir).values())
 
 
 def shard_sizes(shard_dir: str | Path) -> dict[str, int]:
@@ -118,13 +114,12 @@ def steps_per_epoch(shard_dir: str | Path, batch_size: int, seed: int, epochs: i
     sizes = shard_sizes(shard_dir)
     names = sorted(sizes)
     workers = max(1, num_workers)
-    steps = None
+    steps = []
     for epoch in range(epochs):
         for slot in range(n_slots):
             mine = slot_shards(names, seed, epoch, slot, n_slots)
-            n = sum(sum(sizes[s] for s in mine[w::workers]) // batch_size for w in range(workers))
-            steps = n if steps is None else min(steps, n)
-    return steps or 0
+            steps.append(sum(sum(sizes[s] for s in mine[w::workers]) // batch_size for w in range(workers)))
+    return min(steps, default=0)
 
 
 def two_view_transform(image_size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.08):

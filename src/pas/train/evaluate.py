@@ -194,9 +194,8 @@ def evaluate(cfg: EvalParams, backbone_dir: str | Path, init_dir: str | Path, ev
         set_dir = evalsets_dir / spec.name
         if not (set_dir / "classes.json").is_file():
             raise FileNotFoundError(f"eval set {spec.name!r}: {set_dir} not written (run the `evalsets` stage)")
-        res = {}
-        for which, model in (("pretrained", pretrained), ("baseline", baseline)):
-            res[which] = score_backbone(model, set_dir, transform, cfg, opt, device, progress)
+        res = {which: score_backbone(model, set_dir, transform, cfg, opt, device, progress)
+               for which, model in (("pretrained", pretrained), ("baseline", baseline))}
         counts = {k: res["pretrained"].pop(k) for k in ("n_train", "n_test", "n_classes")}
         for k in counts:
             res["baseline"].pop(k)

@@ -175,8 +175,8 @@ class _Logger:
     the previous curves untouched, so nothing is written there while training. The history also rides
     in every checkpoint, so a resumed run writes the same curves as an uninterrupted one."""
 
-    def __init__(self, live_dir: Path | None, history: list | None = None, scratch: Path | None = None):
-        self.history: list = list(history or [])
+    def __init__(self, live_dir: Path | None, history: list, scratch: Path):
+        self.history: list = list(history)
         self.live_dir, self.scratch = live_dir, scratch
 
     def log(self, name: str, step: int, value: float) -> None:
@@ -190,14 +190,13 @@ class _Logger:
         from dvclive import Live
 
         # built beside the checkpoints, then swapped in whole: no stale file of an older run survives
-        tmp = (self.scratch or self.live_dir.parent) / f".{self.live_dir.name}.live-tmp"
+        tmp = self.scratch / f".{self.live_dir.name}.live-tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         live = Live(str(tmp), save_dvc_exp=False, dvcyaml=None, report=None)
         for name, step, value in self.history:
             live.step = step
             live.log_metric(name, value)
-        for k, v in summary.items():
-            live.summary[k] = v
+        live.summary.update(summary)
         live.make_summary()
         live.end()
         shutil.rmtree(self.live_dir, ignore_errors=True)
@@ -366,7 +365,7 @@ def _pretrain(cfg: PretrainParams, shard_dir: Path, init_dir: Path, out_dir: Pat
     train_info = {k: v for k, v in summary.items() if k != "resumed_from_epoch"}
     write_json(out_dir / "pretrain.json", train_info)
     # not resumed_from_epoch: dvclive's metrics.json is tracked, and a resumed run must write the same bytes
-    logger.close({k: v for k, v in train_info.items() if isinstance(v, (int, float)) and v is not None})
+    logger.close({k: v for k, v in train_info.items() if isinstance(v, (int, float))})
     summary["seconds"] = round(time.time() - t0, 1)
     summary.update(layout)
     return summary

@@ -149,8 +149,7 @@ class MoCoV3(nn.Module):
         # keys need no gradient: those of the whole batch first, the negatives of every query
         with par.autocast():
             keys = [(self.forward_momentum(x0), self.forward_momentum(x1)) for x0, x1 in micro]
-        k0 = par.gather(torch.cat([k for k, _ in keys]).float())
-        k1 = par.gather(torch.cat([k for _, k in keys]).float())
+        k0, k1 = (par.gather(torch.cat([k[v] for k in keys]).float()) for v in (0, 1))
         online, n, total = _online(par, self), micro[0][0].shape[0], 0.0
         for i, (x0, x1) in enumerate(micro):
             with par.sync(i == len(micro) - 1):
