@@ -96,8 +96,6 @@ def _pool_shape(config: EngineConfig, n_items: int, resources: dict,
 def ensure_ray(address: str = "") -> None:
     """Connect to Ray once per process: join `address` ("auto", "host:port", "ray://…"), or, with "",
     start a local instance (what `ray.init()` does when RAY_ADDRESS is unset)."""
-    import os
-
     # no usage reporting to Ray's servers unless the user opts in: GPU clusters are often offline,
     # and the reporter's failed connections end up as tracebacks in the stage log
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -3,11 +3,11 @@ captions, generated images), the same on every machine and Python run."""
 
 from __future__ import annotations
 
-import hashlib
+from pas.hashing import sha256_bytes
 
 
 def derive_seed(seed: int, *parts: object) -> int:
-    """A stable 31-bit seed for (seed, parts...): sha256 of their text joined by \\x1f. surrogatepass:
-    a concept from an LLM answer may hold a lone surrogate; the bytes are the same otherwise."""
-    h = hashlib.sha256("\x1f".join(map(str, (seed, *parts))).encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(h[:4], "big") & 0x7FFF_FFFF
+    """A stable 31-bit seed for (seed, parts...): the first 4 bytes of the sha256 of their text joined
+    by \\x1f. `sha256_bytes` encodes with surrogatepass: a concept from an LLM answer may hold a lone
+    surrogate; the bytes are the same otherwise."""
+    return int(sha256_bytes("\x1f".join(map(str, (seed, *parts))))[:8], 16) & 0x7FFF_FFFF

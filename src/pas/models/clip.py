@@ -43,6 +43,12 @@ def _save(model, model_cfg: dict, preprocess_cfg: dict, out_dir: Path, meta: dic
     return out_dir
 
 
+def _preprocess_cfg(size: int, tag: dict) -> dict:
+    """open_clip's preprocess_cfg: a pretrained tag's normalisation and resize, OpenAI's by default."""
+    return {"size": size, "mean": list(tag.get("mean", OPENAI_MEAN)), "std": list(tag.get("std", OPENAI_STD)),
+            "interpolation": tag.get("interpolation", "bicubic"), "resize_mode": tag.get("resize_mode", "shortest")}
+
+
 def build_tiny_clip(out_dir: str | Path, seed: int = 0, model_cfg: dict | None = None) -> Path:
     """Seeded random-init CLIP in open_clip's folder format. Same seed → byte-identical files."""
     import open_clip
@@ -53,8 +59,7 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0, model_cfg: dict | None =
     # open_clip inits logit_scale to log(1/0.07); real CLIP ends training at 100 — use that so
     # p_c = softmax(100·cos) behaves as in the paper's formulas.
     model.logit_scale.data.fill_(float(np.log(100.0)))
-    pre = {"size": cfg["vision_cfg"]["image_size"], "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
-           "interpolation": "bicubic", "resize_mode": "shortest"}
+    pre = _preprocess_cfg(cfg["vision_cfg"]["image_size"], {})
     return _save(model, cfg, pre, Path(out_dir), {"kind": "tiny", "seed": seed})
 
 
@@ -69,10 +74,7 @@ def save_pretrained_clip(name: str, pretrained: str, out_dir: str | Path,
     tag = open_clip.get_pretrained_cfg(name, pretrained) or {}
     if tag.get("quick_gelu"):
         model_cfg["quick_gelu"] = True
-    pre = {"size": model_cfg["vision_cfg"]["image_size"],
-           "mean": list(tag.get("mean", OPENAI_MEAN)), "std": list(tag.get("std", OPENAI_STD)),
-           "interpolation": tag.get("interpolation", "bicubic"),
-           "resize_mode": tag.get("resize_mode", "shortest")}
+    pre = _preprocess_cfg(model_cfg["vision_cfg"]["image_size"], tag)
     return _save(model, model_cfg, pre, Path(out_dir),
                  {"kind": "pretrained", "name": name, "pretrained": pretrained})
 
@@ -140,18 +142,17 @@ def load_clip(model_dir: str | Path, device: str = "cpu") -> Clip:
 
         model, preprocess, tokenizer = load_trunk_clip(model_dir, config)
         model.to(device)
-        return Clip(model=model, preprocess=preprocess, tokenizer=tokenizer,
-                    fingerprint=fingerprint_dir(model_dir), device=device)
-    name = f"local-dir:{model_dir.resolve()}"
-    kwargs = {}
-    text_cfg = config["model_cfg"].get("text_cfg", {})
-    if "hf_model_name" in text_cfg:
-        # an HF text tower (the offline trained CLIP) keeps its config in the folder itself; the saved
-        # name is a placeholder, so the folder is relocatable. Its weights are in the CLIP checkpoint.
-        kwargs["text_cfg"] = {**text_cfg, "hf_model_name": str(model_dir.resolve()),
-                              "hf_tokenizer_name": str(model_dir.resolve()), "hf_model_pretrained": False}
-    model, _, preprocess = open_clip.create_model_and_transforms(name, device=device, **kwargs)
-    model.eval()
-    tokenizer = open_clip.get_tokenizer(name)
+    else:
+        name = f"local-dir:{model_dir.resolve()}"
+        kwargs = {}
+        text_cfg = config["model_cfg"].get("text_cfg", {})
+        if "hf_model_name" in text_cfg:
+            # an HF text tower (the offline trained CLIP) keeps its config in the folder itself; the saved
+            # name is a placeholder, so the folder is relocatable. Its weights are in the CLIP checkpoint.
+            kwargs["text_cfg"] = {**text_cfg, "hf_model_name": str(model_dir.resolve()),
+                                  "hf_tokenizer_name": str(model_dir.resolve()), "hf_model_pretrained": False}
+        model, _, preprocess = open_clip.create_model_and_transforms(name, device=device, **kwargs)
+        model.eval()
+        tokenizer = open_clip.get_tokenizer(name)
     return Clip(model=model, preprocess=preprocess, tokenizer=tokenizer,
                 fingerprint=fingerprint_dir(model_dir), device=device)

@@ -61,7 +61,7 @@ def read_state_dict(path: str | Path) -> dict:
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path}: not a state dict (got {type(sd).__name__})")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
 def has_no_tower(state_dict: Mapping[str, Any]) -> bool:

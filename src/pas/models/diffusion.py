@@ -72,13 +72,11 @@ def write_clip_tokenizer(out_dir: str | Path, model_max_length: int = 77) -> Pat
     vocab, merges = clip_bpe_vocab()
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, sort_keys=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    write_json(out / "special_tokens_map.json", {
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"})
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    write_json(out / "special_tokens_map.json", special)
     write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length,
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, **special,
         "do_lower_case": True, "clean_up_tokenization_spaces": True})
     return out
 

@@ -20,7 +20,7 @@ import fnmatch
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from pas.params import ParamsError
 
@@ -93,11 +93,6 @@ def _explain(repo: HubRepo, err: Exception, token: str | None) -> HubError:
                     "check the network, proxy and HF_ENDPOINT")
 
 
-def _missing(repo: HubRepo, files: Iterable[str]) -> list[str]:
-    files = list(files)
-    return [p for p in repo.required if not fnmatch.filter(files, p)]
-
-
 def check_access(repos: Sequence[HubRepo]) -> dict[str, str]:
     """Ask the Hub about every repository before any download: {repo_id: commit sha} when all are
     readable and complete, else `HubError` for the first that is not."""
@@ -114,7 +109,8 @@ def check_access(repos: Sequence[HubRepo]) -> dict[str, str]:
             info = api.model_info(repo.repo_id, revision=repo.revision, token=token)
         except (HfHubHTTPError, httpx2.HTTPError, OfflineModeIsEnabled, OSError) as e:
             raise _explain(repo, e, token) from None
-        missing = _missing(repo, (s.rfilename for s in info.siblings or []))
+        files = [s.rfilename for s in info.siblings or []]
+        missing = [p for p in repo.required if not fnmatch.filter(files, p)]
         if missing:
             what = f" (variant={repo.variant})" if repo.variant else ""
             raise HubError(f"{repo.where}: {repo.repo_id}@{repo.revision or 'main'} has no {missing[0]}{what}; "

@@ -49,12 +49,7 @@ def alt_text(rel: str, authors: frozenset[str]) -> str:
     path = PurePosixPath(rel)
     folders = [w for part in path.parts[:-1] for w in _words(part.replace("_", " "))]
     name = [w for w in _words(path.stem.replace("_", " ")) if w not in authors]
-    seen, out = set(), []
-    for w in folders + name:
-        if w not in seen:
-            seen.add(w)
-            out.append(w)
-    return " ".join(out)
+    return " ".join(dict.fromkeys(folders + name))   # each word once, first occurrence kept
 
 
 @dataclass

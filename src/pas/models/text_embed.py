@@ -32,10 +32,9 @@ def prepare_text_embed(source: str = OFFLINE_TEXT_EMBED, out_dir: str | Path = "
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
-    if src.kind == "dir":
-        if not (src.path / "modules.json").exists():
-            raise FileNotFoundError(f"{src.path}: not a sentence-transformers folder (no modules.json)")
-        shutil.copytree(src.path, out, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if not (src.path / "modules.json").exists():    # kind "dir": gguf and hub are refused above
+        raise FileNotFoundError(f"{src.path}: not a sentence-transformers folder (no modules.json)")
+    shutil.copytree(src.path, out, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     write_json(out / "pas_model.json", {"source": source, "kind": src.kind, "fingerprint": fingerprint_dir(out)})
     return out
 
