@@ -68,6 +68,11 @@ def test_params_and_launch():
         with pytest.raises(ParamsError, match=msg):   # refused before torchrun starts anything
             launch_processes(cfg(device="cpu", **kw))
     assert launch_processes(cfg(device="cpu", devices=2)) == 2
+    import torch
+
+    if not torch.cuda.is_available():     # `auto` is the CPU here: refused once, not in every worker
+        with pytest.raises(ParamsError, match="sync_bn=true needs CUDA"):
+            launch_processes(cfg(device="auto", devices=2, sync_bn=True))
     cmd = torchrun_argv(2, "stages/pretrain.py", ["--params", "p.yaml"])
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert cmd[3:] == ["--standalone", "--nproc-per-node=2", "stages/pretrain.py", "--params", "p.yaml"]

@@ -106,7 +106,8 @@ def launch_processes(cfg: PretrainParams) -> int:
         return 1
     n = processes_per_node(cfg.devices, cfg.device)
     split_batch(cfg.batch_size, cfg.micro_batch_size, n)
-    if cfg.sync_bn and n > 1 and cfg.device == "cpu":
+    # the device each process will resolve (`auto` on a node without CUDA is the CPU), not the param
+    if cfg.sync_bn and n > 1 and not resolve_device(cfg.device).startswith("cuda"):
         raise ParamsError("pretrain.sync_bn=true needs CUDA (torch's SyncBatchNorm); set it false on CPU")
     return n
 
