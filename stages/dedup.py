@@ -72,12 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "descriptors.npy", x if len(x) else np.zeros((0, preset.get("dims", 512)), np.float32))
+    np.save(out / "descriptors.npy", x)
     write_parquet(pd.DataFrame({"row": np.arange(len(keys), dtype=np.int64), "key": keys, "source": sources}),
                   out / "keys.parquet", sort_by=None)
-    write_json(out / "descriptors.json", {"model_sha256": fingerprint(args.sscd),
-                                          "resize": resize, "dims": int(x.shape[1]) if len(x) else None,
-                                          "n": len(keys)})
+    write_json(out / "descriptors.json", {"model_sha256": fingerprint(args.sscd), "resize": resize,
+                                          "dims": int(x.shape[1]), "n": len(keys)})
     write_parquet(manifest, out / "manifest.parquet")
     n_groups = write_groups_page(out / "groups.html", manifest, args.images, p.report_groups, p.report_per_group,
                                  metrics)

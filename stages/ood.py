@@ -87,14 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     scorer = OodScorer(models.clip_dir, p, (concepts, generalized), clipn_checkpoint=models.clipn_checkpoint)
     prompt_info: dict = {}
     timings = Timings()
-    out = Path(args.out)
     fp = run_fingerprint(p, {"clip": fingerprint_dir(models.clip_dir), "clipn": clipn_sha,
                              "detector": sha256_file(default_det_model())}, concepts, generalized)
     t_score = time.perf_counter()
     df, n_resumed = score_shards(args.images, kept, scorer, args.cache, fp, batch_size=p.batch_size,
                                  engine=engine, timings=timings, prompt_info=prompt_info)
     t_score = time.perf_counter() - t_score
-    write_parquet(df, out / "scores.parquet")
+    write_parquet(df, Path(args.out) / "scores.parquet")
     n = timings.n_images
     metrics = {
         # ood drops nothing (prune's Pareto fronts do): every image in is scored and kept

@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("prune: %d images, %d fronts, stop %s (%s) after %d fronts -> kept %d, removed %d "
              "(knees %s); %d shards in %s, %.1f s", s["n_in"], s["fronts"], s["stop"], s["stop_reason"],
              s["fronts_removed"], metrics["n_kept"], metrics["n_in"] - metrics["n_kept"], s["knee_x"] or "-",
-             metrics["n_shards"],
-             args.out, metrics["seconds"])
+             metrics["n_shards"], args.out, metrics["seconds"])
     return 0
 
 

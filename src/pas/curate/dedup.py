@@ -107,9 +107,6 @@ def components(adj) -> tuple[np.ndarray, np.ndarray]:
     """Connected components: (label per node, size per node)."""
     from scipy.sparse.csgraph import connected_components
 
-    n = adj.shape[0]
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     _, labels = connected_components(adj, directed=False)
     sizes = np.bincount(labels)
     return labels.astype(np.int64), sizes[labels].astype(np.int64)

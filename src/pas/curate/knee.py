@@ -50,8 +50,6 @@ def front_curve(ranks: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.n
     """
     ranks = np.asarray(ranks, dtype=np.int64)
     values = np.asarray(values, dtype=np.float64)
-    if values.ndim == 1:
-        values = values[:, None]
     if len(ranks) != len(values):
         raise ValueError(f"{len(ranks)} ranks for {len(values)} rows of values")
     if len(ranks) == 0:

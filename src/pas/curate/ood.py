@@ -291,7 +291,6 @@ def encode_prompts(clip_dir: str, params: OodParams, concepts: Sequence[str], ge
         from pas.models.clip import load_clip
 
         clip = load_clip(clip_dir, device=params.device)
-    no_encoder = None
     if clipn_checkpoint:
         from pas.models.clipn import load_clipn_no_encoder
 
@@ -484,8 +483,6 @@ def score_shards(image_dirs: Sequence[str], kept: set[str], scorer: Callable[[li
     process ran them); with `prompt_info`, an empty dict gets the first `OodScorer.prompt_info` that
     comes back (Ray actors encode the prompts themselves), or that a resumed shard's marker kept.
     """
-    from pathlib import Path
-
     import pandas as pd
 
     from pas.engine import map_resumable

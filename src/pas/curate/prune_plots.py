@@ -72,13 +72,12 @@ def score_caption(ood_b: float, ood_bprime: float, ood_blur_delta: float) -> str
     return f"B {ood_b:.3f} · B′ {ood_bprime:.3f}\nΔblur {ood_blur_delta:+.4f}"
 
 
-def sample_grid(rows: Sequence[tuple[str, Sequence[tuple[bytes, str]]]], path: str | Path, thumb: int = 128,
-                cols: int | None = None) -> Path:
+def sample_grid(rows: Sequence[tuple[str, Sequence[tuple[bytes, str]]]], path: str | Path, thumb: int = 128) -> Path:
     """One row of thumbnails per (front label, [(encoded image, caption)]), the label above the row and
     each caption under its image; no rows -> a note. Same images and text -> same PNG bytes."""
     from pas.plots import figure, save_png
 
-    cols = cols or max([len(imgs) for _, imgs in rows] + [1])
+    cols = max([len(imgs) for _, imgs in rows] + [1])
     nrows = max(len(rows), 1)
     with figure(1.45 * cols + 0.2, 2.05 * nrows, nrows, cols) as (fig, axes):
         axes = np.asarray(axes).reshape(nrows, cols)   # figure() squeezes as plt.subplots does

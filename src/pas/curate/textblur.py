@@ -109,8 +109,6 @@ def blur_regions(img: Image.Image, boxes: np.ndarray, kind: str = "gaussian",
         raise ValueError(f"blur kind {kind!r} must be one of {BLUR_KINDS}")
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4, 2)
     img = img.convert("RGB")
-    if len(boxes) == 0:
-        return img.copy()
     out = img.copy()
     w, h = img.size
     for box in boxes:
