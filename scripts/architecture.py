@@ -33,6 +33,13 @@ def _code(paths) -> str:
     return "<br>".join(f"`{p}`" for p in paths) or "–"
 
 
+def _per_item(dep: str, items: list[dict]) -> list[str]:
+    """A foreach dep naming `${item.x}` once per item's value (the table lists them all); others as they are."""
+    if "${item." not in dep:
+        return [dep]
+    return [re.sub(r"\$\{item\.(\w+)\}", lambda m: str(it[m.group(1)]), dep) for it in items]
+
+
 def rows(dvc_yaml: dict) -> list[tuple[str, str, str, str, str]]:
     table = []
     for name, st in dvc_yaml["stages"].items():
@@ -42,9 +49,7 @@ def rows(dvc_yaml: dict) -> list[tuple[str, str, str, str, str]]:
         cmd = " ".join(body["cmd"]) if isinstance(body["cmd"], list) else body["cmd"]
         script = re.search(r"stages/[\w]+\.py", cmd)
         items = list((st.get("foreach") or {}).values())
-        # a foreach dep naming `${item.x}` stands for each item's value: the table lists them all
-        deps = [re.sub(r"\$\{item\.(\w+)\}", lambda m: str(it[m.group(1)]), d) if "${item." in d else d
-                for d in _paths(body.get("deps")) for it in (items if "${item." in d else [None])]
+        deps = [x for d in _paths(body.get("deps")) for x in _per_item(d, items)]
         mods = sorted({"pas." + d[len("src/pas/"):-3].replace("/", ".")
                        for d in deps if d.startswith("src/pas/") and d.endswith(".py")})
         reads = [d for d in deps if d != "data/params.ok" and not d.startswith(("src/", "stages/", "containers/"))

@@ -9,6 +9,7 @@ exemption, stated in dvc.yaml: it validates params.yaml, whose values are tracke
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -85,6 +86,7 @@ def _stages() -> list[tuple[str, Path, list[str]]]:
     return out
 
 
+@functools.cache
 def _model_stages() -> dict[str, dict]:
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     return {f"{name}@{k}": item for name in ("models", "pool_models") for k, item in dvc["stages"][name]["foreach"].items()}
@@ -94,8 +96,14 @@ def _top_level_imported(path: Path) -> set[str]:
     """Files of the pas modules that `path` imports at module level (not inside a function)."""
     out = set()
     for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("pas"):
-            f = _module_file(node.module)
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            f = _module_file(name) if name == "pas" or name.startswith("pas.") else None
             if f is not None:
                 out.add(str(f.relative_to(ROOT)))
     return out
